@@ -1,0 +1,85 @@
+"""Workspace settings and their precedence: flag > EKX_* environment > ekx.toml > default.
+
+Every resolved value remembers where it came from, so `ekx config` can say why a
+path is what it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ekx import EkxError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "ekx.toml"
+ENV_PREFIX = "EKX_"
+
+
+@dataclass
+class Workspace:
+    """Where ekx reads and writes; relative paths are relative to the working directory."""
+
+    annotations: Path = Path("data/annotations")
+    videos: Path = Path("data/videos")
+    features: Path = Path("features")
+    runs: Path = Path("runs")
+    device: str = "auto"
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def cache_path(self, backbone: str, split: str) -> Path:
+        """The cache contract's location: features/<backbone>/<split>.h5."""
+        return self.features / backbone / f"{split}.h5"
+
+
+def _keys() -> list[str]:
+    return [f.name for f in fields(Workspace) if f.name != "sources"]
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(Workspace)}[key]
+    if not isinstance(value, str):
+        raise EkxError(f"{origin}: '{key}' must be a string, got {value!r}")
+    return Path(value) if kind in ("Path", Path) else value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read ekx.toml's [workspace] table (top-level keys are accepted too)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EkxError(f"{path}: not valid TOML ({e}); fix the file or remove it") from None
+    table = data.get("workspace", {k: v for k, v in data.items() if not isinstance(v, dict)})
+    unknown = sorted(set(table) - set(_keys()))
+    if unknown:
+        raise EkxError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_keys())}")
+    return table
+
+
+def resolve(flags: dict[str, Any] | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> Workspace:
+    """Resolve the workspace: defaults, then ekx.toml, then EKX_* variables, then flags."""
+    cwd = Path.cwd() if cwd is None else cwd
+    env = dict(os.environ) if env is None else env
+    ws = Workspace()
+    ws.sources = {k: "default" for k in _keys()}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    toml_path = cwd / CONFIG_FILE
+    if toml_path.is_file():
+        layers.append((CONFIG_FILE, read_toml(toml_path)))
+    layers.append(("env", {k: env[ENV_PREFIX + k.upper()] for k in _keys()
+                           if env.get(ENV_PREFIX + k.upper())}))
+    layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
+    for origin, values in layers:
+        for key, value in values.items():
+            source = f"{ENV_PREFIX}{key.upper()}" if origin == "env" else origin
+            setattr(ws, key, _coerce(key, str(value) if isinstance(value, Path) else value, source))
+            ws.sources[key] = source
+    return ws
