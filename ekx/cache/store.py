@@ -1,0 +1,169 @@
+"""The HDF5 feature cache: the contract between stage 1 and stage 2.
+
+One file per backbone and split. Root attributes say how it was made; datasets hold
+one row per planned segment:
+
+    features      [N, V, K, D] float16, one segment per chunk, uncompressed
+    narration_id  [N] str            video_id [N] str
+    verb_class    [N] int32 (-1: unlabelled)   noun_class [N] int32
+    frame_index   [N, K] int64       (centre frame of each sample, in the video's own fps)
+    plan_index    [N] int64          (row in the unsharded plan; merge orders by it)
+    status        [N] uint8          0 pending, 1 done, 2 failed
+    failure       [N] bytes(240)     the reason, for failed rows
+
+Crash safety (SIGKILL included): every dataset is created with its full size and all
+its chunks allocated up front, so later writes touch raw data only, never HDF5
+metadata; a row's features are flushed before its status says done. A killed run
+leaves a file that opens, with rows either done (and complete) or pending.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ekx import EkxError
+
+FORMAT = "ekx-features"
+VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+REASON_BYTES = 240
+
+# Attributes that define what the features are: resuming or merging requires equality.
+IDENTITY_KEYS = (
+    "format", "format_version", "backbone", "weights", "feature_dim", "frames_per_segment",
+    "views", "clip_len", "sampling", "view_seed", "augmentation", "precision", "dtype",
+    "annotation_sha256", "preprocess_resize_size", "preprocess_crop_size", "preprocess_mean",
+    "preprocess_std", "preprocess_interpolation", "preprocess_antialias", "bn_calibration",
+)
+
+
+@dataclass
+class Rows:
+    """The planned segments of a cache, in row order."""
+
+    narration_id: list[str]
+    video_id: list[str]
+    verb_class: np.ndarray
+    noun_class: np.ndarray
+    plan_index: np.ndarray
+
+
+def _early_dcpl(chunks: tuple[int, ...]) -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk(chunks)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # no metadata writes after creation
+    return dcpl
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, str):
+        return str(value)  # torch.__version__ is a str subclass h5py cannot store
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return np.array(value, dtype=h5py.string_dtype())
+    return list(value) if isinstance(value, tuple) else value
+
+
+def same(a: Any, b: Any) -> bool:
+    a = a.tolist() if isinstance(a, np.ndarray) else a
+    b = b.tolist() if isinstance(b, np.ndarray) else b
+    return a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
+
+
+def identity_mismatch(have: dict, want: dict) -> list[str]:
+    return [f"{k}: file has {have.get(k)!r}, asked for {want.get(k)!r}"
+            for k in IDENTITY_KEYS if k in want and not same(have.get(k), want.get(k))]
+
+
+def create(path: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int) -> None:
+    """Write a new cache with every row pending; atomic (a temp file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".creating")
+    n = len(rows.narration_id)
+    with h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
+        str_t = h5py.string_dtype()
+        f.create_dataset("narration_id", data=np.array(rows.narration_id, dtype=object), dtype=str_t)
+        f.create_dataset("video_id", data=np.array(rows.video_id, dtype=object), dtype=str_t)
+        f.create_dataset("verb_class", data=rows.verb_class.astype(np.int32))
+        f.create_dataset("noun_class", data=rows.noun_class.astype(np.int32))
+        f.create_dataset("plan_index", data=rows.plan_index.astype(np.int64))
+        m = max(n, 1)
+        f.create_dataset("features", (n, views, k, dim), np.float16, dcpl=_early_dcpl((1, views, k, dim)))
+        f.create_dataset("frame_index", (n, k), np.int64, dcpl=_early_dcpl((min(m, 4096), k)))
+        f.create_dataset("status", (n,), np.uint8, dcpl=_early_dcpl((min(m, 65536),)))
+        f.create_dataset("failure", (n,), f"S{REASON_BYTES}", dcpl=_early_dcpl((min(m, 4096),)))
+        f["status"][...] = PENDING
+    os.replace(tmp, path)
+
+
+def check_rows(path: Path, f: h5py.File, rows: Rows) -> None:
+    have = [s.decode() if isinstance(s, bytes) else s for s in f["narration_id"][...]]
+    if have != rows.narration_id:
+        raise EkxError(f"{path}: holds a different list of segments ({len(have)} rows) than this run "
+                       f"plans ({len(rows.narration_id)}): another annotation file, --limit or --shard. "
+                       "Delete the file or write to another --out")
+
+
+class Writer:
+    """Appends results to an open cache. Not thread-safe: one writer thread owns it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            # no chunk cache: a segment's chunk goes straight to the file on write
+            self.f = h5py.File(path, "r+", rdcc_nbytes=0)
+        except OSError as e:
+            raise EkxError(f"{path}: cannot open for writing ({e}); is another ekx writing it?") from None
+        self.features = self.f["features"]
+        self.frame_index = self.f["frame_index"]
+        self.status = self.f["status"]
+        self.failure = self.f["failure"]
+
+    def status_array(self) -> np.ndarray:
+        return self.status[...]
+
+    def write(self, done: list[tuple[int, np.ndarray, np.ndarray]],
+              failed: list[tuple[int, str]]) -> None:
+        """Write features of done rows, flush, then mark them done (order matters for crashes)."""
+        for row, feats, index in done:
+            self.features[row] = feats
+            self.frame_index[row] = index
+        for row, reason in failed:
+            self.failure[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
+        self.f.flush()
+        for row, _, _ in done:
+            self.status[row] = DONE
+        for row, _ in failed:
+            self.status[row] = FAILED
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+
+def read_attrs(attrs) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        v = v.tolist() if isinstance(v, np.ndarray) else v
+        if isinstance(v, list):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        out[k] = v
+    return out
+
+
+def open_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return read_attrs(f.attrs)
+
+
+def decode_strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]

@@ -1,0 +1,133 @@
+"""`ekx cache info|verify|merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ekx import EkxError
+from ekx.cache import store
+from ekx.cache.reader import open_cache
+
+BLOCK = 2048  # rows per bulk read when scanning a whole file
+
+
+def info(path: Path) -> dict:
+    c = open_cache(path)
+    return {"attrs": c.attrs, "counts": c.counts(), "shape": c.shape,
+            "bytes": Path(path).stat().st_size}
+
+
+def _scan(f: h5py.File, done: np.ndarray):
+    """Bulk-read done rows block by block; yields float32 [n, V, K, D]."""
+    feats = f["features"]
+    for lo in range(0, feats.shape[0], BLOCK):
+        block = feats[lo:lo + BLOCK]
+        ok = done[lo:lo + BLOCK]
+        if ok.any():
+            yield block[ok].astype(np.float32)
+
+
+def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], list[str]]:
+    """(problems, warnings). Problems make `ekx cache verify` exit non-zero."""
+    c = open_cache(path)
+    problems, warnings = [], []
+    n, (N, V, K, D) = len(c.narration_id), c.shape
+    a = c.attrs
+    if (V, K, D) != (a.get("views"), a.get("frames_per_segment"), a.get("feature_dim")):
+        problems.append(f"features shape {c.shape} disagrees with attributes V={a.get('views')}, "
+                        f"K={a.get('frames_per_segment')}, D={a.get('feature_dim')}")
+    if len({n, N, len(c.video_id), len(c.verb_class), len(c.noun_class), len(c.status), len(c.frame_index)}) != 1:
+        problems.append("datasets have different row counts")
+    if not np.isin(c.status, list(store.STATUS_NAMES)).all():
+        problems.append("status holds unknown values")
+    counts = c.counts()
+    if counts["pending"]:
+        problems.append(f"{counts['pending']} of {n} segments still pending: re-run the extract command to finish")
+    if counts["failed"]:
+        warnings.append(f"{counts['failed']} segments failed (see `ekx cache info`)")
+    done = c.done
+    fi = c.frame_index[done]
+    if len(fi) and (np.diff(fi, axis=1) < 0).any():
+        problems.append("frame_index decreases within a segment")
+    nonfinite = nan = 0
+    total = np.zeros(D)
+    pooled = []
+    with h5py.File(path, "r") as f:
+        for x in _scan(f, done):
+            nan += int(np.isnan(x).any(axis=(1, 2, 3)).sum())
+            nonfinite += int(np.isinf(x).any(axis=(1, 2, 3)).sum())
+            total += np.abs(x).sum(axis=(0, 1, 2))
+            if sum(map(len, pooled)) < 4096:
+                pooled.append(np.nan_to_num(x[:, 0].mean(axis=1)))
+    if nan:
+        problems.append(f"{nan} segments contain NaN features")
+    if nonfinite:
+        problems.append(f"{nonfinite} segments contain Inf features: values overflowed float16 (max 65504)")
+    if done.any() and not total.any():
+        problems.append("all features are zero (degenerate backbone: random weights without calibration?)")
+    elif done.sum() >= 2 and pooled:
+        p = np.concatenate(pooled)
+        spread = np.median(p.std(axis=0)) / (np.median(np.abs(p.mean(axis=0))) + 1e-12)
+        if spread < 1e-3:
+            problems.append(f"features are constant across segments (relative spread {spread:.1e}): "
+                            "a degenerate backbone")
+    if annotation_csv is not None:
+        from ekx.extract.backbones import sha256_file
+
+        if sha256_file(annotation_csv) != a.get("annotation_sha256"):
+            problems.append(f"{annotation_csv} is not the annotation file this cache was made from "
+                            f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)")
+    return problems, warnings
+
+
+def merge(out: Path, shards: list[Path]) -> dict:
+    """Join shard files into one cache, rows in the order of the unsharded plan."""
+    if not shards:
+        raise EkxError("ekx cache merge: give at least one shard file")
+    if Path(out).exists():
+        raise EkxError(f"{out} exists; merge writes a new file (delete it or choose another name)")
+    caches = [open_cache(p) for p in shards]
+    ref = caches[0].attrs
+    for c in caches[1:]:
+        bad = store.identity_mismatch(c.attrs, ref) + [
+            f"{k}: {c.attrs.get(k)!r} vs {ref.get(k)!r}" for k in ("split",) if c.attrs.get(k) != ref.get(k)]
+        if bad:
+            raise EkxError(f"{c.path} differs from {caches[0].path}: {'; '.join(bad)}")
+    seen: dict[str, Path] = {}
+    for c in caches:
+        for nid in c.narration_id:
+            if nid in seen:
+                raise EkxError(f"segment {nid} is in both {seen[nid]} and {c.path}: overlapping shards")
+            seen[nid] = c.path
+    plan = np.concatenate([h5py.File(c.path, "r")["plan_index"][...] for c in caches])
+    order = np.argsort(plan, kind="stable")
+    src = np.concatenate([np.full(len(c.narration_id), i) for i, c in enumerate(caches)])
+    names = [nid for c in caches for nid in c.narration_id]
+    vids = [v for c in caches for v in c.video_id]
+    rows = store.Rows([names[i] for i in order], [vids[i] for i in order],
+                      np.concatenate([c.verb_class for c in caches])[order],
+                      np.concatenate([c.noun_class for c in caches])[order], plan[order])
+    attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches])
+    _, V, K, D = caches[0].shape
+    store.create(Path(out), attrs, rows, V, K, D)
+    dest_of = np.empty(len(order), np.int64)
+    dest_of[order] = np.arange(len(order))
+    small = {key: np.concatenate([h5py.File(c.path, "r")[key][...] for c in caches])[order]
+             for key in ("frame_index", "failure", "status")}
+    with h5py.File(out, "r+") as f:
+        # features first (bulk reads of source blocks, one chunk write per row), status last
+        for i, c in enumerate(caches):
+            dest = dest_of[src == i]
+            with h5py.File(c.path, "r") as g:
+                for lo in range(0, len(dest), BLOCK):
+                    block = g["features"][lo:lo + BLOCK]
+                    for j in range(len(block)):
+                        f["features"][dest[lo + j]] = block[j]
+        f["frame_index"][...] = small["frame_index"]
+        f["failure"][...] = small["failure"]
+        f.flush()
+        f["status"][...] = small["status"]
+    return {"rows": len(order), "shards": len(caches)}

@@ -1,0 +1,187 @@
+"""Backbones as registry entries: builder, weights, the weights' own preprocessing,
+feature dim, per-frame or per-clip.
+
+A new backbone is one `register(...)` call. Preprocessing is read from the torchvision
+weights' `transforms()` (resize, crop, mean/std, interpolation), never from a shared
+constants module: R(2+1)D uses Kinetics statistics and a 128x171 resize, EfficientNet-B3
+a 320 -> 300 bicubic pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torch import nn
+from torchvision import models
+from torchvision.models.video import r2plus1d_18, R2Plus1D_18_Weights
+
+from ekx import EkxError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The weights' own preprocessing, as plain values (written into the cache attributes)."""
+
+    resize_size: tuple[int, ...]  # one value: shorter side; two: exact (h, w)
+    crop_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    antialias: bool
+
+    def decode_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the decoder should output so the resize step is already done."""
+        if len(self.resize_size) == 2:
+            return self.resize_size[0], self.resize_size[1]
+        s = self.resize_size[0]
+        # torchvision's rule for a single size: the shorter side becomes s
+        if height <= width:
+            return s, int(s * width / height)
+        return int(s * height / width), s
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
+        same order, as torchvision's ImageClassification / VideoClassification presets."""
+        frames = F.resize(frames, list(self.resize_size), interpolation=F.InterpolationMode(self.interpolation),
+                          antialias=self.antialias)
+        frames = F.center_crop(frames, list(self.crop_size))
+        frames = F.to_dtype(frames, torch.float32, scale=True)
+        return F.normalize(frames, mean=list(self.mean), std=list(self.std))
+
+    def to_attrs(self) -> dict:
+        return {f"preprocess_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _preprocess_of(weights) -> Preprocess:
+    t = weights.transforms()
+    crop = list(t.crop_size)
+    crop = (crop[0], crop[-1])
+    return Preprocess(tuple(t.resize_size), crop, tuple(t.mean), tuple(t.std), t.interpolation.value,
+                      bool(getattr(t, "antialias", False)))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[], nn.Module]  # random init, classifier removed
+    weights: type  # torchvision WeightsEnum class
+    dim: int
+    clip_len: int = 1  # 1: per-frame 2D model; >1: consecutive frames per clip (3D model)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return _preprocess_of(self.weights.DEFAULT)
+
+
+REGISTRY: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    if backbone.name in REGISTRY:
+        raise ValueError(f"backbone {backbone.name!r} is already registered")
+    REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def get(name: str) -> Backbone:
+    if name not in REGISTRY:
+        raise EkxError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = build(weights=None)
+        setattr(model, attr, nn.Identity())  # the classifier goes; pooled features remain
+        return model
+    return make
+
+
+register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048))
+register(Backbone("efficientnet_b3", _headless(models.efficientnet_b3, "classifier"),
+                  models.EfficientNet_B3_Weights, 1536))
+# 8 consecutive frames per sampled position: half the Kinetics clip, a quarter of the cost;
+# the network pools time adaptively, so any clip length runs.
+register(Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8))
+
+
+# ---------------------------------------------------------------- weights
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _strip_classifier(state: dict, model: nn.Module) -> dict:
+    """Keep the keys the headless model has (drops fc./classifier. of a full checkpoint)."""
+    keys = set(model.state_dict())
+    return {k: v for k, v in state.items() if k in keys}
+
+
+def load_weights(backbone: Backbone, weights: str) -> tuple[nn.Module, str]:
+    """Build the model and load weights; returns (model in eval mode, weights identity).
+
+    ``DEFAULT`` (or an enum name like ``IMAGENET1K_V2``): torchvision's pretrained weights,
+    from the torch cache or downloaded to it; a path: a local state dict, loaded with
+    weights_only=True; ``none``: random init (see `calibrate_batchnorm`).
+    """
+    model = backbone.build()
+    if weights.lower() == "none":
+        return model.eval(), "none"
+    path = Path(weights)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
+            state = state["backbone"]  # an ekx fine-tuning checkpoint
+        state = _strip_classifier(state, model)
+        missing = set(model.state_dict()) - set(state)
+        if missing:
+            raise EkxError(f"{path}: not a {backbone.name} state dict ({len(missing)} missing keys, "
+                           f"e.g. {sorted(missing)[0]})")
+        model.load_state_dict(state)
+        return model.eval(), f"sha256:{sha256_file(path)}"
+    if "/" in weights or weights.endswith((".pt", ".pth")):
+        raise EkxError(f"--weights {weights}: file not found")
+    try:
+        enum = backbone.weights[weights] if weights != "DEFAULT" else backbone.weights.DEFAULT
+    except KeyError:
+        names = ", ".join(w.name for w in backbone.weights)
+        raise EkxError(f"--weights {weights}: not a weights name of {backbone.name} "
+                       f"(DEFAULT, {names}, a state-dict path, or none)") from None
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, corrupted download
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+        raise EkxError(f"cannot get {backbone.name} weights {enum} ({type(e).__name__}: {e}); either put "
+                       f"the file at {cache} (from {enum.url}), or pass --weights PATH to a local state dict "
+                       "(or --weights none for random features)") from None
+    model.load_state_dict(_strip_classifier(state, model))
+    return model.eval(), f"torchvision:{type(enum).__name__}.{enum.name}"
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics on real (preprocessed) inputs.
+
+    A randomly initialised network in eval mode normalises with mean 0 / var 1, which
+    is wrong by orders of magnitude layer after layer: resnet50 then outputs nearly the
+    same vector for every input and efficientnet_b3 values ~1e-14 (zero in float16).
+    With statistics measured on the data, activations keep their scale and the random
+    features stay input-dependent - good enough for tests and the demo.
+    """
+    model.eval()  # dropout / stochastic depth stay off: only BatchNorm measures
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all calibration batches
+        bn.train()
+    for x in batches:
+        model(x)
+    model.eval()

@@ -1,0 +1,414 @@
+"""Stage 1: annotation segments -> decoded frames -> frozen backbone -> HDF5 cache.
+
+Decoding runs in DataLoader worker processes (one video at a time, each opened once);
+frames reach the main process as uint8 at the preprocessing size and are normalised on
+the device; inference is batched under inference_mode with channels_last and autocast
+where the device runs it fast; a writer thread owns the HDF5 file so writes stay off
+the compute path. Re-running the same command resumes: done rows are skipped.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ekx import EkxError, __version__, epic
+from ekx.cache import store
+from ekx.cache.reader import failures, open_cache
+from ekx.extract import backbones
+from ekx.extract.video import Request, Result, decode_video
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = "resnet50"
+    split: str = "train"
+    weights: str = "DEFAULT"
+    frames: int = 16
+    views: int = 1
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    limit: int | None = None
+    shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
+    seed: int = 0
+    calibration_segments: int = 8
+    out: Path | None = None
+
+
+@dataclass
+class Summary:
+    path: Path
+    total: int
+    done: int
+    failed: int
+    processed: int
+    frames: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    missing_videos: str | None = None
+
+
+# ---------------------------------------------------------------- planning
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise EkxError(f"--shard {text!r}: expected I/N, e.g. 0/4 (I counts from 0)") from None
+    if not 0 <= i < n:
+        raise EkxError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def shard_videos(segments: list[epic.Segment], count: int) -> list[set[str]]:
+    """Deterministic, video-balanced split: largest videos first, each to the lightest shard."""
+    sizes: dict[str, int] = {}
+    for s in segments:
+        sizes[s.video_id] = sizes.get(s.video_id, 0) + 1
+    loads, shards = [0] * count, [set() for _ in range(count)]
+    for vid in sorted(sizes, key=lambda v: (-sizes[v], v)):
+        j = min(range(count), key=lambda j: (loads[j], j))
+        shards[j].add(vid)
+        loads[j] += sizes[vid]
+    return shards
+
+
+def plan_rows(segments: list[epic.Segment], cfg: ExtractConfig) -> tuple[list[epic.Segment], np.ndarray]:
+    plan = segments[: cfg.limit] if cfg.limit else segments
+    index = np.arange(len(plan))
+    if cfg.shard:
+        mine = shard_videos(plan, cfg.shard[1])[cfg.shard[0]]
+        keep = [i for i, s in enumerate(plan) if s.video_id in mine]
+        plan, index = [plan[i] for i in keep], index[keep]
+    return plan, index
+
+
+def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
+    name = Path(cfg.split).stem if cfg.split.endswith(".csv") else cfg.split
+    if cfg.shard:
+        name += f".shard{cfg.shard[0]}of{cfg.shard[1]}"
+    return features_root / cfg.backbone / f"{name}.h5"
+
+
+# ---------------------------------------------------------------- device and precision
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EkxError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # Without AVX512-BF16 / AMX, CPU bf16 autocast runs ~6x *slower* than fp32 (measured
+    # on this project's AVX2 machines), so 'auto' only picks it where the ISA has it.
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap in ("AVX512_BF16", "AMX") or (cap == "AVX512" and torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name not in ("fp32", "bf16", "fp16"):
+            raise EkxError(f"--precision {name}: use auto, fp32, bf16 or fp16")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------- views
+
+def view_params(seed: int, narration_id: str, view: int, h: int, w: int) -> dict:
+    """Seeded augmentation of one view, the same for every frame of the segment."""
+    rng = np.random.default_rng([seed, zlib.crc32(narration_id.encode()), view])
+    scale, ratio = rng.uniform(0.35, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch = int(min(h, round(np.sqrt(scale * h * w / ratio))))
+    cw = int(min(w, round(np.sqrt(scale * h * w * ratio))))
+    return {"top": int(rng.integers(0, h - ch + 1)), "left": int(rng.integers(0, w - cw + 1)),
+            "height": ch, "width": cw, "flip": bool(rng.random() < 0.5),
+            "brightness": float(rng.uniform(0.6, 1.4)), "contrast": float(rng.uniform(0.6, 1.4)),
+            "saturation": float(rng.uniform(0.6, 1.4))}
+
+
+def make_view(frames: torch.Tensor, pre: backbones.Preprocess, p: dict | None) -> torch.Tensor:
+    """uint8 [F, 3, H, W] on the device -> normalised float; view 0 (p None) is the clean one."""
+    if p is None:
+        return pre(frames)
+    x = F.resized_crop(frames, p["top"], p["left"], p["height"], p["width"], list(pre.crop_size),
+                       interpolation=F.InterpolationMode(pre.interpolation), antialias=True)
+    if p["flip"]:
+        x = F.horizontal_flip(x)
+    x = F.to_dtype(x, torch.float32, scale=True)
+    x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, p["brightness"]), p["contrast"]),
+                            p["saturation"])
+    return F.normalize(x, mean=list(pre.mean), std=list(pre.std))
+
+
+def segment_inputs(res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone,
+                   device: torch.device) -> torch.Tensor:
+    """Model inputs of one segment: [V*K, 3, h, w] images or [V*K, 3, clip, h, w] clips."""
+    frames = torch.from_numpy(res.frames).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    pre = bb.preprocess
+    views = []
+    for v in range(cfg.views):
+        p = None if v == 0 else view_params(cfg.seed, narration_id, v, frames.shape[-2], frames.shape[-1])
+        x = make_view(frames, pre, p)
+        if bb.clip_len > 1:  # [K*clip, 3, h, w] -> [K, 3, clip, h, w]
+            x = x.reshape(cfg.frames, bb.clip_len, *x.shape[1:]).transpose(1, 2)
+        views.append(x)
+    return torch.cat(views)
+
+
+# ---------------------------------------------------------------- decoding workers
+
+class _VideoJobs(IterableDataset):
+    """Yields decoded segments; each worker takes whole videos (each opened once)."""
+
+    def __init__(self, jobs: list[tuple[Path, list[Request]]], k: int, clip_len: int, size_fn):
+        self.jobs, self.k, self.clip_len, self.size_fn = jobs, k, clip_len, size_fn
+
+    def __iter__(self) -> Iterator[Result]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for path, reqs in self.jobs[wid::nw]:
+            yield from decode_video(path, reqs, self.k, self.clip_len, self.size_fn)
+
+
+def _worker_init(_):
+    # Ctrl-C goes to the whole process group: the main process handles it, workers just stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _identity(batch):
+    return batch
+
+
+# ---------------------------------------------------------------- writer thread
+
+class _WriterThread(threading.Thread):
+    def __init__(self, writer: store.Writer):
+        super().__init__(daemon=True)
+        self.writer, self.q, self.error = writer, queue.Queue(maxsize=256), None
+
+    def run(self):
+        stop = False
+        while not stop:
+            items = [self.q.get()]
+            while len(items) < 64:
+                try:
+                    items.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(i is None for i in items)
+            items = [i for i in items if i is not None]
+            if self.error is None and items:
+                try:
+                    self.writer.write([i[1:] for i in items if i[0] == "done"],
+                                      [i[1:] for i in items if i[0] == "failed"])
+                except Exception as e:  # noqa: BLE001 - surfaced to the main loop
+                    self.error = e
+
+    def put(self, item):
+        if self.error is not None:
+            raise _disk_error(self.writer.path, self.error)
+        self.q.put(item)
+
+    def finish(self):
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise _disk_error(self.writer.path, self.error)
+
+
+def _disk_error(path: Path, e: Exception) -> EkxError:
+    text = str(e)
+    if "No space" in text or "errno = 28" in text or getattr(e, "errno", None) == 28:
+        return EkxError(f"disk full while writing {path}: free some space, then re-run the same command "
+                        "to resume (segments written so far are kept)")
+    return EkxError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
+
+
+# ---------------------------------------------------------------- the run
+
+def _attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precision: str,
+           device: torch.device, ann_path: Path, calibration: str) -> dict:
+    import decord
+    import torchvision
+
+    return {
+        "format": store.FORMAT, "format_version": store.VERSION, "backbone": bb.name,
+        "weights": weights_id, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
+        "views": cfg.views, "clip_len": bb.clip_len,
+        "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
+        "view_seed": cfg.seed,
+        "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
+                        "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
+        "precision": precision, "dtype": "float16", "annotation_file": ann_path.name,
+        "annotation_sha256": backbones.sha256_file(ann_path), "bn_calibration": calibration,
+        "split": cfg.split, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
+        "ekx_version": __version__, "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__, "decord_version": decord.__version__,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        **bb.preprocess.to_attrs(),
+    }
+
+
+def _calibrate(model, bb, cfg, plan_all, found, device) -> str:
+    """BatchNorm statistics for random weights, from the first segments of the whole
+    plan (before --shard/--limit), so shards and resumed runs build the same model."""
+    calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
+    if not calib:
+        raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
+    inputs = []
+    for s in calib:
+        for res in decode_video(found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames,
+                                bb.clip_len, bb.preprocess.decode_size):
+            if res.error is None:
+                inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
+    if not inputs:
+        raise EkxError("--weights none: none of the calibration segments could be decoded")
+    torch.manual_seed(cfg.seed)
+    backbones.calibrate_batchnorm(model, [torch.cat(inputs)[i:i + 64] for i in range(0, sum(map(len, inputs)), 64)])
+    return "first segments: " + ",".join(s.narration_id for s in calib)
+
+
+def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: Path,
+            on_start: Callable[[int, int], None] | None = None,
+            on_progress: Callable[[int, int], None] | None = None,
+            warn: Callable[[str], None] = print) -> Summary:
+    """Run stage 1; resumes an existing cache made with the same parameters."""
+    t0 = time.perf_counter()
+    bb = backbones.get(cfg.backbone)
+    if cfg.frames < 1 or cfg.views < 1 or cfg.batch_size < 1:
+        raise EkxError("--frames, --views and --batch-size must be >= 1")
+    ann = epic.Annotations(annotations)
+    ann_path = ann.split_path(cfg.split)
+    plan_all = ann.segments(cfg.split)
+    plan, plan_index = plan_rows(plan_all, cfg)
+    if not plan:
+        raise EkxError(f"{ann_path}: no segments to extract (check --limit / --shard)")
+    found, missing = epic.locate_videos(plan_all if cfg.weights.lower() == "none" else plan, videos)
+    missing = [v for v in missing if v in {s.video_id for s in plan}]
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model, weights_id = backbones.load_weights(bb, cfg.weights)
+    model = model.to(device)
+    calibration = ""
+    if weights_id == "none":
+        warn("--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
+             "are for tests and demos, not for real results")
+        calibration = _calibrate(model, bb, cfg, plan_all, found, device)
+    model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
+
+    out = cfg.out or default_out(cfg, features_root)
+    attrs = _attrs(cfg, bb, weights_id, precision, device, ann_path, calibration)
+    rows = store.Rows([s.narration_id for s in plan], [s.video_id for s in plan],
+                      np.array([s.verb_class for s in plan]), np.array([s.noun_class for s in plan]), plan_index)
+    if out.exists():
+        have = store.open_attrs(out)
+        bad = store.identity_mismatch(have, attrs)
+        if bad:
+            raise EkxError(f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
+                           "Delete it or choose another --out")
+    else:
+        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim)
+    with h5py.File(out, "r") as f:
+        store.check_rows(out, f, rows)
+    writer = store.Writer(out)
+    status = writer.status_array()
+    todo = np.flatnonzero(status != store.DONE)
+    thread = _WriterThread(writer)
+    thread.start()
+    summary = Summary(out, len(plan), int((status == store.DONE).sum()), 0, 0, 0, 0.0)
+    if missing:
+        summary.missing_videos = epic.missing_videos_message(missing, len({s.video_id for s in plan}), videos)
+    if on_start:
+        on_start(len(plan), summary.done)
+    try:
+        _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, on_progress)
+    finally:
+        try:
+            thread.finish()
+        finally:
+            writer.close()
+    counts = open_cache(out).counts()
+    summary.done, summary.failed = counts["done"], counts["failed"]
+    summary.failures = failures(out) if summary.failed else []
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, on_progress):
+    by_video: dict[str, list[Request]] = {}
+    for row in todo:
+        s = plan[row]
+        if s.video_id not in found:
+            thread.put(("failed", int(row), f"video {s.video_id} not found"))
+            continue
+        by_video.setdefault(s.video_id, []).append(Request(int(row), s.start, s.stop))
+    # biggest videos first, so the last worker does not finish long after the others
+    jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
+    if not jobs:
+        return
+    workers = max(0, min(cfg.workers, len(jobs)))
+    loader = DataLoader(_VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
+                        batch_size=None, num_workers=workers, collate_fn=_identity,
+                        worker_init_fn=_worker_init if workers else None,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    pending: list[tuple[Result, torch.Tensor]] = []
+    n_inputs = 0
+    fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
+
+    def flush():
+        nonlocal pending, n_inputs
+        x = torch.cat([p[1] for p in pending]).contiguous(memory_format=fmt)
+        outs = []
+        with torch.inference_mode(), autocast(device, precision):
+            for i in range(0, len(x), cfg.batch_size):
+                outs.append(model(x[i:i + cfg.batch_size]).float())
+        feats = torch.cat(outs).cpu().numpy()
+        o = 0
+        for res, inp in pending:
+            f = feats[o:o + len(inp)].reshape(cfg.views, cfg.frames, bb.dim)
+            o += len(inp)
+            thread.put(("done", res.row, f.astype(np.float16), res.centres))
+        summary.processed += len(pending)
+        summary.frames += sum(len(p[0].frames) for p in pending)
+        if on_progress:
+            on_progress(len(pending), sum(len(p[0].frames) for p in pending))
+        pending, n_inputs = [], 0
+
+    for res in loader:
+        if res.error is not None:
+            thread.put(("failed", res.row, res.error))
+            if on_progress:
+                on_progress(1, 0)
+            continue
+        inp = segment_inputs(res, plan[res.row].narration_id, cfg, bb, device)
+        pending.append((res, inp))
+        n_inputs += len(inp)
+        if n_inputs >= cfg.batch_size:
+            flush()
+    if pending:
+        flush()
