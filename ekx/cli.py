@@ -142,7 +142,7 @@ def extract(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 autocast.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (for trials).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of random weights (--weights none) and augmented views.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Cache file (default features/<backbone>/<split>.h5).")] = None,
     skip_errors: Annotated[bool, typer.Option(help="Exit 0 even if some segments failed.")] = False,
     annotations: AnnotationsOpt = None, videos: VideosOpt = None, features: FeaturesOpt = None,

@@ -38,7 +38,7 @@ REASON_BYTES = 240
 # Attributes that define what the features are: resuming or merging requires equality.
 IDENTITY_KEYS = (
     "format", "format_version", "backbone", "weights", "feature_dim", "frames_per_segment",
-    "views", "clip_len", "sampling", "view_seed", "augmentation", "precision", "dtype",
+    "views", "clip_len", "sampling", "seed", "augmentation", "precision", "dtype",
     "annotation_sha256", "preprocess_resize_size", "preprocess_crop_size", "preprocess_mean",
     "preprocess_std", "preprocess_interpolation", "preprocess_antialias", "bn_calibration",
 )
@@ -153,7 +153,7 @@ class Writer:
 def read_attrs(attrs) -> dict:
     out = {}
     for k, v in attrs.items():
-        v = v.tolist() if isinstance(v, np.ndarray) else v
+        v = v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
         if isinstance(v, list):
             v = [x.decode() if isinstance(x, bytes) else x for x in v]
         out[k] = v

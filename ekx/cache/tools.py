@@ -55,7 +55,7 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
     nonfinite = nan = 0
     total = np.zeros(D)
     pooled = []
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r") as f, np.errstate(over="ignore", invalid="ignore"):
         for x in _scan(f, done):
             nan += int(np.isnan(x).any(axis=(1, 2, 3)).sum())
             nonfinite += int(np.isinf(x).any(axis=(1, 2, 3)).sum())
@@ -70,7 +70,8 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
         problems.append("all features are zero (degenerate backbone: random weights without calibration?)")
     elif done.sum() >= 2 and pooled:
         p = np.concatenate(pooled)
-        spread = np.median(p.std(axis=0)) / (np.median(np.abs(p.mean(axis=0))) + 1e-12)
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread = np.median(p.std(axis=0)) / (np.median(np.abs(p.mean(axis=0))) + 1e-12)
         if spread < 1e-3:
             problems.append(f"features are constant across segments (relative spread {spread:.1e}): "
                             "a degenerate backbone")

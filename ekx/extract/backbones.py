@@ -126,14 +126,17 @@ def _strip_classifier(state: dict, model: nn.Module) -> dict:
     return {k: v for k, v in state.items() if k in keys}
 
 
-def load_weights(backbone: Backbone, weights: str) -> tuple[nn.Module, str]:
+def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Module, str]:
     """Build the model and load weights; returns (model in eval mode, weights identity).
 
     ``DEFAULT`` (or an enum name like ``IMAGENET1K_V2``): torchvision's pretrained weights,
     from the torch cache or downloaded to it; a path: a local state dict, loaded with
-    weights_only=True; ``none``: random init (see `calibrate_batchnorm`).
+    weights_only=True; ``none``: random init from ``seed`` (see `calibrate_batchnorm`), the
+    same in every process, so shards and resumed runs agree.
     """
-    model = backbone.build()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = backbone.build()
     if weights.lower() == "none":
         return model.eval(), "none"
     path = Path(weights)

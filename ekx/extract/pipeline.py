@@ -44,7 +44,7 @@ class ExtractConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     limit: int | None = None
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
-    seed: int = 0
+    seed: int = 0  # random weights (--weights none) and augmented views
     calibration_segments: int = 8
     out: Path | None = None
 
@@ -198,6 +198,12 @@ def _worker_init(_):
     # Ctrl-C goes to the whole process group: the main process handles it, workers just stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    try:  # Linux: die with the main process, even when it is SIGKILLed
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _identity(batch):
@@ -261,7 +267,7 @@ def _attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precisio
         "weights": weights_id, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
         "views": cfg.views, "clip_len": bb.clip_len,
         "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
-        "view_seed": cfg.seed,
+        "seed": cfg.seed,
         "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
                         "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
         "precision": precision, "dtype": "float16", "annotation_file": ann_path.name,
@@ -312,7 +318,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     missing = [v for v in missing if v in {s.video_id for s in plan}]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model, weights_id = backbones.load_weights(bb, cfg.weights)
+    model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
     calibration = ""
     if weights_id == "none":

@@ -1,0 +1,3 @@
+from ekx.cli import main
+
+main()

@@ -1,0 +1,260 @@
+"""The cache contract: resume after SIGKILL, shards and merge, refusals, bad input, verify."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ekx import EkxError, epic
+from ekx.cache import store, tools
+from ekx.cache.reader import failures, open_cache
+from ekx.cli import app
+from ekx.extract import backbones
+from ekx.extract.pipeline import ExtractConfig, extract, shard_videos
+
+runner = CliRunner()
+# one segment per backbone batch: results cannot depend on which segments shared a batch
+BASE = {"split": "validation", "weights": "none", "frames": 4, "batch_size": 4, "workers": 1}
+
+
+def run(data: Path, out: Path, **kw):
+    cfg = ExtractConfig(**{**BASE, **kw}, out=out)
+    return extract(cfg, data / "annotations", data / "videos", out.parent, warn=lambda m: None)
+
+
+def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--annotations", str(data / "annotations"), "--videos", str(data / "videos"),
+            "--split", "validation", "--weights", "none", "--frames", "4", "--batch-size", "4",
+            "--workers", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(synth_data, tmp_path_factory) -> np.ndarray:
+    """An uninterrupted single-process extraction of the validation split."""
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    assert run(synth_data, out).done == 6
+    return open_cache(out).features()
+
+
+def _done_count(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            return int((f["status"][...] == store.DONE).sum())
+    except (OSError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_to_the_same_features(sig, synth_data, reference, tmp_path):
+    out = tmp_path / "f.h5"
+    env = dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE")
+    log = tmp_path / "log.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "ekx", *cli_args(synth_data, out)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while _done_count(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    output = log.read_text()
+    done = _done_count(out)
+    assert 2 <= done < 6, f"the kill should land mid-run (done={done}): {output}"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output
+    summary = run(synth_data, out)
+    assert summary.processed == 6 - done and summary.done == 6
+    np.testing.assert_array_equal(open_cache(out).features(), reference)
+
+
+def test_shards_merge_to_the_single_process_cache(synth_data, reference, tmp_path):
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    ann = epic.Annotations(synth_data / "annotations").segments("train")
+    groups = shard_videos(ann, 2)
+    assert set().union(*groups) == {s.video_id for s in ann} and not groups[0] & groups[1]
+    # validation is one video: shard over train instead, with a few rows each
+    for i, p in enumerate(shards):
+        assert run(synth_data, p, split="train", shard=(i, 2), limit=8).done > 0
+    single = tmp_path / "single.h5"
+    run(synth_data, single, split="train", limit=8)
+    merged = tmp_path / "merged.h5"
+    result = runner.invoke(app, ["cache", "merge", str(merged), *map(str, shards)])
+    assert result.exit_code == 0, result.output
+    a, b = open_cache(merged), open_cache(single)
+    assert a.narration_id == b.narration_id and (a.status == store.DONE).all()
+    assert (a.frame_index == b.frame_index).all() and (a.verb_class == b.verb_class).all()
+    np.testing.assert_array_equal(a.features(), b.features())
+    # overlapping shards and shards of another extraction are refused
+    with pytest.raises(EkxError, match="in both"):
+        tools.merge(tmp_path / "m2.h5", [shards[0], shards[0]])
+    other = tmp_path / "other.h5"
+    run(synth_data, other, split="train", shard=(1, 2), frames=2, limit=8)
+    with pytest.raises(EkxError, match="frames_per_segment"):
+        tools.merge(tmp_path / "m3.h5", [shards[0], other])
+
+
+def test_mismatched_parameters_are_refused(synth_data, tmp_path):
+    out = tmp_path / "f.h5"
+    run(synth_data, out, limit=1)
+    with pytest.raises(EkxError, match=r"other parameters \(frames_per_segment: file has 4, asked for 2"):
+        run(synth_data, out, limit=1, frames=2)
+    with pytest.raises(EkxError, match="different list of segments"):
+        run(synth_data, out, limit=2)
+    assert open_cache(out).counts()["done"] == 1
+
+
+def _bad_dataset(synth_data: Path, tmp: Path) -> Path:
+    """P04_01 real; P05 corrupt bytes; P06 truncated; P07 missing; one P04 segment beyond the end."""
+    videos, ann = tmp / "videos", tmp / "annotations"
+    videos.mkdir()
+    ann.mkdir()
+    good = epic.index_videos(synth_data / "videos")["P04_01"]
+    (videos / "P04_01.mp4").symlink_to(good)
+    (videos / "P05_01.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    data = good.read_bytes()
+    (videos / "P06_01.mp4").write_bytes(data[: len(data) // 2])
+    for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
+        (ann / name).write_bytes((synth_data / "annotations" / name).read_bytes())
+    with open(synth_data / "annotations" / epic.SPLIT_FILES["validation"]) as fh:
+        rows = list(csv.reader(fh))
+    header, body = rows[0], rows[1:4]
+    extra = []
+    for vid in ("P05_01", "P06_01", "P07_01"):
+        r = list(body[0])
+        r[0], r[2] = f"{vid}_0", vid
+        extra.append(r)
+    beyond = list(body[1])
+    beyond[0], beyond[4], beyond[5] = "P04_01_99", "01:00:00.00", "01:00:02.00"
+    with open(ann / epic.SPLIT_FILES["validation"], "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *body, *extra, beyond])
+    return tmp
+
+
+def test_bad_videos_fail_their_segments_and_the_run_goes_on(synth_data, tmp_path):
+    data = _bad_dataset(synth_data, tmp_path)
+    out = tmp_path / "f.h5"
+    result = runner.invoke(app, cli_args(data, out))
+    output = " ".join(result.output.split())  # undo rich's line wrapping
+    assert result.exit_code == 1
+    assert "4 segments failed" in output and "--skip-errors" in output
+    assert "1 of 4 videos not found" in output
+    reasons = dict(failures(out))
+    assert set(reasons) == {"P05_01_0", "P06_01_0", "P07_01_0", "P04_01_99"}
+    assert "cannot open video P05_01.mp4" in reasons["P05_01_0"]
+    assert "cannot open video P06_01.mp4" in reasons["P06_01_0"]
+    assert reasons["P07_01_0"] == "video P07_01 not found"
+    assert "beyond the video's end" in reasons["P04_01_99"]
+    assert open_cache(out).counts() == {"pending": 0, "done": 3, "failed": 4}
+    again = runner.invoke(app, cli_args(data, out, "--skip-errors"))
+    assert again.exit_code == 0, again.output
+
+
+def test_disk_full_is_a_clear_error_and_the_cache_resumes(synth_data, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    real_write, calls = store.Writer.write, []
+
+    def write(self, done, failed):
+        calls.append(len(done))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_write(self, done[:1], failed)
+
+    monkeypatch.setattr(store.Writer, "write", write)
+    with pytest.raises(EkxError, match="disk full while writing .*re-run the same command to resume"):
+        run(synth_data, out)
+    monkeypatch.setattr(store.Writer, "write", real_write)
+    assert open_cache(out).counts()["done"] == 1
+    assert run(synth_data, out).done == 6
+
+
+def test_default_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    bb = backbones.get("resnet50")
+    enum = bb.weights.DEFAULT
+    torch.manual_seed(1)
+    state = backbones.get("resnet50").build().state_dict()
+    state["fc.weight"] = torch.zeros(1000, 2048)  # a full checkpoint: the classifier is dropped
+    cached = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    model, ident = backbones.load_weights(bb, "DEFAULT")
+    assert ident == "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_offline_without_cached_weights_names_both_ways_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(EkxError) as e:
+        backbones.load_weights(backbones.get("efficientnet_b3"), "DEFAULT")
+    msg = str(e.value)
+    assert "network unreachable" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    assert "--weights PATH" in msg and "--weights none" in msg
+
+
+def _fake_cache(path: Path, feats: np.ndarray) -> Path:
+    n = len(feats)
+    rows = store.Rows([f"x_{i}" for i in range(n)], ["x"] * n, np.zeros(n), np.zeros(n), np.arange(n))
+    attrs = {"format": store.FORMAT, "format_version": 1, "views": 1, "frames_per_segment": 2, "feature_dim": 8}
+    store.create(path, attrs, rows, 1, 2, 8)
+    w = store.Writer(path)
+    w.write([(i, feats[i], np.arange(2)) for i in range(n)], [])
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("zero", "all features are zero"),
+    ("constant", "constant across segments"),
+    ("overflow", "overflowed float16"),
+    ("nan", "contain NaN"),
+])
+def test_verify_flags_degenerate_features(kind, message, tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(5, 1, 2, 8)).astype(np.float32)
+    assert tools.verify(_fake_cache(tmp_path / "ok.h5", feats.astype(np.float16)))[0] == []
+    bad = {"zero": np.zeros_like(feats), "constant": np.broadcast_to(feats[:1] + 38, feats.shape),
+           "overflow": feats * 1e5, "nan": np.where(np.arange(8) == 3, np.nan, feats)}[kind]
+    path = _fake_cache(tmp_path / "bad.h5", bad.astype(np.float16))
+    problems, _ = tools.verify(path)
+    assert any(message in p for p in problems), problems
+    result = runner.invoke(app, ["cache", "verify", str(path)])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_verify_checks_the_annotation_hash_and_pending_rows(synth_data, tmp_path):
+    out = tmp_path / "f.h5"
+    run(synth_data, out, limit=2)
+    ann = synth_data / "annotations"
+    assert tools.verify(out, ann / "EPIC_100_validation.csv")[0] == []
+    problems, _ = tools.verify(out, ann / "EPIC_100_train.csv")
+    assert any("not the annotation file" in p for p in problems)
+    with h5py.File(out, "r+") as f:
+        f["status"][1] = store.PENDING
+    assert any("1 of 2 segments still pending" in p for p in tools.verify(out)[0])
+    info = runner.invoke(app, ["cache", "info", str(out)], terminal_width=200)
+    assert info.exit_code == 0 and "done 1, failed 0, pending 1" in info.output
+
+
+def test_reader_bulk_and_memory_map_agree(synth_data, tmp_path):
+    out = tmp_path / "f.h5"
+    run(synth_data, out, limit=3)
+    c = open_cache(out)
+    mm = c.features(mmap=True)
+    assert isinstance(mm, np.memmap)
+    np.testing.assert_array_equal(np.asarray(mm), c.features())
