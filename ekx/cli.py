@@ -7,7 +7,9 @@ its work in the library. Errors reach the user as one red line and exit code 1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import tempfile
 import time
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from ekx import EkxError, __version__
 from ekx import config as wsconfig
+from ekx.heads.train import TrainConfig
 
 app = typer.Typer(help="ekx: EPIC-KITCHENS-100 action recognition on cached backbone features.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -137,7 +140,7 @@ def extract(
     weights: Annotated[str, typer.Option(help="DEFAULT (torchvision pretrained), a state-dict path, or none.")] = "DEFAULT",
     frames: Annotated[int, typer.Option(help="Frames K sampled per segment.")] = 16,
     views: Annotated[int, typer.Option(help="Views per segment: view 0 clean, the others augmented.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Backbone batch size (images, or clips for 3D).")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="Backbone batch size in images (clips for 3D); default 16 on CPU, 64 on GPU.", show_default=False)] = None,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 autocast.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (for trials).")] = None,
@@ -245,6 +248,110 @@ def cache_merge(
 
     result = tools.merge(out, shards)
     console.print(f"merged {result['shards']} shards, {result['rows']} segments -> {out}")
+
+
+def dataclass_options(cls, exclude: tuple[str, ...] = ()):
+    """Give a command one --flag per dataclass field (default None = not given), so a new
+    hyperparameter is a flag the moment it is a field; help comes from field metadata."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            kind = type(f.default)
+            opt = typer.Option(f"--{f.name.replace('_', '-')}", help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
+                               show_default=False)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[kind], opt]))
+        fn.__signature__ = sig.replace(parameters=params)
+        return fn
+    return wrap
+
+
+def _print_row(row: dict) -> None:
+    console.print(f"epoch {row['epoch']:>3}  loss {row['train_loss']:.3f}/{row['val_loss']:.3f}  "
+                  f"train action {row['train_action_top1']:5.1f}  val verb {row['val_verb_top1']:5.1f} "
+                  f"noun {row['val_noun_top1']:5.1f} action {row['val_action_top1']:5.1f}  gap {row['gap']:+.1f}  "
+                  f"{row['seconds']:.1f}s", highlight=False)
+
+
+@command(name="train-head")
+@dataclass_options(TrainConfig, exclude=("head",))
+def train_head(
+    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
+    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None,
+    **overrides,
+):
+    """Stage 2: train a temporal head on cached features -> runs/<name>/.
+
+    Example: ekx train-head lstm --epochs 30 --lr 1e-4 --name lstm-a
+    """
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from ekx.heads import train as tr
+
+    ws = workspace(features=features, runs=runs, annotations=annotations)
+    cfg = tr.resolve_config(config, {"head": head, **overrides})
+    if cfg.device == "auto" and ws.device != "auto":
+        cfg.device = ws.device
+    columns = [TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+               BarColumn(), TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}")]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=1, name=cfg.head, epoch=0, epochs=cfg.epochs, loss=0.0, best=0.0)
+        state = {"best": 0.0}
+
+        def on_step(step, steps, loss):
+            bar.update(task, completed=step, total=steps, loss=loss)
+
+        def on_epoch(row):
+            state["best"] = max(state["best"], row["val_action_top1"])
+            bar.update(task, epoch=row["epoch"], best=state["best"])
+            bar.console.print(end="")
+            _print_row(row)
+
+        bar.update(task, epoch=1)
+        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
+    console.print(f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
+                  f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}")
+
+
+@command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run directory (holds best.pt).")],
+    features_file: Annotated[Optional[Path], typer.Option("--features", help="Cache to evaluate on (default: the run's validation cache).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write metrics as JSON here.")] = None,
+    submission: Annotated[Optional[Path], typer.Option("--submission", help="Write the challenge submission JSON here.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
+    annotations: AnnotationsOpt = None, device: DeviceOpt = None,
+):
+    """Official EPIC-100 metrics of a run on a cache; --submission writes the challenge JSON.
+
+    Example: ekx evaluate runs/lstm-a --features features/resnet50/test.h5 --submission test.json
+    """
+    from ekx.heads import evaluate as ev
+    from ekx.heads.train import load_checkpoint
+
+    ws = workspace(annotations=annotations, device=device)
+    if features_file is None:
+        features_file = Path(load_checkpoint(run / checkpoint)["config"]["val_features"])
+    result = ev.evaluate_run(run, features_file, ws.annotations, ws.device, checkpoint)
+    m = result.get("metrics")
+    if m:
+        table = Table("metric", "value", title=f"{run} on {features_file} ({result['segments']} segments)")
+        for k, v in m.items():
+            table.add_row(k, f"{v:.2f}")
+        console.print(table)
+    else:
+        console.print(f"{features_file}: unlabelled ({result['segments']} segments): no metrics")
+    if json_out:
+        ev.write_json(json_out, {k: result[k] for k in ("run", "features", "segments", "epoch")} | {"metrics": m or {}})
+        console.print(f"metrics -> {json_out}")
+    if submission:
+        ev.write_json(submission, ev.submission(result))
+        console.print(f"submission ({result['segments']} segments) -> {submission}")
 
 
 @command()

@@ -34,3 +34,31 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, SynthConfig(videos=4, segments=6, width=128, height=96, seed=3))
     return out
+
+
+def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 32, num_verbs: int = 5,
+               num_nouns: int = 7, seed: int = 0, labelled: bool = True, backbone: str = "resnet50",
+               split: str = "train") -> Path:
+    """A small random feature cache in the real format (labels weakly encoded in the features)."""
+    import numpy as np
+
+    from ekx.cache import store
+
+    rng = np.random.default_rng(seed)
+    verbs = rng.integers(num_verbs, size=n)
+    nouns = rng.integers(num_nouns, size=n)
+    feats = rng.normal(size=(n, views, k, dim)).astype(np.float32)
+    feats[np.arange(n), :, :, verbs % dim] += 2.0  # a little signal, so training can move
+    feats[np.arange(n), :, :, (num_verbs + nouns) % dim] += 2.0
+    rows = store.Rows([f"P{1 + i % 3:02d}_{i // 3:02d}_{i}" for i in range(n)],
+                      [f"P{1 + i % 3:02d}_{i // 3:02d}" for i in range(n)],
+                      verbs if labelled else np.full(n, -1), nouns if labelled else np.full(n, -1), np.arange(n))
+    attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": backbone, "weights": "none",
+             "feature_dim": dim, "frames_per_segment": k, "views": views, "num_verbs": num_verbs,
+             "num_nouns": num_nouns, "verb_classes": [f"v{i}" for i in range(num_verbs)],
+             "noun_classes": [f"n{i}" for i in range(num_nouns)], "split": split}
+    store.create(path, attrs, rows, views, k, dim)
+    w = store.Writer(path)
+    w.write([(i, feats[i].astype(np.float16), np.arange(k)) for i in range(n)], [])
+    w.close()
+    return path

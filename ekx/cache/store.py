@@ -41,6 +41,7 @@ IDENTITY_KEYS = (
     "views", "clip_len", "sampling", "seed", "augmentation", "precision", "dtype",
     "annotation_sha256", "preprocess_resize_size", "preprocess_crop_size", "preprocess_mean",
     "preprocess_std", "preprocess_interpolation", "preprocess_antialias", "bn_calibration",
+    "num_verbs", "num_nouns",
 )
 
 

@@ -1,0 +1,67 @@
+"""Building blocks shared by the heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample during training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer with drop path on both residual branches; the query
+    may attend to another sequence (cross-attention) when ``context`` is given."""
+
+    def __init__(self, d: int, heads: int, dropout: float, drop_path: float, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1, self.norm_ctx = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, d * mlp_ratio), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(d * mlp_ratio, d), nn.Dropout(dropout))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm1(x)
+        kv = q if context is None else self.norm_ctx(context)
+        x = x + self.drop_path(self.attn(q, kv, kv, attn_mask=mask, need_weights=False)[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def sinusoidal(length: int, d: int) -> torch.Tensor:
+    """[length, d] fixed positional encoding (Vaswani et al.)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(length, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+class Classifier(nn.Module):
+    """Dropout + two linear layers: verb and noun logits."""
+
+    def __init__(self, d: int, num_verbs: int, num_nouns: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.verb, self.noun = nn.Linear(d, num_verbs), nn.Linear(d, num_nouns)
+
+    def forward(self, verb_feat: torch.Tensor, noun_feat: torch.Tensor | None = None) -> dict:
+        noun_feat = verb_feat if noun_feat is None else noun_feat
+        return {"verb": self.verb(self.drop(verb_feat)), "noun": self.noun(self.drop(noun_feat))}

@@ -1,0 +1,385 @@
+"""Training a head on cached features: plain functions, every step of the loop visible.
+
+    main(cfg) -> load caches once -> standardise -> for each epoch:
+        train_one_epoch (batches by tensor indexing) -> evaluate -> log -> checkpoint
+
+Checkpoints hold only tensors and plain values, so they load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ekx import EkxError, heads
+from ekx.extract.pipeline import autocast, resolve_device, resolve_precision
+from ekx.heads import metrics
+from ekx.heads.data import Split, feature_stats, load_split, make_batch
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of the seed's phase-2 table is here (lr, batch_size, dropout,
+    label_smoothing, drop_path), each a flag and a key of a --config TOML file."""
+
+    head: str = _opt("lstm", "head: pooling, lstm, transformer, cross-attention")
+    backbone: str = _opt("resnet50", "backbone whose cache to train on")
+    train_features: str = _opt("", "train cache (default <features>/<backbone>/train.h5)")
+    val_features: str = _opt("", "validation cache (default <features>/<backbone>/validation.h5)")
+    name: str = _opt("", "run directory name under runs/ (default <head>-<backbone>-<time>)")
+    epochs: int = _opt(20, "epochs")
+    batch_size: int = _opt(24, "batch size (seed phase 2: 16-32)")
+    lr: float = _opt(3e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    dropout: float = _opt(0.5, "dropout (seed phase 2: 0.3-0.6)")
+    drop_path: float = _opt(0.1, "stochastic depth rate (transformer heads)")
+    label_smoothing: float = _opt(0.1, "label smoothing of both losses")
+    warmup_epochs: float = _opt(1.0, "linear warm-up epochs")
+    restart_epochs: int = _opt(10, "cosine warm restarts: first cycle, epochs")
+    restart_mult: int = _opt(1, "cosine warm restarts: cycle growth factor")
+    min_lr_ratio: float = _opt(0.01, "lowest lr as a fraction of --lr")
+    grad_clip: float = _opt(1.0, "gradient clipping max-norm")
+    frames: int = _opt(0, "frames T per sample (0: all K cached)")
+    seed: int = _opt(0, "random seed (same seed and device, same metrics)")
+    device: str = _opt("auto", "auto, cpu or cuda[:N]")
+    precision: str = _opt("auto", "auto, fp32, bf16 or fp16")
+    eval_batch_size: int = _opt(1024, "batch size of evaluation")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], origin: str) -> "TrainConfig":
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise EkxError(f"{origin}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(cls.keys())}")
+        cfg = cls()
+        for k, v in values.items():
+            kind = type(getattr(cfg, k))
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, kind):
+                raise EkxError(f"{origin}: '{k}' must be {kind.__name__}, got {v!r}")
+            setattr(cfg, k, v)
+        return cfg
+
+
+class NonFiniteLoss(EkxError):
+    pass
+
+
+# ---------------------------------------------------------------- schedule
+
+def lr_at(cfg: TrainConfig, t: float) -> float:
+    """Linear warm-up, then cosine annealing with warm restarts (SGDR, the formula of torch's
+    CosineAnnealingWarmRestarts) - a pure function of progress t in epochs, so resume is exact."""
+    if t < cfg.warmup_epochs:
+        return cfg.lr * max(t / cfg.warmup_epochs, 1e-3)
+    t -= cfg.warmup_epochs
+    t0, mult = max(cfg.restart_epochs, 1), max(cfg.restart_mult, 1)
+    if mult == 1:
+        cycle, length = t % t0, t0
+    else:
+        n = int(math.log(t / t0 * (mult - 1) + 1, mult))
+        cycle, length = t - t0 * (mult ** n - 1) / (mult - 1), t0 * mult ** n
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * (1 + math.cos(math.pi * cycle / length)) / 2
+
+
+# ---------------------------------------------------------------- steps
+
+def loss_fn(out: dict, verbs: torch.Tensor, nouns: torch.Tensor, smoothing: float) -> torch.Tensor:
+    return (F.cross_entropy(out["verb"].float(), verbs, label_smoothing=smoothing)
+            + F.cross_entropy(out["noun"].float(), nouns, label_smoothing=smoothing))
+
+
+def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int, gen: torch.Generator,
+                    device, precision, on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    model.train()
+    t_frames = cfg.frames or split.feats.shape[2]
+    perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
+    steps = math.ceil(len(perm) / cfg.batch_size)
+    total_loss, correct, seen = 0.0, {"verb": 0, "noun": 0, "action": 0}, 0
+    for step in range(steps):
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch + step / steps)
+        x = make_batch(split, idx, t_frames, True, gen, *norm, device)
+        yv, yn = split.verbs[idx].to(device), split.nouns[idx].to(device)
+        with autocast(device, precision):
+            out = model(x)
+        loss = loss_fn(out, yv, yn, cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: run stopped; "
+                                "the last good checkpoint (last.pt, best.pt) is kept - lower --lr or check the "
+                                "features with `ekx cache verify`")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            pv, pn = out["verb"].argmax(1) == yv, out["noun"].argmax(1) == yn
+            correct["verb"] += int(pv.sum())
+            correct["noun"] += int(pn.sum())
+            correct["action"] += int((pv & pn).sum())
+        total_loss += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        if on_step:
+            on_step(step + 1, steps, total_loss / seen)
+    return {"train_loss": total_loss / seen, **{f"train_{k}_top1": 100 * v / seen for k, v in correct.items()}}
+
+
+@torch.no_grad()
+def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for every done row: view 0, T uniform positions."""
+    model.eval()
+    t_frames = cfg.frames or split.feats.shape[2]
+    verb, noun = [], []
+    for i in range(0, len(split.rows), cfg.eval_batch_size):
+        idx = split.rows[i:i + cfg.eval_batch_size]
+        with autocast(device, precision):
+            out = model(make_batch(split, idx, t_frames, False, None, *norm, device))
+        verb.append(out["verb"].float().cpu())
+        noun.append(out["noun"].float().cpu())
+    return torch.cat(verb), torch.cat(noun)
+
+
+def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
+    verb, noun = predict(model, split, norm, cfg, device, precision)
+    yv, yn = split.verbs[split.rows], split.nouns[split.rows]
+    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
+    unseen_mask = None
+    if unseen is not None:
+        unseen_mask = torch.tensor([split.video_id[r].split("_")[0] in unseen for r in split.rows.tolist()])
+    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=unseen_mask)
+    return {**result, **{f"val_{k}": v for k, v in m.items()}}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, epoch: int, best: float, norm, split: Split,
+                    gen: torch.Generator, head_kwargs: dict) -> None:
+    state = {
+        "format": "ekx-head", "version": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "epoch": epoch, "best": best, "config": asdict(cfg), "head_kwargs": head_kwargs,
+        "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()}, "cache": split.identity(),
+        "classes": {"verb": list(split.attrs.get("verb_classes", [])), "noun": list(split.attrs.get("noun_classes", []))},
+        "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise EkxError(f"{path}: no checkpoint here")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle refused or corrupt file
+        raise EkxError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ekx-head":
+        raise EkxError(f"{path}: not an ekx head checkpoint")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, split: Split, what: str) -> None:
+    have = split.identity()
+    bad = [f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
+           for k in ckpt["cache"] if ckpt["cache"].get(k) != have.get(k)]
+    if bad:
+        raise EkxError(f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
+                       "extracted with the same backbone, weights, frames and class lists")
+
+
+def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
+    k = split.feats.shape[2]
+    kwargs = {"dim": int(split.feats.shape[3]), "num_verbs": int(split.attrs["num_verbs"]),
+              "num_nouns": int(split.attrs["num_nouns"]), "frames": cfg.frames or k,
+              "dropout": cfg.dropout, "drop_path": cfg.drop_path}
+    if cfg.frames > k:
+        raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {split.path}")
+    torch.manual_seed(cfg.seed)
+    return heads.create(cfg.head, **kwargs), kwargs
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    kw = dict(ckpt["head_kwargs"])
+    model = heads.create(ckpt["config"]["head"], **kw)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Loaded:
+    """Caches loaded once per process (a sweep shares them across configurations)."""
+
+    train: Split
+    val: Split
+    norm: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+    tails: tuple | None = None
+    unseen: set | None = None
+
+
+def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, unseen=None) -> Loaded:
+    device = resolve_device(device_name)
+    train, val = load_split(train_path, device), load_split(val_path, device)
+    if train.identity() != val.identity():
+        raise EkxError(f"{train_path} and {val_path} come from different extractions: "
+                       f"{train.identity()} vs {val.identity()}")
+    if not train.labelled or not val.labelled:
+        raise EkxError("training needs labelled train and validation caches (the test split has no labels)")
+    mean, std = feature_stats(train)
+    return Loaded(train, val, (mean.to(device), std.to(device)), device, tails, unseen)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    lines = ["# resolved configuration of this run (usable as --config)"]
+    for k, v in asdict(cfg).items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    (run_dir / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    """Train one head; returns the best epoch's metrics. Resumes from last.pt when asked."""
+    device = data.device
+    precision = resolve_precision(cfg.precision, device)
+    model, head_kwargs = build_model(cfg, data.train)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "metrics.jsonl"
+    start, best = 0, -1.0
+    if resume and (run_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        check_compatible(ckpt, data.train, str(run_dir / "last.pt"))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["gen"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start, best = ckpt["epoch"], ckpt["best"]
+        # drop log lines of epochs after the checkpoint (an epoch interrupted after logging)
+        lines = log.read_text().splitlines()[:start] if log.exists() else []
+        log.write_text("".join(line + "\n" for line in lines))
+    else:
+        log.write_text("")
+    write_config(run_dir, cfg)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        train_m = train_one_epoch(model, opt, data.train, data.norm, cfg, epoch, gen, device, precision, on_step)
+        val_m = evaluate(model, data.val, data.norm, cfg, device, precision, data.tails, data.unseen)
+        row = {"epoch": epoch + 1, **train_m, **val_m,
+               "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
+               "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
+        if row["val_action_top1"] > best:
+            best = row["val_action_top1"]
+            save_checkpoint(run_dir / "best.pt", model, opt, cfg, epoch + 1, best, data.norm, data.train,
+                            gen, head_kwargs)
+        save_checkpoint(run_dir / "last.pt", model, opt, cfg, epoch + 1, best, data.norm, data.train, gen, head_kwargs)
+        with log.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if on_epoch:
+            on_epoch(row)
+    rows = read_metrics(run_dir)
+    plot_curves(run_dir, rows)
+    return max(rows, key=lambda r: r["val_action_top1"]) if rows else {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
+    """curves.png: losses and validation accuracies per epoch (needs matplotlib, the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    for key in ("verb", "noun", "action"):
+        b.plot(ep, [r[f"val_{key}_top1"] for r in rows], label=f"val {key} top-1")
+    b.plot(ep, [r["train_action_top1"] for r in rows], "--", label="train action top-1")
+    b.set(xlabel="epoch", ylabel="%", title="accuracy")
+    b.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+def resolve_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """Defaults < --config TOML (top level or a [train] table) < flags."""
+    from ekx.config import tomllib
+
+    values: dict[str, Any] = {}
+    origin = "flags"
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise EkxError(f"{config_file}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise EkxError(f"{config_file}: not valid TOML ({e})") from None
+        values = data.get("train", data)
+        origin = str(config_file)
+    cfg = TrainConfig.from_dict(values, origin)
+    return TrainConfig.from_dict({**asdict(cfg), **{k: v for k, v in flags.items() if v is not None}}, "flags")
+
+
+def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
+    train = Path(cfg.train_features) if cfg.train_features else features_root / cfg.backbone / "train.h5"
+    val = Path(cfg.val_features) if cfg.val_features else features_root / cfg.backbone / "validation.h5"
+    name = cfg.name or f"{cfg.head}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return train, val, runs_root / name
+
+
+def main(cfg: TrainConfig, features_root: Path, runs_root: Path, annotations: Path | None = None,
+         resume: bool = False, on_epoch=None, on_step=None) -> tuple[Path, dict]:
+    """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
+    from ekx.heads.evaluate import subsets
+
+    train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
+    if resume:
+        if not cfg.name:
+            raise EkxError("--resume needs --name of the run to continue")
+        if not (run_dir / "last.pt").is_file():
+            raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
+    elif (run_dir / "metrics.jsonl").is_file():
+        raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+    cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
+    tails, unseen = subsets(annotations, "validation")
+    data = load_data(train_path, val_path, cfg.device, tails, unseen)
+    best = run(cfg, run_dir, data, resume, on_epoch, on_step)
+    return run_dir, best

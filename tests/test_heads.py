@@ -1,0 +1,215 @@
+"""Stage 2: head registry contract, metrics against hand-computed values, training machinery."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_cache
+from ekx import EkxError, heads
+from ekx.cli import app
+from ekx.heads import metrics
+from ekx.heads import train as tr
+from ekx.heads.evaluate import evaluate_run, submission
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", sorted(heads.REGISTRY))
+def test_every_head_keeps_the_contract(name):
+    torch.manual_seed(0)
+    model = heads.create(name, dim=48, num_verbs=97, num_nouns=300, frames=16, dropout=0.3, drop_path=0.1)
+    x = torch.randn(3, 16, 48, requires_grad=True)
+    out = model(x)
+    assert set(out) == {"verb", "noun"}
+    assert out["verb"].shape == (3, 97) and out["noun"].shape == (3, 300)
+    (out["verb"].sum() + out["noun"].sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    model.eval()
+    flipped = model(x.flip(1))["verb"]
+    same = torch.allclose(model(x)["verb"], flipped, atol=1e-5)
+    assert same == (name == "pooling"), "only average pooling may be blind to frame order"
+
+
+def test_duplicate_registration_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        heads.register("lstm")(object)
+    with pytest.raises(EkxError, match="unknown head 'gru'"):
+        heads.create("gru", dim=4, num_verbs=2, num_nouns=2, frames=4)
+
+
+# ---------------------------------------------------------------- metrics, by hand
+
+def test_topk_and_action_scores_by_hand():
+    # 3 segments, 3 verbs, 2 nouns
+    verb = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.15, 0.05, 0.8]]))
+    noun = torch.log(torch.tensor([[0.7, 0.3], [0.45, 0.55], [0.9, 0.1]]))
+    verbs, nouns = torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1])
+    m = metrics.compute(verb, noun, verbs, nouns)
+    assert m["verb_top1"] == pytest.approx(100 / 3)  # only segment 1
+    assert m["noun_top1"] == pytest.approx(100 / 3)  # only segment 0
+    # action scores, segment 0: (0,0)=.42 (1,0)=.21 (0,1)=.18 (1,1)=.09 (2,0)=.07 (2,1)=.03
+    #   truth (1,0) is 2nd -> not top-1, in top-5
+    # segment 1: (1,1)=.275 (1,0)=.225 (2,1)=.165 (2,0)=.135 (0,1)=.11 (0,0)=.09: truth (1,0) 2nd
+    # segment 2: (2,0)=.72 (0,0)=.135 (2,1)=.08 (1,0)=.045 (0,1)=.015 (1,1)=.005: truth (0,1) 5th
+    assert m["action_top1"] == 0.0
+    assert m["action_top5"] == pytest.approx(100.0)
+    assert m["verb_top5"] == 100.0 and m["noun_top5"] == 100.0
+
+
+def test_action_topk_exact_against_the_full_product():
+    torch.manual_seed(0)
+    verb, noun = torch.randn(200, 97), torch.randn(200, 300)
+    verbs, nouns = torch.randint(97, (200,)), torch.randint(300, (200,))
+    full = (verb.softmax(1)[:, :, None] * noun.softmax(1)[:, None, :]).flatten(1)
+    action = verbs * 300 + nouns
+    for k in (1, 5):
+        expect = (full.topk(k, 1).indices == action[:, None]).any(1)
+        assert torch.equal(metrics.action_topk_correct(verb, noun, verbs, nouns, k), expect)
+
+
+def test_tail_and_unseen_subsets_by_hand():
+    verb = torch.eye(4)[[0, 1, 2, 3]] * 5  # predicts verbs 0,1,2,3
+    noun = torch.eye(3)[[0, 1, 2, 0]] * 5  # predicts nouns 0,1,2,0
+    verbs = torch.tensor([0, 1, 3, 3])  # segment 2 wrong verb
+    nouns = torch.tensor([0, 2, 2, 0])  # segment 1 wrong noun
+    m = metrics.compute(verb, noun, verbs, nouns, tail_verbs={3}, tail_nouns={2},
+                        unseen=torch.tensor([False, True, True, False]))
+    assert m["tail_verb_top1"] == pytest.approx(50.0)  # segments 2 (wrong), 3 (right)
+    assert m["tail_noun_top1"] == pytest.approx(50.0)  # segments 1 (wrong), 2 (right)
+    assert m["tail_action_top1"] == pytest.approx(100 / 3)  # segments 1, 2, 3: only 3 right
+    assert m["unseen_verb_top1"] == 50.0 and m["unseen_noun_top1"] == 50.0
+    assert m["unseen_action_top1"] == 0.0
+    assert m["action_top1"] == 50.0
+    assert metrics.overfitting_gap(45.0, 30.0) == 15.0
+
+
+# ---------------------------------------------------------------- training machinery
+
+@pytest.fixture()
+def caches(tmp_path):
+    return (make_cache(tmp_path / "train.h5", n=96, views=2, seed=0),
+            make_cache(tmp_path / "val.h5", n=40, seed=1, split="validation"))
+
+
+def _cfg(caches, **kw) -> tr.TrainConfig:
+    return tr.TrainConfig(**{"head": "lstm", "train_features": str(caches[0]), "val_features": str(caches[1]),
+                             "epochs": 4, "batch_size": 16, "lr": 1e-3, "dropout": 0.1, "frames": 4, **kw})
+
+
+def _metrics(run_dir):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in tr.read_metrics(run_dir)]
+
+
+def test_run_directory_contents_and_reproducibility(caches, tmp_path):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    a, b = tmp_path / "a", tmp_path / "b"
+    tr.run(_cfg(caches), a, data)
+    tr.run(_cfg(caches), b, data)
+    assert {p.name for p in a.iterdir()} >= {"config.toml", "metrics.jsonl", "best.pt", "last.pt", "curves.png"}
+    rows = _metrics(a)
+    assert len(rows) == 4 and rows == _metrics(b)
+    for key in ("train_loss", "val_loss", "val_verb_top1", "val_noun_top5", "val_action_top5", "gap", "lr"):
+        assert key in rows[0]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] or rows[-1]["val_action_top1"] >= rows[0]["val_action_top1"]
+    ckpt = torch.load(a / "best.pt", weights_only=True)
+    assert ckpt["cache"]["backbone"] == "resnet50" and ckpt["cache"]["num_verbs"] == 5
+    assert ckpt["norm"]["mean"].shape == (32,)
+    cfg = tr.resolve_config(a / "config.toml", {})
+    assert cfg == _cfg(caches)
+
+
+def test_resume_equals_an_uninterrupted_run(caches, tmp_path):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    tr.run(_cfg(caches), tmp_path / "full", data)
+    tr.run(_cfg(caches, epochs=2), tmp_path / "part", data)
+    tr.run(_cfg(caches), tmp_path / "part", data, resume=True)
+    assert _metrics(tmp_path / "part") == _metrics(tmp_path / "full")
+
+
+def test_config_file_flags_and_unknown_keys(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 5e-5\nbatch_size = 32\ndropout = 0.6\n")
+    cfg = tr.resolve_config(f, {"batch_size": 8, "head": "transformer"})
+    assert (cfg.lr, cfg.batch_size, cfg.dropout, cfg.head) == (5e-5, 8, 0.6, "transformer")
+    f.write_text("lr = 1e-4\nlabel_smothing = 0.1\n")
+    with pytest.raises(EkxError, match="unknown key.*label_smothing"):
+        tr.resolve_config(f, {})
+    f.write_text("lr = 'fast'\n")
+    with pytest.raises(EkxError, match="'lr' must be float"):
+        tr.resolve_config(f, {})
+
+
+def test_lr_schedule_warms_up_then_restarts():
+    cfg = tr.TrainConfig(lr=1.0, warmup_epochs=2, restart_epochs=4, min_lr_ratio=0.0)
+    assert tr.lr_at(cfg, 1.0) == pytest.approx(0.5)
+    assert tr.lr_at(cfg, 2.0) == pytest.approx(1.0)
+    assert tr.lr_at(cfg, 4.0) == pytest.approx(0.5)
+    assert tr.lr_at(cfg, 6.0) == pytest.approx(1.0)  # warm restart
+    torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=4, T_mult=2)
+    cfg2 = tr.TrainConfig(lr=1.0, warmup_epochs=0, restart_epochs=4, restart_mult=2, min_lr_ratio=0.0)
+    for t in (0.5, 3.0, 5.0, 11.5, 13.0):
+        torch_sched.step(t)
+        assert tr.lr_at(cfg2, t) == pytest.approx(torch_sched.get_last_lr()[0], abs=1e-9)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, monkeypatch):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    real = tr.loss_fn
+    calls = {"n": 0}
+    steps_per_epoch = math.ceil(96 / 16)
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > steps_per_epoch + 2 else loss
+
+    monkeypatch.setattr(tr, "loss_fn", poisoned)
+    with pytest.raises(tr.NonFiniteLoss, match="loss became nan at epoch 2.*last good checkpoint"):
+        tr.run(_cfg(caches), tmp_path / "r", data)
+    ckpt = tr.load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ckpt["epoch"] == 1 and len(tr.read_metrics(tmp_path / "r")) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_incompatible_cache_is_refused(caches, tmp_path):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    tr.run(_cfg(caches, epochs=1), tmp_path / "r", data)
+    other = make_cache(tmp_path / "other.h5", n=8, k=16, seed=2)
+    with pytest.raises(EkxError, match="incompatible.*frames_per_segment: checkpoint 8, cache 16"):
+        evaluate_run(tmp_path / "r", other)
+    effnet = make_cache(tmp_path / "effnet.h5", n=8, seed=2, backbone="efficientnet_b3")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--features", str(effnet)])
+    assert result.exit_code == 1 and "backbone: checkpoint 'resnet50', cache 'efficientnet_b3'" in result.output
+
+
+def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
+    train = make_cache(tmp_path / "train.h5", n=40, num_verbs=97, num_nouns=300, seed=0)
+    val = make_cache(tmp_path / "val.h5", n=20, num_verbs=97, num_nouns=300, seed=1)
+    test = make_cache(tmp_path / "test.h5", n=30, num_verbs=97, num_nouns=300, seed=2, labelled=False, split="test")
+    data = tr.load_data(train, val, "cpu")
+    cfg = tr.TrainConfig(head="pooling", epochs=1, frames=4, train_features=str(train), val_features=str(val))
+    tr.run(cfg, tmp_path / "r", data)
+    out = tmp_path / "sub.json"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--features", str(test), "--submission", str(out)])
+    assert result.exit_code == 0, result.output
+    sub = json.loads(out.read_text())
+    assert {k: sub[k] for k in ("version", "challenge", "sls_pt", "sls_tl", "sls_td")} == {
+        "version": "0.2", "challenge": "action_recognition", "sls_pt": 2, "sls_tl": 3, "sls_td": 4}
+    assert len(sub["results"]) == 30
+    for entry in sub["results"].values():
+        assert list(entry["verb"]) == [str(i) for i in range(97)]
+        assert list(entry["noun"]) == [str(i) for i in range(300)]
+        assert sum(entry["verb"].values()) == pytest.approx(1.0, abs=1e-3)
+    direct = submission(evaluate_run(tmp_path / "r", test))
+    assert json.loads(json.dumps(direct)) == sub
+    # labelled split through the CLI: metrics table and --json
+    js = tmp_path / "m.json"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(js.read_text())["metrics"]) >= {"verb_top1", "noun_top5", "action_top1", "action_top5"}
