@@ -149,7 +149,7 @@ def main() -> None:
     rows = []
     for name, data in make_sources(ROOT / "out").items():
         jobs, segs = jobs_of(data)
-        model = bb.build().eval().to(memory_format=torch.channels_last)
+        model = backbones.fuse_for_inference(bb.build().eval()).to(memory_format=torch.channels_last)
         a, results = decode_only(jobs, bb, args.workers)
         b, _ = backbone_only(model, bb, results, precision, args.batch_size)
         c, _ = end_to_end(data, args.workers, args.batch_size)

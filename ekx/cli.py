@@ -357,8 +357,8 @@ def evaluate(
 @command()
 def demo(
     workdir: Annotated[Optional[Path], typer.Option(help="Workspace to use (default: a new temp dir).")] = None,
-    videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 16,
-    segments: Annotated[int, typer.Option(help="Segments per video.")] = 20,
+    videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 12,
+    segments: Annotated[int, typer.Option(help="Segments per video.")] = 16,
 ):
     """Run the whole pipeline on built-in synthetic data.
 

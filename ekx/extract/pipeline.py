@@ -328,6 +328,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
         warn("--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
              "are for tests and demos, not for real results")
         calibration = _calibrate(model, bb, cfg, plan_all, found, device)
+    model = backbones.fuse_for_inference(model)
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
 
     out = cfg.out or default_out(cfg, features_root)

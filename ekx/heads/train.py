@@ -238,7 +238,8 @@ class Loaded:
 
 def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, unseen=None) -> Loaded:
     device = resolve_device(device_name)
-    train, val = load_split(train_path, device), load_split(val_path, device)
+    train = load_split(train_path, device)
+    val = train if Path(val_path) == Path(train_path) else load_split(val_path, device)
     if train.identity() != val.identity():
         raise EkxError(f"{train_path} and {val_path} come from different extractions: "
                        f"{train.identity()} vs {val.identity()}")

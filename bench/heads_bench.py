@@ -1,0 +1,160 @@
+"""Stage-2 data path and training throughput on a full-scale cache, side by side.
+
+A random cache the size of EPIC-100 train (67,217 x 16 x 2048 float16, 4.1 GiB) is
+written once to bench/out/full.h5. Then, in one run:
+
+  (iii) time to open the cache and load it (one bulk read), and peak memory;
+  (ii)  the data path alone - one pass of batches, no model - ekx (tensor indexing on
+        the in-memory split) vs a naive per-item torch Dataset over h5py + DataLoader;
+  (i)   training time of the lstm and transformer heads fed by ekx vs the same model
+        fed from a pre-built in-memory tensor (pure compute), over the same steps.
+
+Targets: ekx <= 1.1 x pure compute; ekx data path >= 20 x the naive one; peak memory
+<= cache size + 2 GiB. Run: `python bench/heads_bench.py` (~10 minutes here; the
+transformer and the naive loader are timed on a slice of the epoch and extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ekx.cache import store
+from ekx.heads import train as tr
+from ekx.heads.data import make_batch
+
+OUT = Path(__file__).resolve().parent / "out"
+N, K, D = 67_217, 16, 2048
+
+
+def make_full_cache(path: Path) -> None:
+    if path.exists():
+        return
+    print(f"writing a random {N} x {K} x {D} float16 cache to {path} (once) ...", flush=True)
+    rng = np.random.default_rng(0)
+    verbs, nouns = rng.integers(97, size=N), rng.integers(300, size=N)
+    rows = store.Rows([f"P01_01_{i}" for i in range(N)], ["P01_01"] * N, verbs, nouns, np.arange(N))
+    attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": "resnet50", "weights": "none",
+             "feature_dim": D, "frames_per_segment": K, "views": 1, "num_verbs": 97, "num_nouns": 300,
+             "split": "train"}
+    store.create(path, attrs, rows, 1, K, D)
+    with h5py.File(path, "r+") as f:
+        block = 2048
+        for lo in range(0, N, block):
+            n = min(block, N - lo)
+            f["features"][lo:lo + n] = rng.standard_normal((n, 1, K, D), dtype=np.float32).astype(np.float16)
+        f["status"][...] = store.DONE
+
+
+class NaiveDataset(torch.utils.data.Dataset):
+    """What a first script does: one h5py read per item."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, None
+        with h5py.File(path, "r") as f:
+            self.n = f["features"].shape[0]
+            self.verbs, self.nouns = f["verb_class"][...], f["noun_class"][...]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.f is None:
+            self.f = h5py.File(self.path, "r")
+        return torch.from_numpy(self.f["features"][i, 0].astype(np.float32)), int(self.verbs[i]), int(self.nouns[i])
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ekx_data_pass(split, norm, batch: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
+    t0 = time.perf_counter()
+    for i in range(0, len(perm), batch):
+        make_batch(split, perm[i:i + batch], K, True, gen, *norm, torch.device("cpu"))
+    return len(perm) / (time.perf_counter() - t0)
+
+
+def naive_data_pass(path: Path, batch: int, items: int, workers: int) -> float:
+    ds = torch.utils.data.Subset(NaiveDataset(path), torch.randperm(N)[:items].tolist())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    return items / (time.perf_counter() - t0)
+
+
+def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[float, float]:
+    """(ekx samples/s, pure-compute samples/s) over the same number of steps."""
+    cfg = tr.TrainConfig(head=head, batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision="auto")
+    device, precision = data.device, tr.resolve_precision("auto", data.device)
+    sub = dataclasses.replace(data.train, rows=data.train.rows[:samples])
+    model, _ = tr.build_model(cfg, sub)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    tr.train_one_epoch(model, opt, dataclasses.replace(sub, rows=sub.rows[:batch * 3]), data.norm, cfg, 0, gen,
+                       device, precision)  # warm-up
+    t0 = time.perf_counter()
+    tr.train_one_epoch(model, opt, sub, data.norm, cfg, 0, gen, device, precision)
+    ekx = samples / (time.perf_counter() - t0)
+    # pure compute: one pre-built standardised batch, reused; same model, loss and optimiser steps
+    x = make_batch(sub, sub.rows[:batch], K, True, gen, *data.norm, device)
+    yv, yn = sub.verbs[sub.rows[:batch]], sub.nouns[sub.rows[:batch]]
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(samples // batch):
+        with tr.autocast(device, precision):
+            out = model(x)
+        loss = tr.loss_fn(out, yv, yn, 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    pure = (samples // batch) * batch / (time.perf_counter() - t0)
+    return ekx, pure
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lstm-samples", type=int, default=12_000)
+    ap.add_argument("--transformer-samples", type=int, default=1_200)
+    ap.add_argument("--naive-items", type=int, default=6_000)
+    ap.add_argument("--batch-size", type=int, default=24)
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "full.h5"
+    make_full_cache(path)
+    size = path.stat().st_size / 2**30
+    base = peak_gib()
+    t0 = time.perf_counter()
+    data = tr.load_data(path, path, "auto")  # the same file as train and val: the val split is not used here
+    load_s = time.perf_counter() - t0
+    peak = peak_gib()
+    print(f"(iii) open + bulk load + feature statistics of {size:.2f} GiB: {load_s:.1f} s "
+          f"({size / load_s:.2f} GiB/s incl. statistics); peak RSS {peak:.2f} GiB "
+          f"(before load {base:.2f} GiB; target <= cache + 2 = {size + 2:.1f} GiB)", flush=True)
+    ekx_rate = ekx_data_pass(data.train, data.norm, args.batch_size)
+    naive_rate = naive_data_pass(path, args.batch_size, args.naive_items, 2)
+    print(f"(ii) data path, samples/s: ekx {ekx_rate:,.0f}; naive Dataset+h5py+DataLoader(2 workers) "
+          f"{naive_rate:,.0f} (on {args.naive_items} items); ratio {ekx_rate / naive_rate:.0f}x "
+          f"(target >= 20x); epoch of batches: ekx {N / ekx_rate:.1f} s vs naive {N / naive_rate:.0f} s", flush=True)
+    print("(i) training, samples/s (epoch time extrapolated to 67,217 samples):")
+    print("| head | samples timed | ekx | pure compute | ekx / pure time | ekx epoch |")
+    print("|---|---|---|---|---|---|")
+    for head, samples in (("lstm", args.lstm_samples), ("transformer", args.transformer_samples)):
+        ekx, pure = train_speed(head, data, samples, args.batch_size)
+        print(f"| {head} | {samples} | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} | {N / ekx / 60:.1f} min |", flush=True)
+    print(f"peak RSS over the whole run: {peak_gib():.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
