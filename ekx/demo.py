@@ -53,9 +53,10 @@ def comparison_table(rows: list[dict], title: str) -> Table:
     from rich import box
 
     table = Table("head", "params", "train", "val", "gap", "verb", "noun", "action", "order", "ep",
-                  title=title, box=box.SIMPLE_HEAD, caption="train/val = action top-1 (the seed's acc); "
+                  title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption="train/val = action top-1 (the seed's acc); "
                   "verb/noun/action = val top-1; order = direction right on time-reversed verbs")
-    table.columns[0].no_wrap = True
+    for col in table.columns:
+        col.no_wrap = True
     for r in sorted(rows, key=lambda r: -r["val_action_top1"]):
         table.add_row(r["head"], f"{r['params'] / 1e6:.2f}M", f"{r['train_action_top1']:.1f}",
                       f"{r['val_action_top1']:.1f}", f"{r['gap']:+.1f}", f"{r['val_verb_top1']:.1f}",
