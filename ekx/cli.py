@@ -355,6 +355,123 @@ def evaluate(
 
 
 @command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
+    jobs: Annotated[int, typer.Option(help="Configurations trained at once (processes sharing the memory-mapped cache).")] = 1,
+    index: Annotated[Optional[int], typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone whose caches to use.")] = "resnet50",
+    train_features: Annotated[Optional[Path], typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")] = None,
+    val_features: Annotated[Optional[Path], typer.Option(help="Validation cache (default <features>/<backbone>/validation.h5).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE applied to every configuration (repeatable), e.g. --set epochs=2.")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Print the numbered configurations and exit.")] = False,
+    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None, device: DeviceOpt = None,
+):
+    """Train every configuration of a sweep file on caches loaded once; resumable.
+
+    Example: ekx sweep configs/sweeps/phase2.toml --jobs 2
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ekx.heads import sweep as sw
+    from ekx.heads.evaluate import subsets
+
+    ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
+    configs = sw.apply_overrides(sw.load(file), set_ or [])
+    if list_only:
+        for sc in configs:
+            over = {k: v for k, v in sc.overrides.items() if k != "name"}
+            console.print(f"{sc.index:3d}  {sc.name:<12} {over}", highlight=False, soft_wrap=True)
+        return
+    if index is not None:
+        if not 0 <= index < len(configs):
+            raise EkxError(f"--index {index}: {file} has configurations 0..{len(configs) - 1}")
+        configs = [configs[index]]
+    sweep_dir = ws.runs / (name or file.stem)
+    train_p = train_features or ws.features / backbone / "train.h5"
+    val_p = val_features or ws.features / backbone / "validation.h5"
+    tails, unseen = subsets(ws.annotations, "validation")
+    columns = [TextColumn("{task.description:<28}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console) as bar:
+        overall = bar.add_task("[bold]sweep", total=len(configs), status="")
+        tasks = {sc.name: bar.add_task(sc.name[:28], total=sc.cfg.epochs, status="waiting") for sc in configs}
+        best: dict[str, float] = {}
+
+        def on_event(kind, sc, row):
+            t = tasks[sc.name]
+            if kind == "epoch":
+                best[sc.name] = max(best.get(sc.name, 0.0), row["val_action_top1"])
+                bar.update(t, completed=row["epoch"], status=f"best val action {best[sc.name]:.1f}")
+            elif kind == "start":
+                bar.update(t, status="training")
+            elif kind in ("done", "skipped"):
+                bar.update(t, completed=sc.cfg.epochs,
+                           status=f"{kind}: best val action {row.get('val_action_top1', 0):.1f}")
+                bar.advance(overall)
+            elif kind == "failed":
+                bar.update(t, status=f"[red]failed[/red]: {row['error'][:60]}")
+                bar.advance(overall)
+
+        results = sw.run_sweep(configs, sweep_dir, train_p, val_p, ws.device, jobs, tails, unseen, on_event)
+    failed = {n: r for n, r in results.items() if r["status"] == "failed"}
+    console.print(f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
+                  f"(compare: ekx compare {sweep_dir})")
+    for n, r in failed.items():
+        err_console.print(f"[red]failed[/red] {n}: {r['error']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@command()
+def split(
+    out: Annotated[Path, typer.Argument(help="Directory for the new EPIC_100_train/validation CSVs.")],
+    fraction: Annotated[float, typer.Option(help="Share of the segments held out.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Same seed, same split.")] = 0,
+    annotations: AnnotationsOpt = None,
+):
+    """Hold out part of the training annotations by video (the seed's true validation set).
+
+    Example: ekx split data/annotations-holdout --fraction 0.15 && ekx extract --annotations data/annotations-holdout
+    """
+    from ekx.split import write_split
+
+    ws = workspace(annotations=annotations)
+    r = write_split(ws.annotations, out, fraction, seed)
+    console.print(f"held out {r['segments']} segments from {r['videos']} videos ({r['train_segments']} left to train); "
+                  f"verb-distribution distance {r['verb_tv_distance']:.3f} -> {out}")
+
+
+@command()
+def compare(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUNS...", help="Run directories or sweep directories.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
+):
+    """The seed's model-comparison table, sorted by validation action top-1; Markdown and CSV.
+
+    Example: ekx compare runs/phase2 --plot phase2.png
+    """
+    from ekx.heads import compare as cmp
+
+    rows = cmp.collect(runs_)
+    table = Table(*[c for c, _ in cmp.COLUMNS], title="model comparison (best epoch by val action top-1)")
+    for r in cmp.table_rows(rows):
+        table.add_row(*r)
+    console.print(table)
+    base = out or (Path(runs_[0]) if Path(runs_[0]).is_dir() and not (Path(runs_[0]) / "metrics.jsonl").is_file()
+                   else Path(runs_[0]).parent) / "comparison"
+    base.with_suffix(".md").write_text(cmp.markdown(rows))
+    base.with_suffix(".csv").write_text(cmp.to_csv(rows))
+    console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")
+    if plot:
+        console.print(f"-> {cmp.plot(rows, plot)}")
+    top = rows[0]
+    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:\n"
+                  f"  {cmp.reproduce_command(top)}")
+
+
+@command()
 def demo(
     workdir: Annotated[Optional[Path], typer.Option(help="Workspace to use (default: a new temp dir).")] = None,
     videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 12,

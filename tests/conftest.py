@@ -62,3 +62,16 @@ def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 3
     w.write([(i, feats[i].astype(np.float16), np.arange(k)) for i in range(n)], [])
     w.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory):
+    """`ekx demo` run once through the CLI: (workdir, CLI result). Its synthetic data,
+    resnet50 caches and four runs are shared by the tests that need real extracted data."""
+    from typer.testing import CliRunner
+
+    from ekx.cli import app
+
+    workdir = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir)], terminal_width=200)
+    return workdir, result

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from ekx.cli import app
 from ekx.demo import reversal_scores
 from ekx.heads.data import load_split
 from ekx.heads.evaluate import evaluate_run
 
-runner = CliRunner()
-
 
 @pytest.mark.slow
-def test_demo_runs_and_order_aware_heads_separate_reversed_verbs(tmp_path):
-    result = runner.invoke(app, ["demo", "--workdir", str(tmp_path)], terminal_width=200)
+def test_demo_runs_and_order_aware_heads_separate_reversed_verbs(demo_workspace):
+    tmp_path, result = demo_workspace
     assert result.exit_code == 0, result.output
     assert "model comparison" in result.output
     val = tmp_path / "features" / "resnet50" / "validation.h5"

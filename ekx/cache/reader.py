@@ -42,16 +42,19 @@ class Cache:
     def features(self, mmap: bool = False) -> np.ndarray:
         """All rows' features [N, V, K, D] float16 (pending/failed rows hold garbage: use .done).
 
-        One bulk read into memory; or, with mmap=True, a read-only memory map of the file
-        (chunks of an ekx cache are allocated in row order, so the dataset is one
-        contiguous run of bytes) - pages are read when touched, shared between processes.
+        Chunks of an ekx cache are allocated in row order at creation, so the dataset is one
+        contiguous run of bytes: it is read with one sequential read (h5py's chunk-by-chunk
+        read_direct manages ~0.27 GiB/s on 67k chunks here), or with mmap=True mapped
+        read-only - pages are read when touched and shared between processes. Files whose
+        chunks are not contiguous fall back to h5py.
         """
         with h5py.File(self.path, "r") as f:
             dset = f["features"]
-            if mmap:
-                offset = _contiguous_offset(dset)
-                if offset is not None:
-                    return np.memmap(self.path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+            offset = _contiguous_offset(dset) if dset.size else None
+            if offset is not None and mmap:
+                return np.memmap(self.path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+            if offset is not None:
+                return np.fromfile(self.path, dtype=dset.dtype, count=dset.size, offset=offset).reshape(dset.shape)
             out = np.empty(dset.shape, dset.dtype)
             if out.size:
                 dset.read_direct(out)

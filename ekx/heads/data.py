@@ -8,6 +8,7 @@ index, never by copying the array.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
     if len(rows) == 0:
         raise EkxError(f"{path}: no extracted segments (status done); finish `ekx extract` first")
     array = cache.features(mmap=mmap)
-    feats = torch.from_numpy(np.asarray(array)) if not mmap else torch.from_numpy(array)
+    with warnings.catch_warnings():  # a read-only memory map: ekx never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        feats = torch.from_numpy(array)
     if _fits_on(device, feats.numel() * 2):
         feats = feats.to(device)
     return Split(Path(path), feats, torch.from_numpy(rows), torch.from_numpy(cache.verb_class.astype(np.int64)),
@@ -64,17 +67,23 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
                  cache.attrs)
 
 
-def feature_stats(split: Split, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std over the split's done rows (all views and frames),
-    accumulated in float64 chunk by chunk so no float32 copy of the whole split exists."""
+def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the split (all views and frames) in float64 sums.
+
+    Beyond ``max_rows`` segments an evenly spaced subset is used: 16k segments x K frames
+    pin every dimension's statistics far below their spread, and the full 67k x 16 x 2048
+    pass would cost more than an epoch of batches (measured in bench/heads_bench.py)."""
     d = split.feats.shape[-1]
+    rows = split.rows
+    if len(rows) > max_rows:
+        rows = rows[torch.linspace(0, len(rows) - 1, max_rows).long()]
     s = torch.zeros(d, dtype=torch.float64, device=split.feats.device)
     ss = torch.zeros_like(s)
     n = 0
-    for i in range(0, len(split.rows), chunk):
-        x = split.feats[split.rows[i:i + chunk].to(split.feats.device)].reshape(-1, d).double()
-        s += x.sum(0)
-        ss += (x * x).sum(0)
+    for i in range(0, len(rows), chunk):
+        x = split.feats[rows[i:i + chunk].to(split.feats.device)].reshape(-1, d).float()
+        s += x.sum(0, dtype=torch.float64)
+        ss += (x * x).sum(0, dtype=torch.float64)
         n += len(x)
     mean = s / n
     std = (ss / n - mean * mean).clamp_min(0).sqrt()
@@ -93,14 +102,19 @@ def positions(k: int, t: int, batch: int, train: bool, gen: torch.Generator | No
     return pos.floor().long().clamp_(0, k - 1)
 
 
-def make_batch(split: Split, idx: torch.Tensor, t: int, train: bool, gen: torch.Generator | None,
+def draw(split: Split, n: int, t: int, train: bool, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view [n, 1], positions [n, T]) for n samples - drawn for a whole epoch at once, so a
+    training step only slices them: random view and jittered positions at training, view 0
+    and centre positions at evaluation."""
+    _, v, k, _ = split.feats.shape
+    view = torch.randint(v, (n, 1), generator=gen) if train and v > 1 else torch.zeros(n, 1, dtype=torch.long)
+    return view, positions(k, t, n, train, gen)
+
+
+def make_batch(split: Split, idx: torch.Tensor, view: torch.Tensor, pos: torch.Tensor,
                mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Standardised float32 [B, T, D] on the device for rows ``idx``."""
-    _, v, k, d = split.feats.shape
-    b = len(idx)
-    view = torch.randint(v, (b,), generator=gen) if train and v > 1 else torch.zeros(b, dtype=torch.long)
-    pos = positions(k, t, b, train, gen)
+    """Standardised float32 [B, T, D] on the device for rows ``idx``: one gather of exactly
+    the B x T frames needed (view and time picked in the same indexing op), then in place."""
     dev = split.feats.device
-    x = split.feats[idx.to(dev), view.to(dev)]  # [B, K, D]
-    x = x.gather(1, pos.to(dev)[:, :, None].expand(-1, -1, d))
-    return (x.to(device, non_blocking=True).float() - mean) / std
+    x = split.feats[idx.to(dev)[:, None], view.to(dev), pos.to(dev)]  # [B, T, D] float16
+    return x.to(device, non_blocking=True).float().sub_(mean).div_(std)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ekx import EkxError, heads
 from ekx.extract.pipeline import autocast, resolve_device, resolve_precision
 from ekx.heads import metrics
-from ekx.heads.data import Split, feature_stats, load_split, make_batch
+from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 
 
 def _opt(default, help: str):
@@ -110,13 +110,15 @@ def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int
     model.train()
     t_frames = cfg.frames or split.feats.shape[2]
     perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
+    views, pos = draw(split, len(perm), t_frames, True, gen)
     steps = math.ceil(len(perm) / cfg.batch_size)
     total_loss, correct, seen = 0.0, {"verb": 0, "noun": 0, "action": 0}, 0
     for step in range(steps):
-        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        idx = perm[sl]
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch + step / steps)
-        x = make_batch(split, idx, t_frames, True, gen, *norm, device)
+        x = make_batch(split, idx, views[sl], pos[sl], *norm, device)
         yv, yn = split.verbs[idx].to(device), split.nouns[idx].to(device)
         with autocast(device, precision):
             out = model(x)
@@ -147,10 +149,11 @@ def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> t
     model.eval()
     t_frames = cfg.frames or split.feats.shape[2]
     verb, noun = [], []
+    views, pos = draw(split, cfg.eval_batch_size, t_frames, False, None)
     for i in range(0, len(split.rows), cfg.eval_batch_size):
         idx = split.rows[i:i + cfg.eval_batch_size]
         with autocast(device, precision):
-            out = model(make_batch(split, idx, t_frames, False, None, *norm, device))
+            out = model(make_batch(split, idx, views[:len(idx)], pos[:len(idx)], *norm, device))
         verb.append(out["verb"].float().cpu())
         noun.append(out["noun"].float().cpu())
     return torch.cat(verb), torch.cat(noun)

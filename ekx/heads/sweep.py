@@ -1,0 +1,260 @@
+"""Sweep files and `ekx sweep`: many configurations on caches loaded once.
+
+A sweep file (TOML) has up to four parts; every key is a TrainConfig key:
+
+    [base]                      # shared by every configuration
+    head = "transformer"
+    epochs = 20
+
+    [[config]]                  # explicit configurations (phase2.toml: the seed's eight)
+    name = "config1"
+    lr = 5e-5
+
+    [grid]                      # cartesian product of lists
+    head = ["lstm", "transformer"]
+    lr = [1e-4, 3e-4]
+
+    [random]                    # random search
+    trials = 8
+    seed = 0
+    lr = { log_uniform = [1e-5, 1e-3] }
+    dropout = { uniform = [0.3, 0.6] }
+    batch_size = { choice = [16, 24, 32] }
+
+Configurations are numbered in that order (explicit, grid, random), deterministically,
+so `--index I` (one SLURM array task) picks the same one everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import multiprocessing as mp
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ekx import EkxError
+from ekx.config import tomllib
+from ekx.heads.train import TrainConfig
+
+SECTIONS = ("base", "config", "grid", "random")
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
+
+
+@dataclass
+class SweepConfig:
+    index: int
+    name: str
+    cfg: TrainConfig
+    overrides: dict[str, Any]  # what differs from [base]
+
+
+def _check_keys(values: dict, where: str, extra: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(values) - set(TrainConfig.keys()) - set(extra))
+    if unknown:
+        raise EkxError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.keys())}")
+
+
+def _sample(spec: Any, key: str, rng: np.random.Generator, where: str) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise EkxError(f"{where}: '{key}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, "
+                       f"got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return args[int(rng.integers(len(args)))]
+    lo, hi = args
+    if kind == "uniform":
+        return float(rng.uniform(lo, hi))
+    if kind == "log_uniform":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return int(rng.integers(lo, hi + 1))
+
+
+def _name(i: int, over: dict) -> str:
+    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in over.items() if k != "name"]
+    return f"{i:03d}-" + ("_".join(parts) or "base").replace("/", "-")
+
+
+def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
+    """The ordered list of configurations of a parsed sweep file."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise EkxError(f"{where}: unknown section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
+    base = dict(data.get("base", {}))
+    _check_keys(base, f"{where} [base]")
+    overrides: list[dict] = []
+    for j, c in enumerate(data.get("config", [])):
+        _check_keys(c, f"{where} [[config]] #{j + 1}", ("name",))
+        overrides.append(dict(c))
+    grid = data.get("grid", {})
+    _check_keys(grid, f"{where} [grid]")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise EkxError(f"{where} [grid]: '{k}' must be a non-empty list")
+    if grid:
+        keys = list(grid)
+        overrides += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    rand = dict(data.get("random", {}))
+    if rand:
+        trials, seed = rand.pop("trials", None), rand.pop("seed", 0)
+        if not isinstance(trials, int) or trials < 1:
+            raise EkxError(f"{where} [random]: 'trials' must be a positive integer")
+        _check_keys(rand, f"{where} [random]")
+        rng = np.random.default_rng(seed)
+        overrides += [{"name": f"{len(overrides) + t:03d}-random{t:02d}",
+                       **{k: _sample(spec, k, rng, f"{where} [random]") for k, spec in rand.items()}}
+                      for t in range(trials)]
+    if not overrides:
+        overrides = [{}]
+    out = []
+    for i, over in enumerate(overrides):
+        values = {**base, **{k: v for k, v in over.items() if k != "name"}}
+        name = over.get("name") or _name(i, {k: v for k, v in over.items()})
+        cfg = TrainConfig.from_dict({**values, "name": name}, f"{where} configuration {i} ({name})")
+        out.append(SweepConfig(i, name, cfg, over))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise EkxError(f"{where}: configuration names repeat; give each [[config]] a unique name")
+    return out
+
+
+def apply_overrides(configs: list[SweepConfig], settings: list[str]) -> list[SweepConfig]:
+    """`--set KEY=VALUE` (TOML values) on every configuration, e.g. a quick `--set epochs=2`."""
+    values = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise EkxError(f"--set {item!r}: expected KEY=VALUE, e.g. epochs=2")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = text.strip()  # a bare string
+    _check_keys(values, "--set")
+    return [SweepConfig(sc.index, sc.name, TrainConfig.from_dict({**asdict(sc.cfg), **values}, f"--set ({sc.name})"),
+                        sc.overrides) for sc in configs]
+
+
+def load(path: Path) -> list[SweepConfig]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EkxError(f"{path}: sweep file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EkxError(f"{path}: not valid TOML ({e})") from None
+    return expand(data, str(path))
+
+
+# ---------------------------------------------------------------- running
+
+def is_finished(run_dir: Path, cfg: TrainConfig) -> bool:
+    done = run_dir / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("epochs") == cfg.epochs
+
+
+def _run_one(sc: SweepConfig, run_dir: Path, data, on_epoch=None) -> dict:
+    from ekx.heads import train as tr
+
+    cfg = TrainConfig.from_dict({**asdict(sc.cfg), "train_features": str(data.train.path),
+                                 "val_features": str(data.val.path)}, sc.name)
+    resume = (run_dir / "last.pt").is_file()
+    best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
+    (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best}))
+    return best
+
+
+def run_sweep(configs: list[SweepConfig], sweep_dir: Path, train_path: Path, val_path: Path, device: str,
+              jobs: int = 1, tails=None, unseen=None,
+              on_event: Callable[[str, SweepConfig, dict], None] | None = None) -> dict[str, dict]:
+    """Run every unfinished configuration; returns {name: {"status": ..., "best"/"error": ...}}.
+
+    With jobs == 1 the caches are loaded once in this process and shared by every run.
+    With jobs > 1, worker processes each memory-map the cache (the OS shares the pages).
+    """
+    results: dict[str, dict] = {}
+    todo = []
+    for sc in configs:
+        if is_finished(sweep_dir / sc.name, sc.cfg):
+            results[sc.name] = {"status": "skipped", "best": json.loads((sweep_dir / sc.name / "done.json").read_text())["best"]}
+            if on_event:
+                on_event("skipped", sc, results[sc.name]["best"])
+        else:
+            todo.append(sc)
+    if not todo:
+        return results
+    if jobs <= 1:
+        from ekx.heads import train as tr
+
+        data = tr.load_data(train_path, val_path, device, tails, unseen)
+        for sc in todo:
+            if on_event:
+                on_event("start", sc, {})
+            try:
+                best = _run_one(sc, sweep_dir / sc.name, data,
+                                on_epoch=(lambda row, sc=sc: on_event("epoch", sc, row)) if on_event else None)
+                results[sc.name] = {"status": "done", "best": best}
+                if on_event:
+                    on_event("done", sc, best)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the sweep
+                results[sc.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                if on_event:
+                    on_event("failed", sc, results[sc.name])
+        return results
+    ctx = mp.get_context("spawn")
+    events = ctx.Manager().Queue()
+    with ctx.Pool(jobs, initializer=_worker_init, initargs=(str(train_path), str(val_path), device, tails, unseen,
+                                                             events, jobs)) as pool:
+        pending = {sc.name: pool.apply_async(_worker_run, (sc, str(sweep_dir / sc.name))) for sc in todo}
+        by_name = {sc.name: sc for sc in todo}
+        while pending:
+            _drain(events, by_name, on_event)
+            for name in [n for n, r in pending.items() if r.ready()]:
+                results[name] = pending.pop(name).get()
+                _drain(events, by_name, on_event)
+                if on_event:
+                    on_event(results[name]["status"], by_name[name], results[name].get("best", results[name]))
+            if pending:
+                next(iter(pending.values())).wait(0.2)
+    return results
+
+
+def _drain(events, by_name, on_event) -> None:
+    while not events.empty():
+        kind, name, row = events.get()
+        if on_event:
+            on_event(kind, by_name[name], row)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(train_path, val_path, device, tails, unseen, events, jobs) -> None:
+    import torch
+
+    from ekx.heads import train as tr
+    from ekx.heads.data import load_split
+
+    torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // jobs))
+    dev = tr.resolve_device(device)
+    train = load_split(Path(train_path), dev, mmap=True)
+    val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
+    from ekx.heads.data import feature_stats
+
+    mean, std = feature_stats(train)
+    _WORKER.update(data=tr.Loaded(train, val, (mean.to(dev), std.to(dev)), dev, tails, unseen), events=events)
+
+
+def _worker_run(sc: SweepConfig, run_dir: str) -> dict:
+    events = _WORKER["events"]
+    events.put(("start", sc.name, {}))
+    try:
+        best = _run_one(sc, Path(run_dir), _WORKER["data"], on_epoch=lambda row: events.put(("epoch", sc.name, row)))
+        return {"status": "done", "best": best}
+    except Exception as e:  # noqa: BLE001
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
