@@ -28,6 +28,8 @@ app = typer.Typer(help="ekx: EPIC-KITCHENS-100 action recognition on cached back
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 cache_app = typer.Typer(help="Inspect, check and join feature caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+slurm_app = typer.Typer(help="Submit sharded extraction or sweeps to a SLURM cluster.", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,25 +48,30 @@ DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto, cpu or cuda[:N].", show_default=False)]
 
 
-def command(target: typer.Typer = app, name: str | None = None):
+def command_body(fn):
+    """Wrap a function so its errors become one red line and exit code 1."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/red]: everything written so far is kept")
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the one place errors meet the user
+            if _state["debug"]:
+                raise
+            msg = str(e) if isinstance(e, EkxError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+            err_console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    return run
+
+
+def command(target: typer.Typer = app, name: str | None = None, **settings):
     """Register a command whose errors become one red line and exit code 1."""
     def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (typer.Exit, typer.Abort):
-                raise
-            except KeyboardInterrupt:
-                err_console.print("[red]interrupted[/red]: everything written so far is kept")
-                raise typer.Exit(130) from None
-            except Exception as e:  # noqa: BLE001 - the one place errors meet the user
-                if _state["debug"]:
-                    raise
-                msg = str(e) if isinstance(e, EkxError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
-                err_console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-        return target.command(name=name)(run)
+        return target.command(name=name, **settings)(command_body(fn))
     return wrap
 
 
@@ -469,6 +476,72 @@ def compare(
     top = rows[0]
     console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:\n"
                   f"  {cmp.reproduce_command(top)}")
+
+
+PartitionOpt = Annotated[Optional[str], typer.Option(help="SLURM partition.", show_default=False)]
+GpusOpt = Annotated[Optional[int], typer.Option(help="GPUs per task (--gres=gpu:N).", show_default=False)]
+TimeOpt = Annotated[Optional[str], typer.Option(help="Time limit per task, e.g. 4:00:00.", show_default=False)]
+MemOpt = Annotated[Optional[str], typer.Option(help="Memory per task, e.g. 32G.", show_default=False)]
+CpusOpt = Annotated[Optional[int], typer.Option(help="CPUs per task.", show_default=False)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the sbatch commands instead of submitting.")]
+ScriptsOpt = Annotated[Optional[Path], typer.Option(help="Folder of the job files (default: the repository's slurm/).", show_default=False)]
+LogsOpt = Annotated[Optional[Path], typer.Option(help="Folder for the jobs' output files (default: the submit directory).", show_default=False)]
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _print_submission(result: dict, dry_run: bool, names: tuple[str, str]) -> None:
+    from ekx.slurm import show
+
+    if dry_run:
+        for argv in result["commands"]:
+            console.print(show(argv), highlight=False, soft_wrap=True)
+        return
+    console.print(f"submitted {names[0]} array job {result['array']} and {names[1]} job {result[names[1]]} "
+                  f"(afterwards: squeue -j {result['array']},{result[names[1]]})", highlight=False)
+
+
+@command(slurm_app, "extract", context_settings=EXTRA)
+def slurm_extract(
+    ctx: typer.Context,
+    backbone: Annotated[str, typer.Option(help="Backbone to extract.")] = "resnet50",
+    split: Annotated[str, typer.Option(help="train, validation, test or a CSV.")] = "train",
+    shards: Annotated[int, typer.Option(help="Array tasks N (each extracts shard I/N).")] = 4,
+    partition: PartitionOpt = None, gpus: GpusOpt = None, time_limit: Annotated[Optional[str], typer.Option("--time", help="Time limit per task, e.g. 4:00:00.", show_default=False)] = None,
+    mem: MemOpt = None, cpus: CpusOpt = None, dry_run: DryRunOpt = False, scripts: ScriptsOpt = None,
+    logs: LogsOpt = None, annotations: AnnotationsOpt = None, videos: VideosOpt = None, features: FeaturesOpt = None,
+):
+    """Submit sharded extraction as an array job plus the dependent merge; extra flags go to ekx extract.
+
+    Example: ekx slurm extract --backbone resnet50 --split train --shards 8 --partition gpu --gpus 1 --weights DEFAULT
+    """
+    from ekx.slurm import Resources, submit_extract
+
+    ws = workspace(annotations=annotations, videos=videos, features=features)
+    result = submit_extract(backbone, split, shards, list(ctx.args), ws.annotations, ws.videos, ws.features,
+                            Resources(partition, gpus, time_limit, mem, cpus), dry_run, scripts, logs)
+    _print_submission(result, dry_run, ("extract", "merge"))
+    if not dry_run:
+        console.print(f"merged cache when done: {result['out']}")
+
+
+@command(slurm_app, "sweep", context_settings=EXTRA)
+def slurm_sweep(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A sweep TOML file.")],
+    partition: PartitionOpt = None, gpus: GpusOpt = None, time_limit: Annotated[Optional[str], typer.Option("--time", help="Time limit per task, e.g. 4:00:00.", show_default=False)] = None,
+    mem: MemOpt = None, cpus: CpusOpt = None, dry_run: DryRunOpt = False, scripts: ScriptsOpt = None,
+    logs: LogsOpt = None, runs: RunsOpt = None,
+):
+    """Submit one array task per sweep configuration plus the dependent compare; extra flags go to ekx sweep.
+
+    Example: ekx slurm sweep configs/sweeps/phase2.toml --partition gpu --gpus 1 --time 2:00:00
+    """
+    from ekx.slurm import Resources, submit_sweep
+
+    ws = workspace(runs=runs)
+    result = submit_sweep(file, list(ctx.args), Resources(partition, gpus, time_limit, mem, cpus), dry_run,
+                          scripts, ws.runs, logs)
+    _print_submission(result, dry_run, ("sweep", "compare"))
 
 
 @command()

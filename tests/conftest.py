@@ -75,3 +75,19 @@ def demo_workspace(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir)], terminal_width=200)
     return workdir, result
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running SLURM cluster (.ci/run starts one with slurm/cluster.sh); skip, saying how, if none."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        pytest.skip("SLURM is not installed here: `slurm/cluster.sh start` (root, Debian) installs and starts "
+                    "a one-node cluster; .ci/run does it in CI")
+    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if res.returncode != 0 or not any(s.strip() in ("idle", "mix", "alloc") for s in res.stdout.split()):
+        pytest.skip(f"no SLURM cluster answers (sinfo: {(res.stderr or res.stdout).strip()[:120]}); start one with "
+                    "`slurm/cluster.sh start` and export SLURM_CONF as it prints")
+    return True

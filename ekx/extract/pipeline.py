@@ -10,6 +10,7 @@ the compute path. Re-running the same command resumes: done rows are skipped.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import signal
 import threading
@@ -192,6 +193,10 @@ def _worker_init(_):
     # Ctrl-C goes to the whole process group: the main process handles it, workers just stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    # Decoding yields to the backbone: when workers and the backbone's threads compete
+    # for the same cores, a descheduled compute thread stalls the others at every
+    # parallel barrier; at lower priority the decoder fills the idle gaps instead.
+    os.nice(10)
     try:  # Linux: die with the main process, even when it is SIGKILLed
         import ctypes
 

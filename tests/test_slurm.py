@@ -1,0 +1,102 @@
+"""The job files against a real one-node SLURM cluster (slurm/cluster.sh; .ci/run starts it)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_cache
+from ekx import epic
+from ekx.cache.reader import open_cache
+from ekx.cli import app
+from ekx.extract.pipeline import ExtractConfig, extract
+from ekx.slurm import Resources, submit_extract, submit_sweep
+
+pytestmark = pytest.mark.slurm
+runner = CliRunner()
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    states = {f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")}
+    if not states:
+        return "GONE"
+    for s in ("FAILED", "CANCELLED", "RUNNING", "PENDING", "CONFIGURING", "COMPLETING"):
+        if s in states:
+            return s
+    return states.pop()
+
+
+def wait(job: str, timeout: float = 600) -> str:
+    """Poll scontrol (no accounting here, so no sacct) until the job (all its array tasks) ends."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job)
+        if state not in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s")
+
+
+def test_sharded_extraction_merges_to_the_single_process_cache(slurm_cluster, synth_data, tmp_path):
+    extra = ["--weights", "none", "--frames", "2", "--workers", "1", "--batch-size", "2", "--limit", "10"]
+    result = submit_extract("resnet50", "train", 2, extra, synth_data / "annotations", synth_data / "videos",
+                            tmp_path / "features", Resources(cpus=1), log_dir=tmp_path / "logs")
+    assert wait(result["merge"]) == "COMPLETED", list((tmp_path / "logs").glob("*"))
+    for i in range(2):
+        assert (tmp_path / "features" / "resnet50" / f"train.shard{i}of2.h5").is_file()
+    single = tmp_path / "single.h5"
+    extract(ExtractConfig(split="train", weights="none", frames=2, workers=1, batch_size=2, limit=10, out=single),
+            synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    merged, ref = open_cache(result["out"]), open_cache(single)
+    assert merged.narration_id == ref.narration_id and merged.counts()["done"] == 10
+    np.testing.assert_array_equal(merged.features(), ref.features())
+
+
+def test_a_failed_shard_cancels_the_merge_and_says_why(slurm_cluster, synth_data, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    found = epic.index_videos(synth_data / "videos")
+    for vid, path in found.items():
+        if vid != "P02_01":  # one video missing: the shard holding it fails
+            (videos / f"{vid}.mp4").symlink_to(path)
+    extra = ["--weights", "none", "--frames", "2", "--workers", "1", "--limit", "8"]
+    result = submit_extract("resnet50", "train", 2, extra, synth_data / "annotations", videos,
+                            tmp_path / "features", Resources(cpus=1), log_dir=tmp_path / "logs")
+    assert wait(result["array"]) in ("FAILED", "COMPLETED")  # the array as a whole
+    assert wait(result["merge"], 60) in ("CANCELLED", "GONE")  # not pending forever
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("ekx-extract-*.out"))
+    assert "video P02_01 not found" in logs and "segments failed" in logs
+    assert not (tmp_path / "features" / "resnet50" / "train.h5").exists()
+
+
+def test_sweep_array_produces_every_run(slurm_cluster, tmp_path):
+    train = make_cache(tmp_path / "t.h5", n=32, seed=0)
+    val = make_cache(tmp_path / "v.h5", n=12, seed=1)
+    sweep_file = tmp_path / "mini.toml"
+    sweep_file.write_text('[base]\nepochs = 1\nframes = 4\n\n[grid]\nhead = ["pooling", "lstm"]\nlr = [1e-4, 1e-3]\n')
+    extra = ["--train-features", str(train), "--val-features", str(val), "--device", "cpu"]
+    result = submit_sweep(sweep_file, extra, Resources(cpus=1), runs=tmp_path / "runs", log_dir=tmp_path / "logs")
+    assert result["configurations"] == 4
+    wait(result["array"])
+    assert wait(result["compare"]) == "COMPLETED"
+    runs = sorted(p.name for p in (tmp_path / "runs" / "mini").iterdir() if (p / "done.json").is_file())
+    assert len(runs) == 4 and (tmp_path / "runs" / "mini" / "comparison.md").is_file()
+
+
+def test_dry_run_prints_the_sbatch_commands(tmp_path):
+    result = runner.invoke(app, ["slurm", "extract", "--shards", "3", "--dry-run", "--partition", "gpu",
+                                 "--gpus", "1", "--time", "4:00:00", "--features", str(tmp_path), "--weights", "none"],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("sbatch")]
+    assert len(lines) == 2
+    assert "--array=0-2" in lines[0] and "--partition=gpu" in lines[0] and "--gres=gpu:1" in lines[0]
+    assert lines[0].endswith("--weights none")
+    assert "--dependency=afterok:$EXTRACT_JOB" in lines[1] and "--kill-on-invalid-dep=yes" in lines[1]
+    assert "--gres" not in lines[1] and f"{tmp_path}/resnet50/train.shard2of3.h5" in lines[1]
