@@ -50,12 +50,19 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     return Path(value) if kind in ("Path", Path) else value
 
 
+def load_toml(path: Path, what: str = "file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is one clear error naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EkxError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EkxError(f"{path}: not valid TOML ({e}); fix the file") from None
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Read ekx.toml's [workspace] table (top-level keys are accepted too)."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EkxError(f"{path}: not valid TOML ({e}); fix the file or remove it") from None
+    data = load_toml(path, "workspace config")
     table = data.get("workspace", {k: v for k, v in data.items() if not isinstance(v, dict)})
     unknown = sorted(set(table) - set(_keys()))
     if unknown:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ekx import EkxError
-from ekx.config import tomllib
+from ekx.config import load_toml, tomllib
 from ekx.heads.train import TrainConfig
 
 SECTIONS = ("base", "config", "grid", "random")
@@ -140,13 +140,7 @@ def apply_overrides(configs: list[SweepConfig], settings: list[str]) -> list[Swe
 
 
 def load(path: Path) -> list[SweepConfig]:
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EkxError(f"{path}: sweep file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EkxError(f"{path}: not valid TOML ({e})") from None
-    return expand(data, str(path))
+    return expand(load_toml(path, "sweep file"), str(path))
 
 
 # ---------------------------------------------------------------- running

@@ -345,17 +345,12 @@ def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
 
 def resolve_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
     """Defaults < --config TOML (top level or a [train] table) < flags."""
-    from ekx.config import tomllib
+    from ekx.config import load_toml
 
     values: dict[str, Any] = {}
     origin = "flags"
     if config_file is not None:
-        try:
-            data = tomllib.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise EkxError(f"{config_file}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise EkxError(f"{config_file}: not valid TOML ({e})") from None
+        data = load_toml(config_file, "config file")
         values = data.get("train", data)
         origin = str(config_file)
     cfg = TrainConfig.from_dict(values, origin)
