@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 import torch
@@ -65,6 +66,11 @@ def comparison_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def _bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
 def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None) -> dict:
     console = console or Console()
     workdir = Path(workdir)
@@ -78,8 +84,12 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
     console.print(f"    done ({time.perf_counter() - t0:.0f} s)")
     console.print(f"2/3 extracting resnet50 features, K={DEMO_FRAMES} (random weights: the demo cannot download any) ...")
     for split in ("train", "validation"):
-        s = extract(ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1),
-                    data / "annotations", data / "videos", features, warn=lambda m: None)
+        with _bar(console) as bar:
+            task = bar.add_task(f"    {split}", total=None)
+            s = extract(ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1),
+                        data / "annotations", data / "videos", features, warn=lambda m: None,
+                        on_start=lambda total, done: bar.update(task, total=total, completed=done),
+                        on_progress=lambda n, _: bar.advance(task, n))
         console.print(f"    {split}: {s.done} segments, {s.frames} frames this run ({s.seconds:.0f} s)")
     console.print(f"3/3 training the four heads, {DEMO_EPOCHS} epochs each ...")
     loaded = tr.load_data(features / "resnet50" / "train.h5", features / "resnet50" / "validation.h5", "auto")
@@ -88,7 +98,10 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
         cfg = head_config(head, f"{head}-demo")
         cfg.train_features, cfg.val_features = str(loaded.train.path), str(loaded.val.path)
         run_dir = runs / cfg.name
-        best = tr.run(cfg, run_dir, loaded, resume=(run_dir / "last.pt").is_file())
+        with _bar(console) as bar:
+            task = bar.add_task(f"    {head}", total=cfg.epochs)
+            best = tr.run(cfg, run_dir, loaded, resume=(run_dir / "last.pt").is_file(),
+                          on_epoch=lambda row: bar.update(task, completed=row["epoch"]))
         result = evaluate_run(run_dir, loaded.val.path)
         rev = reversal_scores(result["verb"], loaded.val.verbs[loaded.val.rows], loaded.val.attrs["verb_classes"])
         params = sum(p.numel() for p in tr.build_model(cfg, loaded.train)[0].parameters())
