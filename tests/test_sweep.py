@@ -104,7 +104,7 @@ def test_phase2_sweep_on_synth_data_resumes_after_a_kill(demo_workspace, tmp_pat
     result = runner.invoke(app, ["compare", str(sweep_dir), "--plot", str(png)], terminal_width=250)
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 10_000
-    with open(tmp_path / "comparison.csv") as fh:
+    with open(sweep_dir / "comparison.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 8
     for row in table:
@@ -117,7 +117,7 @@ def test_phase2_sweep_on_synth_data_resumes_after_a_kill(demo_workspace, tmp_pat
                                                                   reverse=True)
     assert f"ekx train-head transformer --config {sweep_dir / table[0]['run'] / 'config.toml'}" in " ".join(
         result.output.split())
-    assert (tmp_path / "comparison.md").read_text().count("\n") == 10
+    assert (sweep_dir / "comparison.md").read_text().count("\n") == 10
 
 
 def test_a_failed_configuration_is_reported_and_the_others_go_on(tmp_path):
