@@ -474,8 +474,8 @@ def compare(
     if plot:
         console.print(f"-> {cmp.plot(rows, plot)}")
     top = rows[0]
-    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:\n"
-                  f"  {cmp.reproduce_command(top)}")
+    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:")
+    console.print(f"  {cmp.reproduce_command(top)}", soft_wrap=True, highlight=False)  # never wrapped: copy-pasteable
 
 
 PartitionOpt = Annotated[Optional[str], typer.Option(help="SLURM partition.", show_default=False)]

@@ -115,8 +115,7 @@ def test_phase2_sweep_on_synth_data_resumes_after_a_kill(demo_workspace, tmp_pat
         assert int(row["epochs"]) == 2 and row["head"] == "transformer"
     assert [float(r["val_action_top1"]) for r in table] == sorted((float(r["val_action_top1"]) for r in table),
                                                                   reverse=True)
-    assert f"ekx train-head transformer --config {sweep_dir / table[0]['run'] / 'config.toml'}" in " ".join(
-        result.output.split())
+    assert f"ekx train-head transformer --config {sweep_dir / table[0]['run'] / 'config.toml'}" in result.output
     assert (sweep_dir / "comparison.md").read_text().count("\n") == 10
 
 
