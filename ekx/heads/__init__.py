@@ -17,7 +17,7 @@ from ekx import EkxError
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 # modules of this package that are not heads
-_NOT_HEADS = {"layers", "train", "metrics", "sweep", "evaluate", "data", "plots"}
+_NOT_HEADS = {"layers", "train", "metrics", "sweep", "evaluate", "data", "compare"}
 
 
 def register(name: str):

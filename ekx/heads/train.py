@@ -105,6 +105,9 @@ def loss_fn(out: dict, verbs: torch.Tensor, nouns: torch.Tensor, smoothing: floa
             + F.cross_entropy(out["noun"].float(), nouns, label_smoothing=smoothing))
 
 
+SYNC_EVERY = 20  # steps between host syncs (progress, NaN check): no sync per step on a GPU
+
+
 def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int, gen: torch.Generator,
                     device, precision, on_step: Callable[[int, int, float], None] | None = None) -> dict:
     model.train()
@@ -112,7 +115,10 @@ def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int
     perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
     views, pos = draw(split, len(perm), t_frames, True, gen)
     steps = math.ceil(len(perm) / cfg.batch_size)
-    total_loss, correct, seen = 0.0, {"verb": 0, "noun": 0, "action": 0}, 0
+    # running sums stay on the device; the host reads them every SYNC_EVERY steps
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, verb, noun, action correct
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    seen = 0
     for step in range(steps):
         sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
         idx = perm[sl]
@@ -123,24 +129,25 @@ def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int
         with autocast(device, precision):
             out = model(x)
         loss = loss_fn(out, yv, yn, cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: run stopped; "
-                                "the last good checkpoint (last.pt, best.pt) is kept - lower --lr or check the "
-                                "features with `ekx cache verify`")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
             pv, pn = out["verb"].argmax(1) == yv, out["noun"].argmax(1) == yn
-            correct["verb"] += int(pv.sum())
-            correct["noun"] += int(pn.sum())
-            correct["action"] += int((pv & pn).sum())
-        total_loss += float(loss.detach()) * len(idx)
+            sums += torch.stack([loss.detach().double() * len(idx), pv.sum(), pn.sum(), (pv & pn).sum()]).double()
+            nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(idx)
-        if on_step:
-            on_step(step + 1, steps, total_loss / seen)
-    return {"train_loss": total_loss / seen, **{f"train_{k}_top1": 100 * v / seen for k, v in correct.items()}}
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+            if bool(nonfinite):
+                raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1} (by step {step + 1}): run "
+                                    "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
+                                    "check the features with `ekx cache verify`")
+            if on_step:
+                on_step(step + 1, steps, float(sums[0]) / seen)
+    total = sums.tolist()
+    return {"train_loss": total[0] / seen,
+            **{f"train_{k}_top1": 100 * v / seen for k, v in zip(("verb", "noun", "action"), total[1:])}}
 
 
 @torch.no_grad()
