@@ -140,7 +140,7 @@ def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int
         seen += len(idx)
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             if bool(nonfinite):
-                raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1} (by step {step + 1}): run "
+                raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
                                     "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
                                     "check the features with `ekx cache verify`")
             if on_step:
