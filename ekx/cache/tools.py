@@ -84,6 +84,11 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
     return problems, warnings
 
 
+def _read(path: Path, key: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[key][...]
+
+
 def merge(out: Path, shards: list[Path]) -> dict:
     """Join shard files into one cache, rows in the order of the unsharded plan."""
     if not shards:
@@ -103,7 +108,7 @@ def merge(out: Path, shards: list[Path]) -> dict:
             if nid in seen:
                 raise EkxError(f"segment {nid} is in both {seen[nid]} and {c.path}: overlapping shards")
             seen[nid] = c.path
-    plan = np.concatenate([h5py.File(c.path, "r")["plan_index"][...] for c in caches])
+    plan = np.concatenate([_read(c.path, "plan_index") for c in caches])
     order = np.argsort(plan, kind="stable")
     src = np.concatenate([np.full(len(c.narration_id), i) for i, c in enumerate(caches)])
     names = [nid for c in caches for nid in c.narration_id]
@@ -116,7 +121,7 @@ def merge(out: Path, shards: list[Path]) -> dict:
     store.create(Path(out), attrs, rows, V, K, D)
     dest_of = np.empty(len(order), np.int64)
     dest_of[order] = np.arange(len(order))
-    small = {key: np.concatenate([h5py.File(c.path, "r")[key][...] for c in caches])[order]
+    small = {key: np.concatenate([_read(c.path, key) for c in caches])[order]
              for key in ("frame_index", "failure", "status")}
     with h5py.File(out, "r+") as f:
         # features first (bulk reads of source blocks, one chunk write per row), status last

@@ -37,6 +37,12 @@ class Split:
     def labelled(self) -> bool:
         return bool((self.verbs[self.rows] >= 0).all())
 
+    def from_participants(self, participants: set[str] | None) -> torch.Tensor | None:
+        """[M] bool over done rows: segment recorded by one of these participants (video P01_02 -> P01)."""
+        if participants is None:
+            return None
+        return torch.tensor([self.video_id[r].split("_")[0] in participants for r in self.rows.tolist()])
+
     def identity(self) -> dict:
         return {k: self.attrs.get(k) for k in IDENTITY}
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ekx import epic
 from ekx.extract.pipeline import resolve_device, resolve_precision
 from ekx.heads import metrics
@@ -37,11 +35,8 @@ def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None,
               "epoch": ckpt["epoch"], "verb": verb, "noun": noun, "split": split}
     if split.labelled:
         tails, unseen = subsets(annotations, split.attrs.get("split", ""))
-        unseen_mask = None
-        if unseen is not None:
-            unseen_mask = torch.tensor([split.video_id[r].split("_")[0] in unseen for r in split.rows.tolist()])
         result["metrics"] = metrics.compute(verb, noun, split.verbs[split.rows], split.nouns[split.rows],
-                                            *(tails or (None, None)), unseen=unseen_mask)
+                                            *(tails or (None, None)), unseen=split.from_participants(unseen))
     return result
 
 

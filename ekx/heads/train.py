@@ -170,10 +170,7 @@ def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tai
     verb, noun = predict(model, split, norm, cfg, device, precision)
     yv, yn = split.verbs[split.rows], split.nouns[split.rows]
     result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
-    unseen_mask = None
-    if unseen is not None:
-        unseen_mask = torch.tensor([split.video_id[r].split("_")[0] in unseen for r in split.rows.tolist()])
-    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=unseen_mask)
+    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=split.from_participants(unseen))
     return {**result, **{f"val_{k}": v for k, v in m.items()}}
 
 
