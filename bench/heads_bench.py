@@ -102,10 +102,12 @@ def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[f
     model, _ = tr.build_model(cfg, sub)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
-    tr.train_one_epoch(model, opt, dataclasses.replace(sub, rows=sub.rows[:batch * 3]), data.norm, cfg, 0, gen,
-                       device, precision)  # warm-up
+    warm = dataclasses.replace(sub, rows=sub.rows[:batch * 3])
+    steps, batches = tr.cached_batches(warm, data.norm, cfg, gen, device)
+    tr.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)  # warm-up
     t0 = time.perf_counter()
-    tr.train_one_epoch(model, opt, sub, data.norm, cfg, 0, gen, device, precision)
+    steps, batches = tr.cached_batches(sub, data.norm, cfg, gen, device)
+    tr.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)
     ekx = samples / (time.perf_counter() - t0)
     # pure compute: one pre-built standardised batch, reused; same model, loss and optimiser steps
     x = make_batch(sub, sub.rows[:batch], *draw(sub, batch, K, True, gen), *data.norm, device)

@@ -10,6 +10,9 @@ one row per planned segment:
     plan_index    [N] int64          (row in the unsharded plan; merge orders by it)
     status        [N] uint8          0 pending, 1 done, 2 failed
     failure       [N] bytes(240)     the reason, for failed rows
+    backbone_state/<key>             (--weights none only) the BatchNorm statistics the
+                                     random backbone was calibrated with: with the seed,
+                                     they rebuild the exact extractor for `ekx predict`
 
 Crash safety (SIGKILL included): every dataset is created with its full size and all
 its chunks allocated up front, so later writes touch raw data only, never HDF5
@@ -82,7 +85,8 @@ def identity_mismatch(have: dict, want: dict) -> list[str]:
             for k in IDENTITY_KEYS if k in want and not same(have.get(k), want.get(k))]
 
 
-def create(path: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int) -> None:
+def create(path: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int,
+           backbone_state: dict[str, np.ndarray] | None = None) -> None:
     """Write a new cache with every row pending; atomic (a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
@@ -102,7 +106,17 @@ def create(path: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int) ->
         f.create_dataset("status", (n,), np.uint8, dcpl=_early_dcpl((min(m, 65536),)))
         f.create_dataset("failure", (n,), f"S{REASON_BYTES}", dcpl=_early_dcpl((min(m, 4096),)))
         f["status"][...] = PENDING
+        if backbone_state:
+            group = f.create_group("backbone_state")
+            for key, value in backbone_state.items():
+                group.create_dataset(key, data=np.asarray(value))
     os.replace(tmp, path)
+
+
+def read_backbone_state(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        group = f.get("backbone_state")
+        return {k: group[k][()] for k in group} if group is not None else {}
 
 
 def check_rows(path: Path, f: h5py.File, rows: Rows) -> None:

@@ -118,7 +118,7 @@ def merge(out: Path, shards: list[Path]) -> dict:
                       np.concatenate([c.noun_class for c in caches])[order], plan[order])
     attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches])
     _, V, K, D = caches[0].shape
-    store.create(Path(out), attrs, rows, V, K, D)
+    store.create(Path(out), attrs, rows, V, K, D, store.read_backbone_state(caches[0].path))
     dest_of = np.empty(len(order), np.int64)
     dest_of[order] = np.arange(len(order))
     small = {key: np.concatenate([_read(c.path, key) for c in caches])[order]

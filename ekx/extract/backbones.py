@@ -72,6 +72,9 @@ class Backbone:
     weights: type  # torchvision WeightsEnum class
     dim: int
     clip_len: int = 1  # 1: per-frame 2D model; >1: consecutive frames per clip (3D model)
+    # the network from the input on: [stem, stage 1, stage 2, ...]; `finetune --freeze-blocks N`
+    # freezes the stem and the first N stages
+    stages: Callable[[nn.Module], list[list[nn.Module]]] = lambda m: [[m]]
 
     @property
     def preprocess(self) -> Preprocess:
@@ -102,12 +105,20 @@ def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Mod
     return make
 
 
-register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048))
+def _resnet_stages(m: nn.Module) -> list[list[nn.Module]]:
+    stem = [m.stem] if hasattr(m, "stem") else [m.conv1, m.bn1]  # video ResNets have a stem block
+    return [stem, [m.layer1], [m.layer2], [m.layer3], [m.layer4]]
+
+
+register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048,
+                  stages=_resnet_stages))
+# features[0] is the stem, features[1..7] the MBConv stages, features[8] the last 1x1 conv
 register(Backbone("efficientnet_b3", _headless(models.efficientnet_b3, "classifier"),
-                  models.EfficientNet_B3_Weights, 1536))
+                  models.EfficientNet_B3_Weights, 1536, stages=lambda m: [[f] for f in m.features]))
 # 8 consecutive frames per sampled position: half the Kinetics clip, a quarter of the cost;
 # the network pools time adaptively, so any clip length runs.
-register(Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8))
+register(Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8,
+                  stages=_resnet_stages))
 
 
 # ---------------------------------------------------------------- weights
@@ -200,3 +211,48 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         return fuse(model.eval())
     except Exception:  # noqa: BLE001 - an untraceable custom backbone still works, unfused
         return model
+
+
+# ---------------------------------------------------------------- the extractor of a cache, rebuilt
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The BatchNorm buffers of a model (what `calibrate_batchnorm` measured)."""
+    return {f"{name}.{b}": getattr(m, b).detach().cpu().clone()
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def extractor_spec(attrs: dict, bn_state: dict) -> dict:
+    """Plain values (and the calibrated BatchNorm buffers of random weights) that rebuild
+    the backbone a cache was extracted with; a head's checkpoint carries them, so a run
+    alone is enough for `ekx predict` / `ekx live` / `ekx finetune --init-head`."""
+    return {"backbone": attrs["backbone"], "weights": attrs["weights"], "weights_path": attrs.get("weights_path", ""),
+            "seed": int(attrs.get("seed", 0)), "frames": int(attrs["frames_per_segment"]),
+            "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()}}
+
+
+def build_extractor(spec: dict) -> nn.Module:
+    """The (unfused, eval-mode) backbone described by `extractor_spec`."""
+    bb = get(spec["backbone"])
+    weights = spec["weights"]
+    if weights == "none":
+        if not spec.get("bn_state"):
+            raise EkxError("this run's cache was extracted with --weights none but holds no BatchNorm "
+                           "statistics (made by an older ekx): re-extract it, then retrain the head")
+        model, _ = load_weights(bb, "none", spec["seed"])
+        missing = set(batchnorm_state(model)) - set(spec["bn_state"])
+        if missing:
+            raise EkxError(f"stored BatchNorm statistics do not fit {bb.name} (e.g. {sorted(missing)[0]})")
+        model.load_state_dict(spec["bn_state"], strict=False)
+        return model.eval()
+    if weights.startswith("torchvision:"):
+        return load_weights(bb, weights.split(".")[-1])[0]
+    if weights.startswith("sha256:"):
+        path = Path(spec.get("weights_path", ""))
+        if not path.is_file():
+            raise EkxError(f"the backbone weights of this run ({path or 'a local file'}) are not found; "
+                           "put the file back at that path")
+        if f"sha256:{sha256_file(path)}" != weights:
+            raise EkxError(f"{path} changed since the features were extracted (sha256 differs)")
+        return load_weights(bb, str(path))[0]
+    raise EkxError(f"cannot rebuild backbone weights {weights!r}")

@@ -257,14 +257,15 @@ def _disk_error(path: Path, e: Exception) -> EkxError:
 # ---------------------------------------------------------------- the run
 
 def _attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precision: str,
-           device: torch.device, ann: epic.Annotations, ann_path: Path, calibration: str) -> dict:
+           device: torch.device, ann: epic.Annotations, ann_path: Path, calibration: str,
+           weights_path: str) -> dict:
     import decord
     import torchvision
 
     verbs, nouns = ann.verbs(), ann.nouns()
     return {
         "format": store.FORMAT, "format_version": store.VERSION, "backbone": bb.name,
-        "weights": weights_id, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
+        "weights": weights_id, "weights_path": weights_path, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
         "views": cfg.views, "clip_len": bb.clip_len,
         "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
         "seed": cfg.seed,
@@ -328,16 +329,19 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
         cfg = dataclasses.replace(cfg, batch_size=64 if device.type == "cuda" else 16)
     model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
-    calibration = ""
+    calibration, bn_state = "", None
     if weights_id == "none":
         warn("--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
              "are for tests and demos, not for real results")
         calibration = _calibrate(model, bb, cfg, plan_all, found, device)
+        bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
     model = backbones.fuse_for_inference(model)
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
 
     out = cfg.out or default_out(cfg, features_root)
-    attrs = _attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration)
+    # a checkpoint is named by its path (the sha256 in "weights" is its identity)
+    weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
+    attrs = _attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
     rows = store.Rows([s.narration_id for s in plan], [s.video_id for s in plan],
                       np.array([s.verb_class for s in plan]), np.array([s.noun_class for s in plan]), plan_index)
     if out.exists():
@@ -347,7 +351,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
             raise EkxError(f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
                            "Delete it or choose another --out")
     else:
-        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim)
+        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
     with h5py.File(out, "r") as f:
         store.check_rows(out, f, rows)
     writer = store.Writer(out)

@@ -17,6 +17,8 @@ import torch
 
 from ekx import EkxError
 from ekx.cache.reader import open_cache
+from ekx.cache.store import read_backbone_state
+from ekx.extract.backbones import extractor_spec
 
 # attributes a head's checkpoint must share with any cache it is evaluated on
 IDENTITY = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
@@ -32,6 +34,7 @@ class Split:
     narration_id: list[str]
     video_id: list[str]
     attrs: dict
+    extractor: dict  # rebuilds the backbone that made the features (see backbones.extractor_spec)
 
     @property
     def labelled(self) -> bool:
@@ -70,7 +73,7 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
         feats = feats.to(device)
     return Split(Path(path), feats, torch.from_numpy(rows), torch.from_numpy(cache.verb_class.astype(np.int64)),
                  torch.from_numpy(cache.noun_class.astype(np.int64)), cache.narration_id, cache.video_id,
-                 cache.attrs)
+                 cache.attrs, extractor_spec(cache.attrs, read_backbone_state(path)))
 
 
 def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,8 @@ def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None,
     norm = (ckpt["norm"]["mean"].to(device), ckpt["norm"]["std"].to(device))
     verb, noun = predict(model, split, norm, cfg, device, resolve_precision(cfg.precision, device))
     result = {"run": str(run_dir), "features": str(features), "segments": len(split.rows),
-              "epoch": ckpt["epoch"], "verb": verb, "noun": noun, "split": split}
+              "epoch": ckpt["epoch"], "verb": verb, "noun": noun,
+              "narration_ids": [split.narration_id[r] for r in split.rows.tolist()]}
     if split.labelled:
         tails, unseen = subsets(annotations, split.attrs.get("split", ""))
         result["metrics"] = metrics.compute(verb, noun, split.verbs[split.rows], split.nouns[split.rows],
@@ -42,11 +43,10 @@ def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None,
 
 def submission(result: dict) -> dict:
     """The official action-recognition challenge format, one entry per segment."""
-    split = result["split"]
     pv, pn = result["verb"].softmax(1), result["noun"].softmax(1)
     out = {}
-    for i, row in enumerate(split.rows.tolist()):
-        out[split.narration_id[row]] = {
+    for i, nid in enumerate(result["narration_ids"]):
+        out[nid] = {
             "verb": {str(c): round(float(s), 6) for c, s in enumerate(pv[i].tolist())},
             "noun": {str(c): round(float(s), 6) for c, s in enumerate(pn[i].tolist())},
         }

@@ -13,7 +13,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -107,84 +108,118 @@ def loss_fn(out: dict, verbs: torch.Tensor, nouns: torch.Tensor, smoothing: floa
 
 SYNC_EVERY = 20  # steps between host syncs (progress, NaN check): no sync per step on a GPU
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs on the device, verbs, nouns
 
-def train_one_epoch(model, opt, split: Split, norm, cfg: TrainConfig, epoch: int, gen: torch.Generator,
-                    device, precision, on_step: Callable[[int, int, float], None] | None = None) -> dict:
+
+def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: TrainConfig, epoch: int, device,
+                    precision, on_step: Callable[[int, int, float], None] | None = None, accumulate: int = 1,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One epoch over ``steps`` batches from either input source (cached features or decoded
+    video): lr per optimizer step, gradient accumulation (DDP syncs only on the last
+    micro-batch), mixed precision with a gradient scaler for fp16, clipping."""
     model.train()
-    t_frames = cfg.frames or split.feats.shape[2]
-    perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
-    views, pos = draw(split, len(perm), t_frames, True, gen)
-    steps = math.ceil(len(perm) / cfg.batch_size)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     # running sums stay on the device; the host reads them every SYNC_EVERY steps
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, verb, noun, action correct
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     seen = 0
-    for step in range(steps):
-        sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        idx = perm[sl]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch + step / steps)
-        x = make_batch(split, idx, views[sl], pos[sl], *norm, device)
-        yv, yn = split.verbs[idx].to(device), split.nouns[idx].to(device)
-        with autocast(device, precision):
-            out = model(x)
-        loss = loss_fn(out, yv, yn, cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+    for step, (x, yv, yn) in enumerate(batches):
+        micro = step % accumulate
+        last = micro == accumulate - 1 or step + 1 == steps
+        if micro == 0:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch + step / steps)
+            opt.zero_grad(set_to_none=True)
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(device, precision):
+                out = model(x)
+            loss = loss_fn(out, yv, yn, cfg.label_smoothing)
+            scaler.scale(loss / accumulate).backward()
+        if last:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
         with torch.no_grad():
             pv, pn = out["verb"].argmax(1) == yv, out["noun"].argmax(1) == yn
-            sums += torch.stack([loss.detach().double() * len(idx), pv.sum(), pn.sum(), (pv & pn).sum()]).double()
+            sums += torch.stack([loss.detach().double() * len(yv), pv.sum(), pn.sum(), (pv & pn).sum()]).double()
             nonfinite |= ~torch.isfinite(loss.detach())
-        seen += len(idx)
+        seen += len(yv)
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             if bool(nonfinite):
                 raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
                                     "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
                                     "check the features with `ekx cache verify`")
             if on_step:
-                on_step(step + 1, steps, float(sums[0]) / seen)
+                on_step(step + 1, steps, float(sums[0]) / max(seen, 1))
     total = sums.tolist()
+    seen = max(seen, 1)
     return {"train_loss": total[0] / seen,
             **{f"train_{k}_top1": 100 * v / seen for k, v in zip(("verb", "noun", "action"), total[1:])}}
 
 
-@torch.no_grad()
-def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits for every done row: view 0, T uniform positions."""
-    model.eval()
+def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
+    """A training epoch over cached features: a permutation, views and jittered positions
+    drawn at once, each batch one gather (see data.make_batch)."""
     t_frames = cfg.frames or split.feats.shape[2]
+    perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
+    views, pos = draw(split, len(perm), t_frames, True, gen)
+    steps = math.ceil(len(perm) / cfg.batch_size)
+
+    def batches():
+        for step in range(steps):
+            sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            idx = perm[sl]
+            yield (make_batch(split, idx, views[sl], pos[sl], *norm, device),
+                   split.verbs[idx].to(device), split.nouns[idx].to(device))
+    return steps, batches()
+
+
+@torch.no_grad()
+def predict_inputs(model, inputs: Iterable[torch.Tensor], device, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verb and noun logits (float32, on the CPU) for a stream of input batches."""
+    model.eval()
     verb, noun = [], []
-    views, pos = draw(split, cfg.eval_batch_size, t_frames, False, None)
-    for i in range(0, len(split.rows), cfg.eval_batch_size):
-        idx = split.rows[i:i + cfg.eval_batch_size]
+    for x in inputs:
         with autocast(device, precision):
-            out = model(make_batch(split, idx, views[:len(idx)], pos[:len(idx)], *norm, device))
+            out = model(x)
         verb.append(out["verb"].float().cpu())
         noun.append(out["noun"].float().cpu())
     return torch.cat(verb), torch.cat(noun)
 
 
+def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for every done row of a cache: view 0, T uniform positions."""
+    t_frames = cfg.frames or split.feats.shape[2]
+    views, pos = draw(split, cfg.eval_batch_size, t_frames, False, None)
+
+    def inputs():
+        for i in range(0, len(split.rows), cfg.eval_batch_size):
+            idx = split.rows[i:i + cfg.eval_batch_size]
+            yield make_batch(split, idx, views[:len(idx)], pos[:len(idx)], *norm, device)
+    return predict_inputs(model, inputs(), device, precision)
+
+
+def score(verb: torch.Tensor, noun: torch.Tensor, yv: torch.Tensor, yn: torch.Tensor, tails=None,
+          unseen_mask: torch.Tensor | None = None) -> dict:
+    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
+    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=unseen_mask)
+    return {**result, **{f"val_{k}": v for k, v in m.items()}}
+
+
 def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
     verb, noun = predict(model, split, norm, cfg, device, precision)
-    yv, yn = split.verbs[split.rows], split.nouns[split.rows]
-    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
-    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=split.from_participants(unseen))
-    return {**result, **{f"val_{k}": v for k, v in m.items()}}
+    return score(verb, noun, split.verbs[split.rows], split.nouns[split.rows], tails, split.from_participants(unseen))
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, epoch: int, best: float, norm, split: Split,
-                    gen: torch.Generator, head_kwargs: dict) -> None:
-    state = {
-        "format": "ekx-head", "version": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "epoch": epoch, "best": best, "config": asdict(cfg), "head_kwargs": head_kwargs,
-        "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()}, "cache": split.identity(),
-        "classes": {"verb": list(split.attrs.get("verb_classes", [])), "noun": list(split.attrs.get("noun_classes", []))},
-        "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
-    }
+def save_checkpoint(path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float,
+                    gen: torch.Generator) -> None:
+    """``parts``: what the input source puts in (model, head_kwargs, norm, cache identity,
+    classes, extractor; fine-tuning adds the backbone)."""
+    state = {"format": "ekx-head", "version": 1, **parts, "optimizer": opt.state_dict(), "epoch": epoch,
+             "best": best, "config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
@@ -211,13 +246,16 @@ def check_compatible(ckpt: dict, split: Split, what: str) -> None:
                        "extracted with the same backbone, weights, frames and class lists")
 
 
-def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
-    k = split.feats.shape[2]
-    kwargs = {"dim": int(split.feats.shape[3]), "num_verbs": int(split.attrs["num_verbs"]),
-              "num_nouns": int(split.attrs["num_nouns"]), "frames": cfg.frames or k,
-              "dropout": cfg.dropout, "drop_path": cfg.drop_path}
+def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, k: int, where: str) -> dict:
     if cfg.frames > k:
-        raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {split.path}")
+        raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {where}")
+    return {"dim": dim, "num_verbs": num_verbs, "num_nouns": num_nouns, "frames": cfg.frames or k,
+            "dropout": cfg.dropout, "drop_path": cfg.drop_path}
+
+
+def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
+    kwargs = head_kwargs_for(cfg, int(split.feats.shape[3]), int(split.attrs["num_verbs"]),
+                             int(split.attrs["num_nouns"]), split.feats.shape[2], str(split.path))
     torch.manual_seed(cfg.seed)
     return heads.create(cfg.head, **kwargs), kwargs
 
@@ -229,7 +267,92 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     return model.eval()
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- the loop, for either input source
+
+@dataclass
+class Task:
+    """What a run trains: the model and its two input sources. `train-head` builds one from
+    cached tensors, `finetune` from decoded video; `fit` is the same loop for both."""
+
+    model: torch.nn.Module
+    epoch_batches: Callable[[int, torch.Generator], tuple[int, Iterable[Batch]]]  # (epoch, gen) -> steps, batches
+    val_logits: Callable[[], tuple[torch.Tensor, torch.Tensor] | None]  # None on ranks other than 0
+    val_labels: tuple[torch.Tensor, torch.Tensor]
+    parts: Callable[[], dict]  # checkpoint contents besides optimizer, epoch, config, rng
+    load: Callable[[dict], None]  # restore the model from a checkpoint of this task
+    tails: tuple | None = None
+    unseen_mask: torch.Tensor | None = None
+    accumulate: int = 1
+    rank0: bool = True  # only rank 0 of a distributed run writes checkpoints and logs
+    initial_eval: bool = False  # log an epoch-0 evaluation (a warm start's starting point)
+
+
+def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str, resume: bool = False,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None, barrier: Callable[[], None] = lambda: None) -> dict:
+    """Epochs of train -> evaluate -> log -> checkpoint; resumes from last.pt when asked."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    log = run_dir / "metrics.jsonl"
+    start, best = 0, -1.0
+    if task.rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        task.load(ckpt)
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["gen"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start, best = ckpt["epoch"], ckpt["best"]
+        if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
+            lines = log.read_text().splitlines() if log.exists() else []
+            lines = [line for line in lines if json.loads(line)["epoch"] <= start]
+            log.write_text("".join(line + "\n" for line in lines))
+    elif task.rank0:
+        log.write_text("")
+    if task.rank0:
+        write_config(run_dir, cfg)
+
+    def evaluation() -> dict | None:
+        logits = task.val_logits()
+        return None if logits is None else score(*logits, *task.val_labels, task.tails, task.unseen_mask)
+
+    if task.initial_eval and start == 0:
+        t0 = time.perf_counter()
+        val_m = evaluation()
+        if task.rank0:
+            row = {"epoch": 0, **val_m, "lr": 0.0, "seconds": time.perf_counter() - t0}
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if on_epoch:
+                on_epoch(row)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        steps, batches = task.epoch_batches(epoch, gen)
+        train_m = train_one_epoch(task.model, opt, batches, steps, cfg, epoch, device, precision, on_step,
+                                  task.accumulate, scaler)
+        val_m = evaluation()
+        if task.rank0:
+            row = {"epoch": epoch + 1, **train_m, **val_m,
+                   "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
+                   "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
+            if row["val_action_top1"] > best:
+                best = row["val_action_top1"]
+                save_checkpoint(run_dir / "best.pt", task.parts(), opt, cfg, epoch + 1, best, gen)
+            save_checkpoint(run_dir / "last.pt", task.parts(), opt, cfg, epoch + 1, best, gen)
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if on_epoch:
+                on_epoch(row)
+        barrier()  # other ranks wait for the checkpoint before the next epoch
+    if not task.rank0:
+        return {}
+    rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
+    plot_curves(run_dir, rows)
+    return max(rows, key=lambda r: r["val_action_top1"]) if rows else {}
+
+
+# ---------------------------------------------------------------- cached features
 
 @dataclass
 class Loaded:
@@ -263,52 +386,36 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     (run_dir / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
+    model, head_kwargs = build_model(cfg, data.train)
+    model.to(data.device)
+    train, val, norm, device = data.train, data.val, data.norm, data.device
+
+    def parts() -> dict:
+        return {"model": model.state_dict(), "head_kwargs": head_kwargs,
+                "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()}, "cache": train.identity(),
+                "classes": {"verb": list(train.attrs.get("verb_classes", [])),
+                            "noun": list(train.attrs.get("noun_classes", []))},
+                "extractor": train.extractor}
+
+    def load(ckpt: dict) -> None:
+        check_compatible(ckpt, train, "the checkpoint being resumed")
+        model.load_state_dict(ckpt["model"])
+
+    return Task(model, lambda epoch, gen: cached_batches(train, norm, cfg, gen, device),
+                lambda: predict(model, val, norm, cfg, device, precision),
+                (val.verbs[val.rows], val.nouns[val.rows]), parts, load, data.tails,
+                val.from_participants(data.unseen))
+
+
 def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
         on_epoch: Callable[[dict], None] | None = None,
         on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train one head; returns the best epoch's metrics. Resumes from last.pt when asked."""
-    device = data.device
-    precision = resolve_precision(cfg.precision, device)
-    model, head_kwargs = build_model(cfg, data.train)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "metrics.jsonl"
-    start, best = 0, -1.0
-    if resume and (run_dir / "last.pt").is_file():
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        check_compatible(ckpt, data.train, str(run_dir / "last.pt"))
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"]["gen"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start, best = ckpt["epoch"], ckpt["best"]
-        # drop log lines of epochs after the checkpoint (an epoch interrupted after logging)
-        lines = log.read_text().splitlines()[:start] if log.exists() else []
-        log.write_text("".join(line + "\n" for line in lines))
-    else:
-        log.write_text("")
-    write_config(run_dir, cfg)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        train_m = train_one_epoch(model, opt, data.train, data.norm, cfg, epoch, gen, device, precision, on_step)
-        val_m = evaluate(model, data.val, data.norm, cfg, device, precision, data.tails, data.unseen)
-        row = {"epoch": epoch + 1, **train_m, **val_m,
-               "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
-               "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
-        if row["val_action_top1"] > best:
-            best = row["val_action_top1"]
-            save_checkpoint(run_dir / "best.pt", model, opt, cfg, epoch + 1, best, data.norm, data.train,
-                            gen, head_kwargs)
-        save_checkpoint(run_dir / "last.pt", model, opt, cfg, epoch + 1, best, data.norm, data.train, gen, head_kwargs)
-        with log.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if on_epoch:
-            on_epoch(row)
-    rows = read_metrics(run_dir)
-    plot_curves(run_dir, rows)
-    return max(rows, key=lambda r: r["val_action_top1"]) if rows else {}
+    """Train one head on cached features; returns the best epoch's metrics."""
+    precision = resolve_precision(cfg.precision, data.device)
+    task = cached_task(cfg, data, precision)
+    opt = torch.optim.AdamW(task.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
