@@ -43,7 +43,7 @@ def make_full_cache(path: Path) -> None:
     rows = store.Rows([f"P01_01_{i}" for i in range(N)], ["P01_01"] * N, verbs, nouns, np.arange(N))
     attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": "resnet50", "weights": "none",
              "feature_dim": D, "frames_per_segment": K, "views": 1, "num_verbs": 97, "num_nouns": 300,
-             "split": "train"}
+             "split": "train", "bn_calibration": ""}
     store.create(path, attrs, rows, 1, K, D)
     with h5py.File(path, "r+") as f:
         block = 2048

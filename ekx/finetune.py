@@ -29,7 +29,8 @@ from torchvision.transforms import v2
 
 from ekx import EkxError, epic, heads
 from ekx.extract import backbones
-from ekx.extract.pipeline import ExtractConfig, _calibrate, _worker_init, autocast, resolve_device, resolve_precision
+from ekx.extract.pipeline import (ExtractConfig, _calibrate, _calibration_plan, _worker_init, autocast, resolve_device,
+                                  resolve_precision)
 from ekx.extract.video import Request, decode_video
 from ekx.heads import train as tr
 from ekx.heads.train import _opt
@@ -226,8 +227,8 @@ def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, devi
     backbone, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     backbone.to(device)
     ecfg = ExtractConfig(backbone=cfg.backbone, frames=t, seed=cfg.seed)
-    if weights_id == "none":
-        _calibrate(backbone, bb, ecfg, segments, paths, device)
+    if weights_id == "none":  # the same calibration `ekx extract --weights none` does
+        _calibrate(backbone, bb, ecfg, _calibration_plan(ann, segments, ecfg), paths, device)
         for m in backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1  # calibration used a cumulative average; training uses the usual
@@ -395,7 +396,9 @@ def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, 
         train_segs, val_segs = _segments(ann, cfg.train_split, cfg.limit), _segments(ann, cfg.val_split, cfg.limit)
         if any(s.verb_class < 0 for s in train_segs + val_segs):
             raise EkxError("fine-tuning needs labelled train and validation splits (the test split has no labels)")
-        paths, missing = epic.locate_videos(train_segs + val_segs, videos)
+        calib = _calibration_plan(ann, train_segs, ExtractConfig()) if not cfg.init_head else []
+        paths, missing = epic.locate_videos(train_segs + val_segs + calib, videos)
+        missing = [v for v in missing if v in {s.video_id for s in train_segs + val_segs}]
         if missing and d.rank0:
             warn(epic.missing_videos_message(missing, len({s.video_id for s in train_segs + val_segs}), videos))
         train_segs = [s for s in train_segs if s.video_id in paths]

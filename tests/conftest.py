@@ -56,7 +56,7 @@ def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 3
     attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": backbone, "weights": "none",
              "feature_dim": dim, "frames_per_segment": k, "views": views, "num_verbs": num_verbs,
              "num_nouns": num_nouns, "verb_classes": [f"v{i}" for i in range(num_verbs)],
-             "noun_classes": [f"n{i}" for i in range(num_nouns)], "split": split}
+             "noun_classes": [f"n{i}" for i in range(num_nouns)], "split": split, "bn_calibration": ""}
     store.create(path, attrs, rows, views, k, dim)
     w = store.Writer(path)
     w.write([(i, feats[i].astype(np.float16), np.arange(k)) for i in range(n)], [])
@@ -72,6 +72,10 @@ def demo_workspace(tmp_path_factory):
 
     from ekx.cli import app
 
+    import os
+
+    if os.environ.get("EKX_TEST_DEMO_DIR"):  # developer shortcut: reuse a finished `ekx demo --workdir`
+        return Path(os.environ["EKX_TEST_DEMO_DIR"]), None
     workdir = tmp_path_factory.mktemp("demo")
     result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir)], terminal_width=200)
     return workdir, result

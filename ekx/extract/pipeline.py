@@ -284,9 +284,21 @@ def _attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precisio
     }
 
 
+def _calibration_plan(ann: epic.Annotations, plan_all: list[epic.Segment], cfg: ExtractConfig) -> list[epic.Segment]:
+    """Segments whose frames calibrate BatchNorm for random weights: the train split's
+    first ones whatever split is extracted (so train, validation and test caches come from
+    one and the same backbone), the split's own where the workspace has no train CSV.
+    Taken before --shard/--limit, so shards and resumed runs build the same model."""
+    try:
+        train = ann.segments("train") if ann.split_path("train").is_file() else []
+    except EkxError:
+        train = []
+    return (train or plan_all)[: 4 * cfg.calibration_segments]
+
+
 def _calibrate(model, bb, cfg, plan_all, found, device) -> str:
-    """BatchNorm statistics for random weights, from the first segments of the whole
-    plan (before --shard/--limit), so shards and resumed runs build the same model."""
+    """BatchNorm statistics for random weights, from the first decodable segments of
+    ``plan_all`` (see `_calibration_plan`)."""
     calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
@@ -321,7 +333,9 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     plan, plan_index = plan_rows(plan_all, cfg)
     if not plan:
         raise EkxError(f"{ann_path}: no segments to extract (check --limit / --shard)")
-    found, missing = epic.locate_videos(plan_all if cfg.weights.lower() == "none" else plan, videos)
+    calib_plan = _calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
+    own = plan_all[: 4 * cfg.calibration_segments] if calib_plan else []
+    found, missing = epic.locate_videos(plan + calib_plan + own, videos)
     missing = [v for v in missing if v in {s.video_id for s in plan}]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -333,7 +347,11 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     if weights_id == "none":
         warn("--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
              "are for tests and demos, not for real results")
-        calibration = _calibrate(model, bb, cfg, plan_all, found, device)
+        if not any(s.video_id in found for s in calib_plan):
+            warn("the train split's first videos are not here: BatchNorm calibrated on this split's own "
+                 "segments, so these features will not match a train cache made with them")
+            calib_plan = own
+        calibration = _calibrate(model, bb, cfg, calib_plan, found, device)
         bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
     model = backbones.fuse_for_inference(model)
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)

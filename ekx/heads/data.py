@@ -21,7 +21,8 @@ from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
 
 # attributes a head's checkpoint must share with any cache it is evaluated on
-IDENTITY = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
+# (bn_calibration: random weights are only the same backbone with the same BatchNorm statistics)
+IDENTITY = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns", "bn_calibration")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Split:
         return torch.tensor([self.video_id[r].split("_")[0] in participants for r in self.rows.tolist()])
 
     def identity(self) -> dict:
-        return {k: self.attrs.get(k) for k in IDENTITY}
+        return {k: self.attrs.get(k, "" if k == "bn_calibration" else None) for k in IDENTITY}
 
 
 def _fits_on(device: torch.device, nbytes: int) -> bool:
@@ -59,7 +60,7 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 
 def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
     cache = open_cache(path)
-    missing = [k for k in IDENTITY if k not in cache.attrs]
+    missing = [k for k in IDENTITY if k not in cache.attrs and k != "bn_calibration"]  # optional: "" = none
     if missing:
         raise EkxError(f"{path}: cache lacks attribute(s) {', '.join(missing)}; re-extract it with this ekx")
     rows = np.flatnonzero(cache.done)

@@ -1,0 +1,163 @@
+"""`ekx finetune`: clip-consistent augmentation, warm start from a cached-feature head,
+two-process DDP on CPU (gloo), and the fine-tuned backbone fed back to `ekx extract`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ekx.extract import backbones
+from ekx.finetune import FinetuneConfig, VideoModel, clip_augmentation, clip_inputs, frozen_modules
+
+
+def _moving_clip(t=6, h=240, w=320) -> torch.Tensor:
+    """uint8 [T, 3, H, W]: an asymmetric scene with a square that moves right frame by frame."""
+    x = torch.zeros(t, 3, h, w, dtype=torch.uint8)
+    x[:, 0] = torch.linspace(0, 255, w).to(torch.uint8)  # left-right asymmetric red ramp
+    x[:, 2, : h // 3] = 200
+    for i in range(t):
+        x[i, 1, 100:140, 40 + 30 * i:80 + 30 * i] = 255
+    return x
+
+
+def test_augmentation_draws_once_per_clip():
+    aug = clip_augmentation(backbones.get("resnet50").preprocess)
+    same = _moving_clip()[:1].expand(8, -1, -1, -1).contiguous()  # 8 identical frames
+    outs = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        y = aug(same)
+        assert y.shape == (8, 3, 224, 224) and y.dtype == torch.float32
+        for t in range(1, 8):  # per-frame draws would make these differ
+            assert torch.equal(y[0], y[t]), seed
+        outs.append(y[0])
+    # ... and every clip draws its own: the 12 clips are all different
+    assert len({o.sum().item() for o in outs}) == 12
+    # a moving clip: frame i of the clip is what frame i alone gets with the same draws
+    clip = _moving_clip()
+    torch.manual_seed(5)
+    whole = aug(clip)
+    for i in (0, 3, 5):
+        torch.manual_seed(5)
+        alone = aug(clip[i:i + 1])
+        assert torch.allclose(whole[i], alone[0], atol=1e-5)
+
+
+def test_horizontal_flip_applies_to_the_whole_clip():
+    pre = backbones.get("resnet50").preprocess
+    from torchvision.transforms import v2
+
+    clip = _moving_clip()
+    flips = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        y = clip_inputs(clip.permute(0, 2, 3, 1).numpy(), 6, backbones.get("resnet50"), torch.device("cpu"),
+                        v2.Compose([v2.CenterCrop(224), v2.RandomHorizontalFlip(0.5)]))
+        ramp = y[:, 0, 0, :].float()  # the red ramp rises left to right unless flipped
+        rising = ramp[:, -1] > ramp[:, 0]
+        assert rising.all() or (~rising).all()  # never some frames flipped and others not
+        flips += int((~rising).all())
+    assert 0 < flips < 10
+    del pre
+
+
+def test_freeze_blocks_freezes_stem_and_first_stages_and_their_batchnorm():
+    bb = backbones.get("resnet50")
+    net = bb.build()
+    head = torch.nn.Linear(2048, 2)
+    frozen = frozen_modules(bb, net, 2)
+    m = VideoModel(net, head, torch.zeros(2048), torch.ones(2048), frozen, train_bn=True)
+    m.train()
+    assert not any(p.requires_grad for p in net.layer2.parameters())
+    assert not net.conv1.weight.requires_grad and not net.bn1.training and not net.layer1[0].bn1.training
+    assert all(p.requires_grad for p in net.layer3.parameters()) and net.layer3[0].bn1.training
+    m2 = VideoModel(bb.build(), head, torch.zeros(2048), torch.ones(2048), [], train_bn=False).train()
+    assert not m2.backbone.layer4[0].bn1.training and m2.head.training  # default: statistics fixed
+    with pytest.raises(Exception, match="stem and 4 stages"):
+        frozen_modules(bb, net, 5)
+
+
+@pytest.mark.slow
+def test_warm_start_begins_at_the_cached_heads_accuracy(demo_workspace, tmp_path):
+    """A fine-tune started from the demo's lstm run scores, before its first step, what the
+    head scores on the cache for the same segments (decoded video -> same backbone -> same
+    standardisation), not chance; `ekx evaluate` then scores the run by decoding video."""
+    from ekx import epic
+    from ekx import finetune as ft
+    from ekx.heads.evaluate import evaluate_run
+
+    workdir, _ = demo_workspace
+    ann = workdir / "data" / "annotations"
+    n = 16
+    cfg = FinetuneConfig(head="lstm", init_head=str(workdir / "runs" / "lstm-demo"), epochs=1, limit=n, batch_size=4,
+                         workers=1, name="warm", device="cpu")
+    run_dir, best = ft.main(cfg, ann, workdir / "data" / "videos", tmp_path / "runs", warn=lambda m: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    cached = evaluate_run(workdir / "runs" / "lstm-demo", workdir / "features" / "resnet50" / "validation.h5")
+    segs = epic.Annotations(ann).segments("validation")[:n]
+    assert cached["narration_ids"][:n] == [s.narration_id for s in segs]
+    yv = torch.tensor([s.verb_class for s in segs])
+    yn = torch.tensor([s.noun_class for s in segs])
+    head_verb = 100 * float((cached["verb"][:n].argmax(1) == yv).float().mean())
+    head_noun = 100 * float((cached["noun"][:n].argmax(1) == yn).float().mean())
+    assert abs(rows[0]["val_verb_top1"] - head_verb) <= 100 * 2 / n, (rows[0], head_verb)
+    assert abs(rows[0]["val_noun_top1"] - head_noun) <= 100 * 2 / n, (rows[0], head_noun)
+    assert rows[0]["val_verb_top1"] >= 12.5 + 30  # chance is 1 in 8 verbs
+    # evaluate by decoding video: the same numbers as the run's own last evaluation
+    sub = tmp_path / "sub.csv"
+    with open(epic.Annotations(ann).split_path("validation")) as fh:
+        lines = fh.read().splitlines()
+    sub.write_text("\n".join(lines[: n + 1]) + "\n")
+    res = ft.evaluate_video(run_dir, ann, workdir / "data" / "videos", str(sub), "cpu", "best.pt", workers=1)
+    assert res["metrics"]["verb_top1"] == pytest.approx(rows[1]["val_verb_top1"])
+    assert res["metrics"]["action_top1"] == pytest.approx(rows[1]["val_action_top1"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--annotations", synth_data / "annotations", "--videos", synth_data / "videos"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ekx",
+           "finetune", "pooling", "--weights", "none", "--frames", "2", "--limit", "4", "--epochs", "1",
+           "--batch-size", "1", "--workers", "0", "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu",
+           "--runs", runs, "--name", "ddp", *common]
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = runs / "ddp"
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp"]  # one run directory, both ranks in it
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.toml", "curves.png", "last.pt", "metrics.jsonl"]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1  # rank 0 alone logs
+    # 4 segments, 2 ranks, batch 1: each rank took 2 steps and saw its own half
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert "backbone" in ckpt and ckpt["config"]["frames"] == 2
+    # evaluation by decoding video works on the fine-tuned run
+    r = subprocess.run([sys.executable, "-m", "ekx", "evaluate", str(run), "--device", "cpu",
+                        *[str(c) for c in common]], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "verb_top1" in r.stdout, r.stdout + r.stderr
+    # closing the loop: extract with the fine-tuned weights, compare with the original backbone
+    caches = {}
+    for name, weights in (("orig", "none"), ("tuned", str(run / "best.pt"))):
+        caches[name] = tmp_path / f"{name}.h5"
+        r = subprocess.run([sys.executable, "-m", "ekx", "extract", "--split", "train", "--weights", weights,
+                            "--frames", "2", "--limit", "4", "--workers", "0", "--device", "cpu", "--out",
+                            str(caches[name]), *[str(c) for c in common]],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    from ekx.cache.reader import open_cache
+
+    orig, tuned = open_cache(caches["orig"]), open_cache(caches["tuned"])
+    assert tuned.attrs["weights"] == f"sha256:{backbones.sha256_file(run / 'best.pt')}"
+    assert tuned.attrs["weights_path"] == str((run / "best.pt").resolve())
+    a, b = orig.features().astype(np.float32), tuned.features().astype(np.float32)
+    assert a.shape == b.shape and not np.allclose(a, b, atol=1e-2)
