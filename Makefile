@@ -19,3 +19,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/extract_bench.py
+	$(BIN)/python bench/heads_bench.py
+	$(BIN)/python bench/sweep_bench.py
+	$(BIN)/python bench/finetune_bench.py
+	$(BIN)/python bench/live_bench.py
