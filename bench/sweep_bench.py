@@ -90,7 +90,7 @@ def main() -> None:
     print(f"| `ekx sweep` (one process, caches loaded once) | {t_sweep:.1f} s |")
     print(f"| 8 x `ekx train-head` (separate processes) | {sum(separate):.1f} s |")
     print(f"| ratio sweep / separate | {t_sweep / sum(separate):.2f} |")
-    print(f"training seconds per configuration, in the sweep / alone: "
+    print("training seconds per configuration, in the sweep / alone: "
           + ", ".join(f"{a / b:.2f}" for a, b in zip(per_sweep, per_sep))
           + f"; total {sum(per_sweep) / sum(per_sep):.2f} (target <= 1.1)")
     train_f, eval_f = flops_per_sample(configs[0].cfg)

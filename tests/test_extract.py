@@ -9,11 +9,9 @@ import decord
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ekx import EkxError, epic
-from ekx.cache.reader import failures, open_cache
-from ekx.cli import app
+from ekx import epic
+from ekx.cache.reader import open_cache
 from ekx.extract import backbones
 from ekx.extract.pipeline import ExtractConfig, extract
 from ekx.extract.video import Request, clip_frames, decode_video, sample_centres

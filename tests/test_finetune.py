@@ -3,12 +3,10 @@ two-process DDP on CPU (gloo), and the fine-tuned backbone fed back to `ekx extr
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +50,6 @@ def test_augmentation_draws_once_per_clip():
 
 
 def test_horizontal_flip_applies_to_the_whole_clip():
-    pre = backbones.get("resnet50").preprocess
     from torchvision.transforms import v2
 
     clip = _moving_clip()
@@ -66,7 +63,6 @@ def test_horizontal_flip_applies_to_the_whole_clip():
         assert rising.all() or (~rising).all()  # never some frames flipped and others not
         flips += int((~rising).all())
     assert 0 < flips < 10
-    del pre
 
 
 def test_freeze_blocks_freezes_stem_and_first_stages_and_their_batchnorm():
@@ -145,6 +141,13 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     r = subprocess.run([sys.executable, "-m", "ekx", "evaluate", str(run), "--device", "cpu",
                         *[str(c) for c in common]], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "verb_top1" in r.stdout, r.stdout + r.stderr
+    # predict works on a fine-tuned run (its own backbone)
+    video = sorted((synth_data / "videos").rglob("*.MP4"))[0]
+    r = subprocess.run([sys.executable, "-m", "ekx", "predict", str(video), "--run", str(run), "--device", "cpu",
+                        "--stride", "1", "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(json.loads((tmp_path / "p.json").read_text())["windows"]) > 3
     # closing the loop: extract with the fine-tuned weights, compare with the original backbone
     caches = {}
     for name, weights in (("orig", "none"), ("tuned", str(run / "best.pt"))):
@@ -161,3 +164,29 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     assert tuned.attrs["weights_path"] == str((run / "best.pt").resolve())
     a, b = orig.features().astype(np.float32), tuned.features().astype(np.float32)
     assert a.shape == b.shape and not np.allclose(a, b, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
+    """Killed after epoch 1 and resumed == run straight through (sampler, augmentation draws
+    and model state all restored from last.pt)."""
+    from ekx import finetune as ft
+
+    def run(name, epochs, resume=False):
+        cfg = FinetuneConfig(head="pooling", weights="none", frames=2, limit=4, epochs=epochs, batch_size=2,
+                             workers=0, lr=1e-3, warmup_epochs=0.0, device="cpu", name=name)
+        return ft.main(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, resume,
+                       warn=lambda m: None)[0]
+
+    full = run("full", 2)
+    run("part", 1)
+    part = run("part", 2, resume=True)
+    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "val_loss", "val_verb_top1", "val_noun_top5"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+    sa, sb = (torch.load(p / "last.pt", weights_only=True) for p in (full, part))
+    for k in sa["backbone"]:
+        assert torch.allclose(sa["backbone"][k].float(), sb["backbone"][k].float(), atol=1e-6), k

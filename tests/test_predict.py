@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from ekx import EkxError, epic
 from ekx.cli import app
-from ekx.extract import backbones
 from ekx.heads.data import load_split
 from ekx.predict import load_run, plan_windows, predict_video, top_actions
 
