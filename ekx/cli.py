@@ -407,6 +407,10 @@ def evaluate(
     if "backbone" in ckpt:  # fine-tuned: backbone + head on decoded video
         from ekx import finetune as ft
 
+        if features_file is not None:
+            raise EkxError(f"{run} is a fine-tuned run: it is evaluated on decoded video (--split, --videos), "
+                           "not on a feature cache")
+
         result = ft.evaluate_video(run, ws.annotations, ws.videos, split_name, ws.device, checkpoint)
         features_file = result["features"]
         for e in result["errors"]:
@@ -636,6 +640,8 @@ def predict(
 
     from ekx import predict as pr
 
+    if top < 1:
+        raise EkxError("--top must be >= 1")
     ws = workspace(runs=runs, device=device)
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
     with Progress(TextColumn(f"[bold]{video.name}[/bold] frames"), BarColumn(), MofNCompleteColumn(),
@@ -696,7 +702,7 @@ def live(
     ws = workspace(runs=runs, device=device)
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
     summary = lv.run_live(model, camera, video, realtime, window, stride, top, headless, delay_ms, seconds,
-                          on_report=(lambda r: console.print(r.line(), highlight=False)) if headless else None)
+                          on_report=(lambda r: console.print(r.line(), highlight=False, soft_wrap=True)) if headless else None)
     lat = sorted(summary.latency_ms) or [0.0]
     console.print(f"{summary.samples} frames through the backbone in {summary.seconds:.1f} s ({summary.fps:.1f} fps), "
                   f"{summary.dropped} dropped, {summary.reports} predictions; latency median "

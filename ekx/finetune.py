@@ -215,7 +215,7 @@ def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
     head = heads.create(cfg.head, **kwargs)
     head.load_state_dict(ckpt["model"])
     return Start(backbone, head, kwargs, ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["classes"]["verb"],
-                 ckpt["classes"]["noun"], t, f"init-head {run}")
+                 ckpt["classes"]["noun"], t, ckpt.get("started_from", f"init-head {run}"))
 
 
 @torch.no_grad()
@@ -326,19 +326,27 @@ def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: S
     classes = (start.head_kwargs["num_verbs"], start.head_kwargs["num_nouns"])
 
     def epoch_batches(epoch: int, gen) -> tuple[int, Iterator[tr.Batch]]:
-        sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch): resume is exact
+        # the shuffle and every augmentation draw are functions of (seed, rank, epoch): a
+        # resumed run continues exactly, and each rank draws its own augmentations
+        sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed + 1000 * d.rank + 1_000_003 * epoch)
 
         def batches():
+            last_good: list = []
             for items in loader:
                 good = [(i, f) for i, f, err in items if err is None]
                 for i, _, err in items:
                     if err is not None:
                         warn(f"skipped {train_data.segments[i].narration_id}: {err}")
-                if not good:  # every rank must step alike under DDP: fail loudly instead
-                    raise EkxError("a whole batch of segments could not be decoded; check the videos with "
+                # every rank must take the same steps under DDP: an undecodable batch is
+                # replaced by the last good one rather than skipped
+                good = good or last_good
+                if not good:
+                    raise EkxError("the first batch of segments could not be decoded; check the videos with "
                                    "`ekx extract` (it lists failures)")
-                while len(good) < len(items):  # keep the batch size (and the DDP step count) fixed
-                    good.append(good[len(good) % max(len(good), 1)])
+                last_good = good
+                while len(good) < len(items):  # keep the batch size fixed
+                    good = good + good[: len(items) - len(good)]
                 ids = torch.tensor([i for i, _ in good])
                 x = torch.stack([clip_inputs(f, train_data.frames, bb, device, augment) for _, f in good])
                 yield x, yv_all[ids].to(device), yn_all[ids].to(device)
@@ -360,6 +368,8 @@ def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: S
     def load(ckpt: dict) -> None:
         model.head.load_state_dict(ckpt["model"])
         model.backbone.load_state_dict(ckpt["backbone"])
+        model.mean.copy_(ckpt["norm"]["mean"])
+        model.std.copy_(ckpt["norm"]["std"])
 
     labels = _labels(val_data.segments)
     mask = (torch.tensor([s.participant_id in unseen for s in val_data.segments]) if unseen is not None else None)
@@ -396,7 +406,7 @@ def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, 
         train_segs, val_segs = _segments(ann, cfg.train_split, cfg.limit), _segments(ann, cfg.val_split, cfg.limit)
         if any(s.verb_class < 0 for s in train_segs + val_segs):
             raise EkxError("fine-tuning needs labelled train and validation splits (the test split has no labels)")
-        calib = _calibration_plan(ann, train_segs, ExtractConfig()) if not cfg.init_head else []
+        calib = _calibration_plan(ann, train_segs, ExtractConfig()) if not (cfg.init_head or resume) else []
         paths, missing = epic.locate_videos(train_segs + val_segs + calib, videos)
         missing = [v for v in missing if v in {s.video_id for s in train_segs + val_segs}]
         if missing and d.rank0:
@@ -404,7 +414,9 @@ def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, 
         train_segs = [s for s in train_segs if s.video_id in paths]
         if not train_segs:
             raise EkxError(f"no training segment has its video under {videos}")
-        if cfg.init_head:
+        if resume:  # backbone, head and standardisation from the run itself
+            start = warm_start(replace(cfg, frames=0), run_dir / "last.pt")
+        elif cfg.init_head:
             start = warm_start(cfg, resolve_run(cfg.init_head, runs_root))
         else:
             start = cold_start(cfg, ann, train_segs, paths, device)
@@ -412,7 +424,6 @@ def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, 
         bb = backbones.get(cfg.backbone)
         train_data, val_data = Clips(train_segs, paths, start.frames, bb), Clips(val_segs, paths, start.frames, bb)
         tails, unseen = subsets(annotations, cfg.val_split)
-        torch.manual_seed(cfg.seed + 1000 * d.rank)  # each rank draws its own augmentations
         task = finetune_task(cfg, d, device, precision, start, train_data, val_data, tails, unseen,
                              warn if d.rank0 else (lambda m: None))
         opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=cfg.lr,

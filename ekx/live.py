@@ -105,11 +105,11 @@ def open_source(camera: int | None, video: Path | None):
     return cap
 
 
-def _capture(cap, box: Mailbox, is_file: bool, realtime: bool, stop: threading.Event) -> None:
-    cv2 = cv2_module()
-    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
-    t0, i = time.perf_counter(), 0
+def _capture(cap, box: Mailbox, is_file: bool, realtime: bool, stop: threading.Event, errors: list) -> None:
     try:
+        cv2 = cv2_module()
+        fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+        t0, i = time.perf_counter(), 0
         while not stop.is_set():
             ok, image = cap.read()
             if not ok:
@@ -124,6 +124,8 @@ def _capture(cap, box: Mailbox, is_file: bool, realtime: bool, stop: threading.E
                 ts = time.perf_counter() - t0
             box.put(Frame(image, ts, time.perf_counter(), i))
             i += 1
+    except Exception as e:  # noqa: BLE001 - re-raised by the main loop
+        errors.append(e)
     finally:
         cap.release()
         box.close()
@@ -196,7 +198,9 @@ def run_live(model: RunModel, camera: int | None = None, video: Path | None = No
     stride_samples = max(1, round(stride / spacing))
     box = Mailbox(drop=video is None or realtime)
     stop = threading.Event()
-    thread = threading.Thread(target=_capture, args=(cap, box, video is not None, realtime, stop), daemon=True)
+    errors: list[Exception] = []
+    thread = threading.Thread(target=_capture, args=(cap, box, video is not None, realtime, stop, errors),
+                              daemon=True)
     ring: collections.deque = collections.deque(maxlen=model.k)
     recent: collections.deque = collections.deque(maxlen=32)  # times of recent samples, for fps
     out = Summary()
@@ -253,6 +257,8 @@ def run_live(model: RunModel, camera: int | None = None, video: Path | None = No
         thread.join(timeout=5)
         if not headless:
             cv2.destroyAllWindows()
+    if errors:
+        raise EkxError(f"capture failed: {type(errors[0]).__name__}: {errors[0]}")
     out.seconds = time.perf_counter() - t_start
     out.replaced = box.replaced
     return out

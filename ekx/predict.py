@@ -145,6 +145,9 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     if window <= 0 or stride <= 0:
         raise EkxError("--window and --stride must be > 0 seconds")
     spacing = window / k
+    if stride < spacing / 2:
+        raise EkxError(f"--stride {stride:g} s is below half the frame spacing ({spacing:g} s = window / K): "
+                       "windows would repeat; use a larger --stride")
     n = int(math.floor(duration / spacing + 1e-9))
     if n < k:
         raise EkxError(f"the video is {duration:.2f} s long, shorter than one --window {window:g} s; "
@@ -160,20 +163,21 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     return spacing, n, starts
 
 
-def _decode_grid(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop: threading.Event,
-                 chunk: int) -> None:
-    """Decoder thread: frames of ``index`` (increasing) in chunks of uint8 [n, 3, H, W]."""
+def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop: threading.Event,
+                   chunk: int) -> None:
+    """Decoder thread: (frame indices, uint8 [n, H, W, 3]) chunks of ``index`` (increasing,
+    unique), so the reader only ever decodes forward (seeking past keyframes)."""
     try:
-        reader, frames = ForwardReader(open_reader(path, size_fn)), []
+        reader, got = ForwardReader(open_reader(path, size_fn)), []
         for i in index:
             if stop.is_set():
                 return
-            frames.append(reader.read(int(i)))
-            if len(frames) == chunk:
-                out.put(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
-                frames = []
-        if frames:
-            out.put(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
+            got.append(reader.read(int(i)))
+            if len(got) == chunk:
+                out.put((len(got), np.stack(got)))
+                got = []
+        if got:
+            out.put((len(got), np.stack(got)))
         out.put(None)
     except Exception as e:  # noqa: BLE001 - surfaced in the main thread
         out.put(e)
@@ -181,22 +185,46 @@ def _decode_grid(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop:
 
 def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames: int, batch: int = 16,
                   on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """[G, D] features of the grid frames; decoding (a thread) overlaps the backbone."""
-    idx = clip_frames(frame_index, model.clip_len, n_frames)
+    """[G, D] features of the grid frames; decoding (a thread) overlaps the backbone.
+
+    Each needed frame is decoded once, in order - clips of a 3D backbone may overlap - and
+    kept only until the last clip that uses it has gone through the backbone."""
+    clips = clip_frames(frame_index, model.clip_len, n_frames).reshape(len(frame_index), model.clip_len)
+    wanted = np.unique(clips)
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    worker = threading.Thread(target=_decode_grid, daemon=True,
-                              args=(path, idx, model.preprocess.decode_size, q, stop, batch * model.clip_len))
+    worker = threading.Thread(target=_decode_frames, daemon=True,
+                              args=(path, wanted, model.preprocess.decode_size, q, stop, batch * model.clip_len))
     worker.start()
-    feats = []
+    later_min = np.minimum.accumulate(clips.min(1)[::-1])[::-1]  # first frame any clip from j on needs
+    feats, kept, next_wanted = [], {}, 0
+
+    def pull():
+        nonlocal next_wanted
+        item = q.get()
+        if isinstance(item, Exception):
+            raise EkxError(f"{path.name}: decoding failed ({type(item).__name__}: "
+                           f"{str(item).splitlines()[0][:160] if str(item) else ''})")
+        if item is None:
+            raise EkxError(f"{path.name}: the decoder stopped early")
+        n, frames = item
+        for j in range(n):
+            kept[int(wanted[next_wanted + j])] = frames[j]
+        next_wanted += n
+
     try:
-        while (item := q.get()) is not None:
-            if isinstance(item, Exception):
-                raise EkxError(f"{path.name}: decoding failed ({type(item).__name__}: "
-                               f"{str(item).splitlines()[0][:160] if str(item) else ''})")
-            feats.append(model.features(item).cpu())
+        for lo in range(0, len(clips), batch):
+            need = clips[lo:lo + batch]
+            while int(need.max()) not in kept:
+                pull()
+            x = torch.from_numpy(np.stack([kept[int(i)] for i in need.reshape(-1)])).permute(0, 3, 1, 2)
+            feats.append(model.features(x).cpu())
+            if lo + batch < len(clips):  # later clips never look back past this frame
+                first = int(later_min[lo + batch])
+                for i in [i for i in kept if i < first]:
+                    del kept[i]
             if on_progress:
-                on_progress(len(feats[-1]))
+                on_progress(len(need))
     finally:
         stop.set()
         while worker.is_alive():  # unblock a decoder waiting on a full queue
@@ -225,10 +253,9 @@ def predict_video(model: RunModel, path: Path, window: float = 2.0, stride: floa
     if on_start:
         on_start(n_grid)
     feats = grid_features(model, path, index, n_frames, on_progress=on_progress)
-    windows = torch.stack([feats[g:g + model.k] for g in starts])
     out = []
-    for lo in range(0, len(windows), 256):
-        pv, pn = model.classify(windows[lo:lo + 256])
+    for lo in range(0, len(starts), 256):  # windows are built a block at a time: views of one grid
+        pv, pn = model.classify(torch.stack([feats[g:g + model.k] for g in starts[lo:lo + 256]]))
         for j in range(len(pv)):
             g = starts[lo + j]
             out.append(Window(g * spacing, (g + model.k) * spacing, top_actions(pv[j], pn[j], top)))

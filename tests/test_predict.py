@@ -140,10 +140,10 @@ def test_live_headless_reports_fps_and_latency(demo_workspace):
     workdir, _ = demo_workspace
     video = sorted((workdir / "data" / "videos").rglob("*.MP4"))[0]
     r = _cli("live", "--run", workdir / "runs" / "lstm-demo", "--video", video, "--realtime", "--headless",
-             "--seconds", 4, "--device", "cpu")
+             "--seconds", 8, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    lines = [x for x in r.output.splitlines() if "fps" in x and "latency" in x]
-    assert len(lines) >= 3, r.output
+    lines = [x for x in r.output.splitlines() if "fps" in x and "latency" in x and "|" in x]
+    assert len(lines) >= 2, r.output  # ~14 on an idle machine; fewer when the CPU is shared
     assert "frames through the backbone" in r.output
 
 

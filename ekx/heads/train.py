@@ -126,6 +126,7 @@ def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: Train
     for step, (x, yv, yn) in enumerate(batches):
         micro = step % accumulate
         last = micro == accumulate - 1 or step + 1 == steps
+        n_micro = min(accumulate, steps - (step - micro))  # the last group may be shorter
         if micro == 0:
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch + step / steps)
@@ -134,7 +135,7 @@ def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: Train
             with autocast(device, precision):
                 out = model(x)
             loss = loss_fn(out, yv, yn, cfg.label_smoothing)
-            scaler.scale(loss / accumulate).backward()
+            scaler.scale(loss / n_micro).backward()
         if last:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -146,6 +147,10 @@ def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: Train
             nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(yv)
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+            if torch.distributed.is_initialized():  # every rank stops together, or none does
+                flag = nonfinite.float()
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                nonfinite = flag > 0
             if bool(nonfinite):
                 raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
                                     "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
@@ -301,17 +306,22 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
         ckpt = load_checkpoint(run_dir / "last.pt")
         task.load(ckpt)
         opt.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["rng"]["gen"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         start, best = ckpt["epoch"], ckpt["best"]
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
-            lines = log.read_text().splitlines() if log.exists() else []
-            lines = [line for line in lines if json.loads(line)["epoch"] <= start]
+            lines = [line for line in (log.read_text().splitlines() if log.exists() else []) if _row(line)]
+            lines = [line for line in lines if _row(line)["epoch"] <= start]
             log.write_text("".join(line + "\n" for line in lines))
     elif task.rank0:
         log.write_text("")
     if task.rank0:
         write_config(run_dir, cfg)
+
+    def parts() -> dict:
+        return {**task.parts(), "scaler": scaler.state_dict()}
 
     def evaluation() -> dict | None:
         logits = task.val_logits()
@@ -338,8 +348,8 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
                    "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
             if row["val_action_top1"] > best:
                 best = row["val_action_top1"]
-                save_checkpoint(run_dir / "best.pt", task.parts(), opt, cfg, epoch + 1, best, gen)
-            save_checkpoint(run_dir / "last.pt", task.parts(), opt, cfg, epoch + 1, best, gen)
+                save_checkpoint(run_dir / "best.pt", parts(), opt, cfg, epoch + 1, best, gen)
+            save_checkpoint(run_dir / "last.pt", parts(), opt, cfg, epoch + 1, best, gen)
             with log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             if on_epoch:
@@ -418,9 +428,18 @@ def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
     return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step)
 
 
+def _row(line: str) -> dict | None:
+    """A metrics.jsonl line; None for a line cut short by a kill mid-write."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [_row(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r]
 
 
 def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
