@@ -40,6 +40,8 @@ from ekx.heads.train import _opt
 class FinetuneConfig(tr.TrainConfig):
     """train-head's hyperparameters (defaults: the seed's fine-tuning values) plus the backbone's."""
 
+    backbone: str = _opt("resnet50", "backbone to fine-tune: resnet50, efficientnet_b3, r2plus1d_18")
+    name: str = _opt("", "run directory name under runs/ (default finetune-<head>-<backbone>-<time>)")
     epochs: int = _opt(10, "epochs")
     batch_size: int = _opt(8, "segments per step and process (x --accumulate for the optimizer)")
     lr: float = _opt(5e-5, "peak learning rate (AdamW; seed phase 2 fine-tuning: 5e-5)")
