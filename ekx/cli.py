@@ -350,14 +350,10 @@ def finetune(
     """
     from ekx import finetune as ft
 
+    from ekx.heads.train import resolve_config
+
     ws = workspace(runs=runs, annotations=annotations, videos=videos)
-    values = {}
-    if config is not None:
-        data = wsconfig.load_toml(config, "config file")
-        values = data.get("finetune", data.get("train", data))
-    cfg = ft.FinetuneConfig.from_dict(values, str(config) if config else "defaults")
-    cfg = ft.FinetuneConfig.from_dict({**dataclasses.asdict(cfg), "head": head,
-                                       **{k: v for k, v in overrides.items() if v is not None}}, "flags")
+    cfg = resolve_config(config, {"head": head, **overrides}, ft.FinetuneConfig, ("finetune", "train"))
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -703,11 +699,10 @@ def live(
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
     summary = lv.run_live(model, camera, video, realtime, window, stride, top, headless, delay_ms, seconds,
                           on_report=(lambda r: console.print(r.line(), highlight=False, soft_wrap=True)) if headless else None)
-    lat = sorted(summary.latency_ms) or [0.0]
     console.print(f"{summary.samples} frames through the backbone in {summary.seconds:.1f} s ({summary.fps:.1f} fps), "
                   f"{summary.dropped} dropped, {summary.reports} predictions; latency median "
-                  f"{lat[len(lat) // 2]:.0f} ms, max {lat[-1]:.0f} ms; backbone "
-                  f"{_median(summary.backbone_ms or [0]):.0f} ms/frame, head {_median(summary.head_ms or [0]):.1f} ms",
+                  f"{_median(summary.latency_ms):.0f} ms, max {max(summary.latency_ms, default=0):.0f} ms; backbone "
+                  f"{_median(summary.backbone_ms):.0f} ms/frame, head {_median(summary.head_ms):.1f} ms",
                   highlight=False)
 
 

@@ -196,7 +196,10 @@ class Start:
 def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
     """From a train-head run: its head, its feature standardisation and the exact backbone
     its cache was extracted with (rebuilt from the checkpoint's extractor spec)."""
-    ckpt = tr.load_checkpoint(run / "best.pt" if run.is_dir() else run)
+    return start_from_checkpoint(cfg, tr.load_checkpoint(run / "best.pt" if run.is_dir() else run), run)
+
+
+def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
     spec = ckpt.get("extractor")
     if not spec:
         raise EkxError(f"--init-head {run}: the run does not record its backbone (trained by an older ekx)")
@@ -207,12 +210,7 @@ def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
     t = int(ckpt["head_kwargs"]["frames"])
     if cfg.frames and cfg.frames != t:
         raise EkxError(f"--frames {cfg.frames}: the head of {run} reads {t} frames; leave --frames at 0")
-    bb = backbones.get(cfg.backbone)
-    if "backbone" in ckpt:  # warm start from a fine-tuned run
-        backbone = bb.build()
-        backbone.load_state_dict(ckpt["backbone"])
-    else:
-        backbone = backbones.build_extractor(spec)
+    backbone = backbones.run_backbone(ckpt)  # a fine-tuned run's own, or its cache's extractor
     kwargs = {**ckpt["head_kwargs"], "dropout": cfg.dropout, "drop_path": cfg.drop_path}
     head = heads.create(cfg.head, **kwargs)
     head.load_state_dict(ckpt["model"])
@@ -234,9 +232,9 @@ def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, devi
         for m in backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1  # calibration used a cumulative average; training uses the usual
-    feats = []
+    feats, clips = [], Clips(segments, paths, t, bb)
     for i in range(min(len(segments), 8)):
-        _, frames, err = Clips(segments, paths, t, bb)[i]
+        _, frames, err = clips[i]
         if err is None:
             feats.append(backbone(clip_inputs(frames, t, bb, device, None)).float())
     if not feats:
@@ -266,6 +264,7 @@ def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device
                         collate_fn=_as_list, worker_init_fn=_worker_init if workers else None)
     core = model.module if hasattr(model, "module") else model
     core.eval()
+    bb = backbones.get(data.backbone)
     idx, verb, noun = [], [], []
     with torch.no_grad():
         for items in loader:
@@ -275,7 +274,6 @@ def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device
             good = [(i, f) for i, f, err in items if err is None]
             if not good:
                 continue
-            bb = backbones.get(data.backbone)
             x = torch.stack([clip_inputs(f, data.frames, bb, device, None) for _, f in good])
             with autocast(device, precision):
                 out = core(x)
@@ -300,6 +298,10 @@ def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device
 def _labels(segments: list[epic.Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor([s.verb_class for s in segments], dtype=torch.long),
             torch.tensor([s.noun_class for s in segments], dtype=torch.long))
+
+
+def _unseen_mask(segments: list[epic.Segment], unseen: set | None) -> torch.Tensor | None:
+    return torch.tensor([s.participant_id in unseen for s in segments]) if unseen is not None else None
 
 
 def build_model(start: Start, cfg: FinetuneConfig, device) -> VideoModel:
@@ -373,9 +375,8 @@ def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: S
         model.mean.copy_(ckpt["norm"]["mean"])
         model.std.copy_(ckpt["norm"]["std"])
 
-    labels = _labels(val_data.segments)
-    mask = (torch.tensor([s.participant_id in unseen for s in val_data.segments]) if unseen is not None else None)
-    return tr.Task(net, epoch_batches, val_logits, labels, parts, load, tails, mask, cfg.accumulate, d.rank0,
+    return tr.Task(net, epoch_batches, val_logits, _labels(val_data.segments), parts, load, tails,
+                   _unseen_mask(val_data.segments, unseen), cfg.accumulate, d.rank0,
                    initial_eval=bool(cfg.init_head))
 
 
@@ -451,11 +452,7 @@ def evaluate_video(run_dir: Path, annotations: Path, videos: Path, split: str = 
                                    str(Path(run_dir) / checkpoint))
     device = resolve_device(device_name)
     bb = backbones.get(cfg.backbone)
-    backbone = bb.build()
-    backbone.load_state_dict(ckpt["backbone"])
-    head = tr.model_from_checkpoint(ckpt)
-    start = Start(backbone, head, ckpt["head_kwargs"], ckpt["norm"]["mean"], ckpt["norm"]["std"],
-                  ckpt["classes"]["verb"], ckpt["classes"]["noun"], int(ckpt["head_kwargs"]["frames"]), "")
+    start = start_from_checkpoint(cfg, ckpt, Path(run_dir))
     model = build_model(start, replace(cfg, freeze_blocks=-1), device)
     ann = epic.Annotations(annotations)
     segs = ann.segments(split)
@@ -471,6 +468,6 @@ def evaluate_video(run_dir: Path, annotations: Path, videos: Path, split: str = 
     yv, yn = _labels(segs)
     if len(segs) and bool((yv >= 0).all()):
         tails, unseen = subsets(annotations, split)
-        mask = torch.tensor([s.participant_id in unseen for s in segs]) if unseen is not None else None
-        result["metrics"] = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=mask)
+        result["metrics"] = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)),
+                                            unseen=_unseen_mask(segs, unseen))
     return result

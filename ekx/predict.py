@@ -91,11 +91,7 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
         raise EkxError(f"{path}: the run does not say which backbone made its features "
                        "(trained by an older ekx); retrain the head on a cache made by this ekx")
     bb = backbones.get(spec["backbone"])
-    if "backbone" in ckpt:  # a fine-tuned run carries its own backbone
-        backbone = bb.build()
-        backbone.load_state_dict(ckpt["backbone"])
-    else:
-        backbone = backbones.build_extractor(spec)
+    backbone = backbones.run_backbone(ckpt)
     device = resolve_device(device_name)
     precision = resolve_precision(ckpt["config"].get("precision", "auto"), device)
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d

@@ -256,3 +256,13 @@ def build_extractor(spec: dict) -> nn.Module:
             raise EkxError(f"{path} changed since the features were extracted (sha256 differs)")
         return load_weights(bb, str(path))[0]
     raise EkxError(f"cannot rebuild backbone weights {weights!r}")
+
+
+def run_backbone(ckpt: dict) -> nn.Module:
+    """The backbone of a run's checkpoint: a fine-tuned run carries its own state dict, a
+    cached-feature run the extractor record of its cache."""
+    if "backbone" in ckpt:
+        model = get(ckpt["extractor"]["backbone"]).build()
+        model.load_state_dict(ckpt["backbone"])
+        return model.eval()
+    return build_extractor(ckpt["extractor"])

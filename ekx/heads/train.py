@@ -473,18 +473,19 @@ def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
 
 # ---------------------------------------------------------------- entry point
 
-def resolve_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
-    """Defaults < --config TOML (top level or a [train] table) < flags."""
+def resolve_config(config_file: Path | None, flags: dict[str, Any], cls: type = TrainConfig,
+                   tables: tuple[str, ...] = ("train",)):
+    """Defaults < --config TOML (top level, or the first of ``tables`` it has) < flags."""
     from ekx.config import load_toml
 
     values: dict[str, Any] = {}
     origin = "flags"
     if config_file is not None:
         data = load_toml(config_file, "config file")
-        values = data.get("train", data)
+        values = next((data[t] for t in tables if t in data), data)
         origin = str(config_file)
-    cfg = TrainConfig.from_dict(values, origin)
-    return TrainConfig.from_dict({**asdict(cfg), **{k: v for k, v in flags.items() if v is not None}}, "flags")
+    cfg = cls.from_dict(values, origin)
+    return cls.from_dict({**asdict(cfg), **{k: v for k, v in flags.items() if v is not None}}, "flags")
 
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
