@@ -30,8 +30,9 @@ from PIL import Image
 from ekx import epic
 from ekx.cache.reader import open_cache
 from ekx.extract import backbones
-from ekx.extract.pipeline import ExtractConfig, _identity, _VideoJobs, autocast, extract, resolve_precision
+from ekx.extract.pipeline import ExtractConfig, VideoJobs, extract, identity_collate
 from ekx.extract.video import Request
+from ekx.runtime import autocast, resolve_precision
 from ekx.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parent
@@ -82,8 +83,8 @@ def jobs_of(data: Path) -> tuple[list, list[epic.Segment]]:
 
 
 def decode_only(jobs, bb, workers: int) -> tuple[float, list]:
-    loader = torch.utils.data.DataLoader(_VideoJobs(jobs, K, 1, bb.preprocess.decode_size), batch_size=None,
-                                         num_workers=workers, collate_fn=_identity)
+    loader = torch.utils.data.DataLoader(VideoJobs(jobs, K, 1, bb.preprocess.decode_size), batch_size=None,
+                                         num_workers=workers, collate_fn=identity_collate)
     t0, results = time.perf_counter(), []
     for res in loader:
         results.append(res)

@@ -21,9 +21,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ekx import epic
-from ekx import finetune as ft
-from ekx.extract.pipeline import ExtractConfig, extract, resolve_device, resolve_precision
+from ekx.extract import backbones
+from ekx.extract.pipeline import ExtractConfig, extract
+from ekx.finetune import clips as ftc
+from ekx.finetune import model as ftm
+from ekx.finetune import run as ft
+from ekx.finetune.config import FinetuneConfig
+from ekx.heads import checkpoint as ck
+from ekx.heads import config as hc
 from ekx.heads import train as tr
+from ekx.runtime import resolve_device, resolve_precision
 from ekx.synth import SynthConfig, synthesize
 
 
@@ -64,8 +71,8 @@ def main() -> None:
 
     # train-head: the cached path, several epochs over the same split
     loaded = tr.load_data(cache, cache, args.device)
-    cfg = tr.TrainConfig(head="lstm", batch_size=args.head_batch_size, frames=args.frames)
-    model, _ = tr.build_model(cfg, loaded.train)
+    cfg = hc.TrainConfig(head="lstm", batch_size=args.head_batch_size, frames=args.frames)
+    model, _ = ck.build_model(cfg, loaded.train)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -76,15 +83,15 @@ def main() -> None:
     head_rate = reps * len(loaded.train.rows) / (time.perf_counter() - t0)
 
     # finetune: the same head on decoded video, backbone trained from layer3 on (seed phase 2)
-    fcfg = ft.FinetuneConfig(head="lstm", weights="none", frames=args.frames, batch_size=args.batch_size,
+    fcfg = FinetuneConfig(head="lstm", weights="none", frames=args.frames, batch_size=args.batch_size,
                              workers=args.workers, limit=args.segments, device=args.device)
     a = epic.Annotations(ann)
     segs = a.segments("train")[: args.segments]
     paths, _ = epic.locate_videos(a.segments("train"), videos)
-    start = ft.cold_start(fcfg, a, segs, paths, device)
-    bb = ft.backbones.get("resnet50")
-    clips = ft.Clips(segs, paths, args.frames, bb)
-    task = ft.finetune_task(fcfg, ft.Dist(), device, precision, start, clips, clips, None, None, print)
+    start = ftm.cold_start(fcfg, a, segs, paths, device)
+    bb = backbones.get("resnet50")
+    clips = ftc.Clips(segs, paths, args.frames, bb)
+    task = ft.finetune_task(fcfg, ftc.Dist(), device, precision, start, clips, clips, None, None, print)
     fopt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=5e-5)
     steps, batches = task.epoch_batches(0, gen)  # warm-up epoch: workers start, allocator settles
     tr.train_one_epoch(task.model, fopt, batches, steps, fcfg, 0, device, precision)

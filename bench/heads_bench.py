@@ -26,7 +26,10 @@ import h5py
 import numpy as np
 import torch
 
+from ekx import runtime
 from ekx.cache import store
+from ekx.heads import checkpoint as ck
+from ekx.heads import config as hc
 from ekx.heads import train as tr
 from ekx.heads.data import draw, feature_stats, load_split, make_batch
 
@@ -96,10 +99,10 @@ def naive_data_pass(path: Path, batch: int, items: int, workers: int) -> float:
 
 def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[float, float]:
     """(ekx samples/s, pure-compute samples/s) over the same number of steps."""
-    cfg = tr.TrainConfig(head=head, batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision="auto")
-    device, precision = data.device, tr.resolve_precision("auto", data.device)
+    cfg = hc.TrainConfig(head=head, batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision="auto")
+    device, precision = data.device, runtime.resolve_precision("auto", data.device)
     sub = dataclasses.replace(data.train, rows=data.train.rows[:samples])
-    model, _ = tr.build_model(cfg, sub)
+    model, _ = ck.build_model(cfg, sub)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     warm = dataclasses.replace(sub, rows=sub.rows[:batch * 3])
@@ -115,7 +118,7 @@ def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[f
     model.train()
     t0 = time.perf_counter()
     for _ in range(samples // batch):
-        with tr.autocast(device, precision):
+        with runtime.autocast(device, precision):
             out = model(x)
         loss = tr.loss_fn(out, yv, yn, 0.1)
         opt.zero_grad(set_to_none=True)
@@ -138,7 +141,7 @@ def main() -> None:
     make_full_cache(path)
     size = path.stat().st_size / 2**30
     base = peak_gib()
-    device = tr.resolve_device("auto")
+    device = runtime.resolve_device("auto")
     t0 = time.perf_counter()
     split = load_split(path, device)  # open + one bulk read
     load_s = time.perf_counter() - t0

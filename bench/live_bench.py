@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ekx import heads
 from ekx.extract import backbones
+from ekx.heads import models
 from ekx.heads.data import positions
 from ekx.live import run_live
 from ekx.predict import RunModel
@@ -33,7 +33,7 @@ def make_model(k: int) -> RunModel:
     bb = backbones.get("resnet50")
     net, _ = backbones.load_weights(bb, "none", 0)
     net = backbones.fuse_for_inference(net).to(memory_format=torch.channels_last)
-    head = heads.create("lstm", dim=bb.dim, num_verbs=97, num_nouns=300, frames=k, dropout=0.5, drop_path=0.1).eval()
+    head = models.create("lstm", dim=bb.dim, num_verbs=97, num_nouns=300, frames=k, dropout=0.5, drop_path=0.1).eval()
     return RunModel(net, bb.preprocess, 1, bb.dim, head, torch.zeros(bb.dim), torch.ones(bb.dim), k,
                     positions(k, k, 1, False, None)[0], [f"v{i}" for i in range(97)], [f"n{i}" for i in range(300)],
                     torch.device("cpu"), "fp32")

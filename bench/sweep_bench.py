@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_cache  # noqa: E402  (the same random-cache writer the tests use)
 
+from ekx.heads import config as hc
+from ekx.heads import runlog
 from ekx.heads import sweep as sw  # noqa: E402
-from ekx.heads import train as tr  # noqa: E402
 
 PHASE2 = ROOT / "configs" / "sweeps" / "phase2.toml"
 H100_BF16_DENSE = 989e12  # FLOP/s, NVIDIA H100 SXM datasheet (dense BF16 tensor core)
@@ -42,13 +43,13 @@ def ekx(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def flops_per_sample(cfg: tr.TrainConfig, k: int = 16, d: int = 2048) -> tuple[float, float]:
+def flops_per_sample(cfg: hc.TrainConfig, k: int = 16, d: int = 2048) -> tuple[float, float]:
     """(train fwd+bwd, eval fwd) FLOPs per sample of the phase-2 transformer head."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ekx import heads
+    from ekx.heads import models
 
-    model = heads.create(cfg.head, dim=d, num_verbs=97, num_nouns=300, frames=k, dropout=cfg.dropout,
+    model = models.create(cfg.head, dim=d, num_verbs=97, num_nouns=300, frames=k, dropout=cfg.dropout,
                          drop_path=cfg.drop_path)
     x = torch.randn(cfg.batch_size, k, d)
     with FlopCounterMode(display=False) as fc:
@@ -77,12 +78,12 @@ def main() -> None:
         separate = []
         for sc in configs:
             cfg_file = tmp / f"{sc.name}.toml"
-            tr.write_config(tmp, sc.cfg)
+            runlog.write_config(tmp, sc.cfg)
             (tmp / "config.toml").rename(cfg_file)
             separate.append(ekx("train-head", sc.cfg.head, "--config", str(cfg_file), "--runs", str(tmp / "sep"),
                                 "--name", sc.name, *feats))
-        per_sweep = [sum(r["seconds"] for r in tr.read_metrics(tmp / "sweep" / "phase2" / sc.name)) for sc in configs]
-        per_sep = [sum(r["seconds"] for r in tr.read_metrics(tmp / "sep" / sc.name)) for sc in configs]
+        per_sweep = [sum(r["seconds"] for r in runlog.read_metrics(tmp / "sweep" / "phase2" / sc.name)) for sc in configs]
+        per_sep = [sum(r["seconds"] for r in runlog.read_metrics(tmp / "sep" / sc.name)) for sc in configs]
     print(f"phase-2 sweep, 8 configurations x {args.epochs} epochs on {args.segments} segments (16 x 2048), "
           f"{torch.get_num_threads()} CPU threads")
     print("| | wall time |")

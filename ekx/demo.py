@@ -7,14 +7,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-import torch
-
-from ekx import epic, heads
+from ekx import epic
 from ekx.extract.pipeline import ExtractConfig, extract
+from ekx.heads import checkpoint as ck
+from ekx.heads import config as hc
+from ekx.heads import models
 from ekx.heads import train as tr
 from ekx.heads.evaluate import evaluate_run
 from ekx.synth import REVERSED_PAIRS, SynthConfig, synthesize
@@ -24,10 +32,10 @@ DEMO_FRAMES = 8
 DEMO_EPOCHS = 20
 
 
-def head_config(head: str, run_name: str, seed: int = 0) -> tr.TrainConfig:
+def head_config(head: str, run_name: str, seed: int = 0) -> hc.TrainConfig:
     """Settings that learn the small synthetic set in seconds (the seed's phase-2 values
     are for 67k real segments: see configs/sweeps/phase2.toml)."""
-    return tr.TrainConfig(head=head, name=run_name, epochs=DEMO_EPOCHS, batch_size=16, lr=5e-4, dropout=0.2,
+    return hc.TrainConfig(head=head, name=run_name, epochs=DEMO_EPOCHS, batch_size=16, lr=5e-4, dropout=0.2,
                           drop_path=0.05, label_smoothing=0.1, warmup_epochs=2.0, restart_epochs=DEMO_EPOCHS,
                           seed=seed)
 
@@ -94,7 +102,7 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
     console.print(f"3/3 training the four heads, {DEMO_EPOCHS} epochs each ...")
     loaded = tr.load_data(features / "resnet50" / "train.h5", features / "resnet50" / "validation.h5", "auto")
     rows = []
-    for head in sorted(heads.REGISTRY):
+    for head in sorted(models.REGISTRY):
         cfg = head_config(head, f"{head}-demo")
         cfg.train_features, cfg.val_features = str(loaded.train.path), str(loaded.val.path)
         run_dir = runs / cfg.name
@@ -104,7 +112,7 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
                           on_epoch=lambda row: bar.update(task, completed=row["epoch"]))
         result = evaluate_run(run_dir, loaded.val.path)
         rev = reversal_scores(result["verb"], loaded.val.verbs[loaded.val.rows], loaded.val.attrs["verb_classes"])
-        params = sum(p.numel() for p in tr.build_model(cfg, loaded.train)[0].parameters())
+        params = sum(p.numel() for p in ck.build_model(cfg, loaded.train)[0].parameters())
         rows.append({"head": head, "params": params, **best, **rev, "run_dir": run_dir})
         console.print(f"    {head}: val verb {best['val_verb_top1']:.1f}, action {best['val_action_top1']:.1f}, "
                       f"reversed-verb direction {rev['direction']:.0f}% -> {run_dir}")

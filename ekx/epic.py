@@ -103,7 +103,8 @@ def _open_csv(path: Path, required, what: str):
 def load_classes(path: Path) -> ClassList:
     """A verb or noun class list; ids must run 0..n-1 in order."""
     fh, reader = _open_csv(path, CLASS_COLUMNS, "class list")
-    keys, cats = [], []
+    keys: list[str] = []
+    cats: list[str] = []
     with fh:
         for row in reader:
             if row["id"] is None or not row["id"].strip().isdigit() or int(row["id"]) != len(keys):
@@ -198,6 +199,15 @@ class Annotations:
     def unseen_participants(self, split: str) -> set[str] | None:
         p = self.root / UNSEEN.format(split=split)
         return set(load_id_list(p, "participant_id")) if p.is_file() else None
+
+
+def subsets(annotations: Path | None, split_name: str) -> tuple[tuple[set[int], set[int]] | None, set[str] | None]:
+    """(tail verbs, tail nouns) and the unseen participants of a split, where the official
+    lists exist (the metrics' subsets)."""
+    if annotations is None or not Path(annotations).is_dir():
+        return None, None
+    ann = Annotations(Path(annotations))
+    return ann.tail_classes(), ann.unseen_participants(split_name)
 
 
 def index_videos(root: Path) -> dict[str, Path]:

@@ -25,10 +25,10 @@ from torch import nn
 
 from ekx import EkxError
 from ekx.extract import backbones
-from ekx.extract.pipeline import autocast, resolve_device, resolve_precision
 from ekx.extract.video import ForwardReader, clip_frames, open_reader
+from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.data import positions
-from ekx.heads.train import load_checkpoint, model_from_checkpoint
+from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
 @dataclass
@@ -95,7 +95,7 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
     device = resolve_device(device_name)
     precision = resolve_precision(ckpt["config"].get("precision", "auto"), device)
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
-    backbone = backbones.fuse_for_inference(backbone.eval()).to(device, memory_format=fmt)
+    backbone = backbones.fuse_for_inference(backbone.eval()).to(device).to(memory_format=fmt)
     head = model_from_checkpoint(ckpt).to(device)
     k, t = int(spec["frames"]), int(ckpt["head_kwargs"]["frames"])
     return RunModel(backbone, bb.preprocess, bb.clip_len, bb.dim, head, ckpt["norm"]["mean"].to(device),
@@ -148,7 +148,8 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     if n < k:
         raise EkxError(f"the video is {duration:.2f} s long, shorter than one --window {window:g} s; "
                        "pass a smaller --window")
-    starts, i = [], 0
+    starts: list[int] = []
+    i = 0
     while True:
         g = int(round(i * stride / spacing))
         if g + k > n:
@@ -281,7 +282,7 @@ def timeline(pred: Prediction, verbs: list[str], nouns: list[str], out: Path) ->
     for row, (pick, names) in enumerate(((0, verbs), (1, nouns))):
         last = None
         for w in pred.windows:
-            cls, p = w.actions[0][pick], w.actions[0][2]
+            cls, p = int(w.actions[0][pick]), w.actions[0][2]
             centre = (w.start + w.end) / 2
             ax.broken_barh([(centre - step / 2, step)], (1 - row + 0.05, 0.9), color=cmap(cls % 20),
                            alpha=0.35 + 0.65 * min(1.0, p ** 0.5))

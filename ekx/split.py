@@ -33,13 +33,15 @@ def choose_videos(segments: list[epic.Segment], fraction: float, seed: int) -> s
     per_video = {v: np.zeros(n_verbs) for v in videos}
     for s in segments:
         per_video[s.video_id][s.verb_class] += 1
-    total = sum(per_video.values())
+    total = np.sum(list(per_video.values()), axis=0)
     target = fraction * len(segments)
     rng = np.random.default_rng(seed)
-    best, best_score = None, None
+    best: set[str] = set()
+    best_score: float | None = None
     for _ in range(CANDIDATES):
         order = rng.permutation(len(videos))
-        chosen, counts = [], np.zeros(n_verbs)
+        chosen: list[str] = []
+        counts = np.zeros(n_verbs)
         for i in order:
             if counts.sum() >= target or len(chosen) == len(videos) - 1:
                 break

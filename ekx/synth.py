@@ -167,7 +167,7 @@ def read_stamp(frame: np.ndarray) -> int:
     """The frame index a synthetic frame carries (robust to compression noise)."""
     h, w = stamp_height(frame.shape[0]), frame.shape[1]
     bw = w // STAMP_BITS
-    band = frame[1:h - 1].astype(np.float32).mean(axis=(0, 2)) if frame.ndim == 3 else None
+    band = frame[1:h - 1].astype(np.float32).mean(axis=(0, 2) if frame.ndim == 3 else 0)  # colour or grey
     bits = [band[b * bw + 2:(b + 1) * bw - 2].mean() > 127 for b in range(STAMP_BITS)]
     return sum(1 << b for b, on in enumerate(bits) if on)
 

@@ -68,11 +68,11 @@ def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 3
 def demo_workspace(tmp_path_factory):
     """`ekx demo` run once through the CLI: (workdir, CLI result). Its synthetic data,
     resnet50 caches and four runs are shared by the tests that need real extracted data."""
+    import os
+
     from typer.testing import CliRunner
 
     from ekx.cli import app
-
-    import os
 
     if os.environ.get("EKX_TEST_DEMO_DIR"):  # developer shortcut: reuse a finished `ekx demo --workdir`
         return Path(os.environ["EKX_TEST_DEMO_DIR"]), None

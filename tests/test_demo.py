@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ekx.demo import reversal_scores
 from ekx.heads.data import load_split
 from ekx.heads.evaluate import evaluate_run

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from ekx.extract import backbones
-from ekx.finetune import FinetuneConfig, VideoModel, clip_augmentation, clip_inputs, frozen_modules
+from ekx.finetune.clips import clip_augmentation, clip_inputs
+from ekx.finetune.config import FinetuneConfig
+from ekx.finetune.model import VideoModel, frozen_modules
 
 
 def _moving_clip(t=6, h=240, w=320) -> torch.Tensor:
@@ -87,7 +89,7 @@ def test_warm_start_begins_at_the_cached_heads_accuracy(demo_workspace, tmp_path
     head scores on the cache for the same segments (decoded video -> same backbone -> same
     standardisation), not chance; `ekx evaluate` then scores the run by decoding video."""
     from ekx import epic
-    from ekx import finetune as ft
+    from ekx.finetune import run as ft
     from ekx.heads.evaluate import evaluate_run
 
     workdir, _ = demo_workspace
@@ -170,7 +172,7 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
 def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
     """Killed after epoch 1 and resumed == run straight through (sampler, augmentation draws
     and model state all restored from last.pt)."""
-    from ekx import finetune as ft
+    from ekx.finetune import run as ft
 
     def run(name, epochs, resume=False):
         cfg = FinetuneConfig(head="pooling", weights="none", frames=2, limit=4, epochs=epochs, batch_size=2,

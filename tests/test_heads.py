@@ -7,22 +7,24 @@ import math
 
 import pytest
 import torch
+from conftest import make_cache
 from typer.testing import CliRunner
 
-from conftest import make_cache
-from ekx import EkxError, heads
+from ekx import EkxError
 from ekx.cli import app
-from ekx.heads import metrics
+from ekx.heads import checkpoint as ck
+from ekx.heads import config as hc
+from ekx.heads import metrics, models, runlog
 from ekx.heads import train as tr
 from ekx.heads.evaluate import evaluate_run, submission
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("name", sorted(heads.REGISTRY))
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
 def test_every_head_keeps_the_contract(name):
     torch.manual_seed(0)
-    model = heads.create(name, dim=48, num_verbs=97, num_nouns=300, frames=16, dropout=0.3, drop_path=0.1)
+    model = models.create(name, dim=48, num_verbs=97, num_nouns=300, frames=16, dropout=0.3, drop_path=0.1)
     x = torch.randn(3, 16, 48, requires_grad=True)
     out = model(x)
     assert set(out) == {"verb", "noun"}
@@ -37,9 +39,9 @@ def test_every_head_keeps_the_contract(name):
 
 def test_duplicate_registration_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
-        heads.register("lstm")(object)
+        models.register("lstm")(object)
     with pytest.raises(EkxError, match="unknown head 'gru'"):
-        heads.create("gru", dim=4, num_verbs=2, num_nouns=2, frames=4)
+        models.create("gru", dim=4, num_verbs=2, num_nouns=2, frames=4)
 
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -96,13 +98,13 @@ def caches(tmp_path):
             make_cache(tmp_path / "val.h5", n=40, seed=1, split="validation"))
 
 
-def _cfg(caches, **kw) -> tr.TrainConfig:
-    return tr.TrainConfig(**{"head": "lstm", "train_features": str(caches[0]), "val_features": str(caches[1]),
+def _cfg(caches, **kw) -> hc.TrainConfig:
+    return hc.TrainConfig(**{"head": "lstm", "train_features": str(caches[0]), "val_features": str(caches[1]),
                              "epochs": 4, "batch_size": 16, "lr": 1e-3, "dropout": 0.1, "frames": 4, **kw})
 
 
 def _metrics(run_dir):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in tr.read_metrics(run_dir)]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in runlog.read_metrics(run_dir)]
 
 
 def test_run_directory_contents_and_reproducibility(caches, tmp_path):
@@ -119,7 +121,7 @@ def test_run_directory_contents_and_reproducibility(caches, tmp_path):
     ckpt = torch.load(a / "best.pt", weights_only=True)
     assert ckpt["cache"]["backbone"] == "resnet50" and ckpt["cache"]["num_verbs"] == 5
     assert ckpt["norm"]["mean"].shape == (32,)
-    cfg = tr.resolve_config(a / "config.toml", {})
+    cfg = hc.resolve_config(a / "config.toml", {})
     assert cfg == _cfg(caches)
 
 
@@ -134,25 +136,25 @@ def test_resume_equals_an_uninterrupted_run(caches, tmp_path):
 def test_config_file_flags_and_unknown_keys(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[train]\nlr = 5e-5\nbatch_size = 32\ndropout = 0.6\n")
-    cfg = tr.resolve_config(f, {"batch_size": 8, "head": "transformer"})
+    cfg = hc.resolve_config(f, {"batch_size": 8, "head": "transformer"})
     assert (cfg.lr, cfg.batch_size, cfg.dropout, cfg.head) == (5e-5, 8, 0.6, "transformer")
     f.write_text("lr = 1e-4\nlabel_smothing = 0.1\n")
     with pytest.raises(EkxError, match="unknown key.*label_smothing"):
-        tr.resolve_config(f, {})
+        hc.resolve_config(f, {})
     f.write_text("lr = 'fast'\n")
     with pytest.raises(EkxError, match="'lr' must be float"):
-        tr.resolve_config(f, {})
+        hc.resolve_config(f, {})
 
 
 def test_lr_schedule_warms_up_then_restarts():
-    cfg = tr.TrainConfig(lr=1.0, warmup_epochs=2, restart_epochs=4, min_lr_ratio=0.0)
+    cfg = hc.TrainConfig(lr=1.0, warmup_epochs=2, restart_epochs=4, min_lr_ratio=0.0)
     assert tr.lr_at(cfg, 1.0) == pytest.approx(0.5)
     assert tr.lr_at(cfg, 2.0) == pytest.approx(1.0)
     assert tr.lr_at(cfg, 4.0) == pytest.approx(0.5)
     assert tr.lr_at(cfg, 6.0) == pytest.approx(1.0)  # warm restart
     torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=4, T_mult=2)
-    cfg2 = tr.TrainConfig(lr=1.0, warmup_epochs=0, restart_epochs=4, restart_mult=2, min_lr_ratio=0.0)
+    cfg2 = hc.TrainConfig(lr=1.0, warmup_epochs=0, restart_epochs=4, restart_mult=2, min_lr_ratio=0.0)
     for t in (0.5, 3.0, 5.0, 11.5, 13.0):
         torch_sched.step(t)
         assert tr.lr_at(cfg2, t) == pytest.approx(torch_sched.get_last_lr()[0], abs=1e-9)
@@ -172,8 +174,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, mon
     monkeypatch.setattr(tr, "loss_fn", poisoned)
     with pytest.raises(tr.NonFiniteLoss, match="loss became nan at epoch 2.*last good checkpoint"):
         tr.run(_cfg(caches), tmp_path / "r", data)
-    ckpt = tr.load_checkpoint(tmp_path / "r" / "last.pt")
-    assert ckpt["epoch"] == 1 and len(tr.read_metrics(tmp_path / "r")) == 1
+    ckpt = ck.load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ckpt["epoch"] == 1 and len(runlog.read_metrics(tmp_path / "r")) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -193,7 +195,7 @@ def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
     val = make_cache(tmp_path / "val.h5", n=20, num_verbs=97, num_nouns=300, seed=1)
     test = make_cache(tmp_path / "test.h5", n=30, num_verbs=97, num_nouns=300, seed=2, labelled=False, split="test")
     data = tr.load_data(train, val, "cpu")
-    cfg = tr.TrainConfig(head="pooling", epochs=1, frames=4, train_features=str(train), val_features=str(val))
+    cfg = hc.TrainConfig(head="pooling", epochs=1, frames=4, train_features=str(train), val_features=str(val))
     tr.run(cfg, tmp_path / "r", data)
     out = tmp_path / "sub.json"
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--features", str(test), "--submission", str(out)])

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_cache
 from typer.testing import CliRunner
 
-from conftest import make_cache
 from ekx import epic
 from ekx.cache.reader import open_cache
 from ekx.cli import app

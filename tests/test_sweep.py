@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ekx import EkxError, epic
 from ekx.cli import app
 from ekx.heads import sweep as sw
-from ekx.heads.train import read_metrics
+from ekx.heads.runlog import read_metrics
 from ekx.split import write_split
 
 runner = CliRunner()

@@ -7,7 +7,16 @@ import decord
 import numpy as np
 
 from ekx import epic
-from ekx.synth import NOUNS, REVERSED_PAIRS, VERBS, SynthConfig, allowed_nouns, plan, read_stamp, synthesize
+from ekx.synth import (
+    NOUNS,
+    REVERSED_PAIRS,
+    VERBS,
+    SynthConfig,
+    allowed_nouns,
+    plan,
+    read_stamp,
+    synthesize,
+)
 
 
 def _video_info(root):

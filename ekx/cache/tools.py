@@ -54,13 +54,13 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
         problems.append("frame_index decreases within a segment")
     nonfinite = nan = 0
     total = np.zeros(D)
-    pooled = []
+    pooled: list[np.ndarray] = []
     with h5py.File(path, "r") as f, np.errstate(over="ignore", invalid="ignore"):
         for x in _scan(f, done):
             nan += int(np.isnan(x).any(axis=(1, 2, 3)).sum())
             nonfinite += int(np.isinf(x).any(axis=(1, 2, 3)).sum())
             total += np.abs(x).sum(axis=(0, 1, 2))
-            if sum(map(len, pooled)) < 4096:
+            if sum(len(p) for p in pooled) < 4096:
                 pooled.append(np.nan_to_num(x[:, 0].mean(axis=1)))
     if nan:
         problems.append(f"{nan} segments contain NaN features")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torchvision.transforms.v2.functional as F
 from torch import nn
 from torchvision import models
-from torchvision.models.video import r2plus1d_18, R2Plus1D_18_Weights
+from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
 from ekx import EkxError
 
@@ -59,8 +59,8 @@ class Preprocess:
 
 def _preprocess_of(weights) -> Preprocess:
     t = weights.transforms()
-    crop = list(t.crop_size)
-    crop = (crop[0], crop[-1])
+    sides = list(t.crop_size)
+    crop = (sides[0], sides[-1])
     return Preprocess(tuple(t.resize_size), crop, tuple(t.mean), tuple(t.std), t.interpolation.value,
                       bool(getattr(t, "antialias", False)))
 
@@ -69,12 +69,12 @@ def _preprocess_of(weights) -> Preprocess:
 class Backbone:
     name: str
     build: Callable[[], nn.Module]  # random init, classifier removed
-    weights: type  # torchvision WeightsEnum class
+    weights: Any  # torchvision WeightsEnum class (mypy cannot see its members)
     dim: int
     clip_len: int = 1  # 1: per-frame 2D model; >1: consecutive frames per clip (3D model)
     # the network from the input on: [stem, stage 1, stage 2, ...]; `finetune --freeze-blocks N`
     # freezes the stem and the first N stages
-    stages: Callable[[nn.Module], list[list[nn.Module]]] = lambda m: [[m]]
+    stages: Callable[[Any], list[list[nn.Module]]] = lambda m: [[m]]
 
     @property
     def preprocess(self) -> Preprocess:
@@ -105,7 +105,7 @@ def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Mod
     return make
 
 
-def _resnet_stages(m: nn.Module) -> list[list[nn.Module]]:
+def _resnet_stages(m: Any) -> list[list[nn.Module]]:
     stem = [m.stem] if hasattr(m, "stem") else [m.conv1, m.bn1]  # video ResNets have a stem block
     return [stem, [m.layer1], [m.layer2], [m.layer3], [m.layer4]]
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import signal
-import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,14 +20,16 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ekx import EkxError, __version__, epic
+from ekx import EkxError, epic
 from ekx.cache import store
 from ekx.cache.reader import failures, open_cache
 from ekx.extract import backbones
+from ekx.extract.inputs import calibrate, calibration_plan, segment_inputs
 from ekx.extract.video import Request, Result, decode_video
+from ekx.extract.writer import WriterThread, cache_attrs
+from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
 @dataclass
@@ -81,7 +80,8 @@ def shard_videos(segments: list[epic.Segment], count: int) -> list[set[str]]:
     sizes: dict[str, int] = {}
     for s in segments:
         sizes[s.video_id] = sizes.get(s.video_id, 0) + 1
-    loads, shards = [0] * count, [set() for _ in range(count)]
+    loads = [0] * count
+    shards: list[set[str]] = [set() for _ in range(count)]
     for vid in sorted(sizes, key=lambda v: (-sizes[v], v)):
         j = min(range(count), key=lambda j: (loads[j], j))
         shards[j].add(vid)
@@ -106,77 +106,9 @@ def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
     return features_root / cfg.backbone / f"{name}.h5"
 
 
-# ---------------------------------------------------------------- device and precision
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EkxError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        if name not in ("fp32", "bf16", "fp16"):
-            raise EkxError(f"--precision {name}: use auto, fp32, bf16 or fp16")
-        return name
-    # fp16 autocast keeps features within cosine 0.999 of fp32; bf16's 8-bit mantissa does
-    # not (0.995 measured in bench/extract_bench.py), so bf16 is opt-in only.
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-# ---------------------------------------------------------------- views
-
-def view_params(seed: int, narration_id: str, view: int, h: int, w: int) -> dict:
-    """Seeded augmentation of one view, the same for every frame of the segment."""
-    rng = np.random.default_rng([seed, zlib.crc32(narration_id.encode()), view])
-    scale, ratio = rng.uniform(0.35, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    ch = int(min(h, round(np.sqrt(scale * h * w / ratio))))
-    cw = int(min(w, round(np.sqrt(scale * h * w * ratio))))
-    return {"top": int(rng.integers(0, h - ch + 1)), "left": int(rng.integers(0, w - cw + 1)),
-            "height": ch, "width": cw, "flip": bool(rng.random() < 0.5),
-            "brightness": float(rng.uniform(0.6, 1.4)), "contrast": float(rng.uniform(0.6, 1.4)),
-            "saturation": float(rng.uniform(0.6, 1.4))}
-
-
-def make_view(frames: torch.Tensor, pre: backbones.Preprocess, p: dict | None) -> torch.Tensor:
-    """uint8 [F, 3, H, W] on the device -> normalised float; view 0 (p None) is the clean one."""
-    if p is None:
-        return pre(frames)
-    x = F.resized_crop(frames, p["top"], p["left"], p["height"], p["width"], list(pre.crop_size),
-                       interpolation=F.InterpolationMode(pre.interpolation), antialias=True)
-    if p["flip"]:
-        x = F.horizontal_flip(x)
-    x = F.to_dtype(x, torch.float32, scale=True)
-    x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, p["brightness"]), p["contrast"]),
-                            p["saturation"])
-    return F.normalize(x, mean=list(pre.mean), std=list(pre.std))
-
-
-def segment_inputs(res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone,
-                   device: torch.device) -> torch.Tensor:
-    """Model inputs of one segment: [V*K, 3, h, w] images or [V*K, 3, clip, h, w] clips."""
-    frames = torch.from_numpy(res.frames).to(device, non_blocking=True).permute(0, 3, 1, 2)
-    pre = bb.preprocess
-    views = []
-    for v in range(cfg.views):
-        p = None if v == 0 else view_params(cfg.seed, narration_id, v, frames.shape[-2], frames.shape[-1])
-        x = make_view(frames, pre, p)
-        if bb.clip_len > 1:  # [K*clip, 3, h, w] -> [K, 3, clip, h, w]
-            x = x.reshape(cfg.frames, bb.clip_len, *x.shape[1:]).transpose(1, 2)
-        views.append(x)
-    return torch.cat(views)
-
-
 # ---------------------------------------------------------------- decoding workers
 
-class _VideoJobs(IterableDataset):
+class VideoJobs(IterableDataset):
     """Yields decoded segments; each worker takes whole videos (each opened once)."""
 
     def __init__(self, jobs: list[tuple[Path, list[Request]]], k: int, clip_len: int, size_fn):
@@ -189,7 +121,7 @@ class _VideoJobs(IterableDataset):
             yield from decode_video(path, reqs, self.k, self.clip_len, self.size_fn)
 
 
-def _worker_init(_):
+def worker_init(_):
     # Ctrl-C goes to the whole process group: the main process handles it, workers just stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
@@ -205,118 +137,11 @@ def _worker_init(_):
         pass
 
 
-def _identity(batch):
+def identity_collate(batch):
     return batch
 
 
-# ---------------------------------------------------------------- writer thread
-
-class _WriterThread(threading.Thread):
-    def __init__(self, writer: store.Writer):
-        super().__init__(daemon=True)
-        self.writer, self.q, self.error = writer, queue.Queue(maxsize=256), None
-
-    def run(self):
-        stop = False
-        while not stop:
-            items = [self.q.get()]
-            while len(items) < 64:
-                try:
-                    items.append(self.q.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(i is None for i in items)
-            items = [i for i in items if i is not None]
-            if self.error is None and items:
-                try:
-                    self.writer.write([i[1:] for i in items if i[0] == "done"],
-                                      [i[1:] for i in items if i[0] == "failed"])
-                except Exception as e:  # noqa: BLE001 - surfaced to the main loop
-                    self.error = e
-
-    def put(self, item):
-        if self.error is not None:
-            raise _disk_error(self.writer.path, self.error)
-        self.q.put(item)
-
-    def finish(self):
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise _disk_error(self.writer.path, self.error)
-
-
-def _disk_error(path: Path, e: Exception) -> EkxError:
-    text = str(e)
-    if "No space" in text or "errno = 28" in text or getattr(e, "errno", None) == 28:
-        return EkxError(f"disk full while writing {path}: free some space, then re-run the same command "
-                        "to resume (segments written so far are kept)")
-    return EkxError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
-
-
 # ---------------------------------------------------------------- the run
-
-def _attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precision: str,
-           device: torch.device, ann: epic.Annotations, ann_path: Path, calibration: str,
-           weights_path: str) -> dict:
-    import decord
-    import torchvision
-
-    verbs, nouns = ann.verbs(), ann.nouns()
-    return {
-        "format": store.FORMAT, "format_version": store.VERSION, "backbone": bb.name,
-        "weights": weights_id, "weights_path": weights_path, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
-        "views": cfg.views, "clip_len": bb.clip_len,
-        "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
-        "seed": cfg.seed,
-        "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
-                        "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
-        "precision": precision, "dtype": "float16", "annotation_file": ann_path.name,
-        "annotation_sha256": backbones.sha256_file(ann_path), "bn_calibration": calibration,
-        # the class lists travel with the cache: stage 2 needs no annotation directory
-        "num_verbs": len(verbs), "num_nouns": len(nouns),
-        "verb_classes": list(verbs.keys), "noun_classes": list(nouns.keys),
-        "split": cfg.split, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
-        "ekx_version": __version__, "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__, "decord_version": decord.__version__,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        **bb.preprocess.to_attrs(),
-    }
-
-
-def _calibration_plan(ann: epic.Annotations, plan_all: list[epic.Segment], cfg: ExtractConfig) -> list[epic.Segment]:
-    """Segments whose frames calibrate BatchNorm for random weights: the train split's
-    first ones whatever split is extracted (so train, validation and test caches come from
-    one and the same backbone), the split's own where the workspace has no train CSV.
-    Taken before --shard/--limit, so shards and resumed runs build the same model."""
-    try:
-        train = ann.segments("train") if ann.split_path("train").is_file() else []
-    except EkxError:
-        train = []
-    return (train or plan_all)[: 4 * cfg.calibration_segments]
-
-
-def _calibrate(model, bb, cfg, plan_all, found, device) -> str:
-    """BatchNorm statistics for random weights, from the first decodable segments of
-    ``plan_all`` (see `_calibration_plan`)."""
-    calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
-    if not calib:
-        raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
-    inputs = []
-    for s in calib:
-        for res in decode_video(found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames,
-                                bb.clip_len, bb.preprocess.decode_size):
-            if res.error is None:
-                inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
-    if not inputs:
-        raise EkxError("--weights none: none of the calibration segments could be decoded")
-    # 64 inputs spread over the segments are enough for stable statistics
-    x = torch.cat(inputs)
-    x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
-    torch.manual_seed(cfg.seed)
-    backbones.calibrate_batchnorm(model, [x[i:i + 32] for i in range(0, len(x), 32)])
-    return "first segments: " + ",".join(s.narration_id for s in calib)
-
 
 def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: Path,
             on_start: Callable[[int, int], None] | None = None,
@@ -333,7 +158,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     plan, plan_index = plan_rows(plan_all, cfg)
     if not plan:
         raise EkxError(f"{ann_path}: no segments to extract (check --limit / --shard)")
-    calib_plan = _calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
+    calib_plan = calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
     own = plan_all[: 4 * cfg.calibration_segments] if calib_plan else []
     found, missing = epic.locate_videos(plan + calib_plan + own, videos)
     missing = [v for v in missing if v in {s.video_id for s in plan}]
@@ -351,7 +176,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
             warn("the train split's first videos are not here: BatchNorm calibrated on this split's own "
                  "segments, so these features will not match a train cache made with them")
             calib_plan = own
-        calibration = _calibrate(model, bb, cfg, calib_plan, found, device)
+        calibration = calibrate(model, bb, cfg, calib_plan, found, device)
         bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
     model = backbones.fuse_for_inference(model)
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
@@ -359,7 +184,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     out = cfg.out or default_out(cfg, features_root)
     # a checkpoint is named by its path (the sha256 in "weights" is its identity)
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
-    attrs = _attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
+    attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
     rows = store.Rows([s.narration_id for s in plan], [s.video_id for s in plan],
                       np.array([s.verb_class for s in plan]), np.array([s.noun_class for s in plan]), plan_index)
     if out.exists():
@@ -375,7 +200,7 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     writer = store.Writer(out)
     status = writer.status_array()
     todo = np.flatnonzero(status != store.DONE)
-    thread = _WriterThread(writer)
+    thread = WriterThread(writer)
     thread.start()
     summary = Summary(out, len(plan), int((status == store.DONE).sum()), 0, 0, 0, 0.0)
     if missing:
@@ -409,9 +234,9 @@ def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, 
     if not jobs:
         return
     workers = max(0, min(cfg.workers, len(jobs)))
-    loader = DataLoader(_VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
-                        batch_size=None, num_workers=workers, collate_fn=_identity,
-                        worker_init_fn=_worker_init if workers else None,
+    loader = DataLoader(VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
+                        batch_size=None, num_workers=workers, collate_fn=identity_collate,
+                        worker_init_fn=worker_init if workers else None,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     pending: list[tuple[Result, torch.Tensor]] = []
     n_inputs = 0
@@ -430,10 +255,11 @@ def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, 
             f = feats[o:o + len(inp)].reshape(cfg.views, cfg.frames, bb.dim)
             o += len(inp)
             thread.put(("done", res.row, f.astype(np.float16), res.centres))
+        nframes = sum(len(r.frames) for r, _ in pending if r.frames is not None)
         summary.processed += len(pending)
-        summary.frames += sum(len(p[0].frames) for p in pending)
+        summary.frames += nframes
         if on_progress:
-            on_progress(len(pending), sum(len(p[0].frames) for p in pending))
+            on_progress(len(pending), nframes)
         pending, n_inputs = [], 0
 
     for res in loader:

@@ -38,7 +38,8 @@ def _params(run_dir: Path) -> int:
 
 
 def collect(paths: list[Path]) -> list[dict]:
-    from ekx.heads.train import read_metrics, resolve_config
+    from ekx.heads.config import resolve_config
+    from ekx.heads.runlog import read_metrics
 
     rows = []
     for d in run_dirs(paths):

@@ -7,18 +7,16 @@ import json
 from pathlib import Path
 
 from ekx import epic
-from ekx.extract.pipeline import resolve_device, resolve_precision
 from ekx.heads import metrics
+from ekx.heads.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from ekx.heads.config import TrainConfig
 from ekx.heads.data import load_split
-from ekx.heads.train import TrainConfig, check_compatible, load_checkpoint, model_from_checkpoint, predict
-
-
-def subsets(annotations: Path | None, split_name: str):
-    """(tail verbs, tail nouns) and unseen participants, where the official lists exist."""
-    if annotations is None or not Path(annotations).is_dir():
-        return None, None
-    ann = epic.Annotations(Path(annotations))
-    return ann.tail_classes(), ann.unseen_participants(split_name)
+from ekx.heads.train import predict
+from ekx.runtime import resolve_device, resolve_precision
 
 
 def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None, device_name: str = "auto",
@@ -35,7 +33,7 @@ def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None,
               "epoch": ckpt["epoch"], "verb": verb, "noun": noun,
               "narration_ids": [split.narration_id[r] for r in split.rows.tolist()]}
     if split.labelled:
-        tails, unseen = subsets(annotations, split.attrs.get("split", ""))
+        tails, unseen = epic.subsets(annotations, split.attrs.get("split", ""))
         result["metrics"] = metrics.compute(verb, noun, split.verbs[split.rows], split.nouns[split.rows],
                                             *(tails or (None, None)), unseen=split.from_participants(unseen))
     return result

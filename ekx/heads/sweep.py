@@ -38,9 +38,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ekx import EkxError
+from ekx import EkxError, runtime
 from ekx.config import load_toml, tomllib
-from ekx.heads.train import TrainConfig
+from ekx.heads.config import TrainConfig
 
 SECTIONS = ("base", "config", "grid", "random")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
@@ -235,7 +235,7 @@ def _worker_init(train_path, val_path, device, tails, unseen, events, jobs) -> N
     from ekx.heads.data import load_split
 
     torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // jobs))
-    dev = tr.resolve_device(device)
+    dev = runtime.resolve_device(device)
     train = load_split(Path(train_path), dev, mmap=True)
     val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
     from ekx.heads.data import feature_stats

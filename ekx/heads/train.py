@@ -11,70 +11,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from contextlib import nullcontext
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ekx import EkxError, heads
-from ekx.extract.pipeline import autocast, resolve_device, resolve_precision
+from ekx import EkxError, epic
 from ekx.heads import metrics
+from ekx.heads.checkpoint import (
+    build_model,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ekx.heads.config import TrainConfig
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every hyperparameter of the seed's phase-2 table is here (lr, batch_size, dropout,
-    label_smoothing, drop_path), each a flag and a key of a --config TOML file."""
-
-    head: str = _opt("lstm", "head: pooling, lstm, transformer, cross-attention")
-    backbone: str = _opt("resnet50", "backbone whose cache to train on")
-    train_features: str = _opt("", "train cache (default <features>/<backbone>/train.h5)")
-    val_features: str = _opt("", "validation cache (default <features>/<backbone>/validation.h5)")
-    name: str = _opt("", "run directory name under runs/ (default <head>-<backbone>-<time>)")
-    epochs: int = _opt(20, "epochs")
-    batch_size: int = _opt(24, "batch size (seed phase 2: 16-32)")
-    lr: float = _opt(3e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    dropout: float = _opt(0.5, "dropout (seed phase 2: 0.3-0.6)")
-    drop_path: float = _opt(0.1, "stochastic depth rate (transformer heads)")
-    label_smoothing: float = _opt(0.1, "label smoothing of both losses")
-    warmup_epochs: float = _opt(1.0, "linear warm-up epochs")
-    restart_epochs: int = _opt(10, "cosine warm restarts: first cycle, epochs")
-    restart_mult: int = _opt(1, "cosine warm restarts: cycle growth factor")
-    min_lr_ratio: float = _opt(0.01, "lowest lr as a fraction of --lr")
-    grad_clip: float = _opt(1.0, "gradient clipping max-norm")
-    frames: int = _opt(0, "frames T per sample (0: all K cached)")
-    seed: int = _opt(0, "random seed (same seed and device, same metrics)")
-    device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    precision: str = _opt("auto", "auto, fp32, bf16 or fp16")
-    eval_batch_size: int = _opt(1024, "batch size of evaluation")
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], origin: str) -> "TrainConfig":
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise EkxError(f"{origin}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(cls.keys())}")
-        cfg = cls()
-        for k, v in values.items():
-            kind = type(getattr(cfg, k))
-            if kind is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            if not isinstance(v, kind):
-                raise EkxError(f"{origin}: '{k}' must be {kind.__name__}, got {v!r}")
-            setattr(cfg, k, v)
-        return cfg
+from ekx.heads.runlog import plot_curves, read_metrics, row_of, write_config
+from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
 class NonFiniteLoss(EkxError):
@@ -175,7 +131,7 @@ def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, d
         for step in range(steps):
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             idx = perm[sl]
-            yield (make_batch(split, idx, views[sl], pos[sl], *norm, device),
+            yield (make_batch(split, idx, views[sl], pos[sl], norm[0], norm[1], device),
                    split.verbs[idx].to(device), split.nouns[idx].to(device))
     return steps, batches()
 
@@ -201,7 +157,7 @@ def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> t
     def inputs():
         for i in range(0, len(split.rows), cfg.eval_batch_size):
             idx = split.rows[i:i + cfg.eval_batch_size]
-            yield make_batch(split, idx, views[:len(idx)], pos[:len(idx)], *norm, device)
+            yield make_batch(split, idx, views[:len(idx)], pos[:len(idx)], norm[0], norm[1], device)
     return predict_inputs(model, inputs(), device, precision)
 
 
@@ -215,61 +171,6 @@ def score(verb: torch.Tensor, noun: torch.Tensor, yv: torch.Tensor, yn: torch.Te
 def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
     verb, noun = predict(model, split, norm, cfg, device, precision)
     return score(verb, noun, split.verbs[split.rows], split.nouns[split.rows], tails, split.from_participants(unseen))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float,
-                    gen: torch.Generator) -> None:
-    """``parts``: what the input source puts in (model, head_kwargs, norm, cache identity,
-    classes, extractor; fine-tuning adds the backbone)."""
-    state = {"format": "ekx-head", "version": 1, **parts, "optimizer": opt.state_dict(), "epoch": epoch,
-             "best": best, "config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise EkxError(f"{path}: no checkpoint here")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refused or corrupt file
-        raise EkxError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ekx-head":
-        raise EkxError(f"{path}: not an ekx head checkpoint")
-    return ckpt
-
-
-def check_compatible(ckpt: dict, split: Split, what: str) -> None:
-    have = split.identity()
-    bad = [f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
-           for k in ckpt["cache"] if ckpt["cache"].get(k) != have.get(k)]
-    if bad:
-        raise EkxError(f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
-                       "extracted with the same backbone, weights, frames and class lists")
-
-
-def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, k: int, where: str) -> dict:
-    if cfg.frames > k:
-        raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {where}")
-    return {"dim": dim, "num_verbs": num_verbs, "num_nouns": num_nouns, "frames": cfg.frames or k,
-            "dropout": cfg.dropout, "drop_path": cfg.drop_path}
-
-
-def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
-    kwargs = head_kwargs_for(cfg, int(split.feats.shape[3]), int(split.attrs["num_verbs"]),
-                             int(split.attrs["num_nouns"]), split.feats.shape[2], str(split.path))
-    torch.manual_seed(cfg.seed)
-    return heads.create(cfg.head, **kwargs), kwargs
-
-
-def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    kw = dict(ckpt["head_kwargs"])
-    model = heads.create(ckpt["config"]["head"], **kw)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 # ---------------------------------------------------------------- the loop, for either input source
@@ -312,8 +213,8 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
         torch.set_rng_state(ckpt["rng"]["torch"])
         start, best = ckpt["epoch"], ckpt["best"]
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
-            lines = [line for line in (log.read_text().splitlines() if log.exists() else []) if _row(line)]
-            lines = [line for line in lines if _row(line)["epoch"] <= start]
+            lines = [line for line in (log.read_text().splitlines() if log.exists() else [])
+                     if (r := row_of(line)) is not None and r["epoch"] <= start]
             log.write_text("".join(line + "\n" for line in lines))
     elif task.rank0:
         log.write_text("")
@@ -331,6 +232,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
         t0 = time.perf_counter()
         val_m = evaluation()
         if task.rank0:
+            assert val_m is not None  # rank 0 always evaluates
             row = {"epoch": 0, **val_m, "lr": 0.0, "seconds": time.perf_counter() - t0}
             with log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -343,6 +245,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
                                   task.accumulate, scaler)
         val_m = evaluation()
         if task.rank0:
+            assert val_m is not None
             row = {"epoch": epoch + 1, **train_m, **val_m,
                    "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
                    "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
@@ -389,13 +292,6 @@ def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, un
     return Loaded(train, val, (mean.to(device), std.to(device)), device, tails, unseen)
 
 
-def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    lines = ["# resolved configuration of this run (usable as --config)"]
-    for k, v in asdict(cfg).items():
-        lines.append(f"{k} = {json.dumps(v)}")
-    (run_dir / "config.toml").write_text("\n".join(lines) + "\n")
-
-
 def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
     model, head_kwargs = build_model(cfg, data.train)
     model.to(data.device)
@@ -428,65 +324,7 @@ def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
     return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step)
 
 
-def _row(line: str) -> dict | None:
-    """A metrics.jsonl line; None for a line cut short by a kill mid-write."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [_row(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r for r in rows if r]
-
-
-def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
-    """curves.png: losses and validation accuracies per epoch (needs matplotlib, the plot extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not rows:
-        return None
-    ep = [r["epoch"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in rows], label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], label="validation")
-    a.set(xlabel="epoch", ylabel="loss", title="loss")
-    a.legend()
-    for key in ("verb", "noun", "action"):
-        b.plot(ep, [r[f"val_{key}_top1"] for r in rows], label=f"val {key} top-1")
-    b.plot(ep, [r["train_action_top1"] for r in rows], "--", label="train action top-1")
-    b.set(xlabel="epoch", ylabel="%", title="accuracy")
-    b.legend()
-    fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
-
-
 # ---------------------------------------------------------------- entry point
-
-def resolve_config(config_file: Path | None, flags: dict[str, Any], cls: type = TrainConfig,
-                   tables: tuple[str, ...] = ("train",)):
-    """Defaults < --config TOML (top level, or the first of ``tables`` it has) < flags."""
-    from ekx.config import load_toml
-
-    values: dict[str, Any] = {}
-    origin = "flags"
-    if config_file is not None:
-        data = load_toml(config_file, "config file")
-        values = next((data[t] for t in tables if t in data), data)
-        origin = str(config_file)
-    cfg = cls.from_dict(values, origin)
-    return cls.from_dict({**asdict(cfg), **{k: v for k, v in flags.items() if v is not None}}, "flags")
-
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
     train = Path(cfg.train_features) if cfg.train_features else features_root / cfg.backbone / "train.h5"
@@ -498,8 +336,6 @@ def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path,
 def main(cfg: TrainConfig, features_root: Path, runs_root: Path, annotations: Path | None = None,
          resume: bool = False, on_epoch=None, on_step=None) -> tuple[Path, dict]:
     """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
-    from ekx.heads.evaluate import subsets
-
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume:
         if not cfg.name:
@@ -509,7 +345,7 @@ def main(cfg: TrainConfig, features_root: Path, runs_root: Path, annotations: Pa
     elif (run_dir / "metrics.jsonl").is_file():
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
-    tails, unseen = subsets(annotations, "validation")
+    tails, unseen = epic.subsets(annotations, "validation")
     data = load_data(train_path, val_path, cfg.device, tails, unseen)
     best = run(cfg, run_dir, data, resume, on_epoch, on_step)
     return run_dir, best

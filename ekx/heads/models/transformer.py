@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ekx.heads import register
-from ekx.heads.layers import Block, Classifier, sinusoidal
+from ekx.heads.models import register
+from ekx.heads.models.layers import Block, Classifier, sinusoidal
 
 
 @register("transformer")
@@ -19,6 +19,7 @@ class TransformerHead(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos: torch.Tensor
         self.register_buffer("pos", sinusoidal(frames + 1, d_model)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(d_model, heads, dropout * 0.2, drop_path * i / max(layers - 1, 1))
                                     for i in range(layers))

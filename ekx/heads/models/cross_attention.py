@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ekx.heads import register
-from ekx.heads.layers import Block, Classifier, sinusoidal
+from ekx.heads.models import register
+from ekx.heads.models.layers import Block, Classifier, sinusoidal
 
 
 def window_mask(length: int, window: int) -> torch.Tensor:
@@ -37,6 +37,8 @@ class CrossAttentionHead(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos: torch.Tensor
+        self.masks: torch.Tensor
         self.register_buffer("pos", sinusoidal(frames + 1, d_model)[None], persistent=False)
         attn_drop = dropout * 0.2
         self.scales = nn.ModuleList(Block(d_model, heads, attn_drop, drop_path) for _ in windows)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ekx.heads import register
-from ekx.heads.layers import Classifier
+from ekx.heads.models import register
+from ekx.heads.models.layers import Classifier
 
 
 @register("lstm")

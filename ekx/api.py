@@ -1,0 +1,126 @@
+"""ekx from Python: the small, stable surface for notebooks and scripts.
+
+    from ekx import api
+
+    cache = api.open_cache("features/resnet50/validation.h5")   # labels + identity; features memory-mapped
+    run = api.load_run("runs/lstm-a")                             # a trained head (+ its backbone, on demand)
+    verb, noun = run.predict(cache.features(mmap=True)[cache.done])
+    print(api.metrics(verb, noun, cache.verb_class[cache.done], cache.noun_class[cache.done]))
+
+Everything here is a thin layer over the modules the CLI uses (same checkpoints, same
+preprocessing, same metrics), so a result from Python equals the CLI's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ekx.cache.reader import Cache
+from ekx.cache.reader import open_cache as _open_cache
+from ekx.heads import metrics as _metrics
+from ekx.heads import models
+from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
+from ekx.heads.data import IDENTITY, positions
+from ekx.runtime import autocast, resolve_device, resolve_precision
+
+__all__ = ["Cache", "Run", "open_cache", "create_head", "load_run", "metrics", "heads"]
+
+
+def open_cache(path: str | Path) -> Cache:
+    """A feature cache: ``.features(mmap=True)`` [N, V, K, D] float16, ``.done`` (rows
+    extracted), ``.narration_id``, ``.verb_class`` / ``.noun_class`` (-1: unlabelled),
+    ``.attrs`` (its whole identity: backbone, weights, K, preprocessing, versions)."""
+    return _open_cache(Path(path))
+
+
+def heads() -> list[str]:
+    """Names of the registered heads."""
+    return sorted(models.REGISTRY)
+
+
+def create_head(name: str, dim: int, frames: int, num_verbs: int = 97, num_nouns: int = 300,
+                dropout: float = 0.5, drop_path: float = 0.1) -> nn.Module:
+    """A fresh head: features [B, T, D] -> {"verb": [B, num_verbs], "noun": [B, num_nouns]}."""
+    return models.create(name, dim=dim, num_verbs=num_verbs, num_nouns=num_nouns, frames=frames,
+                         dropout=dropout, drop_path=drop_path)
+
+
+@dataclass
+class Run:
+    """A trained run: its head, feature standardisation, classes and the cache identity it
+    was trained on. ``predict`` takes cached features; ``predict_video`` a video file."""
+
+    path: Path
+    head: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    frames: int  # T, the frames the head reads
+    cache_identity: dict
+    verbs: list[str]
+    nouns: list[str]
+    config: dict
+    device: torch.device
+    precision: str
+    _checkpoint: str = "best.pt"
+    _video_model: Any = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray | torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verb and noun logits (float32, CPU) for features [N, K, D] or [N, V, K, D] (view 0),
+        read exactly as `ekx evaluate` reads a cache: T centred positions of the K frames."""
+        x = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
+        if x.ndim == 4:
+            x = x[:, 0]
+        if x.ndim != 3:
+            raise ValueError(f"features must be [N, K, D] or [N, V, K, D], got shape {tuple(x.shape)}")
+        pos = positions(x.shape[1], self.frames, 1, False, None)[0]
+        self.head.eval()
+        verb, noun = [], []
+        for i in range(0, len(x), batch_size):
+            b = x[i:i + batch_size, pos].to(self.device).float().sub_(self.mean).div_(self.std)
+            with autocast(self.device, self.precision):
+                out = self.head(b)
+            verb.append(out["verb"].float().cpu())
+            noun.append(out["noun"].float().cpu())
+        n_v, n_n = len(self.verbs) or 0, len(self.nouns) or 0
+        return (torch.cat(verb) if verb else torch.zeros(0, n_v)), (torch.cat(noun) if noun else torch.zeros(0, n_n))
+
+    def predict_video(self, video: str | Path, window: float = 2.0, stride: float = 0.5, top: int = 5):
+        """Sliding-window actions over a whole video (what `ekx predict` prints): rebuilds the
+        backbone the run's features came from, once, on first use."""
+        from ekx import predict as pr
+
+        if self._video_model is None:
+            self._video_model = pr.load_run(self.path, str(self.device), self._checkpoint)
+        return pr.predict_video(self._video_model, Path(video), window, stride, top)
+
+
+def load_run(run: str | Path, device: str = "auto", checkpoint: str = "best.pt") -> Run:
+    """A run directory written by `ekx train-head` (or a .pt file); loaded with weights_only=True."""
+    run = Path(run)
+    path = run if run.suffix == ".pt" else run / checkpoint
+    ckpt = load_checkpoint(path)
+    dev = resolve_device(device)
+    classes = ckpt.get("classes", {})
+    return Run(run if run.suffix != ".pt" else run.parent, model_from_checkpoint(ckpt).to(dev),
+               ckpt["norm"]["mean"].to(dev), ckpt["norm"]["std"].to(dev), int(ckpt["head_kwargs"]["frames"]),
+               {k: ckpt["cache"].get(k) for k in IDENTITY if k in ckpt["cache"]}, list(classes.get("verb", [])),
+               list(classes.get("noun", [])), dict(ckpt["config"]), dev,
+               resolve_precision(ckpt["config"].get("precision", "auto"), dev), path.name)
+
+
+def metrics(verb_logits, noun_logits, verbs, nouns, tail_verbs: set[int] | None = None,
+            tail_nouns: set[int] | None = None, unseen=None) -> dict[str, float]:
+    """The official EPIC-100 metrics in percent (verb/noun/action top-1/top-5; tail and
+    unseen-participant top-1 when those sets are given), from logits and integer labels."""
+    def t(a, dtype=None):
+        return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
+
+    return _metrics.compute(t(verb_logits), t(noun_logits), t(verbs, torch.long), t(nouns, torch.long),
+                            tail_verbs, tail_nouns, None if unseen is None else t(unseen, torch.bool))

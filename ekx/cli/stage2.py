@@ -1,0 +1,216 @@
+"""Stage 2 commands: train-head, evaluate, sweep, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ekx import EkxError
+from ekx.cli.common import (
+    AnnotationsOpt,
+    DeviceOpt,
+    FeaturesOpt,
+    RunsOpt,
+    VideosOpt,
+    command,
+    console,
+    dataclass_options,
+    err_console,
+    print_row,
+    workspace,
+)
+from ekx.heads.config import TrainConfig
+
+
+@command(name="train-head")
+@dataclass_options(TrainConfig, exclude=("head",))
+def train_head(
+    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
+    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None,
+    **overrides,
+):
+    """Stage 2: train a temporal head on cached features -> runs/<name>/.
+
+    Example: ekx train-head lstm --epochs 30 --lr 1e-4 --name lstm-a
+    """
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from ekx.heads import train as tr
+    from ekx.heads.config import resolve_config
+
+    ws = workspace(features=features, runs=runs, annotations=annotations)
+    cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
+    if cfg.device == "auto" and ws.device != "auto":
+        cfg.device = ws.device
+    columns = [TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+               BarColumn(), TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}")]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=1, name=cfg.head, epoch=0, epochs=cfg.epochs, loss=0.0, best=0.0)
+        state = {"best": 0.0}
+
+        def on_step(step, steps, loss):
+            bar.update(task, completed=step, total=steps, loss=loss)
+
+        def on_epoch(row):
+            state["best"] = max(state["best"], row["val_action_top1"])
+            bar.update(task, epoch=row["epoch"], best=state["best"])
+            bar.console.print(end="")
+            print_row(row)
+
+        bar.update(task, epoch=1)
+        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
+    console.print(f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
+                  f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}")
+
+
+@command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run directory (holds best.pt).")],
+    features_file: Annotated[Optional[Path], typer.Option("--features", help="Cache to evaluate on (default: the run's validation cache).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write metrics as JSON here.")] = None,
+    submission: Annotated[Optional[Path], typer.Option("--submission", help="Write the challenge submission JSON here.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
+    split_name: Annotated[str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")] = "validation",
+    annotations: AnnotationsOpt = None, videos: VideosOpt = None, device: DeviceOpt = None,
+):
+    """Official EPIC-100 metrics of a run on a cache (a fine-tuned run: on decoded video);
+    --submission writes the challenge JSON.
+
+    Example: ekx evaluate runs/lstm-a --features features/resnet50/test.h5 --submission test.json
+    """
+    from ekx.heads import evaluate as ev
+    from ekx.heads.checkpoint import load_checkpoint
+
+    ws = workspace(annotations=annotations, videos=videos, device=device)
+    ckpt = load_checkpoint(run / checkpoint)
+    if "backbone" in ckpt:  # fine-tuned: backbone + head on decoded video
+        from ekx.finetune import run as ft
+
+        if features_file is not None:
+            raise EkxError(f"{run} is a fine-tuned run: it is evaluated on decoded video (--split, --videos), "
+                           "not on a feature cache")
+
+        result = ft.evaluate_video(run, ws.annotations, ws.videos, split_name, ws.device, checkpoint)
+        features_file = result["features"]
+        for e in result["errors"]:
+            err_console.print(f"[yellow]warning:[/yellow] {e}", highlight=False)
+    else:
+        features_file = features_file or Path(ckpt["config"]["val_features"])
+        result = ev.evaluate_run(run, features_file, ws.annotations, ws.device, checkpoint)
+    m = result.get("metrics")
+    if m:
+        table = Table("metric", "value", title=f"{run} on {features_file} ({result['segments']} segments)")
+        for k, v in m.items():
+            table.add_row(k, f"{v:.2f}")
+        console.print(table)
+    else:
+        console.print(f"{features_file}: unlabelled ({result['segments']} segments): no metrics")
+    if json_out:
+        ev.write_json(json_out, {k: result[k] for k in ("run", "features", "segments", "epoch")} | {"metrics": m or {}})
+        console.print(f"metrics -> {json_out}")
+    if submission:
+        ev.write_json(submission, ev.submission(result))
+        console.print(f"submission ({result['segments']} segments) -> {submission}")
+
+
+@command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
+    jobs: Annotated[int, typer.Option(help="Configurations trained at once (processes sharing the memory-mapped cache).")] = 1,
+    index: Annotated[Optional[int], typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone whose caches to use.")] = "resnet50",
+    train_features: Annotated[Optional[Path], typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")] = None,
+    val_features: Annotated[Optional[Path], typer.Option(help="Validation cache (default <features>/<backbone>/validation.h5).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE applied to every configuration (repeatable), e.g. --set epochs=2.")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Print the numbered configurations and exit.")] = False,
+    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None, device: DeviceOpt = None,
+):
+    """Train every configuration of a sweep file on caches loaded once; resumable.
+
+    Example: ekx sweep configs/sweeps/phase2.toml --jobs 2
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ekx.heads import sweep as sw
+    from ekx.epic import subsets
+
+    ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
+    configs = sw.apply_overrides(sw.load(file), set_ or [])
+    if list_only:
+        for sc in configs:
+            over = {k: v for k, v in sc.overrides.items() if k != "name"}
+            console.print(f"{sc.index:3d}  {sc.name:<12} {over}", highlight=False, soft_wrap=True)
+        return
+    if index is not None:
+        if not 0 <= index < len(configs):
+            raise EkxError(f"--index {index}: {file} has configurations 0..{len(configs) - 1}")
+        configs = [configs[index]]
+    sweep_dir = ws.runs / (name or file.stem)
+    train_p = train_features or ws.features / backbone / "train.h5"
+    val_p = val_features or ws.features / backbone / "validation.h5"
+    tails, unseen = subsets(ws.annotations, "validation")
+    columns = [TextColumn("{task.description:<28}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console) as bar:
+        overall = bar.add_task("[bold]sweep", total=len(configs), status="")
+        tasks = {sc.name: bar.add_task(sc.name[:28], total=sc.cfg.epochs, status="waiting") for sc in configs}
+        best: dict[str, float] = {}
+
+        def on_event(kind, sc, row):
+            t = tasks[sc.name]
+            if kind == "epoch":
+                best[sc.name] = max(best.get(sc.name, 0.0), row["val_action_top1"])
+                bar.update(t, completed=row["epoch"], status=f"best val action {best[sc.name]:.1f}")
+            elif kind == "start":
+                bar.update(t, status="training")
+            elif kind in ("done", "skipped"):
+                bar.update(t, completed=sc.cfg.epochs,
+                           status=f"{kind}: best val action {row.get('val_action_top1', 0):.1f}")
+                bar.advance(overall)
+            elif kind == "failed":
+                bar.update(t, status=f"[red]failed[/red]: {row['error'][:60]}")
+                bar.advance(overall)
+
+        results = sw.run_sweep(configs, sweep_dir, train_p, val_p, ws.device, jobs, tails, unseen, on_event)
+    failed = {n: r for n, r in results.items() if r["status"] == "failed"}
+    console.print(f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
+                  f"(compare: ekx compare {sweep_dir})")
+    for n, r in failed.items():
+        err_console.print(f"[red]failed[/red] {n}: {r['error']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@command()
+def compare(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUNS...", help="Run directories or sweep directories.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
+):
+    """The seed's model-comparison table, sorted by validation action top-1; Markdown and CSV.
+
+    Example: ekx compare runs/phase2 --plot phase2.png
+    """
+    from ekx.heads import compare as cmp
+
+    rows = cmp.collect(runs_)
+    table = Table(*[c for c, _ in cmp.COLUMNS], title="model comparison (best epoch by val action top-1)")
+    for r in cmp.table_rows(rows):
+        table.add_row(*r)
+    console.print(table)
+    base = out or (Path(runs_[0]) if Path(runs_[0]).is_dir() and not (Path(runs_[0]) / "metrics.jsonl").is_file()
+                   else Path(runs_[0]).parent) / "comparison"
+    base.with_suffix(".md").write_text(cmp.markdown(rows))
+    base.with_suffix(".csv").write_text(cmp.to_csv(rows))
+    console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")
+    if plot:
+        console.print(f"-> {cmp.plot(rows, plot)}")
+    top = rows[0]
+    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:")
+    console.print(f"  {cmp.reproduce_command(top)}", soft_wrap=True, highlight=False)  # never wrapped: copy-pasteable

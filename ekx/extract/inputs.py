@@ -1,0 +1,99 @@
+"""Model inputs of a decoded segment (the clean view and seeded augmented views), and the
+BatchNorm calibration of random weights: shared by stage 1 and the slow path."""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+
+from ekx import EkxError, epic
+from ekx.extract import backbones
+from ekx.extract.video import Request, Result, decode_video
+
+if TYPE_CHECKING:
+    from ekx.extract.pipeline import ExtractConfig
+
+
+def view_params(seed: int, narration_id: str, view: int, h: int, w: int) -> dict:
+    """Seeded augmentation of one view, the same for every frame of the segment."""
+    rng = np.random.default_rng([seed, zlib.crc32(narration_id.encode()), view])
+    scale, ratio = rng.uniform(0.35, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch = int(min(h, round(np.sqrt(scale * h * w / ratio))))
+    cw = int(min(w, round(np.sqrt(scale * h * w * ratio))))
+    return {"top": int(rng.integers(0, h - ch + 1)), "left": int(rng.integers(0, w - cw + 1)),
+            "height": ch, "width": cw, "flip": bool(rng.random() < 0.5),
+            "brightness": float(rng.uniform(0.6, 1.4)), "contrast": float(rng.uniform(0.6, 1.4)),
+            "saturation": float(rng.uniform(0.6, 1.4))}
+
+
+def make_view(frames: torch.Tensor, pre: backbones.Preprocess, p: dict | None) -> torch.Tensor:
+    """uint8 [F, 3, H, W] on the device -> normalised float; view 0 (p None) is the clean one."""
+    if p is None:
+        return pre(frames)
+    x = F.resized_crop(frames, p["top"], p["left"], p["height"], p["width"], list(pre.crop_size),
+                       interpolation=F.InterpolationMode(pre.interpolation), antialias=True)
+    if p["flip"]:
+        x = F.horizontal_flip(x)
+    x = F.to_dtype(x, torch.float32, scale=True)
+    x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, p["brightness"]), p["contrast"]),
+                            p["saturation"])
+    return F.normalize(x, mean=list(pre.mean), std=list(pre.std))
+
+
+def segment_inputs(res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone,
+                   device: torch.device) -> torch.Tensor:
+    """Model inputs of one segment: [V*K, 3, h, w] images or [V*K, 3, clip, h, w] clips."""
+    frames = torch.from_numpy(res.frames).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    pre = bb.preprocess
+    views = []
+    for v in range(cfg.views):
+        p = None if v == 0 else view_params(cfg.seed, narration_id, v, frames.shape[-2], frames.shape[-1])
+        x = make_view(frames, pre, p)
+        if bb.clip_len > 1:  # [K*clip, 3, h, w] -> [K, 3, clip, h, w]
+            x = x.reshape(cfg.frames, bb.clip_len, *x.shape[1:]).transpose(1, 2)
+        views.append(x)
+    return torch.cat(views)
+
+
+
+# ---------------------------------------------------------------- BatchNorm calibration (--weights none)
+
+
+def calibration_plan(ann: epic.Annotations, plan_all: list[epic.Segment], cfg: ExtractConfig) -> list[epic.Segment]:
+    """Segments whose frames calibrate BatchNorm for random weights: the train split's
+    first ones whatever split is extracted (so train, validation and test caches come from
+    one and the same backbone), the split's own where the workspace has no train CSV.
+    Taken before --shard/--limit, so shards and resumed runs build the same model."""
+    try:
+        train = ann.segments("train") if ann.split_path("train").is_file() else []
+    except EkxError:
+        train = []
+    return (train or plan_all)[: 4 * cfg.calibration_segments]
+
+
+def calibrate(model, bb, cfg, plan_all, found, device) -> str:
+    """BatchNorm statistics for random weights, from the first decodable segments of
+    ``plan_all`` (see `calibration_plan`)."""
+    calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
+    if not calib:
+        raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
+    inputs = []
+    for s in calib:
+        for res in decode_video(found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames,
+                                bb.clip_len, bb.preprocess.decode_size):
+            if res.error is None:
+                inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
+    if not inputs:
+        raise EkxError("--weights none: none of the calibration segments could be decoded")
+    # 64 inputs spread over the segments are enough for stable statistics
+    x = torch.cat(inputs)
+    x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
+    torch.manual_seed(cfg.seed)
+    backbones.calibrate_batchnorm(model, [x[i:i + 32] for i in range(0, len(x), 32)])
+    return "first segments: " + ",".join(s.narration_id for s in calib)
+
+

@@ -1,0 +1,70 @@
+"""Head checkpoints: plain tensors and values only, so they load with weights_only=True;
+each records the identity of the cache it was trained on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ekx import EkxError
+from ekx.heads import models
+from ekx.heads.config import TrainConfig
+from ekx.heads.data import Split
+from ekx.runtime import seed_everything
+
+
+def save_checkpoint(path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float,
+                    gen: torch.Generator) -> None:
+    """``parts``: what the input source puts in (model, head_kwargs, norm, cache identity,
+    classes, extractor; fine-tuning adds the backbone)."""
+    state = {"format": "ekx-head", "version": 1, **parts, "optimizer": opt.state_dict(), "epoch": epoch,
+             "best": best, "config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise EkxError(f"{path}: no checkpoint here")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle refused or corrupt file
+        raise EkxError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ekx-head":
+        raise EkxError(f"{path}: not an ekx head checkpoint")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, split: Split, what: str) -> None:
+    have = split.identity()
+    bad = [f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
+           for k in ckpt["cache"] if ckpt["cache"].get(k) != have.get(k)]
+    if bad:
+        raise EkxError(f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
+                       "extracted with the same backbone, weights, frames and class lists")
+
+
+def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, k: int, where: str) -> dict:
+    if cfg.frames > k:
+        raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {where}")
+    return {"dim": dim, "num_verbs": num_verbs, "num_nouns": num_nouns, "frames": cfg.frames or k,
+            "dropout": cfg.dropout, "drop_path": cfg.drop_path}
+
+
+def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
+    kwargs = head_kwargs_for(cfg, int(split.feats.shape[3]), int(split.attrs["num_verbs"]),
+                             int(split.attrs["num_nouns"]), split.feats.shape[2], str(split.path))
+    seed_everything(cfg.seed)
+    return models.create(cfg.head, **kwargs), kwargs
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    kw = dict(ckpt["head_kwargs"])
+    model = models.create(ckpt["config"]["head"], **kw)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
