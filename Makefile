@@ -5,14 +5,19 @@ BIN := $(VENV)/bin
 
 $(BIN)/ekx: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,plot]'
+	$(BIN)/pip install -q -e '.[test,plot,dev]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test lint bench
 install: $(BIN)/ekx
 
 demo: install
 	$(BIN)/ekx demo
+
+lint: install
+	$(BIN)/ruff check ekx tests bench
+	$(BIN)/ruff format --check ekx tests bench
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -61,8 +61,25 @@ def make_sources(out: Path) -> dict[str, Path]:
             vr = decord.VideoReader(str(clip))
             dur = len(vr) / vr.get_avg_fps()
             for j, t in enumerate(np.arange(0.25, dur - 2.0, 2.5)):  # 2 s segments, 0.5 s gaps
-                rows.append([f"{vid}_{j}", "P90", vid, epic.format_timestamp(t) + "0", epic.format_timestamp(t),
-                             epic.format_timestamp(t + 2.0), 0, 0, "x", "x", 0, "x", 0, "['x']", "[0]"])
+                rows.append(
+                    [
+                        f"{vid}_{j}",
+                        "P90",
+                        vid,
+                        epic.format_timestamp(t) + "0",
+                        epic.format_timestamp(t),
+                        epic.format_timestamp(t + 2.0),
+                        0,
+                        0,
+                        "x",
+                        "x",
+                        0,
+                        "x",
+                        0,
+                        "['x']",
+                        "[0]",
+                    ]
+                )
         with open(data / "annotations" / epic.SPLIT_FILES["train"], "w", newline="") as fh:
             csv.writer(fh).writerows([epic.LABELLED_COLUMNS, *rows])
         for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
@@ -83,8 +100,12 @@ def jobs_of(data: Path) -> tuple[list, list[epic.Segment]]:
 
 
 def decode_only(jobs, bb, workers: int) -> tuple[float, list]:
-    loader = torch.utils.data.DataLoader(VideoJobs(jobs, K, 1, bb.preprocess.decode_size), batch_size=None,
-                                         num_workers=workers, collate_fn=identity_collate)
+    loader = torch.utils.data.DataLoader(
+        VideoJobs(jobs, K, 1, bb.preprocess.decode_size),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=identity_collate,
+    )
     t0, results = time.perf_counter(), []
     for res in loader:
         results.append(res)
@@ -98,7 +119,7 @@ def backbone_only(model, bb, results, precision: str, batch: int) -> tuple[float
     with torch.inference_mode(), autocast(torch.device("cpu"), precision):
         x = torch.cat([bb.preprocess(f) for f in frames]).contiguous(memory_format=torch.channels_last)
         for i in range(0, len(x), batch):
-            outs.append(model(x[i:i + batch]).float())
+            outs.append(model(x[i : i + batch]).float())
     dt = time.perf_counter() - t0
     return len(x) / dt, torch.cat(outs).numpy()
 
@@ -106,10 +127,17 @@ def backbone_only(model, bb, results, precision: str, batch: int) -> tuple[float
 def end_to_end(data: Path, workers: int, batch: int) -> tuple[float, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         clock = {}
-        cfg = ExtractConfig(split="train", weights="none", frames=K, workers=workers, batch_size=batch,
-                            out=Path(tmp) / "f.h5")
-        s = extract(cfg, data / "annotations", data / "videos", Path(tmp), warn=lambda m: None,
-                    on_start=lambda total, done: clock.setdefault("t", time.perf_counter()))
+        cfg = ExtractConfig(
+            split="train", weights="none", frames=K, workers=workers, batch_size=batch, out=Path(tmp) / "f.h5"
+        )
+        s = extract(
+            cfg,
+            data / "annotations",
+            data / "videos",
+            Path(tmp),
+            warn=lambda m: None,
+            on_start=lambda total, done: clock.setdefault("t", time.perf_counter()),
+        )
         dt = time.perf_counter() - clock["t"]
         return s.frames / dt, open_cache(cfg.out).features()[:, 0].reshape(-1, 2048)
 
@@ -145,8 +173,10 @@ def main() -> None:
     torch.manual_seed(0)
     bb = backbones.get("resnet50")
     precision = resolve_precision("auto", torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
-          f"ekx precision on this CPU: {precision}; resnet50 @224, K={K}, weights: random (speed is the same)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"ekx precision on this CPU: {precision}; resnet50 @224, K={K}, weights: random (speed is the same)"
+    )
     rows = []
     for name, data in make_sources(ROOT / "out").items():
         jobs, segs = jobs_of(data)
@@ -181,10 +211,12 @@ def fp16_report(bb) -> None:
         for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             with torch.autocast("cpu", dtype=dtype):
                 low[name] = model(x).float().numpy()
-    print(f"\ncosine to fp32 features, min over {len(x)} frames: stored as float16 "
-          f"{cosine(ref.astype(np.float16), ref).min():.6f}; fp16 autocast + float16 "
-          f"{cosine(low['fp16'].astype(np.float16), ref).min():.6f}; bf16 autocast + float16 "
-          f"{cosine(low['bf16'].astype(np.float16), ref).min():.6f}")
+    print(
+        f"\ncosine to fp32 features, min over {len(x)} frames: stored as float16 "
+        f"{cosine(ref.astype(np.float16), ref).min():.6f}; fp16 autocast + float16 "
+        f"{cosine(low['fp16'].astype(np.float16), ref).min():.6f}; bf16 autocast + float16 "
+        f"{cosine(low['bf16'].astype(np.float16), ref).min():.6f}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,13 @@ def main() -> None:
     cache = feats / "resnet50" / "train.h5"
     if not cache.exists():
         print("extracting the train split once (resnet50, random weights) ...", flush=True)
-        extract(ExtractConfig(split="train", weights="none", frames=args.frames, workers=args.workers,
-                              device=args.device), ann, videos, feats, warn=lambda m: None)
+        extract(
+            ExtractConfig(split="train", weights="none", frames=args.frames, workers=args.workers, device=args.device),
+            ann,
+            videos,
+            feats,
+            warn=lambda m: None,
+        )
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
 
@@ -83,8 +88,15 @@ def main() -> None:
     head_rate = reps * len(loaded.train.rows) / (time.perf_counter() - t0)
 
     # finetune: the same head on decoded video, backbone trained from layer3 on (seed phase 2)
-    fcfg = FinetuneConfig(head="lstm", weights="none", frames=args.frames, batch_size=args.batch_size,
-                             workers=args.workers, limit=args.segments, device=args.device)
+    fcfg = FinetuneConfig(
+        head="lstm",
+        weights="none",
+        frames=args.frames,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        limit=args.segments,
+        device=args.device,
+    )
     a = epic.Annotations(ann)
     segs = a.segments("train")[: args.segments]
     paths, _ = epic.locate_videos(a.segments("train"), videos)
@@ -102,13 +114,17 @@ def main() -> None:
         wall = time.perf_counter() - t0
     ft_rate = len(segs) / wall
     wait = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "ekx::wait_for_batch") / 1e6
-    print(f"device {device}, precision {precision}, T={args.frames} frames, batch {args.head_batch_size} "
-          f"(train-head) / {args.batch_size} (finetune, {args.workers} decode workers)")
+    print(
+        f"device {device}, precision {precision}, T={args.frames} frames, batch {args.head_batch_size} "
+        f"(train-head) / {args.batch_size} (finetune, {args.workers} decode workers)"
+    )
     print(f"train-head lstm (cached features): {head_rate:9.1f} samples/s")
     print(f"finetune   lstm (decoded video):   {ft_rate:9.3f} samples/s")
     print(f"-> the cache makes training {head_rate / ft_rate:.0f}x faster per sample (target >= 300x)")
-    print(f"finetune: the loop waited {wait:.2f} s of {wall:.1f} s for batches ({100 * wait / wall:.1f}% idle: "
-          "decode + augment overlap the backbone's forward/backward)")
+    print(
+        f"finetune: the loop waited {wait:.2f} s of {wall:.1f} s for batches ({100 * wait / wall:.1f}% idle: "
+        "decode + augment overlap the backbone's forward/backward)"
+    )
 
 
 def _epoch(loaded, cfg, gen, device):

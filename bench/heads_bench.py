@@ -44,15 +44,25 @@ def make_full_cache(path: Path) -> None:
     rng = np.random.default_rng(0)
     verbs, nouns = rng.integers(97, size=N), rng.integers(300, size=N)
     rows = store.Rows([f"P01_01_{i}" for i in range(N)], ["P01_01"] * N, verbs, nouns, np.arange(N))
-    attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": "resnet50", "weights": "none",
-             "feature_dim": D, "frames_per_segment": K, "views": 1, "num_verbs": 97, "num_nouns": 300,
-             "split": "train", "bn_calibration": ""}
+    attrs = {
+        "format": store.FORMAT,
+        "format_version": store.VERSION,
+        "backbone": "resnet50",
+        "weights": "none",
+        "feature_dim": D,
+        "frames_per_segment": K,
+        "views": 1,
+        "num_verbs": 97,
+        "num_nouns": 300,
+        "split": "train",
+        "bn_calibration": "",
+    }
     store.create(path, attrs, rows, 1, K, D)
     with h5py.File(path, "r+") as f:
         block = 2048
         for lo in range(0, N, block):
             n = min(block, N - lo)
-            f["features"][lo:lo + n] = rng.standard_normal((n, 1, K, D), dtype=np.float32).astype(np.float16)
+            f["features"][lo : lo + n] = rng.standard_normal((n, 1, K, D), dtype=np.float32).astype(np.float16)
         f["status"][...] = store.DONE
 
 
@@ -84,7 +94,7 @@ def ekx_data_pass(split, norm, batch: int) -> float:
     perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
     views, pos = draw(split, len(perm), K, True, gen)
     for i in range(0, len(perm), batch):
-        make_batch(split, perm[i:i + batch], views[i:i + batch], pos[i:i + batch], *norm, torch.device("cpu"))
+        make_batch(split, perm[i : i + batch], views[i : i + batch], pos[i : i + batch], *norm, torch.device("cpu"))
     return len(perm) / (time.perf_counter() - t0)
 
 
@@ -105,7 +115,7 @@ def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[f
     model, _ = ck.build_model(cfg, sub)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
-    warm = dataclasses.replace(sub, rows=sub.rows[:batch * 3])
+    warm = dataclasses.replace(sub, rows=sub.rows[: batch * 3])
     steps, batches = tr.cached_batches(warm, data.norm, cfg, gen, device)
     tr.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)  # warm-up
     t0 = time.perf_counter()
@@ -150,20 +160,28 @@ def main() -> None:
     stats_s = time.perf_counter() - t0
     data = tr.Loaded(split, split, (mean.to(device), std.to(device)), device)
     peak = peak_gib()
-    print(f"(iii) open + bulk load of {size:.2f} GiB: {load_s:.1f} s ({size / load_s:.2f} GiB/s); feature "
-          f"statistics {stats_s:.1f} s; peak RSS {peak:.2f} GiB (before load {base:.2f} GiB; target <= cache + 2 "
-          f"= {size + 2:.1f} GiB)", flush=True)
+    print(
+        f"(iii) open + bulk load of {size:.2f} GiB: {load_s:.1f} s ({size / load_s:.2f} GiB/s); feature "
+        f"statistics {stats_s:.1f} s; peak RSS {peak:.2f} GiB (before load {base:.2f} GiB; target <= cache + 2 "
+        f"= {size + 2:.1f} GiB)",
+        flush=True,
+    )
     ekx_rate = ekx_data_pass(data.train, data.norm, args.batch_size)
     naive_rate = naive_data_pass(path, args.batch_size, args.naive_items, 2)
-    print(f"(ii) data path, samples/s: ekx {ekx_rate:,.0f}; naive Dataset+h5py+DataLoader(2 workers) "
-          f"{naive_rate:,.0f} (on {args.naive_items} items); ratio {ekx_rate / naive_rate:.0f}x "
-          f"(target >= 20x); epoch of batches: ekx {N / ekx_rate:.1f} s vs naive {N / naive_rate:.0f} s", flush=True)
+    print(
+        f"(ii) data path, samples/s: ekx {ekx_rate:,.0f}; naive Dataset+h5py+DataLoader(2 workers) "
+        f"{naive_rate:,.0f} (on {args.naive_items} items); ratio {ekx_rate / naive_rate:.0f}x "
+        f"(target >= 20x); epoch of batches: ekx {N / ekx_rate:.1f} s vs naive {N / naive_rate:.0f} s",
+        flush=True,
+    )
     print("(i) training, samples/s (epoch time extrapolated to 67,217 samples):")
     print("| head | samples timed | ekx | pure compute | ekx / pure time | ekx epoch |")
     print("|---|---|---|---|---|---|")
     for head, samples in (("lstm", args.lstm_samples), ("transformer", args.transformer_samples)):
         ekx, pure = train_speed(head, data, samples, args.batch_size)
-        print(f"| {head} | {samples} | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} | {N / ekx / 60:.1f} min |", flush=True)
+        print(
+            f"| {head} | {samples} | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} | {N / ekx / 60:.1f} min |", flush=True
+        )
     print(f"peak RSS over the whole run: {peak_gib():.2f} GiB")
 
 

@@ -34,9 +34,21 @@ def make_model(k: int) -> RunModel:
     net, _ = backbones.load_weights(bb, "none", 0)
     net = backbones.fuse_for_inference(net).to(memory_format=torch.channels_last)
     head = models.create("lstm", dim=bb.dim, num_verbs=97, num_nouns=300, frames=k, dropout=0.5, drop_path=0.1).eval()
-    return RunModel(net, bb.preprocess, 1, bb.dim, head, torch.zeros(bb.dim), torch.ones(bb.dim), k,
-                    positions(k, k, 1, False, None)[0], [f"v{i}" for i in range(97)], [f"n{i}" for i in range(300)],
-                    torch.device("cpu"), "fp32")
+    return RunModel(
+        net,
+        bb.preprocess,
+        1,
+        bb.dim,
+        head,
+        torch.zeros(bb.dim),
+        torch.ones(bb.dim),
+        k,
+        positions(k, k, 1, False, None)[0],
+        [f"v{i}" for i in range(97)],
+        [f"n{i}" for i in range(300)],
+        torch.device("cpu"),
+        "fp32",
+    )
 
 
 def median_ms(fn, n: int) -> float:
@@ -96,22 +108,35 @@ def main() -> None:
     r, w = statistics.median(r_ms), statistics.median(w_ms)
     rb, wb = statistics.median(rb_ms), statistics.median(wb_ms)
     print(f"per stride ({args.stride:g} s = {step} new frames of K={k}), target >= K/stride-frames = {k / step:.1f}x:")
-    print(f"  backbone work: ring {rb:.0f} ms ({step} frames one by one), recompute {wb:.0f} ms ({k} frames batched) "
-          f"-> ring {wb / rb:.2f}x cheaper")
-    print(f"  whole stride (+ the head, the same in both): ring {r:.0f} ms, recompute {w:.0f} ms -> {w / r:.2f}x "
-          f"(bounded by (K f + h) / (s f + h) < K/s)")
+    print(
+        f"  backbone work: ring {rb:.0f} ms ({step} frames one by one), recompute {wb:.0f} ms ({k} frames batched) "
+        f"-> ring {wb / rb:.2f}x cheaper"
+    )
+    print(
+        f"  whole stride (+ the head, the same in both): ring {r:.0f} ms, recompute {w:.0f} ms -> {w / r:.2f}x "
+        f"(bounded by (K f + h) / (s f + h) < K/s)"
+    )
 
     if not CLIP.is_file():
         print(f"{CLIP} absent: live runs skipped")
         return
     for realtime in (False, True):
-        out = run_live(model, video=CLIP, realtime=realtime, window=args.window, stride=args.stride, headless=True,
-                       seconds=args.seconds)
+        out = run_live(
+            model,
+            video=CLIP,
+            realtime=realtime,
+            window=args.window,
+            stride=args.stride,
+            headless=True,
+            seconds=args.seconds,
+        )
         lat = sorted(out.latency_ms) or [0.0]
         mode = "real time (50 fps file)" if realtime else "as fast as possible    "
-        print(f"live, {mode}: {out.fps:5.1f} frames/s through the backbone, {out.samples} sampled, "
-              f"{out.dropped} dropped, latency median {lat[len(lat) // 2]:.0f} ms max {lat[-1]:.0f} ms, "
-              f"RSS {min(out.rss_mb or [0]):.0f}-{max(out.rss_mb or [0]):.0f} MiB")
+        print(
+            f"live, {mode}: {out.fps:5.1f} frames/s through the backbone, {out.samples} sampled, "
+            f"{out.dropped} dropped, latency median {lat[len(lat) // 2]:.0f} ms max {lat[-1]:.0f} ms, "
+            f"RSS {min(out.rss_mb or [0]):.0f}-{max(out.rss_mb or [0]):.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

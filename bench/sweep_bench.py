@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_cache  # noqa: E402  (the same random-cache writer the tests use)
 
-from ekx.heads import config as hc
-from ekx.heads import runlog
+from ekx.heads import config as hc  # noqa: E402  (after the path set-up above)
+from ekx.heads import runlog  # noqa: E402
 from ekx.heads import sweep as sw  # noqa: E402
 
 PHASE2 = ROOT / "configs" / "sweeps" / "phase2.toml"
@@ -49,8 +49,9 @@ def flops_per_sample(cfg: hc.TrainConfig, k: int = 16, d: int = 2048) -> tuple[f
 
     from ekx.heads import models
 
-    model = models.create(cfg.head, dim=d, num_verbs=97, num_nouns=300, frames=k, dropout=cfg.dropout,
-                         drop_path=cfg.drop_path)
+    model = models.create(
+        cfg.head, dim=d, num_verbs=97, num_nouns=300, frames=k, dropout=cfg.dropout, drop_path=cfg.drop_path
+    )
     x = torch.randn(cfg.batch_size, k, d)
     with FlopCounterMode(display=False) as fc:
         out = model(x)
@@ -71,8 +72,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train = make_cache(tmp / "train.h5", n=args.segments, k=16, dim=2048, num_verbs=97, num_nouns=300, seed=0)
-        val = make_cache(tmp / "val.h5", n=max(args.segments // 5, 8), k=16, dim=2048, num_verbs=97,
-                         num_nouns=300, seed=1, split="validation")
+        val = make_cache(
+            tmp / "val.h5",
+            n=max(args.segments // 5, 8),
+            k=16,
+            dim=2048,
+            num_verbs=97,
+            num_nouns=300,
+            seed=1,
+            split="validation",
+        )
         feats = ["--train-features", str(train), "--val-features", str(val)]
         t_sweep = ekx("sweep", str(PHASE2), "--set", f"epochs={args.epochs}", "--runs", str(tmp / "sweep"), *feats)
         separate = []
@@ -80,30 +89,54 @@ def main() -> None:
             cfg_file = tmp / f"{sc.name}.toml"
             runlog.write_config(tmp, sc.cfg)
             (tmp / "config.toml").rename(cfg_file)
-            separate.append(ekx("train-head", sc.cfg.head, "--config", str(cfg_file), "--runs", str(tmp / "sep"),
-                                "--name", sc.name, *feats))
-        per_sweep = [sum(r["seconds"] for r in runlog.read_metrics(tmp / "sweep" / "phase2" / sc.name)) for sc in configs]
+            separate.append(
+                ekx(
+                    "train-head",
+                    sc.cfg.head,
+                    "--config",
+                    str(cfg_file),
+                    "--runs",
+                    str(tmp / "sep"),
+                    "--name",
+                    sc.name,
+                    *feats,
+                )
+            )
+        per_sweep = [
+            sum(r["seconds"] for r in runlog.read_metrics(tmp / "sweep" / "phase2" / sc.name)) for sc in configs
+        ]
         per_sep = [sum(r["seconds"] for r in runlog.read_metrics(tmp / "sep" / sc.name)) for sc in configs]
-    print(f"phase-2 sweep, 8 configurations x {args.epochs} epochs on {args.segments} segments (16 x 2048), "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"phase-2 sweep, 8 configurations x {args.epochs} epochs on {args.segments} segments (16 x 2048), "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     print("| | wall time |")
     print("|---|---|")
     print(f"| `ekx sweep` (one process, caches loaded once) | {t_sweep:.1f} s |")
     print(f"| 8 x `ekx train-head` (separate processes) | {sum(separate):.1f} s |")
     print(f"| ratio sweep / separate | {t_sweep / sum(separate):.2f} |")
-    print("training seconds per configuration, in the sweep / alone: "
-          + ", ".join(f"{a / b:.2f}" for a, b in zip(per_sweep, per_sep))
-          + f"; total {sum(per_sweep) / sum(per_sep):.2f} (target <= 1.1)")
+    print(
+        "training seconds per configuration, in the sweep / alone: "
+        + ", ".join(f"{a / b:.2f}" for a, b in zip(per_sweep, per_sep, strict=False))
+        + f"; total {sum(per_sweep) / sum(per_sep):.2f} (target <= 1.1)"
+    )
     train_f, eval_f = flops_per_sample(configs[0].cfg)
     n_train, n_val, epochs = 67_217, 9_668, 20
     per_epoch = train_f * n_train + eval_f * n_val
     total = per_epoch * epochs * len(configs)
-    print(f"\ntransformer head (phase 2): {train_f / 1e9:.2f} GFLOP per training sample (fwd+bwd), "
-          f"{eval_f / 1e9:.2f} GFLOP per evaluated sample; one full-scale epoch (67,217 train + 9,668 val) "
-          f"= {per_epoch / 1e12:.1f} TFLOP; the whole phase-2 sweep (8 x {epochs} epochs) = {total / 1e15:.2f} PFLOP")
+    print(
+        f"\ntransformer head (phase 2): {train_f / 1e9:.2f} GFLOP per training sample (fwd+bwd), "
+        f"{eval_f / 1e9:.2f} GFLOP per evaluated sample; one full-scale epoch (67,217 train + 9,668 val) "
+        f"= {per_epoch / 1e12:.1f} TFLOP; the whole phase-2 sweep (8 x {epochs} epochs) = {total / 1e15:.2f} PFLOP"
+    )
     for util in (1.0, 0.3):
-        print(f"  on one H100 (989 TFLOP/s dense bf16) at {util:.0%} utilisation: {total / (H100_BF16_DENSE * util):.0f} s")
-    print(json.dumps({"sweep_s": t_sweep, "separate_s": sum(separate), "per_config_ratio": sum(per_sweep) / sum(per_sep)}))
+        print(
+            f"  on one H100 (989 TFLOP/s dense bf16) at {util:.0%} utilisation: "
+            f"{total / (H100_BF16_DENSE * util):.0f} s"
+        )
+    print(
+        json.dumps({"sweep_s": t_sweep, "separate_s": sum(separate), "per_config_ratio": sum(per_sweep) / sum(per_sep)})
+    )
 
 
 if __name__ == "__main__":

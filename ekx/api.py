@@ -29,7 +29,7 @@ from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.data import IDENTITY, positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
-__all__ = ["Cache", "Run", "open_cache", "create_head", "load_run", "metrics", "heads"]
+__all__ = ["Cache", "Run", "create_head", "heads", "load_run", "metrics", "open_cache"]
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -44,11 +44,19 @@ def heads() -> list[str]:
     return sorted(models.REGISTRY)
 
 
-def create_head(name: str, dim: int, frames: int, num_verbs: int = 97, num_nouns: int = 300,
-                dropout: float = 0.5, drop_path: float = 0.1) -> nn.Module:
+def create_head(
+    name: str,
+    dim: int,
+    frames: int,
+    num_verbs: int = 97,
+    num_nouns: int = 300,
+    dropout: float = 0.5,
+    drop_path: float = 0.1,
+) -> nn.Module:
     """A fresh head: features [B, T, D] -> {"verb": [B, num_verbs], "noun": [B, num_nouns]}."""
-    return models.create(name, dim=dim, num_verbs=num_verbs, num_nouns=num_nouns, frames=frames,
-                         dropout=dropout, drop_path=drop_path)
+    return models.create(
+        name, dim=dim, num_verbs=num_verbs, num_nouns=num_nouns, frames=frames, dropout=dropout, drop_path=drop_path
+    )
 
 
 @dataclass
@@ -83,7 +91,7 @@ class Run:
         self.head.eval()
         verb, noun = [], []
         for i in range(0, len(x), batch_size):
-            b = x[i:i + batch_size, pos].to(self.device).float().sub_(self.mean).div_(self.std)
+            b = x[i : i + batch_size, pos].to(self.device).float().sub_(self.mean).div_(self.std)
             with autocast(self.device, self.precision):
                 out = self.head(b)
             verb.append(out["verb"].float().cpu())
@@ -108,19 +116,43 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "best.pt")
     ckpt = load_checkpoint(path)
     dev = resolve_device(device)
     classes = ckpt.get("classes", {})
-    return Run(run if run.suffix != ".pt" else run.parent, model_from_checkpoint(ckpt).to(dev),
-               ckpt["norm"]["mean"].to(dev), ckpt["norm"]["std"].to(dev), int(ckpt["head_kwargs"]["frames"]),
-               {k: ckpt["cache"].get(k) for k in IDENTITY if k in ckpt["cache"]}, list(classes.get("verb", [])),
-               list(classes.get("noun", [])), dict(ckpt["config"]), dev,
-               resolve_precision(ckpt["config"].get("precision", "auto"), dev), path.name)
+    return Run(
+        run if run.suffix != ".pt" else run.parent,
+        model_from_checkpoint(ckpt).to(dev),
+        ckpt["norm"]["mean"].to(dev),
+        ckpt["norm"]["std"].to(dev),
+        int(ckpt["head_kwargs"]["frames"]),
+        {k: ckpt["cache"].get(k) for k in IDENTITY if k in ckpt["cache"]},
+        list(classes.get("verb", [])),
+        list(classes.get("noun", [])),
+        dict(ckpt["config"]),
+        dev,
+        resolve_precision(ckpt["config"].get("precision", "auto"), dev),
+        path.name,
+    )
 
 
-def metrics(verb_logits, noun_logits, verbs, nouns, tail_verbs: set[int] | None = None,
-            tail_nouns: set[int] | None = None, unseen=None) -> dict[str, float]:
+def metrics(
+    verb_logits,
+    noun_logits,
+    verbs,
+    nouns,
+    tail_verbs: set[int] | None = None,
+    tail_nouns: set[int] | None = None,
+    unseen=None,
+) -> dict[str, float]:
     """The official EPIC-100 metrics in percent (verb/noun/action top-1/top-5; tail and
     unseen-participant top-1 when those sets are given), from logits and integer labels."""
+
     def t(a, dtype=None):
         return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
 
-    return _metrics.compute(t(verb_logits), t(noun_logits), t(verbs, torch.long), t(nouns, torch.long),
-                            tail_verbs, tail_nouns, None if unseen is None else t(unseen, torch.bool))
+    return _metrics.compute(
+        t(verb_logits),
+        t(noun_logits),
+        t(verbs, torch.long),
+        t(nouns, torch.long),
+        tail_verbs,
+        tail_nouns,
+        None if unseen is None else t(unseen, torch.bool),
+    )

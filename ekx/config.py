@@ -70,8 +70,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     return table
 
 
-def resolve(flags: dict[str, Any] | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> Workspace:
+def resolve(
+    flags: dict[str, Any] | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Workspace:
     """Resolve the workspace: defaults, then ekx.toml, then EKX_* variables, then flags."""
     cwd = Path.cwd() if cwd is None else cwd
     env = dict(os.environ) if env is None else env
@@ -81,8 +82,7 @@ def resolve(flags: dict[str, Any] | None = None, cwd: Path | None = None,
     toml_path = cwd / CONFIG_FILE
     if toml_path.is_file():
         layers.append((CONFIG_FILE, read_toml(toml_path)))
-    layers.append(("env", {k: env[ENV_PREFIX + k.upper()] for k in _keys()
-                           if env.get(ENV_PREFIX + k.upper())}))
+    layers.append(("env", {k: env[ENV_PREFIX + k.upper()] for k in _keys() if env.get(ENV_PREFIX + k.upper())}))
     layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
     for origin, values in layers:
         for key, value in values.items():

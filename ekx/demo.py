@@ -35,9 +35,19 @@ DEMO_EPOCHS = 20
 def head_config(head: str, run_name: str, seed: int = 0) -> hc.TrainConfig:
     """Settings that learn the small synthetic set in seconds (the seed's phase-2 values
     are for 67k real segments: see configs/sweeps/phase2.toml)."""
-    return hc.TrainConfig(head=head, name=run_name, epochs=DEMO_EPOCHS, batch_size=16, lr=5e-4, dropout=0.2,
-                          drop_path=0.05, label_smoothing=0.1, warmup_epochs=2.0, restart_epochs=DEMO_EPOCHS,
-                          seed=seed)
+    return hc.TrainConfig(
+        head=head,
+        name=run_name,
+        epochs=DEMO_EPOCHS,
+        batch_size=16,
+        lr=5e-4,
+        dropout=0.2,
+        drop_path=0.05,
+        label_smoothing=0.1,
+        warmup_epochs=2.0,
+        restart_epochs=DEMO_EPOCHS,
+        seed=seed,
+    )
 
 
 def reversal_scores(verb_logits: torch.Tensor, verbs: torch.Tensor, verb_keys: list[str]) -> dict[str, float]:
@@ -54,29 +64,60 @@ def reversal_scores(verb_logits: torch.Tensor, verbs: torch.Tensor, verb_keys: l
     v, logits = verbs[sel], verb_logits[sel]
     other = torch.tensor([reverse[int(x)] for x in v.tolist()])
     rows = torch.arange(len(v))
-    return {"reversal_top1": 100 * float((logits.argmax(1) == v).float().mean()),
-            "direction": 100 * float((logits[rows, v] > logits[rows, other]).float().mean())}
+    return {
+        "reversal_top1": 100 * float((logits.argmax(1) == v).float().mean()),
+        "direction": 100 * float((logits[rows, v] > logits[rows, other]).float().mean()),
+    }
 
 
 def comparison_table(rows: list[dict], title: str) -> Table:
     from rich import box
 
-    table = Table("head", "params", "train", "val", "gap", "verb", "noun", "action", "order", "ep",
-                  title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption="train/val = action top-1 (the seed's acc); "
-                  "verb/noun/action = val top-1; order = direction right on time-reversed verbs")
+    table = Table(
+        "head",
+        "params",
+        "train",
+        "val",
+        "gap",
+        "verb",
+        "noun",
+        "action",
+        "order",
+        "ep",
+        title=title,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption="train/val = action top-1 (the seed's acc); "
+        "verb/noun/action = val top-1; order = direction right on time-reversed verbs",
+    )
     for col in table.columns:
         col.no_wrap = True
     for r in sorted(rows, key=lambda r: -r["val_action_top1"]):
-        table.add_row(r["head"], f"{r['params'] / 1e6:.2f}M", f"{r['train_action_top1']:.1f}",
-                      f"{r['val_action_top1']:.1f}", f"{r['gap']:+.1f}", f"{r['val_verb_top1']:.1f}",
-                      f"{r['val_noun_top1']:.1f}", f"{r['val_action_top1']:.1f}", f"{r['direction']:.0f}%",
-                      str(r["epoch"]))
+        table.add_row(
+            r["head"],
+            f"{r['params'] / 1e6:.2f}M",
+            f"{r['train_action_top1']:.1f}",
+            f"{r['val_action_top1']:.1f}",
+            f"{r['gap']:+.1f}",
+            f"{r['val_verb_top1']:.1f}",
+            f"{r['val_noun_top1']:.1f}",
+            f"{r['val_action_top1']:.1f}",
+            f"{r['direction']:.0f}%",
+            str(r["epoch"]),
+        )
     return table
 
 
 def _bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None) -> dict:
@@ -90,14 +131,21 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
     if not (data / "annotations" / epic.SPLIT_FILES["validation"]).exists():
         synthesize(data, SynthConfig(videos=videos, segments=segments))
     console.print(f"    done ({time.perf_counter() - t0:.0f} s)")
-    console.print(f"2/3 extracting resnet50 features, K={DEMO_FRAMES} (random weights: the demo cannot download any) ...")
+    console.print(
+        f"2/3 extracting resnet50 features, K={DEMO_FRAMES} (random weights: the demo cannot download any) ..."
+    )
     for split in ("train", "validation"):
         with _bar(console) as bar:
             task = bar.add_task(f"    {split}", total=None)
-            s = extract(ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1),
-                        data / "annotations", data / "videos", features, warn=lambda m: None,
-                        on_start=lambda total, done: bar.update(task, total=total, completed=done),
-                        on_progress=lambda n, _: bar.advance(task, n))
+            s = extract(
+                ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1),
+                data / "annotations",
+                data / "videos",
+                features,
+                warn=lambda m: None,
+                on_start=lambda total, done: bar.update(task, total=total, completed=done),  # noqa: B023 - called in this iteration only
+                on_progress=lambda n, _: bar.advance(task, n),  # noqa: B023
+            )
         console.print(f"    {split}: {s.done} segments, {s.frames} frames this run ({s.seconds:.0f} s)")
     console.print(f"3/3 training the four heads, {DEMO_EPOCHS} epochs each ...")
     loaded = tr.load_data(features / "resnet50" / "train.h5", features / "resnet50" / "validation.h5", "auto")
@@ -108,14 +156,21 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
         run_dir = runs / cfg.name
         with _bar(console) as bar:
             task = bar.add_task(f"    {head}", total=cfg.epochs)
-            best = tr.run(cfg, run_dir, loaded, resume=(run_dir / "last.pt").is_file(),
-                          on_epoch=lambda row: bar.update(task, completed=row["epoch"]))
+            best = tr.run(
+                cfg,
+                run_dir,
+                loaded,
+                resume=(run_dir / "last.pt").is_file(),
+                on_epoch=lambda row: bar.update(task, completed=row["epoch"]),  # noqa: B023 - called in this iteration only
+            )
         result = evaluate_run(run_dir, loaded.val.path)
         rev = reversal_scores(result["verb"], loaded.val.verbs[loaded.val.rows], loaded.val.attrs["verb_classes"])
         params = sum(p.numel() for p in ck.build_model(cfg, loaded.train)[0].parameters())
         rows.append({"head": head, "params": params, **best, **rev, "run_dir": run_dir})
-        console.print(f"    {head}: val verb {best['val_verb_top1']:.1f}, action {best['val_action_top1']:.1f}, "
-                      f"reversed-verb direction {rev['direction']:.0f}% -> {run_dir}")
+        console.print(
+            f"    {head}: val verb {best['val_verb_top1']:.1f}, action {best['val_action_top1']:.1f}, "
+            f"reversed-verb direction {rev['direction']:.0f}% -> {run_dir}"
+        )
     console.print(comparison_table(rows, "model comparison (validation, best epoch)"))
     console.print(f"run directories: {runs}   total {time.perf_counter() - t0:.0f} s")
     return {"workdir": workdir, "rows": rows}

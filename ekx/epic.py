@@ -20,9 +20,21 @@ from pathlib import Path
 from ekx import EkxError
 
 LABELLED_COLUMNS = (
-    "narration_id", "participant_id", "video_id", "narration_timestamp",
-    "start_timestamp", "stop_timestamp", "start_frame", "stop_frame", "narration",
-    "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes",
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
 )
 TEST_COLUMNS = LABELLED_COLUMNS[:8]
 CLASS_COLUMNS = ("id", "key", "instances", "category")
@@ -95,8 +107,10 @@ def _open_csv(path: Path, required, what: str):
     missing = [c for c in required if c not in header]
     if missing:
         fh.close()
-        raise EkxError(f"{path}:1: missing column(s) {', '.join(missing)} in the header of this "
-                       f"{what}; expected the official columns {','.join(required)}")
+        raise EkxError(
+            f"{path}:1: missing column(s) {', '.join(missing)} in the header of this "
+            f"{what}; expected the official columns {','.join(required)}"
+        )
     return fh, reader
 
 
@@ -108,8 +122,9 @@ def load_classes(path: Path) -> ClassList:
     with fh:
         for row in reader:
             if row["id"] is None or not row["id"].strip().isdigit() or int(row["id"]) != len(keys):
-                raise EkxError(f"{path}:{reader.line_num}: class id {row['id']!r} should be {len(keys)} "
-                               "(ids run 0..n-1 in order)")
+                raise EkxError(
+                    f"{path}:{reader.line_num}: class id {row['id']!r} should be {len(keys)} (ids run 0..n-1 in order)"
+                )
             keys.append(row["key"])
             cats.append(row["category"])
     if not keys:
@@ -124,8 +139,10 @@ def _class_id(row: dict, column: str, classes: ClassList | None, where: str) -> 
     except ValueError:
         raise EkxError(f"{where}: {column} {text!r} is not an integer") from None
     if classes is not None and not 0 <= value < len(classes):
-        raise EkxError(f"{where}: {column} {value} is outside the class list (0..{len(classes) - 1}); "
-                       "are the annotation and class-list files from the same release?")
+        raise EkxError(
+            f"{where}: {column} {value} is outside the class list (0..{len(classes) - 1}); "
+            "are the annotation and class-list files from the same release?"
+        )
     return value
 
 
@@ -135,8 +152,7 @@ def _annotation_columns(header: list[str]) -> tuple[str, ...]:
     return LABELLED_COLUMNS if labelled else TEST_COLUMNS
 
 
-def load_segments(path: Path, verbs: ClassList | None = None,
-                  nouns: ClassList | None = None) -> list[Segment]:
+def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList | None = None) -> list[Segment]:
     """Read a train/validation (labelled) or test-timestamps (unlabelled) CSV."""
     fh, reader = _open_csv(path, _annotation_columns, "annotation file")
     labelled = _annotation_columns(reader.fieldnames) is LABELLED_COLUMNS
@@ -150,12 +166,15 @@ def load_segments(path: Path, verbs: ClassList | None = None,
             except ValueError as e:
                 raise EkxError(f"{where}: {e}") from None
             if stop < start:
-                raise EkxError(f"{where}: stop_timestamp {row['stop_timestamp']} is before "
-                               f"start_timestamp {row['start_timestamp']} (narration {row['narration_id']})")
+                raise EkxError(
+                    f"{where}: stop_timestamp {row['stop_timestamp']} is before "
+                    f"start_timestamp {row['start_timestamp']} (narration {row['narration_id']})"
+                )
             verb = _class_id(row, "verb_class", verbs, where) if labelled else -1
             noun = _class_id(row, "noun_class", nouns, where) if labelled else -1
-            segments.append(Segment(row["narration_id"], row["participant_id"], row["video_id"],
-                                    start, stop, verb, noun))
+            segments.append(
+                Segment(row["narration_id"], row["participant_id"], row["video_id"], start, stop, verb, noun)
+            )
     return segments
 
 
@@ -238,6 +257,8 @@ def locate_videos(segments: list[Segment], root: Path) -> tuple[dict[str, Path],
 def missing_videos_message(missing: list[str], total: int, root: Path) -> str:
     """One message for all missing videos: a count and a few examples, never one line each."""
     examples = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-    return (f"{len(missing)} of {total} videos not found under {root} (e.g. {examples}); expected "
-            f"{root}/<video_id>.mp4 or {root}/<participant_id>/videos/<video_id>.MP4 - "
-            "set the videos path (ekx config) or download the missing files")
+    return (
+        f"{len(missing)} of {total} videos not found under {root} (e.g. {examples}); expected "
+        f"{root}/<video_id>.mp4 or {root}/<participant_id>/videos/<video_id>.MP4 - "
+        "set the videos path (ekx config) or download the missing files"
+    )

@@ -14,9 +14,9 @@ import collections
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ def cv2_module():
     try:
         import cv2
     except ImportError:
-        raise EkxError("ekx live needs OpenCV: pip install 'ekx[live]' (or opencv-python-headless for "
-                       "--headless)") from None
+        raise EkxError(
+            "ekx live needs OpenCV: pip install 'ekx[live]' (or opencv-python-headless for --headless)"
+        ) from None
     return cv2
 
 
@@ -100,8 +101,10 @@ def open_source(camera: int | None, video: Path | None):
     else:
         cap = cv2.VideoCapture(camera)
         if not cap.isOpened():
-            raise EkxError(f"--camera {camera}: no camera there (none connected, or in use); "
-                           "try another index, or --video FILE --realtime")
+            raise EkxError(
+                f"--camera {camera}: no camera there (none connected, or in use); "
+                "try another index, or --video FILE --realtime"
+            )
     return cap
 
 
@@ -124,7 +127,7 @@ def _capture(cap, box: Mailbox, is_file: bool, realtime: bool, stop: threading.E
                 ts = time.perf_counter() - t0
             box.put(Frame(image, ts, time.perf_counter(), i))
             i += 1
-    except Exception as e:  # noqa: BLE001 - re-raised by the main loop
+    except Exception as e:
         errors.append(e)
     finally:
         cap.release()
@@ -145,8 +148,9 @@ class Report:
 
     def line(self) -> str:
         acts = "  ".join(f"{v} {n} {100 * p:.0f}%" for v, n, p in self.actions)
-        return (f"{self.ts:7.2f}s  {acts}  | {self.fps:4.1f} fps  latency {self.latency_ms:4.0f} ms  "
-                f"dropped {self.dropped}")
+        return (
+            f"{self.ts:7.2f}s  {acts}  | {self.fps:4.1f} fps  latency {self.latency_ms:4.0f} ms  dropped {self.dropped}"
+        )
 
 
 @dataclass
@@ -181,26 +185,36 @@ def _draw(cv2, image: np.ndarray, report: Report | None, width: int = 960) -> np
     return image
 
 
-def run_live(model: RunModel, camera: int | None = None, video: Path | None = None, realtime: bool = False,
-             window: float = 2.0, stride: float = 0.5, top: int = 3, headless: bool = False,
-             delay_ms: float = 0.0, seconds: float | None = None,
-             on_report: Callable[[Report], None] | None = None) -> Summary:
+def run_live(
+    model: RunModel,
+    camera: int | None = None,
+    video: Path | None = None,
+    realtime: bool = False,
+    window: float = 2.0,
+    stride: float = 0.5,
+    top: int = 3,
+    headless: bool = False,
+    delay_ms: float = 0.0,
+    seconds: float | None = None,
+    on_report: Callable[[Report], None] | None = None,
+) -> Summary:
     """The live loop; returns counts and timings. ``delay_ms`` makes the backbone
     artificially slow (to see frames dropped); ``seconds`` stops after that media time."""
     cv2 = cv2_module()
     if window <= 0 or stride <= 0:
         raise EkxError("--window and --stride must be > 0 seconds")
     if model.clip_len > 1:
-        raise EkxError("ekx live runs per-frame backbones (resnet50, efficientnet_b3); for a clip backbone "
-                       "use `ekx predict` on a recorded video")
+        raise EkxError(
+            "ekx live runs per-frame backbones (resnet50, efficientnet_b3); for a clip backbone "
+            "use `ekx predict` on a recorded video"
+        )
     cap = open_source(camera, video)
     spacing = window / model.k  # the head was trained on K frames spread over a segment
     stride_samples = max(1, round(stride / spacing))
     box = Mailbox(drop=video is None or realtime)
     stop = threading.Event()
     errors: list[Exception] = []
-    thread = threading.Thread(target=_capture, args=(cap, box, video is not None, realtime, stop, errors),
-                              daemon=True)
+    thread = threading.Thread(target=_capture, args=(cap, box, video is not None, realtime, stop, errors), daemon=True)
     ring: collections.deque = collections.deque(maxlen=model.k)
     recent: collections.deque = collections.deque(maxlen=32)  # times of recent samples, for fps
     out = Summary()
@@ -210,8 +224,10 @@ def run_live(model: RunModel, camera: int | None = None, video: Path | None = No
             cv2.namedWindow("ekx live", cv2.WINDOW_NORMAL)
         except cv2.error:
             cap.release()
-            raise EkxError("this OpenCV has no display support (opencv-python-headless): pass --headless, "
-                           "or pip install 'ekx[live]'") from None
+            raise EkxError(
+                "this OpenCV has no display support (opencv-python-headless): pass --headless, "
+                "or pip install 'ekx[live]'"
+            ) from None
     t_start = time.perf_counter()
     thread.start()
     try:

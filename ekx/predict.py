@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class RunModel:
     @torch.inference_mode()
     def classify(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[W, K, D] backbone features -> verb and noun probabilities [W, V], [W, N]."""
-        x = ((windows[:, self.head_pos].to(self.device) - self.mean) / self.std)
+        x = (windows[:, self.head_pos].to(self.device) - self.mean) / self.std
         with autocast(self.device, self.precision):
             out = self.head(x)
         return out["verb"].float().softmax(1).cpu(), out["noun"].float().softmax(1).cpu()
@@ -73,10 +73,12 @@ class RunModel:
 def resolve_run(run: str, runs_root: Path) -> Path:
     """A run directory: the path as given, or a name under the workspace's runs/."""
     for path in (Path(run), Path(runs_root) / run):
-        if (path / "best.pt").is_file() or path.suffix == ".pt" and path.is_file():
+        if (path / "best.pt").is_file() or (path.suffix == ".pt" and path.is_file()):
             return path
-    raise EkxError(f"--run {run}: no run here (looked for {run}/best.pt and {Path(runs_root) / run}/best.pt); "
-                   "train one with `ekx train-head` or `ekx finetune`")
+    raise EkxError(
+        f"--run {run}: no run here (looked for {run}/best.pt and {Path(runs_root) / run}/best.pt); "
+        "train one with `ekx train-head` or `ekx finetune`"
+    )
 
 
 def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") -> RunModel:
@@ -84,12 +86,16 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
     ckpt = load_checkpoint(path)
     classes = ckpt.get("classes", {})
     if not classes.get("verb") or not classes.get("noun"):
-        raise EkxError(f"{path}: the run holds no class lists (its cache was made without them); "
-                       "re-extract the features with this ekx and retrain the head")
+        raise EkxError(
+            f"{path}: the run holds no class lists (its cache was made without them); "
+            "re-extract the features with this ekx and retrain the head"
+        )
     spec = ckpt.get("extractor")
     if not spec:
-        raise EkxError(f"{path}: the run does not say which backbone made its features "
-                       "(trained by an older ekx); retrain the head on a cache made by this ekx")
+        raise EkxError(
+            f"{path}: the run does not say which backbone made its features "
+            "(trained by an older ekx); retrain the head on a cache made by this ekx"
+        )
     bb = backbones.get(spec["backbone"])
     backbone = backbones.run_backbone(ckpt)
     device = resolve_device(device_name)
@@ -98,9 +104,21 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
     backbone = backbones.fuse_for_inference(backbone.eval()).to(device).to(memory_format=fmt)
     head = model_from_checkpoint(ckpt).to(device)
     k, t = int(spec["frames"]), int(ckpt["head_kwargs"]["frames"])
-    return RunModel(backbone, bb.preprocess, bb.clip_len, bb.dim, head, ckpt["norm"]["mean"].to(device),
-                    ckpt["norm"]["std"].to(device), k, positions(k, t, 1, False, None)[0],
-                    classes["verb"], classes["noun"], device, precision)
+    return RunModel(
+        backbone,
+        bb.preprocess,
+        bb.clip_len,
+        bb.dim,
+        head,
+        ckpt["norm"]["mean"].to(device),
+        ckpt["norm"]["std"].to(device),
+        k,
+        positions(k, t, 1, False, None)[0],
+        classes["verb"],
+        classes["noun"],
+        device,
+        precision,
+    )
 
 
 def top_actions(pv: torch.Tensor, pn: torch.Tensor, top: int) -> list[tuple[int, int, float]]:
@@ -110,7 +128,7 @@ def top_actions(pv: torch.Tensor, pn: torch.Tensor, top: int) -> list[tuple[int,
     n_p, n_i = pn.topk(kn)  # the top pairs are always among the top-k of each
     joint = (v_p[:, None] * n_p[None, :]).flatten()
     p, flat = joint.topk(min(top, len(joint)))
-    return [(int(v_i[f // kn]), int(n_i[f % kn]), float(q)) for f, q in zip(flat.tolist(), p.tolist())]
+    return [(int(v_i[f // kn]), int(n_i[f % kn]), float(q)) for f, q in zip(flat.tolist(), p.tolist(), strict=False)]
 
 
 @dataclass
@@ -120,9 +138,14 @@ class Window:
     actions: list[tuple[int, int, float]]  # (verb id, noun id, probability), best first
 
     def named(self, verbs: list[str], nouns: list[str]) -> dict:
-        return {"start": round(self.start, 3), "end": round(self.end, 3),
-                "top": [{"verb": verbs[v], "noun": nouns[n], "verb_class": v, "noun_class": n,
-                         "probability": round(p, 5)} for v, n, p in self.actions]}
+        return {
+            "start": round(self.start, 3),
+            "end": round(self.end, 3),
+            "top": [
+                {"verb": verbs[v], "noun": nouns[n], "verb_class": v, "noun_class": n, "probability": round(p, 5)}
+                for v, n, p in self.actions
+            ],
+        }
 
 
 @dataclass
@@ -142,16 +165,19 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
         raise EkxError("--window and --stride must be > 0 seconds")
     spacing = window / k
     if stride < spacing / 2:
-        raise EkxError(f"--stride {stride:g} s is below half the frame spacing ({spacing:g} s = window / K): "
-                       "windows would repeat; use a larger --stride")
-    n = int(math.floor(duration / spacing + 1e-9))
+        raise EkxError(
+            f"--stride {stride:g} s is below half the frame spacing ({spacing:g} s = window / K): "
+            "windows would repeat; use a larger --stride"
+        )
+    n = math.floor(duration / spacing + 1e-9)
     if n < k:
-        raise EkxError(f"the video is {duration:.2f} s long, shorter than one --window {window:g} s; "
-                       "pass a smaller --window")
+        raise EkxError(
+            f"the video is {duration:.2f} s long, shorter than one --window {window:g} s; pass a smaller --window"
+        )
     starts: list[int] = []
     i = 0
     while True:
-        g = int(round(i * stride / spacing))
+        g = round(i * stride / spacing)
         if g + k > n:
             break
         if not starts or g != starts[-1]:
@@ -160,8 +186,7 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     return spacing, n, starts
 
 
-def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop: threading.Event,
-                   chunk: int) -> None:
+def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop: threading.Event, chunk: int) -> None:
     """Decoder thread: (frame indices, uint8 [n, H, W, 3]) chunks of ``index`` (increasing,
     unique), so the reader only ever decodes forward (seeking past keyframes)."""
     try:
@@ -176,12 +201,18 @@ def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, sto
         if got:
             out.put((len(got), np.stack(got)))
         out.put(None)
-    except Exception as e:  # noqa: BLE001 - surfaced in the main thread
+    except Exception as e:
         out.put(e)
 
 
-def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames: int, batch: int = 16,
-                  on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def grid_features(
+    model: RunModel,
+    path: Path,
+    frame_index: np.ndarray,
+    n_frames: int,
+    batch: int = 16,
+    on_progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """[G, D] features of the grid frames; decoding (a thread) overlaps the backbone.
 
     Each needed frame is decoded once, in order - clips of a 3D backbone may overlap - and
@@ -190,8 +221,11 @@ def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames
     wanted = np.unique(clips)
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    worker = threading.Thread(target=_decode_frames, daemon=True,
-                              args=(path, wanted, model.preprocess.decode_size, q, stop, batch * model.clip_len))
+    worker = threading.Thread(
+        target=_decode_frames,
+        daemon=True,
+        args=(path, wanted, model.preprocess.decode_size, q, stop, batch * model.clip_len),
+    )
     worker.start()
     later_min = np.minimum.accumulate(clips.min(1)[::-1])[::-1]  # first frame any clip from j on needs
     feats, kept, next_wanted = [], {}, 0
@@ -200,8 +234,10 @@ def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames
         nonlocal next_wanted
         item = q.get()
         if isinstance(item, Exception):
-            raise EkxError(f"{path.name}: decoding failed ({type(item).__name__}: "
-                           f"{str(item).splitlines()[0][:160] if str(item) else ''})")
+            raise EkxError(
+                f"{path.name}: decoding failed ({type(item).__name__}: "
+                f"{str(item).splitlines()[0][:160] if str(item) else ''})"
+            )
         if item is None:
             raise EkxError(f"{path.name}: the decoder stopped early")
         n, frames = item
@@ -211,7 +247,7 @@ def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames
 
     try:
         for lo in range(0, len(clips), batch):
-            need = clips[lo:lo + batch]
+            need = clips[lo : lo + batch]
             while int(need.max()) not in kept:
                 pull()
             x = torch.from_numpy(np.stack([kept[int(i)] for i in need.reshape(-1)])).permute(0, 3, 1, 2)
@@ -232,9 +268,15 @@ def grid_features(model: RunModel, path: Path, frame_index: np.ndarray, n_frames
     return torch.cat(feats)
 
 
-def predict_video(model: RunModel, path: Path, window: float = 2.0, stride: float = 0.5, top: int = 5,
-                  on_start: Callable[[int], None] | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> Prediction:
+def predict_video(
+    model: RunModel,
+    path: Path,
+    window: float = 2.0,
+    stride: float = 0.5,
+    top: int = 5,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Prediction:
     path = Path(path)
     if not path.is_file():
         raise EkxError(f"{path}: no such video")
@@ -242,7 +284,7 @@ def predict_video(model: RunModel, path: Path, window: float = 2.0, stride: floa
         vr = open_reader(path)
         n_frames, fps = len(vr), float(vr.get_avg_fps())
         del vr
-    except Exception as e:  # noqa: BLE001 - not a video decord can read
+    except Exception as e:
         raise EkxError(f"{path}: cannot read this video ({str(e).splitlines()[0][:160]})") from None
     duration = n_frames / fps
     spacing, n_grid, starts = plan_windows(duration, window, stride, model.k)
@@ -252,7 +294,7 @@ def predict_video(model: RunModel, path: Path, window: float = 2.0, stride: floa
     feats = grid_features(model, path, index, n_frames, on_progress=on_progress)
     out = []
     for lo in range(0, len(starts), 256):  # windows are built a block at a time: views of one grid
-        pv, pn = model.classify(torch.stack([feats[g:g + model.k] for g in starts[lo:lo + 256]]))
+        pv, pn = model.classify(torch.stack([feats[g : g + model.k] for g in starts[lo : lo + 256]]))
         for j in range(len(pv)):
             g = starts[lo + j]
             out.append(Window(g * spacing, (g + model.k) * spacing, top_actions(pv[j], pn[j], top)))
@@ -263,8 +305,16 @@ def iter_rows(pred: Prediction, verbs: list[str], nouns: list[str]) -> Iterator[
     """Flat rows (one per window and rank) for CSV."""
     for w in pred.windows:
         for rank, (v, n, p) in enumerate(w.actions, 1):
-            yield {"start": f"{w.start:.3f}", "end": f"{w.end:.3f}", "rank": rank, "verb": verbs[v],
-                   "noun": nouns[n], "verb_class": v, "noun_class": n, "probability": f"{p:.5f}"}
+            yield {
+                "start": f"{w.start:.3f}",
+                "end": f"{w.end:.3f}",
+                "rank": rank,
+                "verb": verbs[v],
+                "noun": nouns[n],
+                "verb_class": v,
+                "noun_class": n,
+                "probability": f"{p:.5f}",
+            }
 
 
 def timeline(pred: Prediction, verbs: list[str], nouns: list[str], out: Path) -> Path:
@@ -284,13 +334,23 @@ def timeline(pred: Prediction, verbs: list[str], nouns: list[str], out: Path) ->
         for w in pred.windows:
             cls, p = int(w.actions[0][pick]), w.actions[0][2]
             centre = (w.start + w.end) / 2
-            ax.broken_barh([(centre - step / 2, step)], (1 - row + 0.05, 0.9), color=cmap(cls % 20),
-                           alpha=0.35 + 0.65 * min(1.0, p ** 0.5))
+            ax.broken_barh(
+                [(centre - step / 2, step)],
+                (1 - row + 0.05, 0.9),
+                color=cmap(cls % 20),
+                alpha=0.35 + 0.65 * min(1.0, p**0.5),
+            )
             if cls != last:
                 ax.text(centre - step / 2, 1.5 - row, names[cls], fontsize=7, va="center", clip_on=True)
             last = cls
-    ax.set(xlim=(0, pred.duration), ylim=(0, 2), yticks=[0.5, 1.5], yticklabels=["noun", "verb"],
-           xlabel="time (s)", title=f"{pred.video.name}: top-1 per window (opacity: action probability)")
+    ax.set(
+        xlim=(0, pred.duration),
+        ylim=(0, 2),
+        yticks=[0.5, 1.5],
+        yticklabels=["noun", "verb"],
+        xlabel="time (s)",
+        title=f"{pred.video.name}: top-1 per window (opacity: action probability)",
+    )
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

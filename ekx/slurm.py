@@ -69,33 +69,73 @@ def sbatch(argv: list[str], dry_run: bool, name: str) -> str:
     return res.stdout.strip().split(";")[0]
 
 
-def submit_extract(backbone: str, split: str, shards: int, extra: list[str], annotations: Path, videos: Path,
-                   features: Path, res: Resources, dry_run: bool = False, scripts: Path | None = None,
-                   log_dir: Path | None = None) -> dict:
+def submit_extract(
+    backbone: str,
+    split: str,
+    shards: int,
+    extra: list[str],
+    annotations: Path,
+    videos: Path,
+    features: Path,
+    res: Resources,
+    dry_run: bool = False,
+    scripts: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict:
     """An array of N shard extractions, then `ekx cache merge` after all succeed."""
     from ekx.extract.pipeline import ExtractConfig, default_out
 
     if shards < 1:
         raise EkxError("--shards must be >= 1")
     features = Path(features).resolve()
-    outs = [default_out(ExtractConfig(backbone=backbone, split=split, shard=(i, shards)), features)
-            for i in range(shards)]
+    outs = [
+        default_out(ExtractConfig(backbone=backbone, split=split, shard=(i, shards)), features) for i in range(shards)
+    ]
     merged = default_out(ExtractConfig(backbone=backbone, split=split), features)
     logs = _logs(log_dir)
-    array = ["sbatch", "--parsable", f"--array=0-{shards - 1}", *logs("ekx-extract-%A_%a.out"), *res.options(),
-             str(_script("extract.sbatch", scripts)), backbone, split, str(shards),
-             "--annotations", str(Path(annotations).resolve()), "--videos", str(Path(videos).resolve()),
-             "--features", str(features), *extra]
+    array = [
+        "sbatch",
+        "--parsable",
+        f"--array=0-{shards - 1}",
+        *logs("ekx-extract-%A_%a.out"),
+        *res.options(),
+        str(_script("extract.sbatch", scripts)),
+        backbone,
+        split,
+        str(shards),
+        "--annotations",
+        str(Path(annotations).resolve()),
+        "--videos",
+        str(Path(videos).resolve()),
+        "--features",
+        str(features),
+        *extra,
+    ]
     array_id = sbatch(array, dry_run, "extract")
-    merge = ["sbatch", "--parsable", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes",
-             *logs("ekx-merge-%j.out"), *res.options(gpus=False), str(_script("merge.sbatch", scripts)),
-             str(merged), *map(str, outs)]
+    merge = [
+        "sbatch",
+        "--parsable",
+        f"--dependency=afterok:{array_id}",
+        "--kill-on-invalid-dep=yes",
+        *logs("ekx-merge-%j.out"),
+        *res.options(gpus=False),
+        str(_script("merge.sbatch", scripts)),
+        str(merged),
+        *map(str, outs),
+    ]
     merge_id = sbatch(merge, dry_run, "merge")
     return {"array": array_id, "merge": merge_id, "commands": [array, merge], "out": merged}
 
 
-def submit_sweep(file: Path, extra: list[str], res: Resources, dry_run: bool = False, scripts: Path | None = None,
-                 runs: Path | None = None, log_dir: Path | None = None) -> dict:
+def submit_sweep(
+    file: Path,
+    extra: list[str],
+    res: Resources,
+    dry_run: bool = False,
+    scripts: Path | None = None,
+    runs: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict:
     """An array with one task per sweep configuration, then `ekx compare` after all end."""
     from ekx.heads import sweep as sw
 
@@ -103,12 +143,28 @@ def submit_sweep(file: Path, extra: list[str], res: Resources, dry_run: bool = F
     n = len(sw.load(file))
     logs = _logs(log_dir)
     runs_args = ["--runs", str(Path(runs).resolve())] if runs else []
-    array = ["sbatch", "--parsable", f"--array=0-{n - 1}", *logs("ekx-sweep-%A_%a.out"), *res.options(),
-             str(_script("sweep.sbatch", scripts)), str(file), *runs_args, *extra]
+    array = [
+        "sbatch",
+        "--parsable",
+        f"--array=0-{n - 1}",
+        *logs("ekx-sweep-%A_%a.out"),
+        *res.options(),
+        str(_script("sweep.sbatch", scripts)),
+        str(file),
+        *runs_args,
+        *extra,
+    ]
     array_id = sbatch(array, dry_run, "sweep")
     sweep_dir = (Path(runs).resolve() if runs else Path("runs").resolve()) / file.stem
-    compare = ["sbatch", "--parsable", f"--dependency=afterany:{array_id}", *logs("ekx-compare-%j.out"),
-               *res.options(gpus=False), str(_script("compare.sbatch", scripts)), str(sweep_dir)]
+    compare = [
+        "sbatch",
+        "--parsable",
+        f"--dependency=afterany:{array_id}",
+        *logs("ekx-compare-%j.out"),
+        *res.options(gpus=False),
+        str(_script("compare.sbatch", scripts)),
+        str(sweep_dir),
+    ]
     compare_id = sbatch(compare, dry_run, "compare")
     return {"array": array_id, "compare": compare_id, "commands": [array, compare], "configurations": n}
 
@@ -119,6 +175,7 @@ def _logs(log_dir: Path | None):
             return []
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         return [f"--output={Path(log_dir).resolve() / pattern}"]
+
     return opts
 
 

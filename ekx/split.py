@@ -53,8 +53,7 @@ def choose_videos(segments: list[epic.Segment], fraction: float, seed: int) -> s
     return best
 
 
-def write_split(annotations: Path, out: Path, fraction: float = 0.2, seed: int = 0,
-                source: str = "train") -> dict:
+def write_split(annotations: Path, out: Path, fraction: float = 0.2, seed: int = 0, source: str = "train") -> dict:
     """Write out/EPIC_100_train.csv (the rest) and out/EPIC_100_validation.csv (held out),
     plus the class and tail lists, so `out` is a complete annotations directory."""
     ann = epic.Annotations(Path(annotations))
@@ -81,5 +80,10 @@ def write_split(annotations: Path, out: Path, fraction: float = 0.2, seed: int =
     n_val = sum(1 for s in segments if s.video_id in held)
     verbs = np.bincount([s.verb_class for s in segments])
     val_verbs = np.bincount([s.verb_class for s in segments if s.video_id in held], minlength=len(verbs))
-    return {"videos": len(held), "segments": n_val, "train_segments": len(segments) - n_val,
-            "verb_tv_distance": _tv(val_verbs, verbs), "out": out}
+    return {
+        "videos": len(held),
+        "segments": n_val,
+        "train_segments": len(segments) - n_val,
+        "verb_tv_distance": _tv(val_verbs, verbs),
+        "out": out,
+    }

@@ -76,7 +76,7 @@ def allowed_nouns(seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 1])
     groups = {v: i // 2 for i, v in enumerate(VERBS)}  # consecutive verbs form pairs
     rows = []
-    for g in range(max(groups.values()) + 1):
+    for _ in range(max(groups.values()) + 1):
         row = np.zeros(len(NOUNS), bool)
         row[rng.choice(len(NOUNS), size=8, replace=False)] = True
         rows.append(row)
@@ -98,8 +98,17 @@ def plan(cfg: SynthConfig) -> list[_Video]:
             length = round(float(rng.uniform(cfg.min_length, cfg.max_length)), 2)
             verb = int(rng.integers(len(VERBS)))
             noun = int(rng.choice(np.flatnonzero(mask[verb])))
-            segs.append(_Segment(f"{vid}_{j}", t, round(t + length, 2), verb, noun,
-                                 float(rng.uniform(0.4, 0.6)), float(rng.uniform(0.45, 0.6))))
+            segs.append(
+                _Segment(
+                    f"{vid}_{j}",
+                    t,
+                    round(t + length, 2),
+                    verb,
+                    noun,
+                    float(rng.uniform(0.4, 0.6)),
+                    float(rng.uniform(0.45, 0.6)),
+                )
+            )
             t = round(t + length + float(rng.uniform(0.2, 1.0)), 2)
         # cycle frame rates so that every participant has videos at each rate
         fps = cfg.fps[(i + i // participants) % len(cfg.fps)]
@@ -123,6 +132,7 @@ def validation_videos(videos: list[_Video], cfg: SynthConfig) -> set[str]:
 
 
 # ---------------------------------------------------------------- rendering
+
 
 def _state(verb: str, p: float) -> tuple[float, float, int]:
     """(scale, brightness, count) of the object at progress p in [0, 1]."""
@@ -160,20 +170,19 @@ def _stamp(frame: np.ndarray, index: int) -> None:
     h, w = stamp_height(frame.shape[0]), frame.shape[1]
     bw = w // STAMP_BITS
     for b in range(STAMP_BITS):
-        frame[:h, b * bw:(b + 1) * bw] = 255 if (index >> b) & 1 else 0
+        frame[:h, b * bw : (b + 1) * bw] = 255 if (index >> b) & 1 else 0
 
 
 def read_stamp(frame: np.ndarray) -> int:
     """The frame index a synthetic frame carries (robust to compression noise)."""
     h, w = stamp_height(frame.shape[0]), frame.shape[1]
     bw = w // STAMP_BITS
-    band = frame[1:h - 1].astype(np.float32).mean(axis=(0, 2) if frame.ndim == 3 else 0)  # colour or grey
-    bits = [band[b * bw + 2:(b + 1) * bw - 2].mean() > 127 for b in range(STAMP_BITS)]
+    band = frame[1 : h - 1].astype(np.float32).mean(axis=(0, 2) if frame.ndim == 3 else 0)  # colour or grey
+    bits = [band[b * bw + 2 : (b + 1) * bw - 2].mean() > 127 for b in range(STAMP_BITS)]
     return sum(1 << b for b, on in enumerate(bits) if on)
 
 
-def render_frame(video: _Video, index: int, width: int, height: int,
-                 background: np.ndarray) -> np.ndarray:
+def render_frame(video: _Video, index: int, width: int, height: int, background: np.ndarray) -> np.ndarray:
     frame = background.copy()
     t = index / video.fps
     seg = next((s for s in video.segments if s.start <= t < s.stop), None)
@@ -206,7 +215,7 @@ def write_video(video: _Video, path: Path, width: int, height: int, crf: int = 1
     import av  # the test extra; only synth needs an encoder
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = int(round(video.duration * video.fps))
+    n = round(video.duration * video.fps)
     bg = _background(width, height)
     tmp = path.with_name(path.name + ".part.mp4")
     with av.open(str(tmp), "w") as container:
@@ -223,6 +232,7 @@ def write_video(video: _Video, path: Path, width: int, height: int, crf: int = 1
 
 # ---------------------------------------------------------------- CSVs
 
+
 def _write_csv(path: Path, header, rows) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -235,9 +245,16 @@ def _annotation_rows(video: _Video, labelled: bool):
         verb, noun = VERBS[s.verb], NOUNS[s.noun]
         start = epic.format_timestamp(s.start)
         # narration_timestamp has millisecond precision in the official files
-        row = [s.narration_id, video.participant_id, video.video_id, start + "0", start,
-               epic.format_timestamp(s.stop),
-               round(s.start * video.fps), round(s.stop * video.fps)]
+        row = [
+            s.narration_id,
+            video.participant_id,
+            video.video_id,
+            start + "0",
+            start,
+            epic.format_timestamp(s.stop),
+            round(s.start * video.fps),
+            round(s.stop * video.fps),
+        ]
         if labelled:
             row += [f"{verb} {noun}", verb, s.verb, noun, s.noun, f"['{noun}']", f"[{s.noun}]"]
         yield row
@@ -248,21 +265,31 @@ def write_annotations(videos: list[_Video], cfg: SynthConfig, out: Path) -> None
     val = validation_videos(videos, cfg)
     train_v = [v for v in videos if v.video_id not in val]
     val_v = [v for v in videos if v.video_id in val]
-    for name, vids, labelled in (("train", train_v, True), ("validation", val_v, True),
-                                 ("test", val_v, False)):
+    for name, vids, labelled in (("train", train_v, True), ("validation", val_v, True), ("test", val_v, False)):
         rows = [r for v in vids for r in _annotation_rows(v, labelled)]
         cols = epic.LABELLED_COLUMNS if labelled else epic.TEST_COLUMNS
         _write_csv(out / epic.SPLIT_FILES[name], cols, rows)
-    _write_csv(out / epic.VERB_CLASSES, epic.CLASS_COLUMNS,
-               [[i, v, f"['{v}']", "reversible" if any(v in p for p in REVERSED_PAIRS) else "other"]
-                for i, v in enumerate(VERBS)])
-    _write_csv(out / epic.NOUN_CLASSES, epic.CLASS_COLUMNS,
-               [[i, n, f"['{n}']", n.split(":")[0]] for i, n in enumerate(NOUNS)])
-    _write_csv(out / "EPIC_100_video_info.csv", ("video_id", "duration", "fps", "resolution"),
-               [[v.video_id, f"{v.duration:.3f}", v.fps, f"{cfg.width}x{cfg.height}"] for v in videos])
+    _write_csv(
+        out / epic.VERB_CLASSES,
+        epic.CLASS_COLUMNS,
+        [
+            [i, v, f"['{v}']", "reversible" if any(v in p for p in REVERSED_PAIRS) else "other"]
+            for i, v in enumerate(VERBS)
+        ],
+    )
+    _write_csv(
+        out / epic.NOUN_CLASSES, epic.CLASS_COLUMNS, [[i, n, f"['{n}']", n.split(":")[0]] for i, n in enumerate(NOUNS)]
+    )
+    _write_csv(
+        out / "EPIC_100_video_info.csv",
+        ("video_id", "duration", "fps", "resolution"),
+        [[v.video_id, f"{v.duration:.3f}", v.fps, f"{cfg.width}x{cfg.height}"] for v in videos],
+    )
     # Tail classes: those rarer than the median in train, as a stand-in for EPIC's long tail.
-    for fname, col, n, attr in ((epic.TAIL_VERBS, "verb", len(VERBS), "verb"),
-                                (epic.TAIL_NOUNS, "noun", len(NOUNS), "noun")):
+    for fname, col, n, attr in (
+        (epic.TAIL_VERBS, "verb", len(VERBS), "verb"),
+        (epic.TAIL_NOUNS, "noun", len(NOUNS), "noun"),
+    ):
         counts = np.bincount([getattr(s, attr) for v in train_v for s in v.segments], minlength=n)
         _write_csv(out / fname, (col,), [[c] for c in np.flatnonzero(counts < np.median(counts))])
     unseen = sorted({v.participant_id for v in val_v} - {v.participant_id for v in train_v})
@@ -278,13 +305,20 @@ def synthesize(out: Path, cfg: SynthConfig, progress=None) -> dict:
     out = Path(out)
     videos = plan(cfg)
     write_annotations(videos, cfg, out / "annotations")
-    jobs = [(v, out / "videos" / v.participant_id / "videos" / f"{v.video_id}.MP4",
-             cfg.width, cfg.height, cfg.crf) for v in videos]
+    jobs = [
+        (v, out / "videos" / v.participant_id / "videos" / f"{v.video_id}.MP4", cfg.width, cfg.height, cfg.crf)
+        for v in videos
+    ]
     frames = 0
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         for n in pool.map(_encode_job, jobs):
             frames += n
             if progress:
                 progress()
-    return {"videos": len(videos), "segments": sum(len(v.segments) for v in videos),
-            "frames": frames, "annotations": out / "annotations", "video_root": out / "videos"}
+    return {
+        "videos": len(videos),
+        "segments": sum(len(v.segments) for v in videos),
+        "frames": frames,
+        "annotations": out / "annotations",
+        "video_root": out / "videos",
+    }

@@ -11,8 +11,10 @@ def shared_dir(name: str) -> Path:
     """../shared/<name> beside the project root; skip (saying why) where it is absent."""
     path = SHARED / name
     if not path.is_dir():
-        pytest.skip(f"{path} is absent: the shared EPIC annotation files and clips live beside the "
-                    "project root in CI and the team's workspace, not in a user's own clone")
+        pytest.skip(
+            f"{path} is absent: the shared EPIC annotation files and clips live beside the "
+            "project root in CI and the team's workspace, not in a user's own clone"
+        )
     return path
 
 
@@ -36,9 +38,19 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
-def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 32, num_verbs: int = 5,
-               num_nouns: int = 7, seed: int = 0, labelled: bool = True, backbone: str = "resnet50",
-               split: str = "train") -> Path:
+def make_cache(
+    path: Path,
+    n: int = 64,
+    views: int = 1,
+    k: int = 8,
+    dim: int = 32,
+    num_verbs: int = 5,
+    num_nouns: int = 7,
+    seed: int = 0,
+    labelled: bool = True,
+    backbone: str = "resnet50",
+    split: str = "train",
+) -> Path:
     """A small random feature cache in the real format (labels weakly encoded in the features)."""
     import numpy as np
 
@@ -50,13 +62,28 @@ def make_cache(path: Path, n: int = 64, views: int = 1, k: int = 8, dim: int = 3
     feats = rng.normal(size=(n, views, k, dim)).astype(np.float32)
     feats[np.arange(n), :, :, verbs % dim] += 2.0  # a little signal, so training can move
     feats[np.arange(n), :, :, (num_verbs + nouns) % dim] += 2.0
-    rows = store.Rows([f"P{1 + i % 3:02d}_{i // 3:02d}_{i}" for i in range(n)],
-                      [f"P{1 + i % 3:02d}_{i // 3:02d}" for i in range(n)],
-                      verbs if labelled else np.full(n, -1), nouns if labelled else np.full(n, -1), np.arange(n))
-    attrs = {"format": store.FORMAT, "format_version": store.VERSION, "backbone": backbone, "weights": "none",
-             "feature_dim": dim, "frames_per_segment": k, "views": views, "num_verbs": num_verbs,
-             "num_nouns": num_nouns, "verb_classes": [f"v{i}" for i in range(num_verbs)],
-             "noun_classes": [f"n{i}" for i in range(num_nouns)], "split": split, "bn_calibration": ""}
+    rows = store.Rows(
+        [f"P{1 + i % 3:02d}_{i // 3:02d}_{i}" for i in range(n)],
+        [f"P{1 + i % 3:02d}_{i // 3:02d}" for i in range(n)],
+        verbs if labelled else np.full(n, -1),
+        nouns if labelled else np.full(n, -1),
+        np.arange(n),
+    )
+    attrs = {
+        "format": store.FORMAT,
+        "format_version": store.VERSION,
+        "backbone": backbone,
+        "weights": "none",
+        "feature_dim": dim,
+        "frames_per_segment": k,
+        "views": views,
+        "num_verbs": num_verbs,
+        "num_nouns": num_nouns,
+        "verb_classes": [f"v{i}" for i in range(num_verbs)],
+        "noun_classes": [f"n{i}" for i in range(num_nouns)],
+        "split": split,
+        "bn_calibration": "",
+    }
     store.create(path, attrs, rows, views, k, dim)
     w = store.Writer(path)
     w.write([(i, feats[i].astype(np.float16), np.arange(k)) for i in range(n)], [])
@@ -88,10 +115,14 @@ def slurm_cluster():
     import subprocess
 
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed here: `slurm/cluster.sh start` (root, Debian) installs and starts "
-                    "a one-node cluster; .ci/run does it in CI")
+        pytest.skip(
+            "SLURM is not installed here: `slurm/cluster.sh start` (root, Debian) installs and starts "
+            "a one-node cluster; .ci/run does it in CI"
+        )
     res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
     if res.returncode != 0 or not any(s.strip() in ("idle", "mix", "alloc") for s in res.stdout.split()):
-        pytest.skip(f"no SLURM cluster answers (sinfo: {(res.stderr or res.stdout).strip()[:120]}); start one with "
-                    "`slurm/cluster.sh start` and export SLURM_CONF as it prints")
+        pytest.skip(
+            f"no SLURM cluster answers (sinfo: {(res.stderr or res.stdout).strip()[:120]}); start one with "
+            "`slurm/cluster.sh start` and export SLURM_CONF as it prints"
+        )
     return True

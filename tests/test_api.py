@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_example() -> str:
     text = README.read_text()
-    section = text[text.index("## Using ekx from Python"):]
+    section = text[text.index("## Using ekx from Python") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -43,8 +43,12 @@ def test_api_predict_equals_ekx_evaluate(demo_workspace):
     m = api.metrics(verb, noun, cache.verb_class[cache.done], cache.noun_class[cache.done])
     from ekx.heads import metrics
 
-    assert m == metrics.compute(ref["verb"], ref["noun"], torch.as_tensor(cache.verb_class[cache.done]).long(),
-                                torch.as_tensor(cache.noun_class[cache.done]).long())
+    assert m == metrics.compute(
+        ref["verb"],
+        ref["noun"],
+        torch.as_tensor(cache.verb_class[cache.done]).long(),
+        torch.as_tensor(cache.noun_class[cache.done]).long(),
+    )
 
 
 def test_create_head_and_registry():

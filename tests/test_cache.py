@@ -34,9 +34,26 @@ def run(data: Path, out: Path, **kw):
 
 
 def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", "--annotations", str(data / "annotations"), "--videos", str(data / "videos"),
-            "--split", "validation", "--weights", "none", "--frames", "4", "--batch-size", "4",
-            "--workers", "1", "--out", str(out), *extra]
+    return [
+        "extract",
+        "--annotations",
+        str(data / "annotations"),
+        "--videos",
+        str(data / "videos"),
+        "--split",
+        "validation",
+        "--weights",
+        "none",
+        "--frames",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +78,12 @@ def test_killed_run_resumes_to_the_same_features(sig, synth_data, reference, tmp
     out = tmp_path / "f.h5"
     env = dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE")
     log = tmp_path / "log.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "ekx", *cli_args(synth_data, out)], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ekx", *cli_args(synth_data, out)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while _done_count(out) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -96,11 +117,11 @@ def test_shards_merge_to_the_single_process_cache(synth_data, reference, tmp_pat
     assert (a.frame_index == b.frame_index).all() and (a.verb_class == b.verb_class).all()
     np.testing.assert_array_equal(a.features(), b.features())
     # overlapping shards and shards of another extraction are refused
-    with pytest.raises(EkxError, match="in both"):
+    with pytest.raises(EkxError, match=r"in both"):
         tools.merge(tmp_path / "m2.h5", [shards[0], shards[0]])
     other = tmp_path / "other.h5"
     run(synth_data, other, split="train", shard=(1, 2), frames=2, limit=8)
-    with pytest.raises(EkxError, match="frames_per_segment"):
+    with pytest.raises(EkxError, match=r"frames_per_segment"):
         tools.merge(tmp_path / "m3.h5", [shards[0], other])
 
 
@@ -109,7 +130,7 @@ def test_mismatched_parameters_are_refused(synth_data, tmp_path):
     run(synth_data, out, limit=1)
     with pytest.raises(EkxError, match=r"other parameters \(frames_per_segment: file has 4, asked for 2"):
         run(synth_data, out, limit=1, frames=2)
-    with pytest.raises(EkxError, match="different list of segments"):
+    with pytest.raises(EkxError, match=r"different list of segments"):
         run(synth_data, out, limit=2)
     assert open_cache(out).counts()["done"] == 1
 
@@ -171,7 +192,7 @@ def test_disk_full_is_a_clear_error_and_the_cache_resumes(synth_data, tmp_path, 
         real_write(self, done[:1], failed)
 
     monkeypatch.setattr(store.Writer, "write", write)
-    with pytest.raises(EkxError, match="disk full while writing .*re-run the same command to resume"):
+    with pytest.raises(EkxError, match=r"disk full while writing .*re-run the same command to resume"):
         run(synth_data, out)
     monkeypatch.setattr(store.Writer, "write", real_write)
     assert open_cache(out).counts()["done"] == 1
@@ -218,18 +239,25 @@ def _fake_cache(path: Path, feats: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("zero", "all features are zero"),
-    ("constant", "constant across segments"),
-    ("overflow", "overflowed float16"),
-    ("nan", "contain NaN"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("zero", "all features are zero"),
+        ("constant", "constant across segments"),
+        ("overflow", "overflowed float16"),
+        ("nan", "contain NaN"),
+    ],
+)
 def test_verify_flags_degenerate_features(kind, message, tmp_path):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(5, 1, 2, 8)).astype(np.float32)
     assert tools.verify(_fake_cache(tmp_path / "ok.h5", feats.astype(np.float16)))[0] == []
-    bad = {"zero": np.zeros_like(feats), "constant": np.broadcast_to(feats[:1] + 38, feats.shape),
-           "overflow": feats * 1e5, "nan": np.where(np.arange(8) == 3, np.nan, feats)}[kind]
+    bad = {
+        "zero": np.zeros_like(feats),
+        "constant": np.broadcast_to(feats[:1] + 38, feats.shape),
+        "overflow": feats * 1e5,
+        "nan": np.where(np.arange(8) == 3, np.nan, feats),
+    }[kind]
     path = _fake_cache(tmp_path / "bad.h5", bad.astype(np.float16))
     problems, _ = tools.verify(path)
     assert any(message in p for p in problems), problems

@@ -51,8 +51,23 @@ def test_errors_are_one_red_line_and_exit_1(tmp_path):
 
 
 def test_synth_command_writes_dataset(tmp_path):
-    result = runner.invoke(app, ["synth", str(tmp_path / "d"), "--videos", "2", "--segments", "2",
-                                 "--width", "64", "--height", "64", "--workers", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            str(tmp_path / "d"),
+            "--videos",
+            "2",
+            "--segments",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 2 videos" in result.output
     assert (tmp_path / "d" / "annotations" / "EPIC_100_train.csv").is_file()

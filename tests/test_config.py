@@ -16,7 +16,9 @@ def test_defaults(tmp_path):
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):
-    (tmp_path / "ekx.toml").write_text('[workspace]\nvideos = "/file/videos"\nruns = "/file/runs"\nfeatures = "/file/f"\n')
+    (tmp_path / "ekx.toml").write_text(
+        '[workspace]\nvideos = "/file/videos"\nruns = "/file/runs"\nfeatures = "/file/f"\n'
+    )
     env = {"EKX_RUNS": "/env/runs", "EKX_FEATURES": "/env/f"}
     ws = resolve({"features": Path("/flag/f")}, cwd=tmp_path, env=env)
     assert ws.videos == Path("/file/videos") and ws.sources["videos"] == "ekx.toml"
@@ -27,8 +29,8 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
 
 def test_bad_config_file_is_named(tmp_path):
     (tmp_path / "ekx.toml").write_text("videos = \n")
-    with pytest.raises(EkxError, match="ekx.toml: not valid TOML"):
+    with pytest.raises(EkxError, match=r"ekx.toml: not valid TOML"):
         resolve(cwd=tmp_path, env={})
     (tmp_path / "ekx.toml").write_text('[workspace]\nvidoes = "x"\n')
-    with pytest.raises(EkxError, match="unknown key.*vidoes"):
+    with pytest.raises(EkxError, match=r"unknown key.*vidoes"):
         resolve(cwd=tmp_path, env={})

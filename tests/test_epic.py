@@ -81,7 +81,9 @@ def test_class_id_outside_class_list(epic100, tmp_path):
     ann = epic.Annotations(_copy(epic100, tmp_path))
     # line 2 ends "...,plate,2,['plate'],[2]": give it noun class 300
     _edit_line(tmp_path / "EPIC_100_validation.csv", 2, ",plate,2,", ",plate,300,")
-    with pytest.raises(EkxError, match=r"EPIC_100_validation.csv:2: noun_class 300 is outside the class list \(0..299\)"):
+    with pytest.raises(
+        EkxError, match=r"EPIC_100_validation.csv:2: noun_class 300 is outside the class list \(0..299\)"
+    ):
         ann.segments("validation")
 
 
@@ -93,7 +95,7 @@ def test_class_list_with_bad_header(epic100, tmp_path):
 
 
 def test_missing_annotation_file_says_where_to_look(tmp_path):
-    with pytest.raises(EkxError, match="EPIC_100_train.csv: annotation file not found.*ekx config"):
+    with pytest.raises(EkxError, match=r"EPIC_100_train.csv: annotation file not found.*ekx config"):
         epic.load_segments(epic.Annotations(tmp_path).split_path("train"))
 
 
@@ -101,11 +103,15 @@ def test_video_layouts_and_missing_report(tmp_path):
     (tmp_path / "P01_01.mp4").write_bytes(b"x")
     (tmp_path / "P02" / "videos").mkdir(parents=True)
     (tmp_path / "P02" / "videos" / "P02_101.MP4").write_bytes(b"x")
-    segs = [epic.Segment(f"{v}_0", v.split("_")[0], v, 0.0, 1.0) for v in
-            ("P01_01", "P02_101", "P03_01", "P03_02", "P04_01", "P05_01", "P06_01", "P07_01")]
+    segs = [
+        epic.Segment(f"{v}_0", v.split("_")[0], v, 0.0, 1.0)
+        for v in ("P01_01", "P02_101", "P03_01", "P03_02", "P04_01", "P05_01", "P06_01", "P07_01")
+    ]
     found, missing = epic.locate_videos(segs, tmp_path)
     assert found == {"P01_01": tmp_path / "P01_01.mp4", "P02_101": tmp_path / "P02/videos/P02_101.MP4"}
     assert missing == ["P03_01", "P03_02", "P04_01", "P05_01", "P06_01", "P07_01"]
     msg = epic.missing_videos_message(missing, len(segs), tmp_path)
-    assert msg.startswith(f"6 of 8 videos not found under {tmp_path} (e.g. P03_01, P03_02, P04_01, P05_01, P06_01, ...)")
+    assert msg.startswith(
+        f"6 of 8 videos not found under {tmp_path} (e.g. P03_01, P03_02, P04_01, P05_01, P06_01, ...)"
+    )
     assert "P07_01" not in msg

@@ -92,7 +92,7 @@ def test_cache_frame_index_matches_timestamps(synth_data, tmp_path):
     run(synth_data, tmp_path / "f.h5", frames=8, limit=4)
     cache = open_cache(tmp_path / "f.h5")
     ann = {s.narration_id: s for s in epic.Annotations(synth_data / "annotations").segments("validation")}
-    for nid, idx, vid in zip(cache.narration_id, cache.frame_index, cache.video_id):
+    for nid, idx, vid in zip(cache.narration_id, cache.frame_index, cache.video_id, strict=False):
         fps = decord.VideoReader(str(epic.index_videos(synth_data / "videos")[vid])).get_avg_fps()
         assert (idx == sample_centres(ann[nid].start, ann[nid].stop, fps, 8)).all()
     assert cache.attrs["frames_per_segment"] == 8 and cache.attrs["backbone"] == "resnet50"

@@ -24,7 +24,7 @@ def _moving_clip(t=6, h=240, w=320) -> torch.Tensor:
     x[:, 0] = torch.linspace(0, 255, w).to(torch.uint8)  # left-right asymmetric red ramp
     x[:, 2, : h // 3] = 200
     for i in range(t):
-        x[i, 1, 100:140, 40 + 30 * i:80 + 30 * i] = 255
+        x[i, 1, 100:140, 40 + 30 * i : 80 + 30 * i] = 255
     return x
 
 
@@ -47,7 +47,7 @@ def test_augmentation_draws_once_per_clip():
     whole = aug(clip)
     for i in (0, 3, 5):
         torch.manual_seed(5)
-        alone = aug(clip[i:i + 1])
+        alone = aug(clip[i : i + 1])
         assert torch.allclose(whole[i], alone[0], atol=1e-5)
 
 
@@ -58,8 +58,13 @@ def test_horizontal_flip_applies_to_the_whole_clip():
     flips = 0
     for seed in range(10):
         torch.manual_seed(seed)
-        y = clip_inputs(clip.permute(0, 2, 3, 1).numpy(), 6, backbones.get("resnet50"), torch.device("cpu"),
-                        v2.Compose([v2.CenterCrop(224), v2.RandomHorizontalFlip(0.5)]))
+        y = clip_inputs(
+            clip.permute(0, 2, 3, 1).numpy(),
+            6,
+            backbones.get("resnet50"),
+            torch.device("cpu"),
+            v2.Compose([v2.CenterCrop(224), v2.RandomHorizontalFlip(0.5)]),
+        )
         ramp = y[:, 0, 0, :].float()  # the red ramp rises left to right unless flipped
         rising = ramp[:, -1] > ramp[:, 0]
         assert rising.all() or (~rising).all()  # never some frames flipped and others not
@@ -95,9 +100,17 @@ def test_warm_start_begins_at_the_cached_heads_accuracy(demo_workspace, tmp_path
     workdir, _ = demo_workspace
     ann = workdir / "data" / "annotations"
     n = 16
-    cfg = FinetuneConfig(head="lstm", init_head=str(workdir / "runs" / "lstm-demo"), epochs=1, limit=n, batch_size=4,
-                         workers=1, name="warm", device="cpu")
-    run_dir, best = ft.main(cfg, ann, workdir / "data" / "videos", tmp_path / "runs", warn=lambda m: None)
+    cfg = FinetuneConfig(
+        head="lstm",
+        init_head=str(workdir / "runs" / "lstm-demo"),
+        epochs=1,
+        limit=n,
+        batch_size=4,
+        workers=1,
+        name="warm",
+        device="cpu",
+    )
+    run_dir, _best = ft.main(cfg, ann, workdir / "data" / "videos", tmp_path / "runs", warn=lambda m: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     cached = evaluate_run(workdir / "runs" / "lstm-demo", workdir / "features" / "resnet50" / "validation.h5")
@@ -125,10 +138,41 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     runs = tmp_path / "runs"
     common = ["--annotations", synth_data / "annotations", "--videos", synth_data / "videos"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ekx",
-           "finetune", "pooling", "--weights", "none", "--frames", "2", "--limit", "4", "--epochs", "1",
-           "--batch-size", "1", "--workers", "0", "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu",
-           "--runs", runs, "--name", "ddp", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ekx",
+        "finetune",
+        "pooling",
+        "--weights",
+        "none",
+        "--frames",
+        "2",
+        "--limit",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--warmup-epochs",
+        "0",
+        "--device",
+        "cpu",
+        "--runs",
+        runs,
+        "--name",
+        "ddp",
+        *common,
+    ]
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = runs / "ddp"
@@ -140,24 +184,70 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert "backbone" in ckpt and ckpt["config"]["frames"] == 2
     # evaluation by decoding video works on the fine-tuned run
-    r = subprocess.run([sys.executable, "-m", "ekx", "evaluate", str(run), "--device", "cpu",
-                        *[str(c) for c in common]], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "ekx", "evaluate", str(run), "--device", "cpu", *[str(c) for c in common]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0 and "verb_top1" in r.stdout, r.stdout + r.stderr
     # predict works on a fine-tuned run (its own backbone)
     video = sorted((synth_data / "videos").rglob("*.MP4"))[0]
-    r = subprocess.run([sys.executable, "-m", "ekx", "predict", str(video), "--run", str(run), "--device", "cpu",
-                        "--stride", "1", "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ekx",
+            "predict",
+            str(video),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+            "--stride",
+            "1",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(json.loads((tmp_path / "p.json").read_text())["windows"]) > 3
     # closing the loop: extract with the fine-tuned weights, compare with the original backbone
     caches = {}
     for name, weights in (("orig", "none"), ("tuned", str(run / "best.pt"))):
         caches[name] = tmp_path / f"{name}.h5"
-        r = subprocess.run([sys.executable, "-m", "ekx", "extract", "--split", "train", "--weights", weights,
-                            "--frames", "2", "--limit", "4", "--workers", "0", "--device", "cpu", "--out",
-                            str(caches[name]), *[str(c) for c in common]],
-                           capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ekx",
+                "extract",
+                "--split",
+                "train",
+                "--weights",
+                weights,
+                "--frames",
+                "2",
+                "--limit",
+                "4",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(caches[name]),
+                *[str(c) for c in common],
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     from ekx.cache.reader import open_cache
 
@@ -175,10 +265,20 @@ def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
     from ekx.finetune import run as ft
 
     def run(name, epochs, resume=False):
-        cfg = FinetuneConfig(head="pooling", weights="none", frames=2, limit=4, epochs=epochs, batch_size=2,
-                             workers=0, lr=1e-3, warmup_epochs=0.0, device="cpu", name=name)
-        return ft.main(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, resume,
-                       warn=lambda m: None)[0]
+        cfg = FinetuneConfig(
+            head="pooling",
+            weights="none",
+            frames=2,
+            limit=4,
+            epochs=epochs,
+            batch_size=2,
+            workers=0,
+            lr=1e-3,
+            warmup_epochs=0.0,
+            device="cpu",
+            name=name,
+        )
+        return ft.main(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, resume, warn=lambda m: None)[0]
 
     full = run("full", 2)
     run("part", 1)
@@ -186,7 +286,7 @@ def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         for k in ("train_loss", "val_loss", "val_verb_top1", "val_noun_top5"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
     sa, sb = (torch.load(p / "last.pt", weights_only=True) for p in (full, part))

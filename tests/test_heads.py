@@ -38,13 +38,14 @@ def test_every_head_keeps_the_contract(name):
 
 
 def test_duplicate_registration_is_an_error():
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"already registered"):
         models.register("lstm")(object)
-    with pytest.raises(EkxError, match="unknown head 'gru'"):
+    with pytest.raises(EkxError, match=r"unknown head 'gru'"):
         models.create("gru", dim=4, num_verbs=2, num_nouns=2, frames=4)
 
 
 # ---------------------------------------------------------------- metrics, by hand
+
 
 def test_topk_and_action_scores_by_hand():
     # 3 segments, 3 verbs, 2 nouns
@@ -79,8 +80,9 @@ def test_tail_and_unseen_subsets_by_hand():
     noun = torch.eye(3)[[0, 1, 2, 0]] * 5  # predicts nouns 0,1,2,0
     verbs = torch.tensor([0, 1, 3, 3])  # segment 2 wrong verb
     nouns = torch.tensor([0, 2, 2, 0])  # segment 1 wrong noun
-    m = metrics.compute(verb, noun, verbs, nouns, tail_verbs={3}, tail_nouns={2},
-                        unseen=torch.tensor([False, True, True, False]))
+    m = metrics.compute(
+        verb, noun, verbs, nouns, tail_verbs={3}, tail_nouns={2}, unseen=torch.tensor([False, True, True, False])
+    )
     assert m["tail_verb_top1"] == pytest.approx(50.0)  # segments 2 (wrong), 3 (right)
     assert m["tail_noun_top1"] == pytest.approx(50.0)  # segments 1 (wrong), 2 (right)
     assert m["tail_action_top1"] == pytest.approx(100 / 3)  # segments 1, 2, 3: only 3 right
@@ -92,15 +94,29 @@ def test_tail_and_unseen_subsets_by_hand():
 
 # ---------------------------------------------------------------- training machinery
 
+
 @pytest.fixture()
 def caches(tmp_path):
-    return (make_cache(tmp_path / "train.h5", n=96, views=2, seed=0),
-            make_cache(tmp_path / "val.h5", n=40, seed=1, split="validation"))
+    return (
+        make_cache(tmp_path / "train.h5", n=96, views=2, seed=0),
+        make_cache(tmp_path / "val.h5", n=40, seed=1, split="validation"),
+    )
 
 
 def _cfg(caches, **kw) -> hc.TrainConfig:
-    return hc.TrainConfig(**{"head": "lstm", "train_features": str(caches[0]), "val_features": str(caches[1]),
-                             "epochs": 4, "batch_size": 16, "lr": 1e-3, "dropout": 0.1, "frames": 4, **kw})
+    return hc.TrainConfig(
+        **{
+            "head": "lstm",
+            "train_features": str(caches[0]),
+            "val_features": str(caches[1]),
+            "epochs": 4,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "dropout": 0.1,
+            "frames": 4,
+            **kw,
+        }
+    )
 
 
 def _metrics(run_dir):
@@ -139,10 +155,10 @@ def test_config_file_flags_and_unknown_keys(tmp_path):
     cfg = hc.resolve_config(f, {"batch_size": 8, "head": "transformer"})
     assert (cfg.lr, cfg.batch_size, cfg.dropout, cfg.head) == (5e-5, 8, 0.6, "transformer")
     f.write_text("lr = 1e-4\nlabel_smothing = 0.1\n")
-    with pytest.raises(EkxError, match="unknown key.*label_smothing"):
+    with pytest.raises(EkxError, match=r"unknown key.*label_smothing"):
         hc.resolve_config(f, {})
     f.write_text("lr = 'fast'\n")
-    with pytest.raises(EkxError, match="'lr' must be float"):
+    with pytest.raises(EkxError, match=r"'lr' must be float"):
         hc.resolve_config(f, {})
 
 
@@ -153,7 +169,8 @@ def test_lr_schedule_warms_up_then_restarts():
     assert tr.lr_at(cfg, 4.0) == pytest.approx(0.5)
     assert tr.lr_at(cfg, 6.0) == pytest.approx(1.0)  # warm restart
     torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=4, T_mult=2)
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=4, T_mult=2
+    )
     cfg2 = hc.TrainConfig(lr=1.0, warmup_epochs=0, restart_epochs=4, restart_mult=2, min_lr_ratio=0.0)
     for t in (0.5, 3.0, 5.0, 11.5, 13.0):
         torch_sched.step(t)
@@ -172,7 +189,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, mon
         return loss * float("nan") if calls["n"] > steps_per_epoch + 2 else loss
 
     monkeypatch.setattr(tr, "loss_fn", poisoned)
-    with pytest.raises(tr.NonFiniteLoss, match="loss became nan at epoch 2.*last good checkpoint"):
+    with pytest.raises(tr.NonFiniteLoss, match=r"loss became nan at epoch 2.*last good checkpoint"):
         tr.run(_cfg(caches), tmp_path / "r", data)
     ckpt = ck.load_checkpoint(tmp_path / "r" / "last.pt")
     assert ckpt["epoch"] == 1 and len(runlog.read_metrics(tmp_path / "r")) == 1
@@ -183,7 +200,7 @@ def test_incompatible_cache_is_refused(caches, tmp_path):
     data = tr.load_data(caches[0], caches[1], "cpu")
     tr.run(_cfg(caches, epochs=1), tmp_path / "r", data)
     other = make_cache(tmp_path / "other.h5", n=8, k=16, seed=2)
-    with pytest.raises(EkxError, match="incompatible.*frames_per_segment: checkpoint 8, cache 16"):
+    with pytest.raises(EkxError, match=r"incompatible.*frames_per_segment: checkpoint 8, cache 16"):
         evaluate_run(tmp_path / "r", other)
     effnet = make_cache(tmp_path / "effnet.h5", n=8, seed=2, backbone="efficientnet_b3")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--features", str(effnet)])
@@ -202,7 +219,12 @@ def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
     assert result.exit_code == 0, result.output
     sub = json.loads(out.read_text())
     assert {k: sub[k] for k in ("version", "challenge", "sls_pt", "sls_tl", "sls_td")} == {
-        "version": "0.2", "challenge": "action_recognition", "sls_pt": 2, "sls_tl": 3, "sls_td": 4}
+        "version": "0.2",
+        "challenge": "action_recognition",
+        "sls_pt": 2,
+        "sls_tl": 3,
+        "sls_td": 4,
+    }
     assert len(sub["results"]) == 30
     for entry in sub["results"].values():
         assert list(entry["verb"]) == [str(i) for i in range(97)]

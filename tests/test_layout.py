@@ -26,15 +26,21 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """Every ekx module this one imports at run time (module level or inside functions;
     `if TYPE_CHECKING:` blocks excluded: they never run)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
-            for child in node.body for n in ast.walk(child)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
@@ -45,7 +51,9 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("ekx"):
                 continue
             for a in node.names:  # `from ekx.heads import models` names a module
@@ -67,7 +75,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return [*stack[stack.index(n) :], n]
             if n not in state and (found := visit(n)):
                 return found
         stack.pop()
@@ -95,8 +103,13 @@ def test_import_graph_has_no_cycle():
 
 def test_stage2_never_imports_the_stage1_pipeline():
     g = _graph()
-    bad = [(m, n) for m, deps in g.items() if m.startswith(STAGE2) for n in deps
-           if n.startswith(("ekx.extract.pipeline", "ekx.extract.video", "ekx.extract.inputs", "ekx.extract.writer"))]
+    bad = [
+        (m, n)
+        for m, deps in g.items()
+        if m.startswith(STAGE2)
+        for n in deps
+        if n.startswith(("ekx.extract.pipeline", "ekx.extract.video", "ekx.extract.inputs", "ekx.extract.writer"))
+    ]
     assert not bad, bad
 
 
@@ -108,7 +121,9 @@ def test_head_registry_package_holds_only_heads():
 
 
 def test_cli_imports_no_torch():
-    code = "import sys, ekx.cli; print(sorted(m for m in ('torch', 'torchvision', 'decord', 'h5py') if m in sys.modules))"
+    code = (
+        "import sys, ekx.cli; print(sorted(m for m in ('torch', 'torchvision', 'decord', 'h5py') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

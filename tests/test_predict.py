@@ -91,9 +91,26 @@ def test_predict_recovers_annotated_verbs_and_reuses_frames(demo_workspace, tmp_
 def test_predict_cli_writes_json_csv_and_timeline(demo_workspace, tmp_path):
     workdir, _ = demo_workspace
     video = sorted((workdir / "data" / "videos").rglob("*.MP4"))[0]
-    r = _cli("predict", video, "--run", "lstm-demo", "--runs", workdir / "runs", "--window", 2, "--stride", 0.5,
-             "--json", tmp_path / "p.json", "--csv", tmp_path / "p.csv", "--timeline", tmp_path / "p.png",
-             "--device", "cpu")
+    r = _cli(
+        "predict",
+        video,
+        "--run",
+        "lstm-demo",
+        "--runs",
+        workdir / "runs",
+        "--window",
+        2,
+        "--stride",
+        0.5,
+        "--json",
+        tmp_path / "p.json",
+        "--csv",
+        tmp_path / "p.csv",
+        "--timeline",
+        tmp_path / "p.png",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "p.json").read_text())
     verbs = epic.Annotations(workdir / "data" / "annotations").verbs().keys
@@ -139,8 +156,19 @@ def test_predict_errors_are_clear(demo_workspace, tmp_path):
 def test_live_headless_reports_fps_and_latency(demo_workspace):
     workdir, _ = demo_workspace
     video = sorted((workdir / "data" / "videos").rglob("*.MP4"))[0]
-    r = _cli("live", "--run", workdir / "runs" / "lstm-demo", "--video", video, "--realtime", "--headless",
-             "--seconds", 8, "--device", "cpu")
+    r = _cli(
+        "live",
+        "--run",
+        workdir / "runs" / "lstm-demo",
+        "--video",
+        video,
+        "--realtime",
+        "--headless",
+        "--seconds",
+        8,
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     lines = [x for x in r.output.splitlines() if "fps" in x and "latency" in x and "|" in x]
     assert len(lines) >= 2, r.output  # ~14 on an idle machine; fewer when the CPU is shared
@@ -156,8 +184,17 @@ def test_live_drops_frames_and_memory_stays_flat_when_slow(demo_workspace):
     model = load_run(workdir / "runs" / "lstm-demo", "cpu")
     video = sorted((workdir / "data" / "videos").rglob("*.MP4"))[0]
     reports = []
-    out = run_live(model, video=video, realtime=True, window=2.0, stride=0.25, headless=True, delay_ms=600,
-                   seconds=9.0, on_report=reports.append)
+    out = run_live(
+        model,
+        video=video,
+        realtime=True,
+        window=2.0,
+        stride=0.25,
+        headless=True,
+        delay_ms=600,
+        seconds=9.0,
+        on_report=reports.append,
+    )
     spacing = 2.0 / model.k
     assert out.dropped > 0 and out.samples + out.dropped >= 0.8 * 9.0 / spacing
     assert out.replaced > 0  # the capture overwrote frames nobody took: no queue

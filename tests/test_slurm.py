@@ -44,14 +44,28 @@ def wait(job: str, timeout: float = 600) -> str:
 
 def test_sharded_extraction_merges_to_the_single_process_cache(slurm_cluster, synth_data, tmp_path):
     extra = ["--weights", "none", "--frames", "2", "--workers", "1", "--batch-size", "2", "--limit", "10"]
-    result = submit_extract("resnet50", "train", 2, extra, synth_data / "annotations", synth_data / "videos",
-                            tmp_path / "features", Resources(cpus=1), log_dir=tmp_path / "logs")
+    result = submit_extract(
+        "resnet50",
+        "train",
+        2,
+        extra,
+        synth_data / "annotations",
+        synth_data / "videos",
+        tmp_path / "features",
+        Resources(cpus=1),
+        log_dir=tmp_path / "logs",
+    )
     assert wait(result["merge"]) == "COMPLETED", list((tmp_path / "logs").glob("*"))
     for i in range(2):
         assert (tmp_path / "features" / "resnet50" / f"train.shard{i}of2.h5").is_file()
     single = tmp_path / "single.h5"
-    extract(ExtractConfig(split="train", weights="none", frames=2, workers=1, batch_size=2, limit=10, out=single),
-            synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    extract(
+        ExtractConfig(split="train", weights="none", frames=2, workers=1, batch_size=2, limit=10, out=single),
+        synth_data / "annotations",
+        synth_data / "videos",
+        tmp_path,
+        warn=lambda m: None,
+    )
     merged, ref = open_cache(result["out"]), open_cache(single)
     assert merged.narration_id == ref.narration_id and merged.counts()["done"] == 10
     np.testing.assert_array_equal(merged.features(), ref.features())
@@ -65,8 +79,17 @@ def test_a_failed_shard_cancels_the_merge_and_says_why(slurm_cluster, synth_data
         if vid != "P02_01":  # one video missing: the shard holding it fails
             (videos / f"{vid}.mp4").symlink_to(path)
     extra = ["--weights", "none", "--frames", "2", "--workers", "1", "--limit", "8"]
-    result = submit_extract("resnet50", "train", 2, extra, synth_data / "annotations", videos,
-                            tmp_path / "features", Resources(cpus=1), log_dir=tmp_path / "logs")
+    result = submit_extract(
+        "resnet50",
+        "train",
+        2,
+        extra,
+        synth_data / "annotations",
+        videos,
+        tmp_path / "features",
+        Resources(cpus=1),
+        log_dir=tmp_path / "logs",
+    )
     assert wait(result["array"]) in ("FAILED", "COMPLETED")  # the array as a whole
     assert wait(result["merge"], 60) in ("CANCELLED", "GONE")  # not pending forever
     logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("ekx-extract-*.out"))
@@ -89,9 +112,27 @@ def test_sweep_array_produces_every_run(slurm_cluster, tmp_path):
 
 
 def test_dry_run_prints_the_sbatch_commands(tmp_path):
-    result = runner.invoke(app, ["slurm", "extract", "--shards", "3", "--dry-run", "--partition", "gpu",
-                                 "--gpus", "1", "--time", "4:00:00", "--features", str(tmp_path), "--weights", "none"],
-                           terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "slurm",
+            "extract",
+            "--shards",
+            "3",
+            "--dry-run",
+            "--partition",
+            "gpu",
+            "--gpus",
+            "1",
+            "--time",
+            "4:00:00",
+            "--features",
+            str(tmp_path),
+            "--weights",
+            "none",
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("sbatch")]
     assert len(lines) == 2

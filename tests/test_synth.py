@@ -74,7 +74,7 @@ def test_label_structure_makes_order_the_only_cue_within_a_pair():
     assert all(mask[v, n] for v, n in pairs)
     lengths = np.array([s.stop - s.start for v in videos for s in v.segments])
     assert lengths.min() >= 0.5 and lengths.max() <= 6.0 and lengths.std() > 1.0
-    gaps = [b.start - a.stop for v in videos for a, b in zip(v.segments, v.segments[1:])]
+    gaps = [b.start - a.stop for v in videos for a, b in zip(v.segments, v.segments[1:], strict=False)]
     assert min(gaps) > 0
 
 

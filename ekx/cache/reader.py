@@ -89,12 +89,22 @@ def open_cache(path: Path) -> Cache:
         if f.attrs.get("format") != store.FORMAT:
             raise EkxError(f"{path}: not an ekx feature cache (format attribute {f.attrs.get('format')!r})")
         if int(f.attrs.get("format_version", -1)) > store.VERSION:
-            raise EkxError(f"{path}: cache format version {f.attrs['format_version']} is newer than this "
-                           f"ekx understands ({store.VERSION}); upgrade ekx")
+            raise EkxError(
+                f"{path}: cache format version {f.attrs['format_version']} is newer than this "
+                f"ekx understands ({store.VERSION}); upgrade ekx"
+            )
         attrs = store.read_attrs(f.attrs)
-        return Cache(path, attrs, store.decode_strings(f["narration_id"][...]),
-                     store.decode_strings(f["video_id"][...]), f["verb_class"][...], f["noun_class"][...],
-                     f["status"][...], f["frame_index"][...], tuple(f["features"].shape))
+        return Cache(
+            path,
+            attrs,
+            store.decode_strings(f["narration_id"][...]),
+            store.decode_strings(f["video_id"][...]),
+            f["verb_class"][...],
+            f["noun_class"][...],
+            f["status"][...],
+            f["frame_index"][...],
+            tuple(f["features"].shape),
+        )
 
 
 def failures(path: Path) -> list[tuple[str, str]]:

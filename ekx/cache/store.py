@@ -40,11 +40,29 @@ REASON_BYTES = 240
 
 # Attributes that define what the features are: resuming or merging requires equality.
 IDENTITY_KEYS = (
-    "format", "format_version", "backbone", "weights", "feature_dim", "frames_per_segment",
-    "views", "clip_len", "sampling", "seed", "augmentation", "precision", "dtype",
-    "annotation_sha256", "preprocess_resize_size", "preprocess_crop_size", "preprocess_mean",
-    "preprocess_std", "preprocess_interpolation", "preprocess_antialias", "bn_calibration",
-    "num_verbs", "num_nouns",
+    "format",
+    "format_version",
+    "backbone",
+    "weights",
+    "feature_dim",
+    "frames_per_segment",
+    "views",
+    "clip_len",
+    "sampling",
+    "seed",
+    "augmentation",
+    "precision",
+    "dtype",
+    "annotation_sha256",
+    "preprocess_resize_size",
+    "preprocess_crop_size",
+    "preprocess_mean",
+    "preprocess_std",
+    "preprocess_interpolation",
+    "preprocess_antialias",
+    "bn_calibration",
+    "num_verbs",
+    "num_nouns",
 )
 
 
@@ -81,12 +99,22 @@ def same(a: Any, b: Any) -> bool:
 
 
 def identity_mismatch(have: dict, want: dict) -> list[str]:
-    return [f"{k}: file has {have.get(k)!r}, asked for {want.get(k)!r}"
-            for k in IDENTITY_KEYS if k in want and not same(have.get(k), want.get(k))]
+    return [
+        f"{k}: file has {have.get(k)!r}, asked for {want.get(k)!r}"
+        for k in IDENTITY_KEYS
+        if k in want and not same(have.get(k), want.get(k))
+    ]
 
 
-def create(path: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int,
-           backbone_state: dict[str, np.ndarray] | None = None) -> None:
+def create(
+    path: Path,
+    attrs: dict,
+    rows: Rows,
+    views: int,
+    k: int,
+    dim: int,
+    backbone_state: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write a new cache with every row pending; atomic (a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
@@ -122,9 +150,11 @@ def read_backbone_state(path: Path) -> dict[str, np.ndarray]:
 def check_rows(path: Path, f: h5py.File, rows: Rows) -> None:
     have = [s.decode() if isinstance(s, bytes) else s for s in f["narration_id"][...]]
     if have != rows.narration_id:
-        raise EkxError(f"{path}: holds a different list of segments ({len(have)} rows) than this run "
-                       f"plans ({len(rows.narration_id)}): another annotation file, --limit or --shard. "
-                       "Delete the file or write to another --out")
+        raise EkxError(
+            f"{path}: holds a different list of segments ({len(have)} rows) than this run "
+            f"plans ({len(rows.narration_id)}): another annotation file, --limit or --shard. "
+            "Delete the file or write to another --out"
+        )
 
 
 class Writer:
@@ -145,8 +175,7 @@ class Writer:
     def status_array(self) -> np.ndarray:
         return self.status[...]
 
-    def write(self, done: list[tuple[int, np.ndarray, np.ndarray]],
-              failed: list[tuple[int, str]]) -> None:
+    def write(self, done: list[tuple[int, np.ndarray, np.ndarray]], failed: list[tuple[int, str]]) -> None:
         """Write features of done rows, flush, then mark them done (order matters for crashes)."""
         for row, feats, index in done:
             self.features[row] = feats

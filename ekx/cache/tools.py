@@ -16,16 +16,15 @@ BLOCK = 2048  # rows per bulk read when scanning a whole file
 
 def info(path: Path) -> dict:
     c = open_cache(path)
-    return {"attrs": c.attrs, "counts": c.counts(), "shape": c.shape,
-            "bytes": Path(path).stat().st_size}
+    return {"attrs": c.attrs, "counts": c.counts(), "shape": c.shape, "bytes": Path(path).stat().st_size}
 
 
 def _scan(f: h5py.File, done: np.ndarray):
     """Bulk-read done rows block by block; yields float32 [n, V, K, D]."""
     feats = f["features"]
     for lo in range(0, feats.shape[0], BLOCK):
-        block = feats[lo:lo + BLOCK]
-        ok = done[lo:lo + BLOCK]
+        block = feats[lo : lo + BLOCK]
+        ok = done[lo : lo + BLOCK]
         if ok.any():
             yield block[ok].astype(np.float32)
 
@@ -37,8 +36,10 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
     n, (N, V, K, D) = len(c.narration_id), c.shape
     a = c.attrs
     if (V, K, D) != (a.get("views"), a.get("frames_per_segment"), a.get("feature_dim")):
-        problems.append(f"features shape {c.shape} disagrees with attributes V={a.get('views')}, "
-                        f"K={a.get('frames_per_segment')}, D={a.get('feature_dim')}")
+        problems.append(
+            f"features shape {c.shape} disagrees with attributes V={a.get('views')}, "
+            f"K={a.get('frames_per_segment')}, D={a.get('feature_dim')}"
+        )
     if len({n, N, len(c.video_id), len(c.verb_class), len(c.noun_class), len(c.status), len(c.frame_index)}) != 1:
         problems.append("datasets have different row counts")
     if not np.isin(c.status, list(store.STATUS_NAMES)).all():
@@ -73,14 +74,17 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
         with np.errstate(over="ignore", invalid="ignore"):
             spread = np.median(p.std(axis=0)) / (np.median(np.abs(p.mean(axis=0))) + 1e-12)
         if spread < 1e-3:
-            problems.append(f"features are constant across segments (relative spread {spread:.1e}): "
-                            "a degenerate backbone")
+            problems.append(
+                f"features are constant across segments (relative spread {spread:.1e}): a degenerate backbone"
+            )
     if annotation_csv is not None:
         from ekx.extract.backbones import sha256_file
 
         if sha256_file(annotation_csv) != a.get("annotation_sha256"):
-            problems.append(f"{annotation_csv} is not the annotation file this cache was made from "
-                            f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)")
+            problems.append(
+                f"{annotation_csv} is not the annotation file this cache was made from "
+                f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)"
+            )
     return problems, warnings
 
 
@@ -99,7 +103,8 @@ def merge(out: Path, shards: list[Path]) -> dict:
     ref = caches[0].attrs
     for c in caches[1:]:
         bad = store.identity_mismatch(c.attrs, ref) + [
-            f"{k}: {c.attrs.get(k)!r} vs {ref.get(k)!r}" for k in ("split",) if c.attrs.get(k) != ref.get(k)]
+            f"{k}: {c.attrs.get(k)!r} vs {ref.get(k)!r}" for k in ("split",) if c.attrs.get(k) != ref.get(k)
+        ]
         if bad:
             raise EkxError(f"{c.path} differs from {caches[0].path}: {'; '.join(bad)}")
     seen: dict[str, Path] = {}
@@ -113,23 +118,28 @@ def merge(out: Path, shards: list[Path]) -> dict:
     src = np.concatenate([np.full(len(c.narration_id), i) for i, c in enumerate(caches)])
     names = [nid for c in caches for nid in c.narration_id]
     vids = [v for c in caches for v in c.video_id]
-    rows = store.Rows([names[i] for i in order], [vids[i] for i in order],
-                      np.concatenate([c.verb_class for c in caches])[order],
-                      np.concatenate([c.noun_class for c in caches])[order], plan[order])
+    rows = store.Rows(
+        [names[i] for i in order],
+        [vids[i] for i in order],
+        np.concatenate([c.verb_class for c in caches])[order],
+        np.concatenate([c.noun_class for c in caches])[order],
+        plan[order],
+    )
     attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches])
     _, V, K, D = caches[0].shape
     store.create(Path(out), attrs, rows, V, K, D, store.read_backbone_state(caches[0].path))
     dest_of = np.empty(len(order), np.int64)
     dest_of[order] = np.arange(len(order))
-    small = {key: np.concatenate([_read(c.path, key) for c in caches])[order]
-             for key in ("frame_index", "failure", "status")}
+    small = {
+        key: np.concatenate([_read(c.path, key) for c in caches])[order] for key in ("frame_index", "failure", "status")
+    }
     with h5py.File(out, "r+") as f:
         # features first (bulk reads of source blocks, one chunk write per row), status last
         for i, c in enumerate(caches):
             dest = dest_of[src == i]
             with h5py.File(c.path, "r") as g:
                 for lo in range(0, len(dest), BLOCK):
-                    block = g["features"][lo:lo + BLOCK]
+                    block = g["features"][lo : lo + BLOCK]
                     for j in range(len(block)):
                         f["features"][dest[lo + j]] = block[j]
         f["frame_index"][...] = small["frame_index"]

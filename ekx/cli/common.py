@@ -11,7 +11,7 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,8 +19,12 @@ from rich.console import Console
 from ekx import EkxError, __version__
 from ekx import config as wsconfig
 
-app = typer.Typer(help="ekx: EPIC-KITCHENS-100 action recognition on cached backbone features.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="ekx: EPIC-KITCHENS-100 action recognition on cached backbone features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 cache_app = typer.Typer(help="Inspect, check and join feature caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 slurm_app = typer.Typer(help="Submit sharded extraction or sweeps to a SLURM cluster.", no_args_is_help=True)
@@ -31,20 +35,25 @@ err_console = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("EKX_DEBUG"))}
 
 # Options shared by several commands, defined once.
-AnnotationsOpt = Annotated[Optional[Path], typer.Option(
-    "--annotations", help="Annotation directory (default from ekx config).", show_default=False)]
-VideosOpt = Annotated[Optional[Path], typer.Option(
-    "--videos", help="Video root: <vid>.mp4 or <pid>/videos/<vid>.MP4.", show_default=False)]
-FeaturesOpt = Annotated[Optional[Path], typer.Option(
-    "--features", help="Feature cache root (default from ekx config).", show_default=False)]
-RunsOpt = Annotated[Optional[Path], typer.Option(
-    "--runs", help="Run directory root (default from ekx config).", show_default=False)]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="auto, cpu or cuda[:N].", show_default=False)]
+AnnotationsOpt = Annotated[
+    Path | None,
+    typer.Option("--annotations", help="Annotation directory (default from ekx config).", show_default=False),
+]
+VideosOpt = Annotated[
+    Path | None, typer.Option("--videos", help="Video root: <vid>.mp4 or <pid>/videos/<vid>.MP4.", show_default=False)
+]
+FeaturesOpt = Annotated[
+    Path | None, typer.Option("--features", help="Feature cache root (default from ekx config).", show_default=False)
+]
+RunsOpt = Annotated[
+    Path | None, typer.Option("--runs", help="Run directory root (default from ekx config).", show_default=False)
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N].", show_default=False)]
 
 
 def command_body(fn):
     """Wrap a function so its errors become one red line and exit code 1."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
@@ -54,19 +63,22 @@ def command_body(fn):
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red]: everything written so far is kept")
             raise typer.Exit(130) from None
-        except Exception as e:  # noqa: BLE001 - the one place errors meet the user
+        except Exception as e:
             if _state["debug"]:
                 raise
             msg = str(e) if isinstance(e, EkxError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
             err_console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+
     return run
 
 
 def command(target: typer.Typer = app, name: str | None = None, **settings):
     """Register a command whose errors become one red line and exit code 1."""
+
     def wrap(fn):
         return target.command(name=name, **settings)(command_body(fn))
+
     return wrap
 
 
@@ -93,6 +105,7 @@ def main_callback(
 def dataclass_options(cls, exclude: tuple[str, ...] = ()):
     """Give a command one --flag per dataclass field (default None = not given), so a new
     hyperparameter is a flag the moment it is a field; help comes from field metadata."""
+
     def wrap(fn):
         sig = inspect.signature(fn)
         params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
@@ -103,28 +116,39 @@ def dataclass_options(cls, exclude: tuple[str, ...] = ()):
             flag = f"--{f.name.replace('_', '-')}"
             if kind is bool:  # an on and an off switch
                 flag = f"{flag}/--no-{flag[2:]}"
-            opt = typer.Option(flag, help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
-                               show_default=False)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=Annotated[Optional[kind], opt]))
+            opt = typer.Option(flag, help=f"{f.metadata.get('help', '')} (default: {f.default!r})", show_default=False)
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, opt]
+                )
+            )
         fn.__signature__ = sig.replace(parameters=params)
         return fn
+
     return wrap
 
 
 def print_row(row: dict) -> None:
-    console.print(f"epoch {row['epoch']:>3}  loss {row['train_loss']:.3f}/{row['val_loss']:.3f}  "
-                  f"train action {row['train_action_top1']:5.1f}  val verb {row['val_verb_top1']:5.1f} "
-                  f"noun {row['val_noun_top1']:5.1f} action {row['val_action_top1']:5.1f}  gap {row['gap']:+.1f}  "
-                  f"{row['seconds']:.1f}s", highlight=False)
+    console.print(
+        f"epoch {row['epoch']:>3}  loss {row['train_loss']:.3f}/{row['val_loss']:.3f}  "
+        f"train action {row['train_action_top1']:5.1f}  val verb {row['val_verb_top1']:5.1f} "
+        f"noun {row['val_noun_top1']:5.1f} action {row['val_action_top1']:5.1f}  gap {row['gap']:+.1f}  "
+        f"{row['seconds']:.1f}s",
+        highlight=False,
+    )
 
 
-PartitionOpt = Annotated[Optional[str], typer.Option(help="SLURM partition.", show_default=False)]
-GpusOpt = Annotated[Optional[int], typer.Option(help="GPUs per task (--gres=gpu:N).", show_default=False)]
-TimeOpt = Annotated[Optional[str], typer.Option(help="Time limit per task, e.g. 4:00:00.", show_default=False)]
-MemOpt = Annotated[Optional[str], typer.Option(help="Memory per task, e.g. 32G.", show_default=False)]
-CpusOpt = Annotated[Optional[int], typer.Option(help="CPUs per task.", show_default=False)]
+PartitionOpt = Annotated[str | None, typer.Option(help="SLURM partition.", show_default=False)]
+GpusOpt = Annotated[int | None, typer.Option(help="GPUs per task (--gres=gpu:N).", show_default=False)]
+TimeOpt = Annotated[str | None, typer.Option(help="Time limit per task, e.g. 4:00:00.", show_default=False)]
+MemOpt = Annotated[str | None, typer.Option(help="Memory per task, e.g. 32G.", show_default=False)]
+CpusOpt = Annotated[int | None, typer.Option(help="CPUs per task.", show_default=False)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the sbatch commands instead of submitting.")]
-ScriptsOpt = Annotated[Optional[Path], typer.Option(help="Folder of the job files (default: the repository's slurm/).", show_default=False)]
-LogsOpt = Annotated[Optional[Path], typer.Option(help="Folder for the jobs' output files (default: the submit directory).", show_default=False)]
+ScriptsOpt = Annotated[
+    Path | None, typer.Option(help="Folder of the job files (default: the repository's slurm/).", show_default=False)
+]
+LogsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Folder for the jobs' output files (default: the submit directory).", show_default=False),
+]
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -24,8 +24,13 @@ from ekx.cli.common import (
 
 
 @command()
-def config(annotations: AnnotationsOpt = None, videos: VideosOpt = None,
-           features: FeaturesOpt = None, runs: RunsOpt = None, device: DeviceOpt = None):
+def config(
+    annotations: AnnotationsOpt = None,
+    videos: VideosOpt = None,
+    features: FeaturesOpt = None,
+    runs: RunsOpt = None,
+    device: DeviceOpt = None,
+):
     """Print the resolved workspace settings and where each came from.
 
     Example: ekx config --videos /data/EPIC-KITCHENS
@@ -61,15 +66,18 @@ def synth(
     except ValueError:
         raise EkxError(f"--fps {fps!r}: expected integers separated by commas, e.g. 30,60") from None
     if videos < 2 or segments < 1 or width < 64 or height < 64 or min(rates) < 1:
-        raise EkxError("--videos must be >= 2 (train and validation), --segments >= 1, "
-                       "--width/--height >= 64, --fps >= 1")
-    cfg = SynthConfig(videos=videos, segments=segments, width=width, height=height, fps=rates,
-                      seed=seed, workers=workers)
+        raise EkxError(
+            "--videos must be >= 2 (train and validation), --segments >= 1, --width/--height >= 64, --fps >= 1"
+        )
+    cfg = SynthConfig(
+        videos=videos, segments=segments, width=width, height=height, fps=rates, seed=seed, workers=workers
+    )
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("encoding videos", total=videos)
         summary = synthesize(out, cfg, progress=lambda: bar.advance(task))
-    console.print(f"wrote {summary['videos']} videos ({summary['frames']} frames), "
-                  f"{summary['segments']} segments to {out}")
+    console.print(
+        f"wrote {summary['videos']} videos ({summary['frames']} frames), {summary['segments']} segments to {out}"
+    )
     console.print(f"  annotations: {summary['annotations']}\n  videos:      {summary['video_root']}")
 
 
@@ -88,13 +96,15 @@ def split(
 
     ws = workspace(annotations=annotations)
     r = write_split(ws.annotations, out, fraction, seed)
-    console.print(f"held out {r['segments']} segments from {r['videos']} videos ({r['train_segments']} left to train); "
-                  f"verb-distribution distance {r['verb_tv_distance']:.3f} -> {out}")
+    console.print(
+        f"held out {r['segments']} segments from {r['videos']} videos ({r['train_segments']} left to train); "
+        f"verb-distribution distance {r['verb_tv_distance']:.3f} -> {out}"
+    )
 
 
 @command()
 def demo(
-    workdir: Annotated[Optional[Path], typer.Option(help="Workspace to use (default: a new temp dir).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Workspace to use (default: a new temp dir).")] = None,
     videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 12,
     segments: Annotated[int, typer.Option(help="Segments per video.")] = 16,
 ):

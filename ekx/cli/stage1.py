@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -26,18 +26,27 @@ from ekx.cli.common import (
 def extract(
     backbone: Annotated[str, typer.Option(help="resnet50, efficientnet_b3 or r2plus1d_18.")] = "resnet50",
     split: Annotated[str, typer.Option(help="train, validation, test, or a path to an annotation CSV.")] = "train",
-    weights: Annotated[str, typer.Option(help="DEFAULT (torchvision pretrained), a state-dict path, or none.")] = "DEFAULT",
+    weights: Annotated[
+        str, typer.Option(help="DEFAULT (torchvision pretrained), a state-dict path, or none.")
+    ] = "DEFAULT",
     frames: Annotated[int, typer.Option(help="Frames K sampled per segment.")] = 16,
     views: Annotated[int, typer.Option(help="Views per segment: view 0 clean, the others augmented.")] = 1,
-    batch_size: Annotated[Optional[int], typer.Option(help="Backbone batch size in images (clips for 3D); default 16 on CPU, 64 on GPU.", show_default=False)] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Backbone batch size in images (clips for 3D); default 16 on CPU, 64 on GPU.", show_default=False
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 autocast.")] = "auto",
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (for trials).")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N segments (for trials).")] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of random weights (--weights none) and augmented views.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Cache file (default features/<backbone>/<split>.h5).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache file (default features/<backbone>/<split>.h5).")] = None,
     skip_errors: Annotated[bool, typer.Option(help="Exit 0 even if some segments failed.")] = False,
-    annotations: AnnotationsOpt = None, videos: VideosOpt = None, features: FeaturesOpt = None,
+    annotations: AnnotationsOpt = None,
+    videos: VideosOpt = None,
+    features: FeaturesOpt = None,
     device: DeviceOpt = None,
 ):
     """Stage 1: decode every segment, run a frozen backbone, cache features in HDF5 (resumable).
@@ -56,11 +65,28 @@ def extract(
     from ekx.extract.pipeline import extract as run_extract
 
     ws = workspace(annotations=annotations, videos=videos, features=features, device=device)
-    cfg = ExtractConfig(backbone=backbone, split=split, weights=weights, frames=frames, views=views,
-                        batch_size=batch_size, workers=workers, device=ws.device, precision=precision,
-                        limit=limit, shard=parse_shard(shard) if shard else None, seed=seed, out=out)
-    columns = [TextColumn("[bold]extract[/bold]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("segments {task.fields[fps]:>6.1f} frames/s"), TimeRemainingColumn()]
+    cfg = ExtractConfig(
+        backbone=backbone,
+        split=split,
+        weights=weights,
+        frames=frames,
+        views=views,
+        batch_size=batch_size,
+        workers=workers,
+        device=ws.device,
+        precision=precision,
+        limit=limit,
+        shard=parse_shard(shard) if shard else None,
+        seed=seed,
+        out=out,
+    )
+    columns = [
+        TextColumn("[bold]extract[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("segments {task.fields[fps]:>6.1f} frames/s"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("extract", total=None, fps=0.0)
         clock: dict[str, float] = {}
@@ -73,10 +99,19 @@ def extract(
             clock["frames"] += nframes
             bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
 
-        summary = run_extract(cfg, ws.annotations, ws.videos, ws.features, on_start, on_progress,
-                              warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}"))
-    console.print(f"{summary.path}: {summary.done}/{summary.total} segments done, {summary.failed} failed "
-                  f"({summary.processed} this run, {summary.frames} frames, {summary.seconds:.1f} s)")
+        summary = run_extract(
+            cfg,
+            ws.annotations,
+            ws.videos,
+            ws.features,
+            on_start,
+            on_progress,
+            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}"),
+        )
+    console.print(
+        f"{summary.path}: {summary.done}/{summary.total} segments done, {summary.failed} failed "
+        f"({summary.processed} this run, {summary.frames} frames, {summary.seconds:.1f} s)"
+    )
     if summary.missing_videos:
         err_console.print(f"[yellow]warning:[/yellow] {summary.missing_videos}")
     for nid, reason in summary.failures[:10]:
@@ -84,8 +119,10 @@ def extract(
     if len(summary.failures) > 10:
         err_console.print(f"  ... and {len(summary.failures) - 10} more (ekx cache info {summary.path})")
     if summary.failed and not skip_errors:
-        err_console.print(f"[red]error:[/red] {summary.failed} segments failed; fix them and re-run to retry "
-                          "only those, or pass --skip-errors to accept")
+        err_console.print(
+            f"[red]error:[/red] {summary.failed} segments failed; fix them and re-run to retry "
+            "only those, or pass --skip-errors to accept"
+        )
         raise typer.Exit(1)
 
 
@@ -104,8 +141,10 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A feature cache (.h5).
         table.add_row(k, str(v))
     console.print(table)
     c = meta["counts"]
-    console.print(f"shape {meta['shape']} (N, V, K, D); done {c['done']}, failed {c['failed']}, "
-                  f"pending {c['pending']}; {meta['bytes'] / 2**20:.1f} MiB")
+    console.print(
+        f"shape {meta['shape']} (N, V, K, D); done {c['done']}, failed {c['failed']}, "
+        f"pending {c['pending']}; {meta['bytes'] / 2**20:.1f} MiB"
+    )
     for nid, reason in failures(path)[:20]:
         console.print(f"  failed {nid}: {reason}")
 
@@ -113,7 +152,9 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A feature cache (.h5).
 @command(cache_app, "verify")
 def cache_verify(
     path: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
-    annotations_csv: Annotated[Optional[Path], typer.Option("--annotations-csv", help="Check the cache was made from this CSV.")] = None,
+    annotations_csv: Annotated[
+        Path | None, typer.Option("--annotations-csv", help="Check the cache was made from this CSV.")
+    ] = None,
 ):
     """Check shapes, NaN/Inf, degenerate features, status and annotation hash; exit 1 on a problem.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -29,9 +29,11 @@ from ekx.heads.config import TrainConfig
 @dataclass_options(TrainConfig, exclude=("head",))
 def train_head(
     head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
-    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None,
+    features: FeaturesOpt = None,
+    runs: RunsOpt = None,
+    annotations: AnnotationsOpt = None,
     **overrides,
 ):
     """Stage 2: train a temporal head on cached features -> runs/<name>/.
@@ -47,8 +49,11 @@ def train_head(
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
-    columns = [TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-               BarColumn(), TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}")]
+    columns = [
+        TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}"),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("train", total=1, name=cfg.head, epoch=0, epochs=cfg.epochs, loss=0.0, best=0.0)
         state = {"best": 0.0}
@@ -64,19 +69,29 @@ def train_head(
 
         bar.update(task, epoch=1)
         run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
-    console.print(f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
-                  f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}")
+    console.print(
+        f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
+        f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
+    )
 
 
 @command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory (holds best.pt).")],
-    features_file: Annotated[Optional[Path], typer.Option("--features", help="Cache to evaluate on (default: the run's validation cache).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write metrics as JSON here.")] = None,
-    submission: Annotated[Optional[Path], typer.Option("--submission", help="Write the challenge submission JSON here.")] = None,
+    features_file: Annotated[
+        Path | None, typer.Option("--features", help="Cache to evaluate on (default: the run's validation cache).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics as JSON here.")] = None,
+    submission: Annotated[
+        Path | None, typer.Option("--submission", help="Write the challenge submission JSON here.")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
-    split_name: Annotated[str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")] = "validation",
-    annotations: AnnotationsOpt = None, videos: VideosOpt = None, device: DeviceOpt = None,
+    split_name: Annotated[
+        str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")
+    ] = "validation",
+    annotations: AnnotationsOpt = None,
+    videos: VideosOpt = None,
+    device: DeviceOpt = None,
 ):
     """Official EPIC-100 metrics of a run on a cache (a fine-tuned run: on decoded video);
     --submission writes the challenge JSON.
@@ -92,8 +107,10 @@ def evaluate(
         from ekx.finetune import run as ft
 
         if features_file is not None:
-            raise EkxError(f"{run} is a fine-tuned run: it is evaluated on decoded video (--split, --videos), "
-                           "not on a feature cache")
+            raise EkxError(
+                f"{run} is a fine-tuned run: it is evaluated on decoded video (--split, --videos), "
+                "not on a feature cache"
+            )
 
         result = ft.evaluate_video(run, ws.annotations, ws.videos, split_name, ws.device, checkpoint)
         features_file = result["features"]
@@ -121,15 +138,27 @@ def evaluate(
 @command()
 def sweep(
     file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
-    jobs: Annotated[int, typer.Option(help="Configurations trained at once (processes sharing the memory-mapped cache).")] = 1,
-    index: Annotated[Optional[int], typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Configurations trained at once (processes sharing the memory-mapped cache).")
+    ] = 1,
+    index: Annotated[int | None, typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone whose caches to use.")] = "resnet50",
-    train_features: Annotated[Optional[Path], typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")] = None,
-    val_features: Annotated[Optional[Path], typer.Option(help="Validation cache (default <features>/<backbone>/validation.h5).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE applied to every configuration (repeatable), e.g. --set epochs=2.")] = None,
+    train_features: Annotated[
+        Path | None, typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")
+    ] = None,
+    val_features: Annotated[
+        Path | None, typer.Option(help="Validation cache (default <features>/<backbone>/validation.h5).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE applied to every configuration (repeatable), e.g. --set epochs=2."),
+    ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="Print the numbered configurations and exit.")] = False,
-    features: FeaturesOpt = None, runs: RunsOpt = None, annotations: AnnotationsOpt = None, device: DeviceOpt = None,
+    features: FeaturesOpt = None,
+    runs: RunsOpt = None,
+    annotations: AnnotationsOpt = None,
+    device: DeviceOpt = None,
 ):
     """Train every configuration of a sweep file on caches loaded once; resumable.
 
@@ -137,8 +166,8 @@ def sweep(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ekx.heads import sweep as sw
     from ekx.epic import subsets
+    from ekx.heads import sweep as sw
 
     ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
     configs = sw.apply_overrides(sw.load(file), set_ or [])
@@ -155,8 +184,12 @@ def sweep(
     train_p = train_features or ws.features / backbone / "train.h5"
     val_p = val_features or ws.features / backbone / "validation.h5"
     tails, unseen = subsets(ws.annotations, "validation")
-    columns = [TextColumn("{task.description:<28}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-               TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("{task.description:<28}"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     with Progress(*columns, console=console) as bar:
         overall = bar.add_task("[bold]sweep", total=len(configs), status="")
         tasks = {sc.name: bar.add_task(sc.name[:28], total=sc.cfg.epochs, status="waiting") for sc in configs}
@@ -170,8 +203,9 @@ def sweep(
             elif kind == "start":
                 bar.update(t, status="training")
             elif kind in ("done", "skipped"):
-                bar.update(t, completed=sc.cfg.epochs,
-                           status=f"{kind}: best val action {row.get('val_action_top1', 0):.1f}")
+                bar.update(
+                    t, completed=sc.cfg.epochs, status=f"{kind}: best val action {row.get('val_action_top1', 0):.1f}"
+                )
                 bar.advance(overall)
             elif kind == "failed":
                 bar.update(t, status=f"[red]failed[/red]: {row['error'][:60]}")
@@ -179,8 +213,10 @@ def sweep(
 
         results = sw.run_sweep(configs, sweep_dir, train_p, val_p, ws.device, jobs, tails, unseen, on_event)
     failed = {n: r for n, r in results.items() if r["status"] == "failed"}
-    console.print(f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
-                  f"(compare: ekx compare {sweep_dir})")
+    console.print(
+        f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
+        f"(compare: ekx compare {sweep_dir})"
+    )
     for n, r in failed.items():
         err_console.print(f"[red]failed[/red] {n}: {r['error']}")
     if failed:
@@ -190,8 +226,10 @@ def sweep(
 @command()
 def compare(
     runs_: Annotated[list[Path], typer.Argument(metavar="RUNS...", help="Run directories or sweep directories.")],
-    out: Annotated[Optional[Path], typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
 ):
     """The seed's model-comparison table, sorted by validation action top-1; Markdown and CSV.
 
@@ -204,8 +242,15 @@ def compare(
     for r in cmp.table_rows(rows):
         table.add_row(*r)
     console.print(table)
-    base = out or (Path(runs_[0]) if Path(runs_[0]).is_dir() and not (Path(runs_[0]) / "metrics.jsonl").is_file()
-                   else Path(runs_[0]).parent) / "comparison"
+    base = (
+        out
+        or (
+            Path(runs_[0])
+            if Path(runs_[0]).is_dir() and not (Path(runs_[0]) / "metrics.jsonl").is_file()
+            else Path(runs_[0]).parent
+        )
+        / "comparison"
+    )
     base.with_suffix(".md").write_text(cmp.markdown(rows))
     base.with_suffix(".csv").write_text(cmp.to_csv(rows))
     console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,9 +31,11 @@ from ekx.finetune.config import FinetuneConfig
 @dataclass_options(FinetuneConfig, exclude=("head", "train_features", "val_features"))
 def finetune(
     head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
-    annotations: AnnotationsOpt = None, videos: VideosOpt = None, runs: RunsOpt = None,
+    annotations: AnnotationsOpt = None,
+    videos: VideosOpt = None,
+    runs: RunsOpt = None,
     **overrides,
 ):
     """End-to-end: backbone + head on decoded video (the slow path); torchrun for several GPUs.
@@ -50,26 +52,44 @@ def finetune(
         cfg.device = ws.device
     rank0 = os.environ.get("RANK", "0") == "0"
     out = console if rank0 else Console(quiet=True)
-    warn = (lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False)) if rank0 else (lambda m: None)
+    warn = (
+        (lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False)) if rank0 else (lambda m: None)
+    )
     from rich.progress import BarColumn, Progress, TextColumn
 
-    columns = [TextColumn("[bold]finetune {task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-               BarColumn(), TextColumn("loss {task.fields[loss]:.3f}")]
+    columns = [
+        TextColumn("[bold]finetune {task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+    ]
     with Progress(*columns, console=out, disable=not rank0) as bar:
         task = bar.add_task("finetune", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0)
 
         def on_epoch(row):
             bar.update(task, epoch=min(row["epoch"] + 1, cfg.epochs))
             if row["epoch"] == 0:
-                out.print(f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
-                          f"action {row['val_action_top1']:5.1f}", highlight=False)
+                out.print(
+                    f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
+                    f"action {row['val_action_top1']:5.1f}",
+                    highlight=False,
+                )
             else:
                 print_row(row)
 
-        run_dir, best = ft.main(cfg, ws.annotations, ws.videos, ws.runs, resume, on_epoch,
-                                lambda step, steps, loss: bar.update(task, completed=step, total=steps, loss=loss), warn)
-    out.print(f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
-              f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}")
+        run_dir, best = ft.main(
+            cfg,
+            ws.annotations,
+            ws.videos,
+            ws.runs,
+            resume,
+            on_epoch,
+            lambda step, steps, loss: bar.update(task, completed=step, total=steps, loss=loss),
+            warn,
+        )
+    out.print(
+        f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
+        f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
+    )
 
 
 @command()
@@ -79,11 +99,14 @@ def predict(
     window: Annotated[float, typer.Option(help="Window length in seconds (the head sees K frames of it).")] = 2.0,
     stride: Annotated[float, typer.Option(help="Seconds between window starts.")] = 0.5,
     top: Annotated[int, typer.Option(help="Actions listed per window.")] = 5,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the windows as JSON here.")] = None,
-    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per window and rank here.")] = None,
-    timeline_out: Annotated[Optional[Path], typer.Option("--timeline", help="Draw the predicted actions along time (PNG).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the windows as JSON here.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one row per window and rank here.")] = None,
+    timeline_out: Annotated[
+        Path | None, typer.Option("--timeline", help="Draw the predicted actions along time (PNG).")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
-    runs: RunsOpt = None, device: DeviceOpt = None,
+    runs: RunsOpt = None,
+    device: DeviceOpt = None,
 ):
     """Actions along a whole video: sliding windows, top-k (verb, noun) per window.
 
@@ -105,25 +128,52 @@ def predict(
         raise EkxError("--top must be >= 1")
     ws = workspace(runs=runs, device=device)
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
-    with Progress(TextColumn(f"[bold]{video.name}[/bold] frames"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn(f"[bold]{video.name}[/bold] frames"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("frames", total=None)
-        result = pr.predict_video(model, video, window, stride, top,
-                                  on_start=lambda n: bar.update(task, total=n),
-                                  on_progress=lambda n: bar.advance(task, n))
+        result = pr.predict_video(
+            model,
+            video,
+            window,
+            stride,
+            top,
+            on_start=lambda n: bar.update(task, total=n),
+            on_progress=lambda n: bar.advance(task, n),
+        )
     named = [w.named(model.verbs, model.nouns) for w in result.windows]
-    table = Table("window (s)", *[f"#{i + 1}" for i in range(min(top, 3))],
-                  title=f"{video.name}: {len(named)} windows of {window:g} s every {stride:g} s "
-                        f"({result.grid_frames} frames through the backbone, each once)")
+    table = Table(
+        "window (s)",
+        *[f"#{i + 1}" for i in range(min(top, 3))],
+        title=f"{video.name}: {len(named)} windows of {window:g} s every {stride:g} s "
+        f"({result.grid_frames} frames through the backbone, each once)",
+    )
     for w in named:
-        table.add_row(f"{w['start']:7.2f}-{w['end']:.2f}",
-                      *[f"{a['verb']} {a['noun']} {100 * a['probability']:.0f}%" for a in w["top"][:3]])
+        table.add_row(
+            f"{w['start']:7.2f}-{w['end']:.2f}",
+            *[f"{a['verb']} {a['noun']} {100 * a['probability']:.0f}%" for a in w["top"][:3]],
+        )
     console.print(table)
     if json_out:
         from ekx.heads.evaluate import write_json
 
-        write_json(json_out, {"video": str(video), "run": run, "fps": result.fps, "duration": result.duration,
-                              "window": window, "stride": stride, "windows": named})
+        write_json(
+            json_out,
+            {
+                "video": str(video),
+                "run": run,
+                "fps": result.fps,
+                "duration": result.duration,
+                "window": window,
+                "stride": stride,
+                "windows": named,
+            },
+        )
         console.print(f"windows -> {json_out}")
     if csv_out:
         csv_out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,17 +190,30 @@ def predict(
 @command()
 def live(
     run: Annotated[str, typer.Option("--run", help="Run directory, or a run name under runs/.")],
-    camera: Annotated[Optional[int], typer.Option(help="Camera index (OpenCV).", show_default=False)] = None,
-    video: Annotated[Optional[Path], typer.Option(help="A video file instead of a camera.", show_default=False)] = None,
-    realtime: Annotated[bool, typer.Option("--realtime", help="Play --video at its native rate, as a camera (frames are dropped when inference is behind).")] = False,
-    headless: Annotated[bool, typer.Option("--headless", help="Print predictions instead of drawing them on the frames.")] = False,
+    camera: Annotated[int | None, typer.Option(help="Camera index (OpenCV).", show_default=False)] = None,
+    video: Annotated[Path | None, typer.Option(help="A video file instead of a camera.", show_default=False)] = None,
+    realtime: Annotated[
+        bool,
+        typer.Option(
+            "--realtime",
+            help="Play --video at its native rate, as a camera (frames are dropped when inference is behind).",
+        ),
+    ] = False,
+    headless: Annotated[
+        bool, typer.Option("--headless", help="Print predictions instead of drawing them on the frames.")
+    ] = False,
     window: Annotated[float, typer.Option(help="Seconds the head sees (K frames over it).")] = 2.0,
     stride: Annotated[float, typer.Option(help="Seconds between head evaluations.")] = 0.5,
     top: Annotated[int, typer.Option(help="Actions shown.")] = 3,
-    seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds of video.", show_default=False)] = None,
-    delay_ms: Annotated[float, typer.Option("--delay-ms", hidden=True, help="Make the backbone this much slower (testing).")] = 0.0,
+    seconds: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds of video.", show_default=False)
+    ] = None,
+    delay_ms: Annotated[
+        float, typer.Option("--delay-ms", hidden=True, help="Make the backbone this much slower (testing).")
+    ] = 0.0,
     checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
-    runs: RunsOpt = None, device: DeviceOpt = None,
+    runs: RunsOpt = None,
+    device: DeviceOpt = None,
 ):
     """Real-time actions from a camera (or a file played as one): top-3, fps and latency on the frame.
 
@@ -162,10 +225,23 @@ def live(
     lv.cv2_module()  # the missing-extra error before the model loads
     ws = workspace(runs=runs, device=device)
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
-    summary = lv.run_live(model, camera, video, realtime, window, stride, top, headless, delay_ms, seconds,
-                          on_report=(lambda r: console.print(r.line(), highlight=False, soft_wrap=True)) if headless else None)
-    console.print(f"{summary.samples} frames through the backbone in {summary.seconds:.1f} s ({summary.fps:.1f} fps), "
-                  f"{summary.dropped} dropped, {summary.reports} predictions; latency median "
-                  f"{median(summary.latency_ms):.0f} ms, max {max(summary.latency_ms, default=0):.0f} ms; backbone "
-                  f"{median(summary.backbone_ms):.0f} ms/frame, head {median(summary.head_ms):.1f} ms",
-                  highlight=False)
+    summary = lv.run_live(
+        model,
+        camera,
+        video,
+        realtime,
+        window,
+        stride,
+        top,
+        headless,
+        delay_ms,
+        seconds,
+        on_report=(lambda r: console.print(r.line(), highlight=False, soft_wrap=True)) if headless else None,
+    )
+    console.print(
+        f"{summary.samples} frames through the backbone in {summary.seconds:.1f} s ({summary.fps:.1f} fps), "
+        f"{summary.dropped} dropped, {summary.reports} predictions; latency median "
+        f"{median(summary.latency_ms):.0f} ms, max {max(summary.latency_ms, default=0):.0f} ms; backbone "
+        f"{median(summary.backbone_ms):.0f} ms/frame, head {median(summary.head_ms):.1f} ms",
+        highlight=False,
+    )

@@ -10,9 +10,10 @@ a 320 -> 300 bicubic pipeline.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as F
@@ -47,8 +48,12 @@ class Preprocess:
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
         same order, as torchvision's ImageClassification / VideoClassification presets."""
-        frames = F.resize(frames, list(self.resize_size), interpolation=F.InterpolationMode(self.interpolation),
-                          antialias=self.antialias)
+        frames = F.resize(
+            frames,
+            list(self.resize_size),
+            interpolation=F.InterpolationMode(self.interpolation),
+            antialias=self.antialias,
+        )
         frames = F.center_crop(frames, list(self.crop_size))
         frames = F.to_dtype(frames, torch.float32, scale=True)
         return F.normalize(frames, mean=list(self.mean), std=list(self.std))
@@ -61,8 +66,14 @@ def _preprocess_of(weights) -> Preprocess:
     t = weights.transforms()
     sides = list(t.crop_size)
     crop = (sides[0], sides[-1])
-    return Preprocess(tuple(t.resize_size), crop, tuple(t.mean), tuple(t.std), t.interpolation.value,
-                      bool(getattr(t, "antialias", False)))
+    return Preprocess(
+        tuple(t.resize_size),
+        crop,
+        tuple(t.mean),
+        tuple(t.std),
+        t.interpolation.value,
+        bool(getattr(t, "antialias", False)),
+    )
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Mod
         model = build(weights=None)
         setattr(model, attr, nn.Identity())  # the classifier goes; pooled features remain
         return model
+
     return make
 
 
@@ -110,18 +122,26 @@ def _resnet_stages(m: Any) -> list[list[nn.Module]]:
     return [stem, [m.layer1], [m.layer2], [m.layer3], [m.layer4]]
 
 
-register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048,
-                  stages=_resnet_stages))
+register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048, stages=_resnet_stages))
 # features[0] is the stem, features[1..7] the MBConv stages, features[8] the last 1x1 conv
-register(Backbone("efficientnet_b3", _headless(models.efficientnet_b3, "classifier"),
-                  models.EfficientNet_B3_Weights, 1536, stages=lambda m: [[f] for f in m.features]))
+register(
+    Backbone(
+        "efficientnet_b3",
+        _headless(models.efficientnet_b3, "classifier"),
+        models.EfficientNet_B3_Weights,
+        1536,
+        stages=lambda m: [[f] for f in m.features],
+    )
+)
 # 8 consecutive frames per sampled position: half the Kinetics clip, a quarter of the cost;
 # the network pools time adaptively, so any clip length runs.
-register(Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8,
-                  stages=_resnet_stages))
+register(
+    Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8, stages=_resnet_stages)
+)
 
 
 # ---------------------------------------------------------------- weights
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -158,8 +178,9 @@ def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Mo
         state = _strip_classifier(state, model)
         missing = set(model.state_dict()) - set(state)
         if missing:
-            raise EkxError(f"{path}: not a {backbone.name} state dict ({len(missing)} missing keys, "
-                           f"e.g. {sorted(missing)[0]})")
+            raise EkxError(
+                f"{path}: not a {backbone.name} state dict ({len(missing)} missing keys, e.g. {sorted(missing)[0]})"
+            )
         model.load_state_dict(state)
         return model.eval(), f"sha256:{sha256_file(path)}"
     if "/" in weights or weights.endswith((".pt", ".pth")):
@@ -168,15 +189,18 @@ def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Mo
         enum = backbone.weights[weights] if weights != "DEFAULT" else backbone.weights.DEFAULT
     except KeyError:
         names = ", ".join(w.name for w in backbone.weights)
-        raise EkxError(f"--weights {weights}: not a weights name of {backbone.name} "
-                       f"(DEFAULT, {names}, a state-dict path, or none)") from None
+        raise EkxError(
+            f"--weights {weights}: not a weights name of {backbone.name} (DEFAULT, {names}, a state-dict path, or none)"
+        ) from None
     try:
         state = enum.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # noqa: BLE001 - offline, proxy, corrupted download
+    except Exception as e:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-        raise EkxError(f"cannot get {backbone.name} weights {enum} ({type(e).__name__}: {e}); either put "
-                       f"the file at {cache} (from {enum.url}), or pass --weights PATH to a local state dict "
-                       "(or --weights none for random features)") from None
+        raise EkxError(
+            f"cannot get {backbone.name} weights {enum} ({type(e).__name__}: {e}); either put "
+            f"the file at {cache} (from {enum.url}), or pass --weights PATH to a local state dict "
+            "(or --weights none for random features)"
+        ) from None
     model.load_state_dict(_strip_classifier(state, model))
     return model.eval(), f"torchvision:{type(enum).__name__}.{enum.name}"
 
@@ -209,26 +233,35 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 
     try:
         return fuse(model.eval())
-    except Exception:  # noqa: BLE001 - an untraceable custom backbone still works, unfused
+    except Exception:
         return model
 
 
 # ---------------------------------------------------------------- the extractor of a cache, rebuilt
 
+
 def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The BatchNorm buffers of a model (what `calibrate_batchnorm` measured)."""
-    return {f"{name}.{b}": getattr(m, b).detach().cpu().clone()
-            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in ("running_mean", "running_var", "num_batches_tracked")}
+    return {
+        f"{name}.{b}": getattr(m, b).detach().cpu().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+    }
 
 
 def extractor_spec(attrs: dict, bn_state: dict) -> dict:
     """Plain values (and the calibrated BatchNorm buffers of random weights) that rebuild
     the backbone a cache was extracted with; a head's checkpoint carries them, so a run
     alone is enough for `ekx predict` / `ekx live` / `ekx finetune --init-head`."""
-    return {"backbone": attrs["backbone"], "weights": attrs["weights"], "weights_path": attrs.get("weights_path", ""),
-            "seed": int(attrs.get("seed", 0)), "frames": int(attrs["frames_per_segment"]),
-            "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()}}
+    return {
+        "backbone": attrs["backbone"],
+        "weights": attrs["weights"],
+        "weights_path": attrs.get("weights_path", ""),
+        "seed": int(attrs.get("seed", 0)),
+        "frames": int(attrs["frames_per_segment"]),
+        "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()},
+    }
 
 
 def build_extractor(spec: dict) -> nn.Module:
@@ -237,8 +270,10 @@ def build_extractor(spec: dict) -> nn.Module:
     weights = spec["weights"]
     if weights == "none":
         if not spec.get("bn_state"):
-            raise EkxError("this run's cache was extracted with --weights none but holds no BatchNorm "
-                           "statistics (made by an older ekx): re-extract it, then retrain the head")
+            raise EkxError(
+                "this run's cache was extracted with --weights none but holds no BatchNorm "
+                "statistics (made by an older ekx): re-extract it, then retrain the head"
+            )
         model, _ = load_weights(bb, "none", spec["seed"])
         missing = set(batchnorm_state(model)) - set(spec["bn_state"])
         if missing:
@@ -250,8 +285,10 @@ def build_extractor(spec: dict) -> nn.Module:
     if weights.startswith("sha256:"):
         path = Path(spec.get("weights_path", ""))
         if not path.is_file():
-            raise EkxError(f"the backbone weights of this run ({path or 'a local file'}) are not found; "
-                           "put the file back at that path")
+            raise EkxError(
+                f"the backbone weights of this run ({path or 'a local file'}) are not found; "
+                "put the file back at that path"
+            )
         if f"sha256:{sha256_file(path)}" != weights:
             raise EkxError(f"{path} changed since the features were extracted (sha256 differs)")
         return load_weights(bb, str(path))[0]

@@ -24,28 +24,42 @@ def view_params(seed: int, narration_id: str, view: int, h: int, w: int) -> dict
     scale, ratio = rng.uniform(0.35, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
     ch = int(min(h, round(np.sqrt(scale * h * w / ratio))))
     cw = int(min(w, round(np.sqrt(scale * h * w * ratio))))
-    return {"top": int(rng.integers(0, h - ch + 1)), "left": int(rng.integers(0, w - cw + 1)),
-            "height": ch, "width": cw, "flip": bool(rng.random() < 0.5),
-            "brightness": float(rng.uniform(0.6, 1.4)), "contrast": float(rng.uniform(0.6, 1.4)),
-            "saturation": float(rng.uniform(0.6, 1.4))}
+    return {
+        "top": int(rng.integers(0, h - ch + 1)),
+        "left": int(rng.integers(0, w - cw + 1)),
+        "height": ch,
+        "width": cw,
+        "flip": bool(rng.random() < 0.5),
+        "brightness": float(rng.uniform(0.6, 1.4)),
+        "contrast": float(rng.uniform(0.6, 1.4)),
+        "saturation": float(rng.uniform(0.6, 1.4)),
+    }
 
 
 def make_view(frames: torch.Tensor, pre: backbones.Preprocess, p: dict | None) -> torch.Tensor:
     """uint8 [F, 3, H, W] on the device -> normalised float; view 0 (p None) is the clean one."""
     if p is None:
         return pre(frames)
-    x = F.resized_crop(frames, p["top"], p["left"], p["height"], p["width"], list(pre.crop_size),
-                       interpolation=F.InterpolationMode(pre.interpolation), antialias=True)
+    x = F.resized_crop(
+        frames,
+        p["top"],
+        p["left"],
+        p["height"],
+        p["width"],
+        list(pre.crop_size),
+        interpolation=F.InterpolationMode(pre.interpolation),
+        antialias=True,
+    )
     if p["flip"]:
         x = F.horizontal_flip(x)
     x = F.to_dtype(x, torch.float32, scale=True)
-    x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, p["brightness"]), p["contrast"]),
-                            p["saturation"])
+    x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, p["brightness"]), p["contrast"]), p["saturation"])
     return F.normalize(x, mean=list(pre.mean), std=list(pre.std))
 
 
-def segment_inputs(res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone,
-                   device: torch.device) -> torch.Tensor:
+def segment_inputs(
+    res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone, device: torch.device
+) -> torch.Tensor:
     """Model inputs of one segment: [V*K, 3, h, w] images or [V*K, 3, clip, h, w] clips."""
     frames = torch.from_numpy(res.frames).to(device, non_blocking=True).permute(0, 3, 1, 2)
     pre = bb.preprocess
@@ -57,7 +71,6 @@ def segment_inputs(res: Result, narration_id: str, cfg: ExtractConfig, bb: backb
             x = x.reshape(cfg.frames, bb.clip_len, *x.shape[1:]).transpose(1, 2)
         views.append(x)
     return torch.cat(views)
-
 
 
 # ---------------------------------------------------------------- BatchNorm calibration (--weights none)
@@ -83,8 +96,9 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
     inputs = []
     for s in calib:
-        for res in decode_video(found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames,
-                                bb.clip_len, bb.preprocess.decode_size):
+        for res in decode_video(
+            found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames, bb.clip_len, bb.preprocess.decode_size
+        ):
             if res.error is None:
                 inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
     if not inputs:
@@ -93,7 +107,5 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     x = torch.cat(inputs)
     x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
     torch.manual_seed(cfg.seed)
-    backbones.calibrate_batchnorm(model, [x[i:i + 32] for i in range(0, len(x), 32)])
+    backbones.calibrate_batchnorm(model, [x[i : i + 32] for i in range(0, len(x), 32)])
     return "first segments: " + ",".join(s.narration_id for s in calib)
-
-

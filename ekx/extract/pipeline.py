@@ -13,9 +13,9 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -65,6 +65,7 @@ class Summary:
 
 # ---------------------------------------------------------------- planning
 
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -108,6 +109,7 @@ def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
 
 # ---------------------------------------------------------------- decoding workers
 
+
 class VideoJobs(IterableDataset):
     """Yields decoded segments; each worker takes whole videos (each opened once)."""
 
@@ -143,10 +145,16 @@ def identity_collate(batch):
 
 # ---------------------------------------------------------------- the run
 
-def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: Path,
-            on_start: Callable[[int, int], None] | None = None,
-            on_progress: Callable[[int, int], None] | None = None,
-            warn: Callable[[str], None] = print) -> Summary:
+
+def extract(
+    cfg: ExtractConfig,
+    annotations: Path,
+    videos: Path,
+    features_root: Path,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] = print,
+) -> Summary:
     """Run stage 1; resumes an existing cache made with the same parameters."""
     t0 = time.perf_counter()
     bb = backbones.get(cfg.backbone)
@@ -170,11 +178,15 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     model = model.to(device)
     calibration, bn_state = "", None
     if weights_id == "none":
-        warn("--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
-             "are for tests and demos, not for real results")
+        warn(
+            "--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
+            "are for tests and demos, not for real results"
+        )
         if not any(s.video_id in found for s in calib_plan):
-            warn("the train split's first videos are not here: BatchNorm calibrated on this split's own "
-                 "segments, so these features will not match a train cache made with them")
+            warn(
+                "the train split's first videos are not here: BatchNorm calibrated on this split's own "
+                "segments, so these features will not match a train cache made with them"
+            )
             calib_plan = own
         calibration = calibrate(model, bb, cfg, calib_plan, found, device)
         bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
@@ -185,14 +197,21 @@ def extract(cfg: ExtractConfig, annotations: Path, videos: Path, features_root: 
     # a checkpoint is named by its path (the sha256 in "weights" is its identity)
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
     attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
-    rows = store.Rows([s.narration_id for s in plan], [s.video_id for s in plan],
-                      np.array([s.verb_class for s in plan]), np.array([s.noun_class for s in plan]), plan_index)
+    rows = store.Rows(
+        [s.narration_id for s in plan],
+        [s.video_id for s in plan],
+        np.array([s.verb_class for s in plan]),
+        np.array([s.noun_class for s in plan]),
+        plan_index,
+    )
     if out.exists():
         have = store.open_attrs(out)
         bad = store.identity_mismatch(have, attrs)
         if bad:
-            raise EkxError(f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
-                           "Delete it or choose another --out")
+            raise EkxError(
+                f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
+                "Delete it or choose another --out"
+            )
     else:
         store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
     with h5py.File(out, "r") as f:
@@ -234,10 +253,15 @@ def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, 
     if not jobs:
         return
     workers = max(0, min(cfg.workers, len(jobs)))
-    loader = DataLoader(VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
-                        batch_size=None, num_workers=workers, collate_fn=identity_collate,
-                        worker_init_fn=worker_init if workers else None,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=identity_collate,
+        worker_init_fn=worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     pending: list[tuple[Result, torch.Tensor]] = []
     n_inputs = 0
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
@@ -248,11 +272,11 @@ def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, 
         outs = []
         with torch.inference_mode(), autocast(device, precision):
             for i in range(0, len(x), cfg.batch_size):
-                outs.append(model(x[i:i + cfg.batch_size]).float())
+                outs.append(model(x[i : i + cfg.batch_size]).float())
         feats = torch.cat(outs).cpu().numpy()
         o = 0
         for res, inp in pending:
-            f = feats[o:o + len(inp)].reshape(cfg.views, cfg.frames, bb.dim)
+            f = feats[o : o + len(inp)].reshape(cfg.views, cfg.frames, bb.dim)
             o += len(inp)
             thread.put(("done", res.row, f.astype(np.float16), res.centres))
         nframes = sum(len(r.frames) for r, _ in pending if r.frames is not None)

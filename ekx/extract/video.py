@@ -16,9 +16,9 @@ sparse ones seek.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -101,8 +101,7 @@ class ForwardReader:
         return frame
 
 
-def decode_video(path: Path, requests: list[Request], k: int, clip_len: int,
-                 size_fn=None) -> Iterator[Result]:
+def decode_video(path: Path, requests: list[Request], k: int, clip_len: int, size_fn=None) -> Iterator[Result]:
     """Decode the sampled frames of every requested segment of one video.
 
     Yields one Result per request, in order of the segments' last frame; frames are
@@ -111,7 +110,7 @@ def decode_video(path: Path, requests: list[Request], k: int, clip_len: int,
     try:
         vr = open_reader(path, size_fn)
         n, fps = len(vr), float(vr.get_avg_fps())
-    except Exception as e:  # noqa: BLE001 - corrupt / truncated / unsupported file
+    except Exception as e:
         for r in requests:
             yield Result(r.row, None, None, f"cannot open video {path.name}: {str(e).splitlines()[0][:160]}")
         return
@@ -119,8 +118,13 @@ def decode_video(path: Path, requests: list[Request], k: int, clip_len: int,
     for r in requests:
         centres = sample_centres(r.start, r.stop, fps, k)
         if centres[-1] > n:  # one frame of slack for rounding at the very end
-            yield Result(r.row, None, None, f"segment {r.start:.2f}-{r.stop:.2f} s is beyond the video's "
-                                           f"end ({n / fps:.2f} s, {n} frames at {fps:g} fps)")
+            yield Result(
+                r.row,
+                None,
+                None,
+                f"segment {r.start:.2f}-{r.stop:.2f} s is beyond the video's "
+                f"end ({n / fps:.2f} s, {n} frames at {fps:g} fps)",
+            )
             continue
         centres = np.minimum(centres, n - 1)
         plans.append((r, centres, clip_frames(centres, clip_len, n)))
@@ -137,7 +141,7 @@ def decode_video(path: Path, requests: list[Request], k: int, clip_len: int,
             while t < len(todo) and todo[t] <= last:
                 kept[todo[t]] = reader.read(todo[t])
                 t += 1
-        except Exception as e:  # noqa: BLE001 - a corrupt stream fails the rest of this video
+        except Exception as e:
             reason = f"decode error at frame {todo[t]} of {path.name}: {str(e).splitlines()[0][:160]}"
             for p in plans[j:]:
                 yield Result(p[0].row, None, None, reason)

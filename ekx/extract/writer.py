@@ -38,9 +38,10 @@ class WriterThread(threading.Thread):
             items = [i for i in items if i is not None]
             if self.error is None and items:
                 try:
-                    self.writer.write([i[1:] for i in items if i[0] == "done"],
-                                      [i[1:] for i in items if i[0] == "failed"])
-                except Exception as e:  # noqa: BLE001 - surfaced to the main loop
+                    self.writer.write(
+                        [i[1:] for i in items if i[0] == "done"], [i[1:] for i in items if i[0] == "failed"]
+                    )
+                except Exception as e:
                     self.error = e
 
     def put(self, item):
@@ -58,36 +59,58 @@ class WriterThread(threading.Thread):
 def disk_error(path: Path, e: Exception) -> EkxError:
     text = str(e)
     if "No space" in text or "errno = 28" in text or getattr(e, "errno", None) == 28:
-        return EkxError(f"disk full while writing {path}: free some space, then re-run the same command "
-                        "to resume (segments written so far are kept)")
+        return EkxError(
+            f"disk full while writing {path}: free some space, then re-run the same command "
+            "to resume (segments written so far are kept)"
+        )
     return EkxError(f"cannot write {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
 
 
-def cache_attrs(cfg: ExtractConfig, bb: backbones.Backbone, weights_id: str, precision: str,
-           device: torch.device, ann: epic.Annotations, ann_path: Path, calibration: str,
-           weights_path: str) -> dict:
+def cache_attrs(
+    cfg: ExtractConfig,
+    bb: backbones.Backbone,
+    weights_id: str,
+    precision: str,
+    device: torch.device,
+    ann: epic.Annotations,
+    ann_path: Path,
+    calibration: str,
+    weights_path: str,
+) -> dict:
     import decord
     import torchvision
 
     verbs, nouns = ann.verbs(), ann.nouns()
     return {
-        "format": store.FORMAT, "format_version": store.VERSION, "backbone": bb.name,
-        "weights": weights_id, "weights_path": weights_path, "feature_dim": bb.dim, "frames_per_segment": cfg.frames,
-        "views": cfg.views, "clip_len": bb.clip_len,
+        "format": store.FORMAT,
+        "format_version": store.VERSION,
+        "backbone": bb.name,
+        "weights": weights_id,
+        "weights_path": weights_path,
+        "feature_dim": bb.dim,
+        "frames_per_segment": cfg.frames,
+        "views": cfg.views,
+        "clip_len": bb.clip_len,
         "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
         "seed": cfg.seed,
         "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
-                        "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
-        "precision": precision, "dtype": "float16", "annotation_file": ann_path.name,
-        "annotation_sha256": backbones.sha256_file(ann_path), "bn_calibration": calibration,
+        "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
+        "precision": precision,
+        "dtype": "float16",
+        "annotation_file": ann_path.name,
+        "annotation_sha256": backbones.sha256_file(ann_path),
+        "bn_calibration": calibration,
         # the class lists travel with the cache: stage 2 needs no annotation directory
-        "num_verbs": len(verbs), "num_nouns": len(nouns),
-        "verb_classes": list(verbs.keys), "noun_classes": list(nouns.keys),
-        "split": cfg.split, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
-        "ekx_version": __version__, "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__, "decord_version": decord.__version__,
+        "num_verbs": len(verbs),
+        "num_nouns": len(nouns),
+        "verb_classes": list(verbs.keys),
+        "noun_classes": list(nouns.keys),
+        "split": cfg.split,
+        "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
+        "ekx_version": __version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "decord_version": decord.__version__,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         **bb.preprocess.to_attrs(),
     }
-
-

@@ -4,9 +4,9 @@ sampling and reader) and the seed's clip-consistent augmentation."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ekx.extract.video import Request, decode_video
 from ekx.runtime import resolve_device
 
 # ---------------------------------------------------------------- distributed
+
 
 @dataclass
 class Dist:
@@ -38,8 +39,7 @@ class Dist:
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl), or gloo on CPUs."""
-    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-             int(os.environ.get("LOCAL_RANK", 0)))
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
     device = resolve_device(device_name)
     if device.type == "cuda" and d.world > 1:
         device = torch.device("cuda", d.local_rank)
@@ -50,6 +50,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 # ---------------------------------------------------------------- data
+
 
 class Clips(Dataset):
     """Segment i -> (i, uint8 frames [T * clip_len, H, W, 3] or None, error). Decoded with
@@ -67,8 +68,11 @@ class Clips(Dataset):
         s = self.segments[i]
         if s.video_id not in self.paths:
             return i, None, f"video {s.video_id} not found"
-        res = next(decode_video(self.paths[s.video_id], [Request(i, s.start, s.stop)], self.frames,
-                                self.clip_len, self.size_fn))
+        res = next(
+            decode_video(
+                self.paths[s.video_id], [Request(i, s.start, s.stop)], self.frames, self.clip_len, self.size_fn
+            )
+        )
         return i, res.frames, res.error
 
 
@@ -78,17 +82,19 @@ def as_list(batch):
 
 def clip_augmentation(pre: backbones.Preprocess) -> v2.Compose:
     """The seed's phase-2 augmentation on one clip: geometry and colour drawn once per call."""
-    return v2.Compose([
-        v2.Resize(list(pre.resize_size), interpolation=v2.InterpolationMode(pre.interpolation), antialias=True),
-        v2.CenterCrop(list(pre.crop_size)),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomRotation(15, interpolation=v2.InterpolationMode.BILINEAR),
-        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
-        v2.RandomGrayscale(0.1),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(pre.mean), list(pre.std)),
-        v2.RandomErasing(0.15),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(list(pre.resize_size), interpolation=v2.InterpolationMode(pre.interpolation), antialias=True),
+            v2.CenterCrop(list(pre.crop_size)),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomRotation(15, interpolation=v2.InterpolationMode.BILINEAR),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+            v2.RandomGrayscale(0.1),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(pre.mean), list(pre.std)),
+            v2.RandomErasing(0.15),
+        ]
+    )
 
 
 def clip_inputs(frames: np.ndarray, t: int, bb: backbones.Backbone, device, augment: Callable | None) -> torch.Tensor:

@@ -21,7 +21,9 @@ class FinetuneConfig(TrainConfig):
     weights: str = opt("DEFAULT", "backbone weights without --init-head: DEFAULT, a torchvision name, a path, none")
     freeze_blocks: int = opt(2, "frozen stages after the stem (seed: the first 2 blocks); -1: nothing frozen")
     accumulate: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    augment: bool = opt(True, "the seed's clip-consistent augmentation at training (flip, rotation, colour, grayscale, erasing)")
+    augment: bool = opt(
+        True, "the seed's clip-consistent augmentation at training (flip, rotation, colour, grayscale, erasing)"
+    )
     train_bn: bool = opt(False, "update BatchNorm statistics of the trained stages (default: frozen, see README)")
     workers: int = opt(2, "decoding worker processes (per process under torchrun)")
     init_head: str = opt("", "warm start: a train-head run (dir or name) on the same backbone's cache")

@@ -23,8 +23,15 @@ from ekx.heads import models
 class VideoModel(nn.Module):
     """Backbone -> [B, T, D] features -> the cache's standardisation -> head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean: torch.Tensor, std: torch.Tensor,
-                 frozen: list[nn.Module], train_bn: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        frozen: list[nn.Module],
+        train_bn: bool = False,
+    ):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.mean: torch.Tensor
@@ -34,8 +41,9 @@ class VideoModel(nn.Module):
         # plain lists: not registered twice. BatchNorm statistics stay fixed unless asked:
         # a batch holds B clips x T frames of the same few scenes, so its statistics are
         # poor estimates, and drifting ones shift every feature the (warm-started) head reads
-        self.fixed = frozen + ([] if train_bn else [m for m in backbone.modules()
-                                                    if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+        self.fixed = frozen + (
+            [] if train_bn else [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        )
         for m in frozen:
             m.requires_grad_(False)
 
@@ -84,7 +92,9 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
     if not spec:
         raise EkxError(f"--init-head {run}: the run does not record its backbone (trained by an older ekx)")
     if spec["backbone"] != cfg.backbone:
-        raise EkxError(f"--init-head {run} was trained on {spec['backbone']} features; pass --backbone {spec['backbone']}")
+        raise EkxError(
+            f"--init-head {run} was trained on {spec['backbone']} features; pass --backbone {spec['backbone']}"
+        )
     if ckpt["config"]["head"] != cfg.head:
         raise EkxError(f"--init-head {run} holds a {ckpt['config']['head']} head, not {cfg.head}")
     t = int(ckpt["head_kwargs"]["frames"])
@@ -94,8 +104,17 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
     kwargs = {**ckpt["head_kwargs"], "dropout": cfg.dropout, "drop_path": cfg.drop_path}
     head = models.create(cfg.head, **kwargs)
     head.load_state_dict(ckpt["model"])
-    return Start(backbone, head, kwargs, ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["classes"]["verb"],
-                 ckpt["classes"]["noun"], t, ckpt.get("started_from", f"init-head {run}"))
+    return Start(
+        backbone,
+        head,
+        kwargs,
+        ckpt["norm"]["mean"],
+        ckpt["norm"]["std"],
+        ckpt["classes"]["verb"],
+        ckpt["classes"]["noun"],
+        t,
+        ckpt.get("started_from", f"init-head {run}"),
+    )
 
 
 @torch.no_grad()
@@ -122,16 +141,37 @@ def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, devi
     f = torch.cat(feats)
     verbs, nouns = ann.verbs(), ann.nouns()
     torch.manual_seed(cfg.seed)
-    kwargs: dict[str, Any] = {"dim": bb.dim, "num_verbs": len(verbs), "num_nouns": len(nouns), "frames": t,
-              "dropout": cfg.dropout, "drop_path": cfg.drop_path}
-    return Start(backbone.cpu(), models.create(cfg.head, **kwargs), kwargs, f.mean(0).cpu(),
-                 f.std(0).clamp_min(1e-6).cpu(), list(verbs.keys), list(nouns.keys), t, f"weights {weights_id}")
+    kwargs: dict[str, Any] = {
+        "dim": bb.dim,
+        "num_verbs": len(verbs),
+        "num_nouns": len(nouns),
+        "frames": t,
+        "dropout": cfg.dropout,
+        "drop_path": cfg.drop_path,
+    }
+    return Start(
+        backbone.cpu(),
+        models.create(cfg.head, **kwargs),
+        kwargs,
+        f.mean(0).cpu(),
+        f.std(0).clamp_min(1e-6).cpu(),
+        list(verbs.keys),
+        list(nouns.keys),
+        t,
+        f"weights {weights_id}",
+    )
 
 
 def build_model(start: Start, cfg: FinetuneConfig, device) -> VideoModel:
     bb = backbones.get(cfg.backbone)
-    model = VideoModel(start.backbone, start.head, start.mean, start.std,
-                       frozen_modules(bb, start.backbone, cfg.freeze_blocks), cfg.train_bn).to(device)
+    model = VideoModel(
+        start.backbone,
+        start.head,
+        start.mean,
+        start.std,
+        frozen_modules(bb, start.backbone, cfg.freeze_blocks),
+        cfg.train_bn,
+    ).to(device)
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
     model.backbone.to(memory_format=fmt)
     return model

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,13 +44,27 @@ def _segments(ann: epic.Annotations, split: str, limit: int) -> list[epic.Segmen
     return segs[:limit] if limit else segs
 
 
-def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device, precision, d: Dist,
-                 batch: int, workers: int, on_error: Callable[[str], None] = lambda m: None):
+def video_logits(
+    model: nn.Module,
+    data: Clips,
+    classes: tuple[int, int],
+    device,
+    precision,
+    d: Dist,
+    batch: int,
+    workers: int,
+    on_error: Callable[[str], None] = lambda m: None,
+):
     """Logits of every segment of ``data`` (clean preprocessing), each rank a share; rank 0
     gathers them in order (others get None). An undecodable segment scores uniform."""
     mine = list(range(d.rank, len(data), d.world))
-    loader = DataLoader(torch.utils.data.Subset(data, mine), batch_size=batch, num_workers=workers,
-                        collate_fn=as_list, worker_init_fn=worker_init if workers else None)
+    loader = DataLoader(
+        torch.utils.data.Subset(data, mine),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=as_list,
+        worker_init_fn=worker_init if workers else None,
+    )
     core: nn.Module = getattr(model, "module", model)
     core.eval()
     bb = backbones.get(data.backbone)
@@ -68,8 +83,11 @@ def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device
             idx += [i for i, _ in good]
             verb.append(out["verb"].float().cpu())
             noun.append(out["noun"].float().cpu())
-    part = (idx, torch.cat(verb) if verb else torch.zeros(0, classes[0]),
-            torch.cat(noun) if noun else torch.zeros(0, classes[1]))
+    part = (
+        idx,
+        torch.cat(verb) if verb else torch.zeros(0, classes[0]),
+        torch.cat(noun) if noun else torch.zeros(0, classes[1]),
+    )
     parts: list[Any] = [part]
     if d.world > 1:
         parts = [None] * d.world
@@ -84,27 +102,48 @@ def video_logits(model: nn.Module, data: Clips, classes: tuple[int, int], device
 
 
 def _labels(segments: list[epic.Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor([s.verb_class for s in segments], dtype=torch.long),
-            torch.tensor([s.noun_class for s in segments], dtype=torch.long))
+    return (
+        torch.tensor([s.verb_class for s in segments], dtype=torch.long),
+        torch.tensor([s.noun_class for s in segments], dtype=torch.long),
+    )
 
 
 def _unseen_mask(segments: list[epic.Segment], unseen: set | None) -> torch.Tensor | None:
     return torch.tensor([s.participant_id in unseen for s in segments]) if unseen is not None else None
 
 
-def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: Start, train_data: Clips,
-                  val_data: Clips, tails, unseen: set | None, warn: Callable[[str], None]) -> tr.Task:
+def finetune_task(
+    cfg: FinetuneConfig,
+    d: Dist,
+    device,
+    precision: str,
+    start: Start,
+    train_data: Clips,
+    val_data: Clips,
+    tails,
+    unseen: set | None,
+    warn: Callable[[str], None],
+) -> tr.Task:
     bb = backbones.get(cfg.backbone)
     model = build_model(start, cfg, device)
     net: nn.Module = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     augment = clip_augmentation(bb.preprocess) if cfg.augment else None
-    sampler: DistributedSampler = DistributedSampler(train_data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=as_list, worker_init_fn=worker_init if cfg.workers else None,
-                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None,
-                        pin_memory=device.type == "cuda")
+    sampler: DistributedSampler = DistributedSampler(
+        train_data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed
+    )
+    loader = DataLoader(
+        train_data,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=as_list,
+        worker_init_fn=worker_init if cfg.workers else None,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None,
+        pin_memory=device.type == "cuda",
+    )
     yv_all, yn_all = _labels(train_data.segments)
     classes = (start.head_kwargs["num_verbs"], start.head_kwargs["num_nouns"])
 
@@ -125,28 +164,47 @@ def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: S
                 # replaced by the last good one rather than skipped
                 good = good or last_good
                 if not good:
-                    raise EkxError("the first batch of segments could not be decoded; check the videos with "
-                                   "`ekx extract` (it lists failures)")
+                    raise EkxError(
+                        "the first batch of segments could not be decoded; check the videos with "
+                        "`ekx extract` (it lists failures)"
+                    )
                 last_good = good
                 while len(good) < len(items):  # keep the batch size fixed
                     good = good + good[: len(items) - len(good)]
                 ids = torch.tensor([i for i, _ in good])
                 x = torch.stack([clip_inputs(f, train_data.frames, bb, device, augment) for _, f in good])
                 yield x, yv_all[ids].to(device), yn_all[ids].to(device)
+
         return len(loader), batches()
 
     def val_logits():
         return video_logits(net, val_data, classes, device, precision, d, cfg.batch_size, cfg.workers, warn)
 
     def parts() -> dict:
-        return {"model": model.head.state_dict(), "backbone": model.backbone.state_dict(),
-                "head_kwargs": start.head_kwargs, "norm": {"mean": start.mean.cpu(), "std": start.std.cpu()},
-                "cache": {"backbone": bb.name, "weights": "finetuned", "frames_per_segment": start.frames,
-                          "feature_dim": bb.dim, "num_verbs": classes[0], "num_nouns": classes[1]},
-                "classes": {"verb": start.verbs, "noun": start.nouns},
-                "extractor": {"backbone": bb.name, "weights": "finetuned", "weights_path": "", "seed": cfg.seed,
-                              "frames": start.frames, "bn_state": {}},
-                "started_from": start.source}
+        return {
+            "model": model.head.state_dict(),
+            "backbone": model.backbone.state_dict(),
+            "head_kwargs": start.head_kwargs,
+            "norm": {"mean": start.mean.cpu(), "std": start.std.cpu()},
+            "cache": {
+                "backbone": bb.name,
+                "weights": "finetuned",
+                "frames_per_segment": start.frames,
+                "feature_dim": bb.dim,
+                "num_verbs": classes[0],
+                "num_nouns": classes[1],
+            },
+            "classes": {"verb": start.verbs, "noun": start.nouns},
+            "extractor": {
+                "backbone": bb.name,
+                "weights": "finetuned",
+                "weights_path": "",
+                "seed": cfg.seed,
+                "frames": start.frames,
+                "bn_state": {},
+            },
+            "started_from": start.source,
+        }
 
     def load(ckpt: dict) -> None:
         model.head.load_state_dict(ckpt["model"])
@@ -154,9 +212,19 @@ def finetune_task(cfg: FinetuneConfig, d: Dist, device, precision: str, start: S
         model.mean.copy_(ckpt["norm"]["mean"])
         model.std.copy_(ckpt["norm"]["std"])
 
-    return tr.Task(net, epoch_batches, val_logits, _labels(val_data.segments), parts, load, tails,
-                   _unseen_mask(val_data.segments, unseen), cfg.accumulate, d.rank0,
-                   initial_eval=bool(cfg.init_head))
+    return tr.Task(
+        net,
+        epoch_batches,
+        val_logits,
+        _labels(val_data.segments),
+        parts,
+        load,
+        tails,
+        _unseen_mask(val_data.segments, unseen),
+        cfg.accumulate,
+        d.rank0,
+        initial_eval=bool(cfg.init_head),
+    )
 
 
 def _run_name(cfg: FinetuneConfig, d: Dist) -> str:
@@ -168,8 +236,16 @@ def _run_name(cfg: FinetuneConfig, d: Dist) -> str:
     return names[0]
 
 
-def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, resume: bool = False,
-         on_epoch=None, on_step=None, warn: Callable[[str], None] = print) -> tuple[Path, dict]:
+def main(
+    cfg: FinetuneConfig,
+    annotations: Path,
+    videos: Path,
+    runs_root: Path,
+    resume: bool = False,
+    on_epoch=None,
+    on_step=None,
+    warn: Callable[[str], None] = print,
+) -> tuple[Path, dict]:
     """`ekx finetune` (also one rank of `torchrun ... -m ekx finetune`)."""
     from ekx.predict import resolve_run
 
@@ -205,27 +281,47 @@ def main(cfg: FinetuneConfig, annotations: Path, videos: Path, runs_root: Path, 
         bb = backbones.get(cfg.backbone)
         train_data, val_data = Clips(train_segs, paths, start.frames, bb), Clips(val_segs, paths, start.frames, bb)
         tails, unseen = epic.subsets(annotations, cfg.val_split)
-        task = finetune_task(cfg, d, device, precision, start, train_data, val_data, tails, unseen,
-                             warn if d.rank0 else (lambda m: None))
-        opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                weight_decay=cfg.weight_decay)
-        best = tr.fit(cfg, run_dir, task, opt, device, precision, resume, on_epoch if d.rank0 else None,
-                      on_step if d.rank0 else None, barrier=d.barrier)
+        task = finetune_task(
+            cfg, d, device, precision, start, train_data, val_data, tails, unseen, warn if d.rank0 else (lambda m: None)
+        )
+        opt = torch.optim.AdamW(
+            [p for p in task.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        best = tr.fit(
+            cfg,
+            run_dir,
+            task,
+            opt,
+            device,
+            precision,
+            resume,
+            on_epoch if d.rank0 else None,
+            on_step if d.rank0 else None,
+            barrier=d.barrier,
+        )
         return run_dir, best
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def evaluate_video(run_dir: Path, annotations: Path, videos: Path, split: str = "validation",
-                   device_name: str = "auto", checkpoint: str = "best.pt", workers: int = 2) -> dict:
+def evaluate_video(
+    run_dir: Path,
+    annotations: Path,
+    videos: Path,
+    split: str = "validation",
+    device_name: str = "auto",
+    checkpoint: str = "best.pt",
+    workers: int = 2,
+) -> dict:
     """`ekx evaluate` of a fine-tuned run: decode the split's segments, run backbone + head."""
 
     ckpt = ck.load_checkpoint(Path(run_dir) / checkpoint)
     if "backbone" not in ckpt:
         raise EkxError(f"{run_dir}: not a fine-tuned run (evaluate it on a cache with --features)")
-    cfg = FinetuneConfig.from_dict({k: v for k, v in ckpt["config"].items() if k in FinetuneConfig.keys()},
-                                   str(Path(run_dir) / checkpoint))
+    cfg = FinetuneConfig.from_dict(
+        {k: v for k, v in ckpt["config"].items() if k in FinetuneConfig.keys()}, str(Path(run_dir) / checkpoint)
+    )
     device = resolve_device(device_name)
     bb = backbones.get(cfg.backbone)
     start = start_from_checkpoint(cfg, ckpt, Path(run_dir))
@@ -236,14 +332,32 @@ def evaluate_video(run_dir: Path, annotations: Path, videos: Path, split: str = 
     errors: list[str] = []
     data = Clips(segs, paths, start.frames, bb)
     classes = (ckpt["head_kwargs"]["num_verbs"], ckpt["head_kwargs"]["num_nouns"])
-    verb, noun = video_logits(model, data, classes, device, resolve_precision(cfg.precision, device), Dist(),
-                              cfg.batch_size, workers, errors.append)
-    result = {"run": str(run_dir), "features": f"decoded video ({split})", "segments": len(segs),
-              "epoch": ckpt["epoch"], "verb": verb, "noun": noun, "errors": errors,
-              "narration_ids": [s.narration_id for s in segs]}
+    verb, noun = video_logits(
+        model,
+        data,
+        classes,
+        device,
+        resolve_precision(cfg.precision, device),
+        Dist(),
+        cfg.batch_size,
+        workers,
+        errors.append,
+    )
+    result = {
+        "run": str(run_dir),
+        "features": f"decoded video ({split})",
+        "segments": len(segs),
+        "epoch": ckpt["epoch"],
+        "verb": verb,
+        "noun": noun,
+        "errors": errors,
+        "narration_ids": [s.narration_id for s in segs],
+    }
     yv, yn = _labels(segs)
     if len(segs) and bool((yv >= 0).all()):
         tails, unseen = epic.subsets(annotations, split)
-        result["metrics"] = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)),
-                                            unseen=_unseen_mask(segs, unseen))
+        tail_verbs, tail_nouns = tails or (None, None)
+        result["metrics"] = metrics.compute(
+            verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=_unseen_mask(segs, unseen)
+        )
     return result

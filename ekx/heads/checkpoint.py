@@ -15,12 +15,21 @@ from ekx.heads.data import Split
 from ekx.runtime import seed_everything
 
 
-def save_checkpoint(path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float,
-                    gen: torch.Generator) -> None:
+def save_checkpoint(
+    path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float, gen: torch.Generator
+) -> None:
     """``parts``: what the input source puts in (model, head_kwargs, norm, cache identity,
     classes, extractor; fine-tuning adds the backbone)."""
-    state = {"format": "ekx-head", "version": 1, **parts, "optimizer": opt.state_dict(), "epoch": epoch,
-             "best": best, "config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}
+    state = {
+        "format": "ekx-head",
+        "version": 1,
+        **parts,
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "config": asdict(cfg),
+        "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
@@ -31,7 +40,7 @@ def load_checkpoint(path: Path) -> dict:
         raise EkxError(f"{path}: no checkpoint here")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refused or corrupt file
+    except Exception as e:
         raise EkxError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ekx-head":
         raise EkxError(f"{path}: not an ekx head checkpoint")
@@ -40,23 +49,40 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_compatible(ckpt: dict, split: Split, what: str) -> None:
     have = split.identity()
-    bad = [f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
-           for k in ckpt["cache"] if ckpt["cache"].get(k) != have.get(k)]
+    bad = [
+        f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
+        for k in ckpt["cache"]
+        if ckpt["cache"].get(k) != have.get(k)
+    ]
     if bad:
-        raise EkxError(f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
-                       "extracted with the same backbone, weights, frames and class lists")
+        raise EkxError(
+            f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
+            "extracted with the same backbone, weights, frames and class lists"
+        )
 
 
 def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, k: int, where: str) -> dict:
     if cfg.frames > k:
         raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {where}")
-    return {"dim": dim, "num_verbs": num_verbs, "num_nouns": num_nouns, "frames": cfg.frames or k,
-            "dropout": cfg.dropout, "drop_path": cfg.drop_path}
+    return {
+        "dim": dim,
+        "num_verbs": num_verbs,
+        "num_nouns": num_nouns,
+        "frames": cfg.frames or k,
+        "dropout": cfg.dropout,
+        "drop_path": cfg.drop_path,
+    }
 
 
 def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
-    kwargs = head_kwargs_for(cfg, int(split.feats.shape[3]), int(split.attrs["num_verbs"]),
-                             int(split.attrs["num_nouns"]), split.feats.shape[2], str(split.path))
+    kwargs = head_kwargs_for(
+        cfg,
+        int(split.feats.shape[3]),
+        int(split.attrs["num_verbs"]),
+        int(split.attrs["num_nouns"]),
+        split.feats.shape[2],
+        str(split.path),
+    )
     seed_everything(cfg.seed)
     return models.create(cfg.head, **kwargs), kwargs
 
@@ -66,5 +92,3 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     model = models.create(ckpt["config"]["head"], **kw)
     model.load_state_dict(ckpt["model"])
     return model.eval()
-
-

@@ -8,11 +8,22 @@ from pathlib import Path
 
 from ekx import EkxError
 
-COLUMNS = [("run", "run"), ("head", "head"), ("params", "params"), ("train acc", "train_action_top1"),
-           ("val acc", "val_action_top1"), ("gap", "gap"), ("verb top-1", "val_verb_top1"),
-           ("verb top-5", "val_verb_top5"), ("noun top-1", "val_noun_top1"), ("noun top-5", "val_noun_top5"),
-           ("action top-1", "val_action_top1"), ("action top-5", "val_action_top5"), ("epochs", "epochs"),
-           ("seconds", "seconds")]
+COLUMNS = [
+    ("run", "run"),
+    ("head", "head"),
+    ("params", "params"),
+    ("train acc", "train_action_top1"),
+    ("val acc", "val_action_top1"),
+    ("gap", "gap"),
+    ("verb top-1", "val_verb_top1"),
+    ("verb top-5", "val_verb_top5"),
+    ("noun top-1", "val_noun_top1"),
+    ("noun top-5", "val_noun_top5"),
+    ("action top-1", "val_action_top1"),
+    ("action top-5", "val_action_top5"),
+    ("epochs", "epochs"),
+    ("seconds", "seconds"),
+]
 
 
 def run_dirs(paths: list[Path]) -> list[Path]:
@@ -48,10 +59,19 @@ def collect(paths: list[Path]) -> list[dict]:
             continue
         best = max(metrics, key=lambda r: r["val_action_top1"])
         cfg = resolve_config(d / "config.toml", {}) if (d / "config.toml").is_file() else None
-        rows.append({"run": d.name, "run_dir": str(d), "head": cfg.head if cfg else "?",
-                     "params": _params(d) if (d / "best.pt").is_file() else 0, **best,
-                     "best_epoch": best["epoch"], "epochs": len(metrics),
-                     "seconds": sum(r["seconds"] for r in metrics), "curve": [r["val_action_top1"] for r in metrics]})
+        rows.append(
+            {
+                "run": d.name,
+                "run_dir": str(d),
+                "head": cfg.head if cfg else "?",
+                "params": _params(d) if (d / "best.pt").is_file() else 0,
+                **best,
+                "best_epoch": best["epoch"],
+                "epochs": len(metrics),
+                "seconds": sum(r["seconds"] for r in metrics),
+                "curve": [r["val_action_top1"] for r in metrics],
+            }
+        )
     return sorted(rows, key=lambda r: -r["val_action_top1"])
 
 

@@ -67,8 +67,12 @@ class TrainConfig:
         return cfg
 
 
-def resolve_config(config_file: Path | None, flags: dict[str, Any], cls: type[T] = TrainConfig,  # type: ignore[assignment]
-                   tables: tuple[str, ...] = ("train",)) -> T:
+def resolve_config(
+    config_file: Path | None,
+    flags: dict[str, Any],
+    cls: type[T] = TrainConfig,  # type: ignore[assignment]
+    tables: tuple[str, ...] = ("train",),
+) -> T:
     """Defaults < --config TOML (top level, or the first of ``tables`` it has) < flags."""
     values: dict[str, Any] = {}
     origin = "flags"

@@ -72,9 +72,17 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
         feats = torch.from_numpy(array)
     if _fits_on(device, feats.numel() * 2):
         feats = feats.to(device)
-    return Split(Path(path), feats, torch.from_numpy(rows), torch.from_numpy(cache.verb_class.astype(np.int64)),
-                 torch.from_numpy(cache.noun_class.astype(np.int64)), cache.narration_id, cache.video_id,
-                 cache.attrs, extractor_spec(cache.attrs, read_backbone_state(path)))
+    return Split(
+        Path(path),
+        feats,
+        torch.from_numpy(rows),
+        torch.from_numpy(cache.verb_class.astype(np.int64)),
+        torch.from_numpy(cache.noun_class.astype(np.int64)),
+        cache.narration_id,
+        cache.video_id,
+        cache.attrs,
+        extractor_spec(cache.attrs, read_backbone_state(path)),
+    )
 
 
 def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +99,7 @@ def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tup
     ss = torch.zeros_like(s)
     n = 0
     for i in range(0, len(rows), chunk):
-        x = split.feats[rows[i:i + chunk].to(split.feats.device)].reshape(-1, d).float()
+        x = split.feats[rows[i : i + chunk].to(split.feats.device)].reshape(-1, d).float()
         s += x.sum(0, dtype=torch.float64)
         ss += (x * x).sum(0, dtype=torch.float64)
         n += len(x)
@@ -121,8 +129,15 @@ def draw(split: Split, n: int, t: int, train: bool, gen: torch.Generator | None)
     return view, positions(k, t, n, train, gen)
 
 
-def make_batch(split: Split, idx: torch.Tensor, view: torch.Tensor, pos: torch.Tensor,
-               mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
+def make_batch(
+    split: Split,
+    idx: torch.Tensor,
+    view: torch.Tensor,
+    pos: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
     """Standardised float32 [B, T, D] on the device for rows ``idx``: one gather of exactly
     the B x T frames needed (view and time picked in the same indexing op), then in place."""
     dev = split.feats.device

@@ -19,8 +19,13 @@ from ekx.heads.train import predict
 from ekx.runtime import resolve_device, resolve_precision
 
 
-def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None, device_name: str = "auto",
-                 checkpoint: str = "best.pt") -> dict:
+def evaluate_run(
+    run_dir: Path,
+    features: Path,
+    annotations: Path | None = None,
+    device_name: str = "auto",
+    checkpoint: str = "best.pt",
+) -> dict:
     ckpt = load_checkpoint(Path(run_dir) / checkpoint)
     device = resolve_device(device_name)
     split = load_split(features, device)
@@ -29,13 +34,27 @@ def evaluate_run(run_dir: Path, features: Path, annotations: Path | None = None,
     model = model_from_checkpoint(ckpt).to(device)
     norm = (ckpt["norm"]["mean"].to(device), ckpt["norm"]["std"].to(device))
     verb, noun = predict(model, split, norm, cfg, device, resolve_precision(cfg.precision, device))
-    result = {"run": str(run_dir), "features": str(features), "segments": len(split.rows),
-              "epoch": ckpt["epoch"], "verb": verb, "noun": noun,
-              "narration_ids": [split.narration_id[r] for r in split.rows.tolist()]}
+    result = {
+        "run": str(run_dir),
+        "features": str(features),
+        "segments": len(split.rows),
+        "epoch": ckpt["epoch"],
+        "verb": verb,
+        "noun": noun,
+        "narration_ids": [split.narration_id[r] for r in split.rows.tolist()],
+    }
     if split.labelled:
         tails, unseen = epic.subsets(annotations, split.attrs.get("split", ""))
-        result["metrics"] = metrics.compute(verb, noun, split.verbs[split.rows], split.nouns[split.rows],
-                                            *(tails or (None, None)), unseen=split.from_participants(unseen))
+        tail_verbs, tail_nouns = tails or (None, None)
+        result["metrics"] = metrics.compute(
+            verb,
+            noun,
+            split.verbs[split.rows],
+            split.nouns[split.rows],
+            tail_verbs,
+            tail_nouns,
+            unseen=split.from_participants(unseen),
+        )
     return result
 
 
@@ -48,8 +67,7 @@ def submission(result: dict) -> dict:
             "verb": {str(c): round(float(s), 6) for c, s in enumerate(pv[i].tolist())},
             "noun": {str(c): round(float(s), 6) for c, s in enumerate(pn[i].tolist())},
         }
-    return {"version": "0.2", "challenge": "action_recognition", "sls_pt": 2, "sls_tl": 3, "sls_td": 4,
-            "results": out}
+    return {"version": "0.2", "challenge": "action_recognition", "sls_pt": 2, "sls_tl": 3, "sls_td": 4, "results": out}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -58,4 +76,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
-

@@ -20,8 +20,9 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
-def action_topk_correct(verb_logits: torch.Tensor, noun_logits: torch.Tensor, verbs: torch.Tensor,
-                        nouns: torch.Tensor, k: int) -> torch.Tensor:
+def action_topk_correct(
+    verb_logits: torch.Tensor, noun_logits: torch.Tensor, verbs: torch.Tensor, nouns: torch.Tensor, k: int
+) -> torch.Tensor:
     pv, pn = verb_logits.float().softmax(1), noun_logits.float().softmax(1)
     kv, kn = min(k, pv.shape[1]), min(k, pn.shape[1])
     sv, iv = pv.topk(kv, dim=1)
@@ -41,9 +42,15 @@ def _mean(mask: torch.Tensor, subset: torch.Tensor | None = None) -> float | Non
     return float(mask.float().mean()) * 100 if len(mask) else None
 
 
-def compute(verb_logits: torch.Tensor, noun_logits: torch.Tensor, verbs: torch.Tensor, nouns: torch.Tensor,
-            tail_verbs: set[int] | None = None, tail_nouns: set[int] | None = None,
-            unseen: torch.Tensor | None = None) -> dict[str, float]:
+def compute(
+    verb_logits: torch.Tensor,
+    noun_logits: torch.Tensor,
+    verbs: torch.Tensor,
+    nouns: torch.Tensor,
+    tail_verbs: set[int] | None = None,
+    tail_nouns: set[int] | None = None,
+    unseen: torch.Tensor | None = None,
+) -> dict[str, float]:
     """All metrics in percent. ``unseen``: [N] bool, segment from an unseen participant."""
     out: dict[str, float | None] = {}
     correct = {}

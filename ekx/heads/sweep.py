@@ -32,9 +32,10 @@ import json
 import math
 import multiprocessing as mp
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -62,8 +63,9 @@ def _check_keys(values: dict, where: str, extra: tuple[str, ...] = ()) -> None:
 
 def _sample(spec: Any, key: str, rng: np.random.Generator, where: str) -> Any:
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise EkxError(f"{where}: '{key}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, "
-                       f"got {spec!r}")
+        raise EkxError(
+            f"{where}: '{key}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, got {spec!r}"
+        )
     kind, args = next(iter(spec.items()))
     if kind == "choice":
         return args[int(rng.integers(len(args)))]
@@ -98,7 +100,7 @@ def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
             raise EkxError(f"{where} [grid]: '{k}' must be a non-empty list")
     if grid:
         keys = list(grid)
-        overrides += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+        overrides += [dict(zip(keys, combo, strict=False)) for combo in itertools.product(*(grid[k] for k in keys))]
     rand = dict(data.get("random", {}))
     if rand:
         trials, seed = rand.pop("trials", None), rand.pop("seed", 0)
@@ -106,9 +108,13 @@ def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
             raise EkxError(f"{where} [random]: 'trials' must be a positive integer")
         _check_keys(rand, f"{where} [random]")
         rng = np.random.default_rng(seed)
-        overrides += [{"name": f"{len(overrides) + t:03d}-random{t:02d}",
-                       **{k: _sample(spec, k, rng, f"{where} [random]") for k, spec in rand.items()}}
-                      for t in range(trials)]
+        overrides += [
+            {
+                "name": f"{len(overrides) + t:03d}-random{t:02d}",
+                **{k: _sample(spec, k, rng, f"{where} [random]") for k, spec in rand.items()},
+            }
+            for t in range(trials)
+        ]
     if not overrides:
         overrides = [{}]
     out = []
@@ -135,8 +141,12 @@ def apply_overrides(configs: list[SweepConfig], settings: list[str]) -> list[Swe
         except tomllib.TOMLDecodeError:
             values[key.strip()] = text.strip()  # a bare string
     _check_keys(values, "--set")
-    return [SweepConfig(sc.index, sc.name, TrainConfig.from_dict({**asdict(sc.cfg), **values}, f"--set ({sc.name})"),
-                        sc.overrides) for sc in configs]
+    return [
+        SweepConfig(
+            sc.index, sc.name, TrainConfig.from_dict({**asdict(sc.cfg), **values}, f"--set ({sc.name})"), sc.overrides
+        )
+        for sc in configs
+    ]
 
 
 def load(path: Path) -> list[SweepConfig]:
@@ -144,6 +154,7 @@ def load(path: Path) -> list[SweepConfig]:
 
 
 # ---------------------------------------------------------------- running
+
 
 def is_finished(run_dir: Path, cfg: TrainConfig) -> bool:
     done = run_dir / "done.json"
@@ -153,17 +164,26 @@ def is_finished(run_dir: Path, cfg: TrainConfig) -> bool:
 def _run_one(sc: SweepConfig, run_dir: Path, data, on_epoch=None) -> dict:
     from ekx.heads import train as tr
 
-    cfg = TrainConfig.from_dict({**asdict(sc.cfg), "train_features": str(data.train.path),
-                                 "val_features": str(data.val.path)}, sc.name)
+    cfg = TrainConfig.from_dict(
+        {**asdict(sc.cfg), "train_features": str(data.train.path), "val_features": str(data.val.path)}, sc.name
+    )
     resume = (run_dir / "last.pt").is_file()
     best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
     (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best}))
     return best
 
 
-def run_sweep(configs: list[SweepConfig], sweep_dir: Path, train_path: Path, val_path: Path, device: str,
-              jobs: int = 1, tails=None, unseen=None,
-              on_event: Callable[[str, SweepConfig, dict], None] | None = None) -> dict[str, dict]:
+def run_sweep(
+    configs: list[SweepConfig],
+    sweep_dir: Path,
+    train_path: Path,
+    val_path: Path,
+    device: str,
+    jobs: int = 1,
+    tails=None,
+    unseen=None,
+    on_event: Callable[[str, SweepConfig, dict], None] | None = None,
+) -> dict[str, dict]:
     """Run every unfinished configuration; returns {name: {"status": ..., "best"/"error": ...}}.
 
     With jobs == 1 the caches are loaded once in this process and shared by every run.
@@ -173,7 +193,10 @@ def run_sweep(configs: list[SweepConfig], sweep_dir: Path, train_path: Path, val
     todo = []
     for sc in configs:
         if is_finished(sweep_dir / sc.name, sc.cfg):
-            results[sc.name] = {"status": "skipped", "best": json.loads((sweep_dir / sc.name / "done.json").read_text())["best"]}
+            results[sc.name] = {
+                "status": "skipped",
+                "best": json.loads((sweep_dir / sc.name / "done.json").read_text())["best"],
+            }
             if on_event:
                 on_event("skipped", sc, results[sc.name]["best"])
         else:
@@ -188,22 +211,27 @@ def run_sweep(configs: list[SweepConfig], sweep_dir: Path, train_path: Path, val
             if on_event:
                 on_event("start", sc, {})
             try:
-                best = _run_one(sc, sweep_dir / sc.name, data,
-                                on_epoch=(lambda row, sc=sc: on_event("epoch", sc, row)) if on_event else None)
+                best = _run_one(
+                    sc,
+                    sweep_dir / sc.name,
+                    data,
+                    on_epoch=(lambda row, sc=sc: on_event("epoch", sc, row)) if on_event else None,
+                )
                 results[sc.name] = {"status": "done", "best": best}
                 if on_event:
                     on_event("done", sc, best)
             except KeyboardInterrupt:
                 raise
-            except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the sweep
+            except Exception as e:
                 results[sc.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
                 if on_event:
                     on_event("failed", sc, results[sc.name])
         return results
     ctx = mp.get_context("spawn")
     events = ctx.Manager().Queue()
-    with ctx.Pool(jobs, initializer=_worker_init, initargs=(str(train_path), str(val_path), device, tails, unseen,
-                                                             events, jobs)) as pool:
+    with ctx.Pool(
+        jobs, initializer=_worker_init, initargs=(str(train_path), str(val_path), device, tails, unseen, events, jobs)
+    ) as pool:
         pending = {sc.name: pool.apply_async(_worker_run, (sc, str(sweep_dir / sc.name))) for sc in todo}
         by_name = {sc.name: sc for sc in todo}
         while pending:
@@ -250,5 +278,5 @@ def _worker_run(sc: SweepConfig, run_dir: str) -> dict:
     try:
         best = _run_one(sc, Path(run_dir), _WORKER["data"], on_epoch=lambda row: events.put(("epoch", sc.name, row)))
         return {"status": "done", "best": best}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}

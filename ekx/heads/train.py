@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class NonFiniteLoss(EkxError):
 
 # ---------------------------------------------------------------- schedule
 
+
 def lr_at(cfg: TrainConfig, t: float) -> float:
     """Linear warm-up, then cosine annealing with warm restarts (SGDR, the formula of torch's
     CosineAnnealingWarmRestarts) - a pure function of progress t in epochs, so resume is exact."""
@@ -50,16 +51,18 @@ def lr_at(cfg: TrainConfig, t: float) -> float:
         cycle, length = t % t0, t0
     else:
         n = int(math.log(t / t0 * (mult - 1) + 1, mult))
-        cycle, length = t - t0 * (mult ** n - 1) / (mult - 1), t0 * mult ** n
+        cycle, length = t - t0 * (mult**n - 1) / (mult - 1), t0 * mult**n
     low = cfg.lr * cfg.min_lr_ratio
     return low + (cfg.lr - low) * (1 + math.cos(math.pi * cycle / length)) / 2
 
 
 # ---------------------------------------------------------------- steps
 
+
 def loss_fn(out: dict, verbs: torch.Tensor, nouns: torch.Tensor, smoothing: float) -> torch.Tensor:
-    return (F.cross_entropy(out["verb"].float(), verbs, label_smoothing=smoothing)
-            + F.cross_entropy(out["noun"].float(), nouns, label_smoothing=smoothing))
+    return F.cross_entropy(out["verb"].float(), verbs, label_smoothing=smoothing) + F.cross_entropy(
+        out["noun"].float(), nouns, label_smoothing=smoothing
+    )
 
 
 SYNC_EVERY = 20  # steps between host syncs (progress, NaN check): no sync per step on a GPU
@@ -67,9 +70,19 @@ SYNC_EVERY = 20  # steps between host syncs (progress, NaN check): no sync per s
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs on the device, verbs, nouns
 
 
-def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: TrainConfig, epoch: int, device,
-                    precision, on_step: Callable[[int, int, float], None] | None = None, accumulate: int = 1,
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
+def train_one_epoch(
+    model,
+    opt,
+    batches: Iterable[Batch],
+    steps: int,
+    cfg: TrainConfig,
+    epoch: int,
+    device,
+    precision,
+    on_step: Callable[[int, int, float], None] | None = None,
+    accumulate: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
     """One epoch over ``steps`` batches from either input source (cached features or decoded
     video): lr per optimizer step, gradient accumulation (DDP syncs only on the last
     micro-batch), mixed precision with a gradient scaler for fp16, clipping."""
@@ -87,7 +100,7 @@ def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: Train
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch + step / steps)
             opt.zero_grad(set_to_none=True)
-        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(device, precision):
                 out = model(x)
             loss = loss_fn(out, yv, yn, cfg.label_smoothing)
@@ -108,15 +121,19 @@ def train_one_epoch(model, opt, batches: Iterable[Batch], steps: int, cfg: Train
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 nonfinite = flag > 0
             if bool(nonfinite):
-                raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
-                                    "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
-                                    "check the features with `ekx cache verify`")
+                raise NonFiniteLoss(
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
+                    "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
+                    "check the features with `ekx cache verify`"
+                )
             if on_step:
                 on_step(step + 1, steps, float(sums[0]) / max(seen, 1))
     total = sums.tolist()
     seen = max(seen, 1)
-    return {"train_loss": total[0] / seen,
-            **{f"train_{k}_top1": 100 * v / seen for k, v in zip(("verb", "noun", "action"), total[1:])}}
+    return {
+        "train_loss": total[0] / seen,
+        **{f"train_{k}_top1": 100 * v / seen for k, v in zip(("verb", "noun", "action"), total[1:], strict=False)},
+    }
 
 
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
@@ -131,8 +148,12 @@ def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, d
         for step in range(steps):
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             idx = perm[sl]
-            yield (make_batch(split, idx, views[sl], pos[sl], norm[0], norm[1], device),
-                   split.verbs[idx].to(device), split.nouns[idx].to(device))
+            yield (
+                make_batch(split, idx, views[sl], pos[sl], norm[0], norm[1], device),
+                split.verbs[idx].to(device),
+                split.nouns[idx].to(device),
+            )
+
     return steps, batches()
 
 
@@ -156,15 +177,23 @@ def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> t
 
     def inputs():
         for i in range(0, len(split.rows), cfg.eval_batch_size):
-            idx = split.rows[i:i + cfg.eval_batch_size]
-            yield make_batch(split, idx, views[:len(idx)], pos[:len(idx)], norm[0], norm[1], device)
+            idx = split.rows[i : i + cfg.eval_batch_size]
+            yield make_batch(split, idx, views[: len(idx)], pos[: len(idx)], norm[0], norm[1], device)
+
     return predict_inputs(model, inputs(), device, precision)
 
 
-def score(verb: torch.Tensor, noun: torch.Tensor, yv: torch.Tensor, yn: torch.Tensor, tails=None,
-          unseen_mask: torch.Tensor | None = None) -> dict:
+def score(
+    verb: torch.Tensor,
+    noun: torch.Tensor,
+    yv: torch.Tensor,
+    yn: torch.Tensor,
+    tails=None,
+    unseen_mask: torch.Tensor | None = None,
+) -> dict:
     result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
-    m = metrics.compute(verb, noun, yv, yn, *(tails or (None, None)), unseen=unseen_mask)
+    tail_verbs, tail_nouns = tails or (None, None)
+    m = metrics.compute(verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
     return {**result, **{f"val_{k}": v for k, v in m.items()}}
 
 
@@ -174,6 +203,7 @@ def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tai
 
 
 # ---------------------------------------------------------------- the loop, for either input source
+
 
 @dataclass
 class Task:
@@ -193,9 +223,18 @@ class Task:
     initial_eval: bool = False  # log an epoch-0 evaluation (a warm start's starting point)
 
 
-def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str, resume: bool = False,
-        on_epoch: Callable[[dict], None] | None = None,
-        on_step: Callable[[int, int, float], None] | None = None, barrier: Callable[[], None] = lambda: None) -> dict:
+def fit(
+    cfg: TrainConfig,
+    run_dir: Path,
+    task: Task,
+    opt,
+    device,
+    precision: str,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    barrier: Callable[[], None] = lambda: None,
+) -> dict:
     """Epochs of train -> evaluate -> log -> checkpoint; resumes from last.pt when asked."""
     gen = torch.Generator().manual_seed(cfg.seed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -213,8 +252,11 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
         torch.set_rng_state(ckpt["rng"]["torch"])
         start, best = ckpt["epoch"], ckpt["best"]
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
-            lines = [line for line in (log.read_text().splitlines() if log.exists() else [])
-                     if (r := row_of(line)) is not None and r["epoch"] <= start]
+            lines = [
+                line
+                for line in (log.read_text().splitlines() if log.exists() else [])
+                if (r := row_of(line)) is not None and r["epoch"] <= start
+            ]
             log.write_text("".join(line + "\n" for line in lines))
     elif task.rank0:
         log.write_text("")
@@ -241,14 +283,20 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         steps, batches = task.epoch_batches(epoch, gen)
-        train_m = train_one_epoch(task.model, opt, batches, steps, cfg, epoch, device, precision, on_step,
-                                  task.accumulate, scaler)
+        train_m = train_one_epoch(
+            task.model, opt, batches, steps, cfg, epoch, device, precision, on_step, task.accumulate, scaler
+        )
         val_m = evaluation()
         if task.rank0:
             assert val_m is not None
-            row = {"epoch": epoch + 1, **train_m, **val_m,
-                   "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
-                   "lr": lr_at(cfg, epoch + 1), "seconds": time.perf_counter() - t0}
+            row = {
+                "epoch": epoch + 1,
+                **train_m,
+                **val_m,
+                "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
+                "lr": lr_at(cfg, epoch + 1),
+                "seconds": time.perf_counter() - t0,
+            }
             if row["val_action_top1"] > best:
                 best = row["val_action_top1"]
                 save_checkpoint(run_dir / "best.pt", parts(), opt, cfg, epoch + 1, best, gen)
@@ -267,6 +315,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, opt, device, precision: str
 
 # ---------------------------------------------------------------- cached features
 
+
 @dataclass
 class Loaded:
     """Caches loaded once per process (a sweep shares them across configurations)."""
@@ -284,8 +333,9 @@ def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, un
     train = load_split(train_path, device)
     val = train if Path(val_path) == Path(train_path) else load_split(val_path, device)
     if train.identity() != val.identity():
-        raise EkxError(f"{train_path} and {val_path} come from different extractions: "
-                       f"{train.identity()} vs {val.identity()}")
+        raise EkxError(
+            f"{train_path} and {val_path} come from different extractions: {train.identity()} vs {val.identity()}"
+        )
     if not train.labelled or not val.labelled:
         raise EkxError("training needs labelled train and validation caches (the test split has no labels)")
     mean, std = feature_stats(train)
@@ -298,25 +348,42 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
     train, val, norm, device = data.train, data.val, data.norm, data.device
 
     def parts() -> dict:
-        return {"model": model.state_dict(), "head_kwargs": head_kwargs,
-                "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()}, "cache": train.identity(),
-                "classes": {"verb": list(train.attrs.get("verb_classes", [])),
-                            "noun": list(train.attrs.get("noun_classes", []))},
-                "extractor": train.extractor}
+        return {
+            "model": model.state_dict(),
+            "head_kwargs": head_kwargs,
+            "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()},
+            "cache": train.identity(),
+            "classes": {
+                "verb": list(train.attrs.get("verb_classes", [])),
+                "noun": list(train.attrs.get("noun_classes", [])),
+            },
+            "extractor": train.extractor,
+        }
 
     def load(ckpt: dict) -> None:
         check_compatible(ckpt, train, "the checkpoint being resumed")
         model.load_state_dict(ckpt["model"])
 
-    return Task(model, lambda epoch, gen: cached_batches(train, norm, cfg, gen, device),
-                lambda: predict(model, val, norm, cfg, device, precision),
-                (val.verbs[val.rows], val.nouns[val.rows]), parts, load, data.tails,
-                val.from_participants(data.unseen))
+    return Task(
+        model,
+        lambda epoch, gen: cached_batches(train, norm, cfg, gen, device),
+        lambda: predict(model, val, norm, cfg, device, precision),
+        (val.verbs[val.rows], val.nouns[val.rows]),
+        parts,
+        load,
+        data.tails,
+        val.from_participants(data.unseen),
+    )
 
 
-def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
-        on_epoch: Callable[[dict], None] | None = None,
-        on_step: Callable[[int, int, float], None] | None = None) -> dict:
+def run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    data: Loaded,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict:
     """Train one head on cached features; returns the best epoch's metrics."""
     precision = resolve_precision(cfg.precision, data.device)
     task = cached_task(cfg, data, precision)
@@ -326,6 +393,7 @@ def run(cfg: TrainConfig, run_dir: Path, data: Loaded, resume: bool = False,
 
 # ---------------------------------------------------------------- entry point
 
+
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
     train = Path(cfg.train_features) if cfg.train_features else features_root / cfg.backbone / "train.h5"
     val = Path(cfg.val_features) if cfg.val_features else features_root / cfg.backbone / "validation.h5"
@@ -333,8 +401,15 @@ def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path,
     return train, val, runs_root / name
 
 
-def main(cfg: TrainConfig, features_root: Path, runs_root: Path, annotations: Path | None = None,
-         resume: bool = False, on_epoch=None, on_step=None) -> tuple[Path, dict]:
+def main(
+    cfg: TrainConfig,
+    features_root: Path,
+    runs_root: Path,
+    annotations: Path | None = None,
+    resume: bool = False,
+    on_epoch=None,
+    on_step=None,
+) -> tuple[Path, dict]:
     """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -24,6 +24,7 @@ def register(name: str):
             raise ValueError(f"head {name!r} is already registered")
         REGISTRY[name] = cls
         return cls
+
     return wrap
 
 

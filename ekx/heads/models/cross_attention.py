@@ -31,9 +31,18 @@ def window_mask(length: int, window: int) -> torch.Tensor:
 
 @register("cross-attention")
 class CrossAttentionHead(nn.Module):
-    def __init__(self, dim: int, num_verbs: int, num_nouns: int, frames: int,
-                 dropout: float = 0.5, drop_path: float = 0.1, d_model: int = 512, heads: int = 8,
-                 windows: tuple[int, ...] = (4, 8, 16)):
+    def __init__(
+        self,
+        dim: int,
+        num_verbs: int,
+        num_nouns: int,
+        frames: int,
+        dropout: float = 0.5,
+        drop_path: float = 0.1,
+        d_model: int = 512,
+        heads: int = 8,
+        windows: tuple[int, ...] = (4, 8, 16),
+    ):
         super().__init__()
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
@@ -54,7 +63,7 @@ class CrossAttentionHead(nn.Module):
     def forward(self, x):
         x = self.proj(x)
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos[:, : x.shape[1] + 1]
-        multi = [block(x, mask=mask) for block, mask in zip(self.scales, self.masks)]
+        multi = [block(x, mask=mask) for block, mask in zip(self.scales, self.masks, strict=False)]
         shared = x + self.fuse(torch.cat(multi, dim=-1))
         v, n = self.verb_branch(shared), self.noun_branch(shared)
         v, n = self.verb_from_noun(v, context=n), self.noun_from_verb(n, context=v)

@@ -32,12 +32,18 @@ class Block(nn.Module):
         self.norm1, self.norm_ctx = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, d * mlp_ratio), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(d * mlp_ratio, d), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, d * mlp_ratio),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(d * mlp_ratio, d),
+            nn.Dropout(dropout),
+        )
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = self.norm1(x)
         kv = q if context is None else self.norm_ctx(context)
         x = x + self.drop_path(self.attn(q, kv, kv, attn_mask=mask, need_weights=False)[0])

@@ -10,8 +10,9 @@ from ekx.heads.models.layers import Classifier
 
 @register("pooling")
 class Pooling(nn.Module):
-    def __init__(self, dim: int, num_verbs: int, num_nouns: int, frames: int,
-                 dropout: float = 0.5, drop_path: float = 0.0):
+    def __init__(
+        self, dim: int, num_verbs: int, num_nouns: int, frames: int, dropout: float = 0.5, drop_path: float = 0.0
+    ):
         super().__init__()
         self.classifier = Classifier(dim, num_verbs, num_nouns, dropout)
 

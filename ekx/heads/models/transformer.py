@@ -13,16 +13,26 @@ from ekx.heads.models.layers import Block, Classifier, sinusoidal
 
 @register("transformer")
 class TransformerHead(nn.Module):
-    def __init__(self, dim: int, num_verbs: int, num_nouns: int, frames: int,
-                 dropout: float = 0.5, drop_path: float = 0.1, d_model: int = 512, layers: int = 6,
-                 heads: int = 8):
+    def __init__(
+        self,
+        dim: int,
+        num_verbs: int,
+        num_nouns: int,
+        frames: int,
+        dropout: float = 0.5,
+        drop_path: float = 0.1,
+        d_model: int = 512,
+        layers: int = 6,
+        heads: int = 8,
+    ):
         super().__init__()
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos: torch.Tensor
         self.register_buffer("pos", sinusoidal(frames + 1, d_model)[None], persistent=False)
-        self.blocks = nn.ModuleList(Block(d_model, heads, dropout * 0.2, drop_path * i / max(layers - 1, 1))
-                                    for i in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, heads, dropout * 0.2, drop_path * i / max(layers - 1, 1)) for i in range(layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.classifier = Classifier(d_model, num_verbs, num_nouns, dropout)
 
