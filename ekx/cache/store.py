@@ -49,6 +49,7 @@ IDENTITY_KEYS = (
     "views",
     "clip_len",
     "sampling",
+    "video_input",
     "seed",
     "augmentation",
     "precision",
@@ -98,11 +99,19 @@ def same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
 
 
+# what a cache written before an identity key existed implicitly holds
+ORIGINAL_VIDEOS = "original videos"
+IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS}
+
+
 def identity_mismatch(have: dict, want: dict) -> list[str]:
+    def get(d: dict, k: str):
+        return d.get(k, IDENTITY_DEFAULTS.get(k))
+
     return [
-        f"{k}: file has {have.get(k)!r}, asked for {want.get(k)!r}"
+        f"{k}: file has {get(have, k)!r}, asked for {get(want, k)!r}"
         for k in IDENTITY_KEYS
-        if k in want and not same(have.get(k), want.get(k))
+        if k in want and not same(get(have, k), get(want, k))
     ]
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ekx import EkxError
 from ekx.cli.common import (
     AnnotationsOpt,
     DeviceOpt,
@@ -185,3 +186,91 @@ def cache_merge(
 
     result = tools.merge(out, shards)
     console.print(f"merged {result['shards']} shards, {result['rows']} segments -> {out}")
+
+
+@command()
+def prepare(
+    src: Annotated[Path, typer.Argument(help="Folder of the original videos (any layout ekx reads).")],
+    dst: Annotated[Path, typer.Argument(help="Folder for the prepared copy (same layout); then use --videos DST.")],
+    split: Annotated[
+        str | None,
+        typer.Option(help="Only the videos of this split (train, validation, test or a CSV); default: every video."),
+    ] = None,
+    short_side: Annotated[
+        int | None,
+        typer.Option(
+            help="Short side in pixels (default: the largest resize of the registered backbones).", show_default=False
+        ),
+    ] = None,
+    keyframe_seconds: Annotated[float, typer.Option(help="Seconds between keyframes.")] = 0.5,
+    crf: Annotated[int, typer.Option(help="x264 quality (lower: better, bigger).")] = 23,
+    preset: Annotated[str, typer.Option(help="x264 speed preset.")] = "veryfast",
+    workers: Annotated[int, typer.Option(help="Videos transcoded at once (processes).")] = 2,
+    shard: Annotated[str | None, typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
+    verify_: Annotated[
+        bool, typer.Option("--verify", help="Afterwards, check every copy's frame count and time span.")
+    ] = False,
+    annotations: AnnotationsOpt = None,
+):
+    """Transcode the videos once into a low-resolution, short-GOP training copy (resumable).
+
+    Example: ekx prepare data/videos data/videos-320 --workers 8 --verify
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ekx import prepare as pp
+    from ekx.extract.pipeline import parse_shard
+
+    ws = workspace(annotations=annotations)
+    settings = pp.Settings(
+        short_side=short_side or pp.default_short_side(), keyframe_seconds=keyframe_seconds, crf=crf, preset=preset
+    )
+    if settings.short_side < 16 or keyframe_seconds <= 0 or workers < 1:
+        raise EkxError("--short-side must be >= 16, --keyframe-seconds > 0, --workers >= 1")
+    videos = pp.videos_to_prepare(src, ws.annotations if split else None, split)
+    if not videos:
+        raise EkxError(f"{src}: no videos found ({', '.join(sorted(pp.epic.VIDEO_EXTENSIONS))})")
+    columns = [
+        TextColumn("[bold]prepare[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("videos {task.fields[fps]:>6.0f} frames/s"),
+        TimeRemainingColumn(),
+    ]
+    failed: list[pp.Outcome] = []
+    frames, t0 = 0, time.perf_counter()
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("prepare", total=None, fps=0.0)
+
+        def on_done(o: pp.Outcome) -> None:
+            nonlocal frames
+            frames += o.frames
+            if o.status == "failed":
+                failed.append(o)
+            bar.update(task, advance=1, fps=frames / max(time.perf_counter() - t0, 1e-9))
+
+        outcomes = pp.prepare(
+            src,
+            dst,
+            settings,
+            videos,
+            workers,
+            parse_shard(shard) if shard else None,
+            on_start=lambda total, done: bar.update(task, total=total, completed=done),
+            on_done=on_done,
+        )
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    console.print(
+        f"{dst}: {done} videos transcoded ({frames} frames, {time.perf_counter() - t0:.1f} s), "
+        f"{skipped} already there, {len(failed)} failed; {settings.describe()}"
+    )
+    for o in failed:
+        err_console.print(f"  [red]failed[/red] {o.src}: {o.error}", highlight=False, soft_wrap=True)
+    problems = [p for o in outcomes if o.status != "failed" and (p := pp.verify(o.src, o.dst))] if verify_ else []
+    for p in problems:
+        err_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
+    if verify_ and not problems:
+        console.print(f"verified: every copy has its source's frame count and time span ({len(outcomes)} videos)")
+    if failed or problems:
+        raise typer.Exit(1)

@@ -29,6 +29,7 @@ from ekx.extract import backbones
 from ekx.extract.inputs import calibrate, calibration_plan, segment_inputs
 from ekx.extract.video import Request, Result, decode_video
 from ekx.extract.writer import WriterThread, cache_attrs
+from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -197,6 +198,8 @@ def extract(
     # a checkpoint is named by its path (the sha256 in "weights" is its identity)
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
     attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
+    prepared = read_manifest(videos)  # a prepared copy's features never mix with the originals'
+    attrs["video_input"] = prepared.describe() if prepared else store.ORIGINAL_VIDEOS
     rows = store.Rows(
         [s.narration_id for s in plan],
         [s.video_id for s in plan],

@@ -22,7 +22,19 @@ from ekx.extract.backbones import extractor_spec
 
 # attributes a head's checkpoint must share with any cache it is evaluated on
 # (bn_calibration: random weights are only the same backbone with the same BatchNorm statistics)
-IDENTITY = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns", "bn_calibration")
+# (video_input: features of a prepared low-resolution copy are not those of the originals)
+IDENTITY = (
+    "backbone",
+    "weights",
+    "frames_per_segment",
+    "feature_dim",
+    "num_verbs",
+    "num_nouns",
+    "bn_calibration",
+    "video_input",
+)
+# what a cache made before a key existed holds
+IDENTITY_DEFAULTS = {"bn_calibration": "", "video_input": "original videos"}
 
 
 @dataclass
@@ -48,7 +60,7 @@ class Split:
         return torch.tensor([self.video_id[r].split("_")[0] in participants for r in self.rows.tolist()])
 
     def identity(self) -> dict:
-        return {k: self.attrs.get(k, "" if k == "bn_calibration" else None) for k in IDENTITY}
+        return {k: self.attrs.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY}
 
 
 def _fits_on(device: torch.device, nbytes: int) -> bool:
@@ -60,7 +72,7 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 
 def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
     cache = open_cache(path)
-    missing = [k for k in IDENTITY if k not in cache.attrs and k != "bn_calibration"]  # optional: "" = none
+    missing = [k for k in IDENTITY if k not in cache.attrs and k not in IDENTITY_DEFAULTS]
     if missing:
         raise EkxError(f"{path}: cache lacks attribute(s) {', '.join(missing)}; re-extract it with this ekx")
     rows = np.flatnonzero(cache.done)
