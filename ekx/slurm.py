@@ -181,3 +181,71 @@ def _logs(log_dir: Path | None):
 
 def show(argv: list[str]) -> str:
     return shlex.join(argv)
+
+
+def submit_prepare(
+    src: Path,
+    dst: Path,
+    shards: int,
+    extra: list[str],
+    res: Resources,
+    dry_run: bool = False,
+    scripts: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict:
+    """An array of N `ekx prepare --shard I/N` tasks (each every N-th video)."""
+    if shards < 1:
+        raise EkxError("--shards must be >= 1")
+    array = [
+        "sbatch",
+        "--parsable",
+        f"--array=0-{shards - 1}",
+        *_logs(log_dir)("ekx-prepare-%A_%a.out"),
+        *res.options(gpus=False),
+        str(_script("prepare.sbatch", scripts)),
+        str(Path(src).resolve()),
+        str(Path(dst).resolve()),
+        str(shards),
+        *extra,
+    ]
+    return {"array": sbatch(array, dry_run, "prepare"), "commands": [array]}
+
+
+def submit_finetune(
+    head: str,
+    name: str,
+    nodes: int,
+    nproc_per_node: int,
+    extra: list[str],
+    annotations: Path,
+    videos: Path,
+    runs: Path,
+    res: Resources,
+    dry_run: bool = False,
+    scripts: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict:
+    """One job of ``nodes`` nodes, torchrun with ``nproc_per_node`` processes on each (one per
+    GPU), resumable under its fixed run name (requeue or resubmit continues from last.pt)."""
+    if nodes < 1 or nproc_per_node < 1:
+        raise EkxError("--nodes and --nproc-per-node must be >= 1")
+    if not name or "/" in name or name.startswith("."):
+        raise EkxError(f"--name {name!r}: a plain run name is needed (the job resumes under it)")
+    argv = [
+        "sbatch",
+        "--parsable",
+        f"--nodes={nodes}",
+        *_logs(log_dir)("ekx-finetune-%j.out"),
+        *res.options(),
+        str(_script("finetune.sbatch", scripts)),
+        str(Path(runs).resolve()),
+        name,
+        str(nproc_per_node),
+        head,
+        "--annotations",
+        str(Path(annotations).resolve()),
+        "--videos",
+        str(Path(videos).resolve()),
+        *extra,
+    ]
+    return {"job": sbatch(argv, dry_run, "finetune"), "commands": [argv], "run": Path(runs).resolve() / name}

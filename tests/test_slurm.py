@@ -140,3 +140,64 @@ def test_dry_run_prints_the_sbatch_commands(tmp_path):
     assert lines[0].endswith("--weights none")
     assert "--dependency=afterok:$EXTRACT_JOB" in lines[1] and "--kill-on-invalid-dep=yes" in lines[1]
     assert "--gres" not in lines[1] and f"{tmp_path}/resnet50/train.shard2of3.h5" in lines[1]
+
+
+def test_finetune_job_two_processes_then_resumes_when_resubmitted(slurm_cluster, synth_data, tmp_path):
+    """slurm/finetune.sbatch: srun -> torchrun (c10d rendezvous from the SLURM environment) with
+    2 gloo processes; a second submission under the same name continues from last.pt."""
+    import json
+
+    from ekx.slurm import submit_finetune
+
+    extra = ["--weights", "none", "--frames", "2", "--limit", "4", "--batch-size", "1", "--workers", "0"]
+    extra += ["--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu"]
+    runs = tmp_path / "runs"
+
+    def submit(epochs: int) -> dict:
+        return submit_finetune(
+            "pooling",
+            "ft",
+            1,
+            2,
+            [*extra, "--epochs", str(epochs)],
+            synth_data / "annotations",
+            synth_data / "videos",
+            runs,
+            Resources(cpus=2),
+            log_dir=tmp_path / "logs",
+        )
+
+    first = submit(1)
+    state = wait(first["job"])
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("ekx-finetune-*.out"))
+    assert state == "COMPLETED", logs
+    assert "rendezvous" in logs and "1 node(s) x 2 process(es)" in logs
+    rows = [json.loads(x) for x in (runs / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    second = submit(2)  # as after a cancel or a requeue: the same name, last.pt present
+    assert wait(second["job"]) == "COMPLETED"
+    logs = (tmp_path / "logs" / f"ekx-finetune-{second['job']}.out").read_text()
+    assert "resuming" in logs
+    rows = [json.loads(x) for x in (runs / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_prepare_and_finetune_dry_runs(tmp_path):
+    out = runner.invoke(
+        app,
+        ["slurm", "prepare", str(tmp_path / "v"), str(tmp_path / "c"), "--shards", "4", "--dry-run", "--crf", "25"],
+        terminal_width=400,
+    )
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("sbatch"))
+    assert "--array=0-3" in line and "prepare.sbatch" in line and line.endswith("4 --crf 25")
+    out = runner.invoke(
+        app,
+        ["slurm", "finetune", "lstm", "--name", "ft-a", "--nodes", "8", "--gpus", "1", "--dry-run", "--epochs", "3"],
+        terminal_width=400,
+    )
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("sbatch"))
+    assert "--nodes=8" in line and "--gres=gpu:1" in line and " ft-a 1 lstm " in line and line.endswith("--epochs 3")
+    bad = runner.invoke(app, ["slurm", "finetune", "lstm", "--name", "../x", "--dry-run"])
+    assert bad.exit_code == 1 and "plain run name" in bad.output

@@ -113,3 +113,90 @@ def slurm_sweep(
         file, list(ctx.args), Resources(partition, gpus, time_limit, mem, cpus), dry_run, scripts, ws.runs, logs
     )
     print_submission(result, dry_run, ("sweep", "compare"))
+
+
+@command(slurm_app, "prepare", context_settings=EXTRA)
+def slurm_prepare(
+    ctx: typer.Context,
+    src: Annotated[Path, typer.Argument(help="Folder of the original videos.")],
+    dst: Annotated[Path, typer.Argument(help="Folder for the prepared copy.")],
+    shards: Annotated[int, typer.Option(help="Array tasks N (each transcodes every N-th video).")] = 8,
+    partition: PartitionOpt = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", help="Time limit per task, e.g. 4:00:00.", show_default=False)
+    ] = None,
+    mem: MemOpt = None,
+    cpus: CpusOpt = None,
+    dry_run: DryRunOpt = False,
+    scripts: ScriptsOpt = None,
+    logs: LogsOpt = None,
+):
+    """Submit `ekx prepare` as an array job (CPU only); extra flags go to ekx prepare.
+
+    Example: ekx slurm prepare /data/EPIC-KITCHENS /scratch/epic-320 --shards 16 --cpus 8 --time 4:00:00
+    """
+    from ekx.slurm import Resources, submit_prepare
+
+    result = submit_prepare(
+        src, dst, shards, list(ctx.args), Resources(partition, None, time_limit, mem, cpus), dry_run, scripts, logs
+    )
+    if dry_run:
+        for argv in result["commands"]:
+            console.print(show_argv(argv), highlight=False, soft_wrap=True)
+        return
+    console.print(f"submitted prepare array job {result['array']} (afterwards: squeue -j {result['array']})")
+
+
+@command(slurm_app, "finetune", context_settings=EXTRA)
+def slurm_finetune(
+    ctx: typer.Context,
+    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
+    name: Annotated[str, typer.Option("--name", help="Run name under runs/ (the job resumes under it).")],
+    nodes: Annotated[int, typer.Option(help="Nodes of the allocation.")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(help="Processes per node (one per GPU).")] = 1,
+    partition: PartitionOpt = None,
+    gpus: GpusOpt = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", help="Time limit, e.g. 24:00:00.", show_default=False)
+    ] = None,
+    mem: MemOpt = None,
+    cpus: CpusOpt = None,
+    dry_run: DryRunOpt = False,
+    scripts: ScriptsOpt = None,
+    logs: LogsOpt = None,
+    annotations: AnnotationsOpt = None,
+    videos: VideosOpt = None,
+    runs: RunsOpt = None,
+):
+    """Submit `ekx finetune` under torchrun over nodes and GPUs (resumes if requeued); extra flags go to it.
+
+    Example: ekx slurm finetune lstm --name ft-lstm --nodes 8 --gpus 1 --videos /scratch/epic-320 --init-head lstm-a
+    """
+    from ekx.slurm import Resources, submit_finetune
+
+    ws = workspace(annotations=annotations, videos=videos, runs=runs)
+    result = submit_finetune(
+        head,
+        name,
+        nodes,
+        nproc_per_node,
+        list(ctx.args),
+        ws.annotations,
+        ws.videos,
+        ws.runs,
+        Resources(partition, gpus, time_limit, mem, cpus),
+        dry_run,
+        scripts,
+        logs,
+    )
+    if dry_run:
+        for argv in result["commands"]:
+            console.print(show_argv(argv), highlight=False, soft_wrap=True)
+        return
+    console.print(f"submitted finetune job {result['job']} -> {result['run']} (afterwards: squeue -j {result['job']})")
+
+
+def show_argv(argv: list[str]) -> str:
+    from ekx.slurm import show
+
+    return show(argv)
