@@ -27,6 +27,9 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 # `ekx evaluate` (via compute) and `ekx score` both rank actions here, so a submission
 # file scores as the run reported. Computed in float64, as the official numpy code does
 # on the JSON's numbers: a float32 logit is exact in float64, so both paths see the same values.
+# (The official softmax is scipy's with axis=None, one normalisation over all segments; like
+# the choice of top-100, that scales a segment's products by one constant, so its ranking of
+# pairs is the same as here - and the same as softmax over all classes - up to float rounding.)
 TOP_N = 100
 
 
