@@ -31,7 +31,6 @@ import csv
 import os
 import shutil
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +199,14 @@ def decode_only(root: Path, segments: list[epic.Segment], size_fn) -> dict:
     r = np.array([s[1] for s in samples])
     half = len(r) // 2
     slope = float(np.polyfit(t[half:] / 60, r[half:], 1)[0]) if half > 2 else 0.0
-    return {"fps": useful / seconds, "useful": useful, "seconds": seconds, "peak": r.max(), "final": r[-1], "slope": slope}
+    return {
+        "fps": useful / seconds,
+        "useful": useful,
+        "seconds": seconds,
+        "peak": r.max(),
+        "final": r[-1],
+        "slope": slope,
+    }
 
 
 def main() -> None:
@@ -265,7 +271,10 @@ def extract_rows(args, videos: Path) -> None:
     sep = sum(separate.values())
     print(f"  resnet50 alone:                  {one:7.1f} s")
     print("  three separate runs:             " + " + ".join(f"{v:.1f}" for v in separate.values()) + f" = {sep:.1f} s")
-    print(f"  three backbones in one pass:     {together:7.1f} s  ({together / sep:.2f}x the separate runs; target <= 0.6x)")
+    print(
+        f"  three backbones in one pass:     {together:7.1f} s  "
+        f"({together / sep:.2f}x the separate runs; target <= 0.6x)"
+    )
 
 
 def projection(decode: dict) -> None:
@@ -275,7 +284,9 @@ def projection(decode: dict) -> None:
     hours = sum(float(r["duration"]) for r in info) / 3600
     segments = 67217 + 9668 + 13092  # train + validation + test
     cores, nodes = 16, 8
-    print(f"\nprojection: EPIC-100 = {len(info)} videos, {hours:.0f} h, {frames / 1e6:.1f} M frames, {segments} segments")
+    print(
+        f"\nprojection: EPIC-100 = {len(info)} videos, {hours:.0f} h, {frames / 1e6:.1f} M frames, {segments} segments"
+    )
     for name, d in decode.items():
         # useful frames per second of video at the official density: this run's ratio
         per_hour = d["useful"] / (sum(1 for _ in [0]) and 1)
@@ -283,7 +294,8 @@ def projection(decode: dict) -> None:
         useful_total = segments * K
         print(
             f"  decode {name:<36}: {useful_total / 1e6:.2f} M useful frames / ({d['fps']:.0f}/s x {cores} cores) "
-            f"= {useful_total / node / 3600:.2f} h per pass on one node, {useful_total / node / nodes / 60:.0f} min on {nodes}"
+            f"= {useful_total / node / 3600:.2f} h per pass on one node, "
+            f"{useful_total / node / nodes / 60:.0f} min on {nodes}"
         )
         del per_hour
 

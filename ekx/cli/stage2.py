@@ -1,4 +1,4 @@
-"""Stage 2 commands: train-head, evaluate, sweep, compare."""
+"""Stage 2 commands: train-head, evaluate, score, sweep, compare."""
 
 from __future__ import annotations
 
@@ -133,6 +133,34 @@ def evaluate(
     if submission:
         ev.write_json(submission, ev.submission(result))
         console.print(f"submission ({result['segments']} segments) -> {submission}")
+
+
+@command()
+def score(
+    submission: Annotated[Path, typer.Argument(help="A challenge submission JSON (or the official zip holding one).")],
+    split_name: Annotated[
+        str, typer.Option("--split", help="Labelled split to score against (validation, train or a CSV path).")
+    ] = "validation",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    annotations: AnnotationsOpt = None,
+):
+    """Score any submission file against a labelled split exactly as the official evaluation
+    does (action = product of softmaxes over each segment's top-100 verb and noun scores).
+
+    Example: ekx score val-submission.json --annotations data/annotations --split validation
+    """
+    from ekx import scoring
+    from ekx.heads.evaluate import write_json
+
+    ws = workspace(annotations=annotations)
+    result = scoring.score(submission, ws.annotations, split_name)
+    table = Table("metric", "value", title=f"{submission} on {result['annotations']} ({result['segments']} segments)")
+    for k, v in result["metrics"].items():
+        table.add_row(k, f"{v:.2f}")
+    console.print(table)
+    if json_out:
+        write_json(json_out, result)
+        console.print(f"figures -> {json_out}")
 
 
 @command()

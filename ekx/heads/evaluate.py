@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ekx import epic
+import torch
+
+from ekx import EkxError, epic
 from ekx.heads import metrics
 from ekx.heads.checkpoint import (
     check_compatible,
@@ -59,15 +61,35 @@ def evaluate_run(
 
 
 def submission(result: dict) -> dict:
-    """The official action-recognition challenge format, one entry per segment."""
-    pv, pn = result["verb"].softmax(1), result["noun"].softmax(1)
+    """The official action-recognition challenge format, one entry per segment.
+
+    It holds the raw logits, not probabilities: the official scoring softmaxes each
+    segment's top-100 scores itself (metrics.action_scores), so probabilities would be
+    softmaxed twice. Each value is a float32 logit written exactly (its float64 repr),
+    as the official create_submission.py does: rounding could create ties.
+    """
+    verb, noun = result["verb"].float().cpu(), result["noun"].float().cpu()
+    bad = ~(torch.isfinite(verb).all(1) & torch.isfinite(noun).all(1))
+    if bad.any():  # json.dumps would write NaN, which is not JSON and no server can rank
+        raise EkxError(
+            f"{int(bad.sum())} segment(s) have non-finite logits (e.g. "
+            f"{result['narration_ids'][int(bad.nonzero()[0])]}); no submission written - "
+            "retrain or evaluate another checkpoint (--checkpoint last.pt)"
+        )
     out = {}
     for i, nid in enumerate(result["narration_ids"]):
         out[nid] = {
-            "verb": {str(c): round(float(s), 6) for c, s in enumerate(pv[i].tolist())},
-            "noun": {str(c): round(float(s), 6) for c, s in enumerate(pn[i].tolist())},
+            "verb": {str(c): s for c, s in enumerate(verb[i].tolist())},
+            "noun": {str(c): s for c, s in enumerate(noun[i].tolist())},
         }
-    return {"version": "0.2", "challenge": "action_recognition", "sls_pt": 2, "sls_tl": 3, "sls_td": 4, "results": out}
+    return {
+        "version": "0.2",
+        "challenge": "action_recognition",
+        "sls_pt": 2,
+        "sls_tl": 3,
+        "sls_td": 4,
+        "results": out,
+    }
 
 
 def write_json(path: Path, data: dict) -> None:

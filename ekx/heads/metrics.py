@@ -1,7 +1,8 @@
 """The official EPIC-KITCHENS-100 action-recognition metrics, plus the seed's overfitting gap.
 
 - verb / noun top-1 and top-5 accuracy (micro-averaged over segments);
-- action = the (verb, noun) pair, scored softmax(verb) x softmax(noun) over all pairs;
+- action = the (verb, noun) pair, scored as the official evaluation does (``action_scores``):
+  each segment's 100 best verb and 100 best noun scores, softmax over those 100, product;
   action top-k is the top-k of those products. Because both factors are positive, the
   k best pairs always lie among the k best verbs x k best nouns, so only a k x k block
   is formed (exact, and no [N, 97 x 300] tensor);
@@ -20,18 +21,36 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
+# The official rule (epic-kitchens/C1-Action-Recognition, utils/scoring.py
+# compute_action_scores, called by evaluate.py with top_n=100): keep each segment's
+# TOP_N best verb and noun scores, softmax them, rank (verb, noun) pairs by the product.
+# `ekx evaluate` (via compute) and `ekx score` both rank actions here, so a submission
+# file scores as the run reported. Computed in float64, as the official numpy code does
+# on the JSON's numbers: a float32 logit is exact in float64, so both paths see the same values.
+# (The official softmax is scipy's with axis=None, one normalisation over all segments; like
+# the choice of top-100, that scales a segment's products by one constant, so its ranking of
+# pairs is the same as here - and the same as softmax over all classes - up to float rounding.)
+TOP_N = 100
+
+
+def action_scores(
+    verb_scores: torch.Tensor, noun_scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k best actions per segment: (verb ids, noun ids, scores), each [N, k], best first."""
+    sv, iv = verb_scores.double().topk(min(TOP_N, verb_scores.shape[1]), dim=1)
+    sn, in_ = noun_scores.double().topk(min(TOP_N, noun_scores.shape[1]), dim=1)
+    pv, pn = sv.softmax(1), sn.softmax(1)  # normalised over the top-N only, as the official code
+    kv, kn = min(k, pv.shape[1]), min(k, pn.shape[1])
+    pair = (pv[:, :kv, None] * pn[:, None, :kn]).flatten(1)  # [N, kv*kn]
+    score, top = pair.topk(min(k, pair.shape[1]), dim=1)
+    return iv.gather(1, top // kn), in_.gather(1, top % kn), score
+
+
 def action_topk_correct(
     verb_logits: torch.Tensor, noun_logits: torch.Tensor, verbs: torch.Tensor, nouns: torch.Tensor, k: int
 ) -> torch.Tensor:
-    pv, pn = verb_logits.float().softmax(1), noun_logits.float().softmax(1)
-    kv, kn = min(k, pv.shape[1]), min(k, pn.shape[1])
-    sv, iv = pv.topk(kv, dim=1)
-    sn, in_ = pn.topk(kn, dim=1)
-    pair = (sv[:, :, None] * sn[:, None, :]).flatten(1)  # [N, kv*kn]
-    top = pair.topk(min(k, pair.shape[1]), dim=1).indices
-    hit_v = iv.gather(1, top // kn) == verbs[:, None]
-    hit_n = in_.gather(1, top % kn) == nouns[:, None]
-    return (hit_v & hit_n).any(dim=1)
+    top_v, top_n, _ = action_scores(verb_logits, noun_logits, k)
+    return ((top_v == verbs[:, None]) & (top_n == nouns[:, None])).any(dim=1)
 
 
 def _mean(mask: torch.Tensor, subset: torch.Tensor | None = None) -> float | None:

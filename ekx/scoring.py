@@ -1,0 +1,182 @@
+"""`ekx score`: any action-recognition challenge submission (ekx's or another tool's)
+scored against a labelled annotation CSV, the way the official evaluation scores it.
+
+The file is checked first (header, one entry per segment of the split, every class of
+both tasks, finite numbers), then scored by ``metrics.compute``: the same code that
+gives `ekx evaluate`'s figures, whose action ranking is the official top-100 softmax
+product (``metrics.action_scores``). A zip holding one JSON (the official
+create_submission.py output) is read too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+from ekx import EkxError, epic
+
+VERSION = "0.2"
+CHALLENGE = "action_recognition"
+SLS_FIELDS = ("sls_pt", "sls_tl", "sls_td")  # supervision levels, 0..5 (github.com/epic-kitchens/sls)
+REMAKE = "write it again with `ekx evaluate RUN --features CACHE --submission FILE`"
+
+
+def load_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise EkxError(f"{path}: submission file not found")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".json")]
+                if len(names) != 1:
+                    raise EkxError(
+                        f"{path}: a submission zip must hold exactly one .json file, found "
+                        f"{len(names)} ({', '.join(names) or 'none'})"
+                    )
+                text = z.read(names[0]).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EkxError(f"{path}: not a JSON file ({e}); a submission is the challenge JSON - {REMAKE}") from None
+    if not isinstance(data, dict):
+        raise EkxError(
+            f"{path}: the top level is a JSON {type(data).__name__}, expected an object with "
+            f"version, challenge, {', '.join(SLS_FIELDS)} and results; {REMAKE}"
+        )
+    return data
+
+
+def check_header(data: dict, path: Path) -> None:
+    for key, want in (("version", VERSION), ("challenge", CHALLENGE)):
+        if data.get(key) != want:
+            got = f"is {data[key]!r}" if key in data else "is missing"
+            raise EkxError(
+                f"{path}: header field {key!r} {got}, expected {want!r} (the EPIC-KITCHENS-100 "
+                f"action-recognition format); set it, or {REMAKE}"
+            )
+    for key in SLS_FIELDS:
+        value = data.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 5):
+            got = f"is {value!r}" if key in data else "is missing"
+            raise EkxError(
+                f"{path}: header field {key!r} {got}, expected a supervision level 0..5 "
+                "(see github.com/epic-kitchens/sls); set it in the file"
+            )
+
+
+def _examples(ids) -> str:
+    ids = list(ids)
+    return ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+
+
+def _task_scores(entry, task: str, keys: list[str], nid: str, path: Path, class_file: Path) -> list:
+    scores = entry.get(task) if isinstance(entry, dict) else None
+    if not isinstance(scores, dict):
+        raise EkxError(
+            f"{path}: segment {nid}: no {task!r} object of class scores; each entry of results "
+            f'is {{"verb": {{"0": score, ...}}, "noun": {{...}}}}'
+        )
+    if list(scores) != keys:  # the common case (every class, in order) costs one comparison
+        if set(scores) != set(keys):
+            extra = sorted(set(scores) - set(keys))
+            raise EkxError(
+                f"{path}: segment {nid}: {len(scores)} {task} scores, expected {len(keys)} with "
+                f'keys "0".."{len(keys) - 1}" (one per class of {class_file})'
+                + (f"; unexpected keys {_examples(extra)}" if extra else "")
+                + " - was it made for another class list?"
+            )
+        return [scores[k] for k in keys]
+    return list(scores.values())
+
+
+def _bad_number(rows: list[list], ids: list[str], task: str, path: Path) -> EkxError:
+    """The first value that is not a finite number, named (only called once the bulk check failed)."""
+    for nid, row in zip(ids, rows, strict=True):
+        for c, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return EkxError(
+                    f"{path}: segment {nid}: {task} score for class {c} is {v!r}, not a finite "
+                    "number; the official scoring cannot rank it - check the model's outputs "
+                    "for NaN/inf and write the file again"
+                )
+    return EkxError(f"{path}: {task} scores are not all finite numbers")
+
+
+def read_submission(path: Path, annotations: Path, split: str = "validation"):
+    """Check a submission against a split: (segments of the split, verb [N, V], noun [N, C]),
+    rows in the split's order, float64 (a float32 logit is exact in it)."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    ann = epic.Annotations(Path(annotations))
+    csv_path = ann.split_path(split)
+    segments = ann.segments(split)
+    if any(s.verb_class < 0 for s in segments):
+        raise EkxError(
+            f"{csv_path} has no labels (the test split): only the challenge server scores it; "
+            "score a validation submission (--split validation) here"
+        )
+    data = load_json(path)
+    check_header(data, path)
+    results = data.get("results")
+    if not isinstance(results, dict):
+        raise EkxError(f'{path}: no "results" object keyed by narration_id; {REMAKE}')
+    wanted = [s.narration_id for s in segments]
+    known = set(wanted)
+    unknown = [nid for nid in results if nid not in known]
+    if unknown:
+        raise EkxError(
+            f"{path}: {len(unknown)} narration id(s) are not segments of {csv_path} "
+            f"(e.g. {_examples(unknown)}); was it written for another split (--split)?"
+        )
+    missing = [nid for nid in wanted if nid not in results]
+    if missing:
+        raise EkxError(
+            f"{path}: {len(missing)} of the {len(wanted)} segments of {csv_path} are missing "
+            f"(e.g. {_examples(missing)}); the official scoring needs every segment - evaluate "
+            "on the whole split's cache and write the file again"
+        )
+    out = []
+    for task, classes, class_file in (
+        ("verb", ann.verbs(), ann.root / epic.VERB_CLASSES),
+        ("noun", ann.nouns(), ann.root / epic.NOUN_CLASSES),
+    ):
+        keys = [str(c) for c in range(len(classes))]
+        rows = [_task_scores(results[nid], task, keys, nid, path, class_file) for nid in wanted]
+        try:
+            arr = np.array(rows)
+        except ValueError:
+            arr = np.array([], dtype=object)
+        if arr.dtype.kind not in "iuf" or not np.isfinite(arr).all():  # bools, strings, null, NaN, Infinity
+            raise _bad_number(rows, wanted, task, path)
+        out.append(torch.from_numpy(arr.astype(np.float64)))
+    return segments, out[0], out[1]
+
+
+def score(path: Path, annotations: Path, split: str = "validation") -> dict:
+    """The official figures of a submission file, with the same names as `ekx evaluate`'s."""
+    import torch
+
+    from ekx.heads import metrics
+
+    segments, verb, noun = read_submission(path, annotations, split)
+    ann = epic.Annotations(Path(annotations))
+    tails = ann.tail_classes()
+    unseen = ann.unseen_participants(split)
+    mask = None if unseen is None else torch.tensor([s.participant_id in unseen for s in segments])
+    tail_verbs, tail_nouns = tails or (None, None)
+    m = metrics.compute(
+        verb,
+        noun,
+        torch.tensor([s.verb_class for s in segments]),
+        torch.tensor([s.noun_class for s in segments]),
+        tail_verbs,
+        tail_nouns,
+        unseen=mask,
+    )
+    return {"submission": str(path), "annotations": str(ann.split_path(split)), "segments": len(segments), "metrics": m}
