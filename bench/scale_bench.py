@@ -182,7 +182,17 @@ def rss_mib() -> float:
     return 0.0
 
 
-def decode_only(root: Path, segments: list[epic.Segment], size_fn) -> dict:
+def union_size(names: list[str]):
+    """The decode size that serves every listed backbone: the largest of their sizes."""
+    fns = [backbones.get(n).preprocess.decode_size for n in names]
+
+    def size(h: int, w: int) -> tuple[int, int]:
+        return max((f(h, w) for f in fns), key=lambda s: s[0] * s[1])
+
+    return size
+
+
+def decode_only(root: Path, segments: list[epic.Segment], size_fn, clip_len: int = 1) -> dict:
     """One process over every video: useful frames/s, and RSS along the way."""
     found, _ = epic.locate_videos(segments, root)
     by_video: dict[str, list[Request]] = {}
@@ -190,9 +200,9 @@ def decode_only(root: Path, segments: list[epic.Segment], size_fn) -> dict:
         by_video.setdefault(s.video_id, []).append(Request(i, s.start, s.stop))
     useful, t0, samples = 0, time.perf_counter(), []
     for vid, reqs in by_video.items():
-        for res in decode_video(found[vid], reqs, K, 1, size_fn):
+        for res in decode_video(found[vid], reqs, K, clip_len, size_fn):
             assert res.error is None, res.error
-            useful += len(res.frames)
+            useful += len(res.frames) // clip_len  # sampled positions (each a clip when clip_len > 1)
             samples.append((segments[res.row].stop, rss_mib()))
     seconds = time.perf_counter() - t0
     t = np.array([s[0] for s in samples])
@@ -242,6 +252,15 @@ def main() -> None:
             f"final {d['final']:6.0f} MiB, slope {d['slope']:+.2f} MiB per minute of video",
             flush=True,
         )
+    union = union_size(["resnet50", "efficientnet_b3", "r2plus1d_18"])
+    print("  the three backbones' union: 8-frame clips at each position, at the largest decode size (EfficientNet-B3)")
+    for name in ("1080p originals (GOP 250)", "prepared copy (320 px, GOP 0.5 s)"):
+        d = decode[f"{name}, 3-backbone union"] = decode_only(roots[name], segments, union, clip_len=8)
+        print(
+            f"  {name + ', union':<36} {d['fps']:7.1f} positions/s/core      RSS peak {d['peak']:6.0f} MiB, "
+            f"final {d['final']:6.0f} MiB, slope {d['slope']:+.2f} MiB per minute of video",
+            flush=True,
+        )
     base = decode["1080p originals (GOP 250)"]["fps"]
     prep = decode["prepared copy (320 px, GOP 0.5 s)"]["fps"]
     print(f"  prepared copy / originals: {prep / base:.1f}x (target >= 8x)")
@@ -277,27 +296,64 @@ def extract_rows(args, videos: Path) -> None:
     )
 
 
+# Projection constants (stated, not measured here: no GPU was lent to this task).
+H200_FP16_DENSE = 989e12  # FLOP/s, dense fp16 tensor cores (H100/H200 SXM datasheet)
+UTILISATION = {"resnet50": 0.30, "efficientnet_b3": 0.10, "r2plus1d_18": 0.30}  # depthwise convs run far below peak
+SEGMENTS = {"train": 67217, "validation": 9668, "test": 13092}
+
+
+def gflop_per_segment(name: str, k: int = K) -> float:
+    """Forward GFLOP of one segment: torchvision's per-input count (multiply-adds) x 2."""
+    bb = backbones.get(name)
+    ops = float(bb.weights.DEFAULT.meta["_ops"])
+    if bb.clip_len > 1:  # torchvision counts a 16-frame clip; ekx feeds clip_len frames per position
+        ops *= bb.clip_len / 16
+    return 2 * ops * k
+
+
 def projection(decode: dict) -> None:
     """Whole-EPIC-100 arithmetic from the measured per-core decode rates."""
     info = list(csv.DictReader(open(EPIC / "EPIC_100_video_info.csv")))
     frames = sum(float(r["duration"]) * float(r["fps"]) for r in info)
     hours = sum(float(r["duration"]) for r in info) / 3600
-    segments = 67217 + 9668 + 13092  # train + validation + test
+    n_seg = sum(SEGMENTS.values())
     cores, nodes = 16, 8
+    useful = n_seg * K
+    print(f"\nprojection: EPIC-100 = {len(info)} videos, {hours:.0f} h, {frames / 1e6:.1f} M frames, {n_seg} segments,")
     print(
-        f"\nprojection: EPIC-100 = {len(info)} videos, {hours:.0f} h, {frames / 1e6:.1f} M frames, {segments} segments"
+        f"  {useful / 1e6:.2f} M sampled positions at K={K}; a node = {cores} cores + 1 H200; {nodes} nodes under SLURM"
     )
-    for name, d in decode.items():
-        # useful frames per second of video at the official density: this run's ratio
-        per_hour = d["useful"] / (sum(1 for _ in [0]) and 1)
-        node = d["fps"] * cores
-        useful_total = segments * K
+    gpu = {}
+    for name in ("resnet50", "efficientnet_b3", "r2plus1d_18"):
+        flop = gflop_per_segment(name) * 1e9 * n_seg
+        gpu[name] = flop / (H200_FP16_DENSE * UTILISATION[name])
         print(
-            f"  decode {name:<36}: {useful_total / 1e6:.2f} M useful frames / ({d['fps']:.0f}/s x {cores} cores) "
-            f"= {useful_total / node / 3600:.2f} h per pass on one node, "
-            f"{useful_total / node / nodes / 60:.0f} min on {nodes}"
+            f"  GPU {name:<16} {gflop_per_segment(name):7.0f} GFLOP/segment x {n_seg} = {flop / 1e15:6.1f} PFLOP "
+            f"/ (989 TFLOP/s x {UTILISATION[name]:.0%}) = {gpu[name] / 60:5.1f} min"
         )
-        del per_hour
+    g3 = sum(gpu.values())
+    print(f"  GPU, all three backbones: {g3 / 60:.1f} min")
+    for name, d in decode.items():
+        dec = useful / (d["fps"] * cores)
+        one = max(dec, g3)  # decode workers overlap the GPU: the slower side sets the pace
+        sep = sum(max(dec, g) for g in gpu.values())
+        print(
+            f"  decode {name:<36} {useful / 1e6:.2f} M / ({d['fps']:5.0f}/s x {cores}) = {dec / 60:6.1f} min per pass"
+            f" -> 3 backbones in one pass {one / 3600:5.2f} h (3 separate passes {sep / 3600:5.2f} h);"
+            f" on {nodes} nodes {one / nodes / 60:5.1f} min"
+        )
+    prep = decode.get("prepared copy (320 px, GOP 0.5 s)")
+    if prep:
+        train = SEGMENTS["train"] * K
+        dec = train / (prep["fps"] * cores)
+        fwd_bwd = 3 * gflop_per_segment("resnet50") * 1e9 * SEGMENTS["train"] / (H200_FP16_DENSE * 0.30)
+        val = SEGMENTS["validation"] * K / (prep["fps"] * cores)
+        print(
+            f"  fine-tuning epoch (resnet50 + head, train {SEGMENTS['train']} segments, K={K}, prepared copy): decode "
+            f"{dec / 60:.1f} min, GPU forward+backward (3x forward) {fwd_bwd / 60:.1f} min, validation decode "
+            f"{val / 60:.1f} min -> ~{(max(dec, fwd_bwd) + val) / 60:.0f} min per epoch on one node, "
+            f"~{(max(dec, fwd_bwd) + val) / nodes / 60:.1f} min on {nodes} (DDP, each node decodes its share)"
+        )
 
 
 if __name__ == "__main__":
