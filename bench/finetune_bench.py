@@ -29,6 +29,7 @@ from ekx.finetune import run as ft
 from ekx.finetune.config import FinetuneConfig
 from ekx.heads import checkpoint as ck
 from ekx.heads import config as hc
+from ekx.heads import epoch as ep
 from ekx.heads import train as tr
 from ekx.runtime import resolve_device, resolve_precision
 from ekx.synth import SynthConfig, synthesize
@@ -81,10 +82,10 @@ def main() -> None:
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    tr.train_one_epoch(model, opt, *_epoch(loaded, cfg, gen, device), cfg, 0, device, precision)  # warm-up
+    ep.train_one_epoch(model, opt, *_epoch(loaded, cfg, gen, device), cfg, 0, device, precision)  # warm-up
     reps, t0 = 20, time.perf_counter()
     for _ in range(reps):
-        tr.train_one_epoch(model, opt, *_epoch(loaded, cfg, gen, device), cfg, 0, device, precision)
+        ep.train_one_epoch(model, opt, *_epoch(loaded, cfg, gen, device), cfg, 0, device, precision)
     head_rate = reps * len(loaded.train.rows) / (time.perf_counter() - t0)
 
     # finetune: the same head on decoded video, backbone trained from layer3 on (seed phase 2)
@@ -106,11 +107,11 @@ def main() -> None:
     task = ft.finetune_task(fcfg, ftc.Dist(), device, precision, start, clips, clips, None, None, print)
     fopt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=5e-5)
     steps, batches = task.epoch_batches(0, gen)  # warm-up epoch: workers start, allocator settles
-    tr.train_one_epoch(task.model, fopt, batches, steps, fcfg, 0, device, precision)
+    ep.train_one_epoch(task.model, fopt, batches, steps, fcfg, 0, device, precision)
     steps, batches = task.epoch_batches(1, gen)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        tr.train_one_epoch(task.model, fopt, timed(batches), steps, fcfg, 1, device, precision)
+        ep.train_one_epoch(task.model, fopt, timed(batches), steps, fcfg, 1, device, precision)
         wall = time.perf_counter() - t0
     ft_rate = len(segs) / wall
     wait = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "ekx::wait_for_batch") / 1e6

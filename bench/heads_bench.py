@@ -30,6 +30,7 @@ from ekx import runtime
 from ekx.cache import store
 from ekx.heads import checkpoint as ck
 from ekx.heads import config as hc
+from ekx.heads import epoch as ep
 from ekx.heads import train as tr
 from ekx.heads.data import draw, feature_stats, load_split, make_batch
 
@@ -117,10 +118,10 @@ def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[f
     gen = torch.Generator().manual_seed(0)
     warm = dataclasses.replace(sub, rows=sub.rows[: batch * 3])
     steps, batches = tr.cached_batches(warm, data.norm, cfg, gen, device)
-    tr.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)  # warm-up
+    ep.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)  # warm-up
     t0 = time.perf_counter()
     steps, batches = tr.cached_batches(sub, data.norm, cfg, gen, device)
-    tr.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)
+    ep.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)
     ekx = samples / (time.perf_counter() - t0)
     # pure compute: one pre-built standardised batch, reused; same model, loss and optimiser steps
     x = make_batch(sub, sub.rows[:batch], *draw(sub, batch, K, True, gen), *data.norm, device)
@@ -130,7 +131,7 @@ def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[f
     for _ in range(samples // batch):
         with runtime.autocast(device, precision):
             out = model(x)
-        loss = tr.loss_fn(out, yv, yn, 0.1)
+        loss = ep.loss_fn(out, yv, yn, 0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

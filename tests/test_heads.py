@@ -14,6 +14,7 @@ from ekx import EkxError
 from ekx.cli import app
 from ekx.heads import checkpoint as ck
 from ekx.heads import config as hc
+from ekx.heads import epoch as ep
 from ekx.heads import metrics, models, runlog
 from ekx.heads import train as tr
 from ekx.heads.evaluate import evaluate_run, submission
@@ -164,22 +165,22 @@ def test_config_file_flags_and_unknown_keys(tmp_path):
 
 def test_lr_schedule_warms_up_then_restarts():
     cfg = hc.TrainConfig(lr=1.0, warmup_epochs=2, restart_epochs=4, min_lr_ratio=0.0)
-    assert tr.lr_at(cfg, 1.0) == pytest.approx(0.5)
-    assert tr.lr_at(cfg, 2.0) == pytest.approx(1.0)
-    assert tr.lr_at(cfg, 4.0) == pytest.approx(0.5)
-    assert tr.lr_at(cfg, 6.0) == pytest.approx(1.0)  # warm restart
+    assert ep.lr_at(cfg, 1.0) == pytest.approx(0.5)
+    assert ep.lr_at(cfg, 2.0) == pytest.approx(1.0)
+    assert ep.lr_at(cfg, 4.0) == pytest.approx(0.5)
+    assert ep.lr_at(cfg, 6.0) == pytest.approx(1.0)  # warm restart
     torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=4, T_mult=2
     )
     cfg2 = hc.TrainConfig(lr=1.0, warmup_epochs=0, restart_epochs=4, restart_mult=2, min_lr_ratio=0.0)
     for t in (0.5, 3.0, 5.0, 11.5, 13.0):
         torch_sched.step(t)
-        assert tr.lr_at(cfg2, t) == pytest.approx(torch_sched.get_last_lr()[0], abs=1e-9)
+        assert ep.lr_at(cfg2, t) == pytest.approx(torch_sched.get_last_lr()[0], abs=1e-9)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, monkeypatch):
     data = tr.load_data(caches[0], caches[1], "cpu")
-    real = tr.loss_fn
+    real = ep.loss_fn
     calls = {"n": 0}
     steps_per_epoch = math.ceil(96 / 16)
 
@@ -188,8 +189,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, mon
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > steps_per_epoch + 2 else loss
 
-    monkeypatch.setattr(tr, "loss_fn", poisoned)
-    with pytest.raises(tr.NonFiniteLoss, match=r"loss became nan at epoch 2.*last good checkpoint"):
+    monkeypatch.setattr(ep, "loss_fn", poisoned)
+    with pytest.raises(ep.NonFiniteLoss, match=r"loss became nan at epoch 2.*last good checkpoint"):
         tr.run(_cfg(caches), tmp_path / "r", data)
     ckpt = ck.load_checkpoint(tmp_path / "r" / "last.pt")
     assert ckpt["epoch"] == 1 and len(runlog.read_metrics(tmp_path / "r")) == 1

@@ -3,6 +3,9 @@
     main(cfg) -> load caches once -> standardise -> for each epoch:
         train_one_epoch (batches by tensor indexing) -> evaluate -> log -> checkpoint
 
+`fit` is the loop for either input source (cached features here, decoded video in
+`ekx.finetune`); one epoch of optimisation (schedule, loss, steps) is `heads.epoch`.
+
 Checkpoints hold only tensors and plain values, so they load with weights_only=True.
 """
 
@@ -12,12 +15,10 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ekx import EkxError, epic
 from ekx.heads import metrics
@@ -29,111 +30,9 @@ from ekx.heads.checkpoint import (
 )
 from ekx.heads.config import TrainConfig
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
+from ekx.heads.epoch import Batch, loss_fn, lr_at, train_one_epoch
 from ekx.heads.runlog import plot_curves, read_metrics, row_of, write_config
 from ekx.runtime import autocast, resolve_device, resolve_precision
-
-
-class NonFiniteLoss(EkxError):
-    pass
-
-
-# ---------------------------------------------------------------- schedule
-
-
-def lr_at(cfg: TrainConfig, t: float) -> float:
-    """Linear warm-up, then cosine annealing with warm restarts (SGDR, the formula of torch's
-    CosineAnnealingWarmRestarts) - a pure function of progress t in epochs, so resume is exact."""
-    if t < cfg.warmup_epochs:
-        return cfg.lr * max(t / cfg.warmup_epochs, 1e-3)
-    t -= cfg.warmup_epochs
-    t0, mult = max(cfg.restart_epochs, 1), max(cfg.restart_mult, 1)
-    if mult == 1:
-        cycle, length = t % t0, t0
-    else:
-        n = int(math.log(t / t0 * (mult - 1) + 1, mult))
-        cycle, length = t - t0 * (mult**n - 1) / (mult - 1), t0 * mult**n
-    low = cfg.lr * cfg.min_lr_ratio
-    return low + (cfg.lr - low) * (1 + math.cos(math.pi * cycle / length)) / 2
-
-
-# ---------------------------------------------------------------- steps
-
-
-def loss_fn(out: dict, verbs: torch.Tensor, nouns: torch.Tensor, smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(out["verb"].float(), verbs, label_smoothing=smoothing) + F.cross_entropy(
-        out["noun"].float(), nouns, label_smoothing=smoothing
-    )
-
-
-SYNC_EVERY = 20  # steps between host syncs (progress, NaN check): no sync per step on a GPU
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs on the device, verbs, nouns
-
-
-def train_one_epoch(
-    model,
-    opt,
-    batches: Iterable[Batch],
-    steps: int,
-    cfg: TrainConfig,
-    epoch: int,
-    device,
-    precision,
-    on_step: Callable[[int, int, float], None] | None = None,
-    accumulate: int = 1,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict:
-    """One epoch over ``steps`` batches from either input source (cached features or decoded
-    video): lr per optimizer step, gradient accumulation (DDP syncs only on the last
-    micro-batch), mixed precision with a gradient scaler for fp16, clipping."""
-    model.train()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    # running sums stay on the device; the host reads them every SYNC_EVERY steps
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, verb, noun, action correct
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    seen = 0
-    for step, (x, yv, yn) in enumerate(batches):
-        micro = step % accumulate
-        last = micro == accumulate - 1 or step + 1 == steps
-        n_micro = min(accumulate, steps - (step - micro))  # the last group may be shorter
-        if micro == 0:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch + step / steps)
-            opt.zero_grad(set_to_none=True)
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, precision):
-                out = model(x)
-            loss = loss_fn(out, yv, yn, cfg.label_smoothing)
-            scaler.scale(loss / n_micro).backward()
-        if last:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-        with torch.no_grad():
-            pv, pn = out["verb"].argmax(1) == yv, out["noun"].argmax(1) == yn
-            sums += torch.stack([loss.detach().double() * len(yv), pv.sum(), pn.sum(), (pv & pn).sum()]).double()
-            nonfinite |= ~torch.isfinite(loss.detach())
-        seen += len(yv)
-        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
-            if torch.distributed.is_initialized():  # every rank stops together, or none does
-                flag = nonfinite.float()
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                nonfinite = flag > 0
-            if bool(nonfinite):
-                raise NonFiniteLoss(
-                    f"loss became {float(loss.detach())} at epoch {epoch + 1} (by step {step + 1}): run "
-                    "stopped; the last good checkpoint (last.pt, best.pt) is kept - lower --lr or "
-                    "check the features with `ekx cache verify`"
-                )
-            if on_step:
-                on_step(step + 1, steps, float(sums[0]) / max(seen, 1))
-    total = sums.tolist()
-    seen = max(seen, 1)
-    return {
-        "train_loss": total[0] / seen,
-        **{f"train_{k}_top1": 100 * v / seen for k, v in zip(("verb", "noun", "action"), total[1:], strict=False)},
-    }
 
 
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
