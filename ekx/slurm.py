@@ -83,15 +83,12 @@ def submit_extract(
     log_dir: Path | None = None,
 ) -> dict:
     """An array of N shard extractions, then `ekx cache merge` after all succeed."""
-    from ekx.extract.pipeline import ExtractConfig, default_out
+    from ekx.extract.pipeline import ExtractConfig, backbone_names, default_out
 
     if shards < 1:
         raise EkxError("--shards must be >= 1")
     features = Path(features).resolve()
-    outs = [
-        default_out(ExtractConfig(backbone=backbone, split=split, shard=(i, shards)), features) for i in range(shards)
-    ]
-    merged = default_out(ExtractConfig(backbone=backbone, split=split), features)
+    names = backbone_names(backbone)  # several: one array decodes once, one merge per backbone
     logs = _logs(log_dir)
     array = [
         "sbatch",
@@ -112,19 +109,34 @@ def submit_extract(
         *extra,
     ]
     array_id = sbatch(array, dry_run, "extract")
-    merge = [
-        "sbatch",
-        "--parsable",
-        f"--dependency=afterok:{array_id}",
-        "--kill-on-invalid-dep=yes",
-        *logs("ekx-merge-%j.out"),
-        *res.options(gpus=False),
-        str(_script("merge.sbatch", scripts)),
-        str(merged),
-        *map(str, outs),
-    ]
-    merge_id = sbatch(merge, dry_run, "merge")
-    return {"array": array_id, "merge": merge_id, "commands": [array, merge], "out": merged}
+    commands, merge_ids, merged_paths = [array], [], []
+    for name in names:
+        outs = [
+            default_out(ExtractConfig(backbone=name, split=split, shard=(i, shards)), features) for i in range(shards)
+        ]
+        merged = default_out(ExtractConfig(backbone=name, split=split), features)
+        merge = [
+            "sbatch",
+            "--parsable",
+            f"--dependency=afterok:{array_id}",
+            "--kill-on-invalid-dep=yes",
+            *logs("ekx-merge-%j.out"),
+            *res.options(gpus=False),
+            str(_script("merge.sbatch", scripts)),
+            str(merged),
+            *map(str, outs),
+        ]
+        commands.append(merge)
+        merge_ids.append(sbatch(merge, dry_run, "merge"))
+        merged_paths.append(merged)
+    return {
+        "array": array_id,
+        "merge": ",".join(merge_ids),
+        "merges": merge_ids,
+        "commands": commands,
+        "out": merged_paths[0],
+        "outs": merged_paths,
+    }
 
 
 def submit_sweep(

@@ -25,7 +25,12 @@ from ekx.cli.common import (
 
 @command()
 def extract(
-    backbone: Annotated[str, typer.Option(help="resnet50, efficientnet_b3 or r2plus1d_18.")] = "resnet50",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="resnet50, efficientnet_b3, r2plus1d_18, or several separated by commas (one decode, one cache each)."
+        ),
+    ] = "resnet50",
     split: Annotated[str, typer.Option(help="train, validation, test, or a path to an annotation CSV.")] = "train",
     weights: Annotated[
         str, typer.Option(help="DEFAULT (torchvision pretrained), a state-dict path, or none.")
@@ -53,6 +58,7 @@ def extract(
     """Stage 1: decode every segment, run a frozen backbone, cache features in HDF5 (resumable).
 
     Example: ekx extract --backbone resnet50 --split validation --limit 100
+    (several backbones, each segment decoded once: ekx extract --backbone resnet50,efficientnet_b3,r2plus1d_18)
     """
     from rich.progress import (
         BarColumn,
@@ -62,8 +68,7 @@ def extract(
         TimeRemainingColumn,
     )
 
-    from ekx.extract.pipeline import ExtractConfig, parse_shard
-    from ekx.extract.pipeline import extract as run_extract
+    from ekx.extract.pipeline import ExtractConfig, extract_many, parse_shard
 
     ws = workspace(annotations=annotations, videos=videos, features=features, device=device)
     cfg = ExtractConfig(
@@ -100,7 +105,7 @@ def extract(
             clock["frames"] += nframes
             bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
 
-        summary = run_extract(
+        summaries = extract_many(
             cfg,
             ws.annotations,
             ws.videos,
@@ -109,19 +114,23 @@ def extract(
             on_progress,
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}"),
         )
-    console.print(
-        f"{summary.path}: {summary.done}/{summary.total} segments done, {summary.failed} failed "
-        f"({summary.processed} this run, {summary.frames} frames, {summary.seconds:.1f} s)"
-    )
-    if summary.missing_videos:
-        err_console.print(f"[yellow]warning:[/yellow] {summary.missing_videos}")
-    for nid, reason in summary.failures[:10]:
-        err_console.print(f"  [red]failed[/red] {nid}: {reason}")
-    if len(summary.failures) > 10:
-        err_console.print(f"  ... and {len(summary.failures) - 10} more (ekx cache info {summary.path})")
-    if summary.failed and not skip_errors:
+    failed = 0
+    for summary in summaries:
+        console.print(
+            f"{summary.path}: {summary.done}/{summary.total} segments done, {summary.failed} failed "
+            f"({summary.processed} this run, {summary.frames} frames, {summary.seconds:.1f} s)",
+            soft_wrap=True,
+        )
+        for nid, reason in summary.failures[:10]:
+            err_console.print(f"  [red]failed[/red] {nid}: {reason}")
+        if len(summary.failures) > 10:
+            err_console.print(f"  ... and {len(summary.failures) - 10} more (ekx cache info {summary.path})")
+        failed = max(failed, summary.failed)
+    if summaries[0].missing_videos:
+        err_console.print(f"[yellow]warning:[/yellow] {summaries[0].missing_videos}")
+    if failed and not skip_errors:
         err_console.print(
-            f"[red]error:[/red] {summary.failed} segments failed; fix them and re-run to retry "
+            f"[red]error:[/red] {failed} segments failed; fix them and re-run to retry "
             "only those, or pass --skip-errors to accept"
         )
         raise typer.Exit(1)

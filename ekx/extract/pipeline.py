@@ -14,10 +14,9 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -25,10 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ekx import EkxError, epic
 from ekx.cache import store
 from ekx.cache.reader import failures, open_cache
-from ekx.extract import backbones
-from ekx.extract.inputs import calibrate, calibration_plan, segment_inputs
+from ekx.extract.inputs import calibration_plan, segment_inputs
+from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames, union_size
 from ekx.extract.video import Request, Result, decode_video
-from ekx.extract.writer import WriterThread, cache_attrs
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -49,19 +47,6 @@ class ExtractConfig:
     seed: int = 0  # random weights (--weights none) and augmented views
     calibration_segments: int = 8
     out: Path | None = None
-
-
-@dataclass
-class Summary:
-    path: Path
-    total: int
-    done: int
-    failed: int
-    processed: int
-    frames: int
-    seconds: float
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    missing_videos: str | None = None
 
 
 # ---------------------------------------------------------------- planning
@@ -156,11 +141,32 @@ def extract(
     on_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = print,
 ) -> Summary:
-    """Run stage 1; resumes an existing cache made with the same parameters."""
+    """Run stage 1 for one backbone; resumes an existing cache made with the same parameters."""
+    if len(backbone_names(cfg.backbone)) != 1:
+        raise EkxError("extract() takes one backbone; extract_many() takes several")
+    return extract_many(cfg, annotations, videos, features_root, on_start, on_progress, warn)[0]
+
+
+def extract_many(
+    cfg: ExtractConfig,
+    annotations: Path,
+    videos: Path,
+    features_root: Path,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] = print,
+) -> list[Summary]:
+    """Stage 1 for every backbone of ``cfg.backbone`` (comma-separated) in one pass: each
+    segment is decoded once, at a size and clip length serving every backbone, and each
+    backbone writes its own cache (`features/<backbone>/<split>.h5`) with its own identity.
+    Each cache resumes on its own: a segment is decoded if any cache lacks it, and run
+    only through the backbones whose cache lacks it."""
     t0 = time.perf_counter()
-    bb = backbones.get(cfg.backbone)
+    names = backbone_names(cfg.backbone)
     if cfg.frames < 1 or cfg.views < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
         raise EkxError("--frames, --views and --batch-size must be >= 1")
+    if cfg.out is not None and len(names) > 1:
+        raise EkxError("--out names one cache file; with several backbones the caches go to --features")
     ann = epic.Annotations(annotations)
     ann_path = ann.split_path(cfg.split)
     plan_all = ann.segments(cfg.split)
@@ -175,31 +181,12 @@ def extract(
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=64 if device.type == "cuda" else 16)
-    model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
-    model = model.to(device)
-    calibration, bn_state = "", None
-    if weights_id == "none":
+    if calib_plan and not any(s.video_id in found for s in calib_plan):
         warn(
-            "--weights none: RANDOM backbone weights (BatchNorm calibrated on the data) - features "
-            "are for tests and demos, not for real results"
+            "the train split's first videos are not here: BatchNorm calibrated on this split's own "
+            "segments, so these features will not match a train cache made with them"
         )
-        if not any(s.video_id in found for s in calib_plan):
-            warn(
-                "the train split's first videos are not here: BatchNorm calibrated on this split's own "
-                "segments, so these features will not match a train cache made with them"
-            )
-            calib_plan = own
-        calibration = calibrate(model, bb, cfg, calib_plan, found, device)
-        bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
-    model = backbones.fuse_for_inference(model)
-    model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
-
-    out = cfg.out or default_out(cfg, features_root)
-    # a checkpoint is named by its path (the sha256 in "weights" is its identity)
-    weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
-    attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
-    prepared = read_manifest(videos)  # a prepared copy's features never mix with the originals'
-    attrs["video_input"] = prepared.describe() if prepared else store.ORIGINAL_VIDEOS
+        calib_plan = own
     rows = store.Rows(
         [s.narration_id for s in plan],
         [s.video_id for s in plan],
@@ -207,57 +194,61 @@ def extract(
         np.array([s.noun_class for s in plan]),
         plan_index,
     )
-    if out.exists():
-        have = store.open_attrs(out)
-        bad = store.identity_mismatch(have, attrs)
-        if bad:
-            raise EkxError(
-                f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
-                "Delete it or choose another --out"
-            )
-    else:
-        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
-    with h5py.File(out, "r") as f:
-        store.check_rows(out, f, rows)
-    writer = store.Writer(out)
-    status = writer.status_array()
-    todo = np.flatnonzero(status != store.DONE)
-    thread = WriterThread(writer)
-    thread.start()
-    summary = Summary(out, len(plan), int((status == store.DONE).sum()), 0, 0, 0, 0.0)
-    if missing:
-        summary.missing_videos = epic.missing_videos_message(missing, len({s.video_id for s in plan}), videos)
-    if on_start:
-        on_start(len(plan), summary.done)
+    prepared = read_manifest(videos)  # a prepared copy's features never mix with the originals'
+    video_input = prepared.describe() if prepared else store.ORIGINAL_VIDEOS
+    missing_msg = epic.missing_videos_message(missing, len({s.video_id for s in plan}), videos) if missing else None
+    targets: list[Target] = []
     try:
-        _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, on_progress)
+        for name in names:
+            tcfg = dataclasses.replace(cfg, backbone=name)
+            out = tcfg.out or default_out(tcfg, features_root)
+            t = open_target(tcfg, out, device, precision, ann, ann_path, calib_plan, found, rows, video_input, warn)
+            t.summary.missing_videos = missing_msg
+            targets.append(t)
+        if on_start:
+            on_start(len(plan), min(t.summary.done for t in targets))
+        _run(cfg, targets, device, precision, plan, found, on_progress)
     finally:
-        try:
-            thread.finish()
-        finally:
-            writer.close()
-    counts = open_cache(out).counts()
-    summary.done, summary.failed = counts["done"], counts["failed"]
-    summary.failures = failures(out) if summary.failed else []
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        for t in targets:
+            try:
+                t.thread.finish()
+            finally:
+                t.writer.close()
+    for t in targets:
+        counts = open_cache(t.summary.path).counts()
+        t.summary.done, t.summary.failed = counts["done"], counts["failed"]
+        t.summary.failures = failures(t.summary.path) if t.summary.failed else []
+        t.summary.seconds = time.perf_counter() - t0
+    return [t.summary for t in targets]
 
 
-def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, on_progress):
+def _run(
+    cfg: ExtractConfig,
+    targets: list[Target],
+    device: torch.device,
+    precision: str,
+    plan: list[epic.Segment],
+    found: dict[str, Path],
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
     by_video: dict[str, list[Request]] = {}
     for row in todo:
         s = plan[row]
         if s.video_id not in found:
-            thread.put(("failed", int(row), f"video {s.video_id} not found"))
+            for t in targets:
+                if t.todo[row]:
+                    t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
             continue
         by_video.setdefault(s.video_id, []).append(Request(int(row), s.start, s.stop))
     # biggest videos first, so the last worker does not finish long after the others
     jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
     if not jobs:
         return
+    clip_len = max(t.bb.clip_len for t in targets)  # one decode serves every backbone
     workers = max(0, min(cfg.workers, len(jobs)))
     loader = DataLoader(
-        VideoJobs(jobs, cfg.frames, bb.clip_len, bb.preprocess.decode_size),
+        VideoJobs(jobs, cfg.frames, clip_len, union_size([t.bb for t in targets])),
         batch_size=None,
         num_workers=workers,
         collate_fn=identity_collate,
@@ -265,40 +256,54 @@ def _run(cfg, bb, model, device, precision, plan, todo, found, thread, summary, 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    pending: list[tuple[Result, torch.Tensor]] = []
-    n_inputs = 0
-    fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
 
-    def flush():
-        nonlocal pending, n_inputs
-        x = torch.cat([p[1] for p in pending]).contiguous(memory_format=fmt)
+    # a segment counts as progress once every backbone that needed it has its features
+    remaining: dict[int, int] = {}
+    frames_of: dict[int, int] = {}
+
+    def flush(t: Target) -> None:
+        fmt = torch.channels_last if t.bb.clip_len == 1 else torch.channels_last_3d
+        x = torch.cat([p[1] for p in t.pending]).contiguous(memory_format=fmt)
         outs = []
         with torch.inference_mode(), autocast(device, precision):
-            for i in range(0, len(x), cfg.batch_size):
-                outs.append(model(x[i : i + cfg.batch_size]).float())
+            for i in range(0, len(x), t.cfg.batch_size or 16):
+                outs.append(t.model(x[i : i + (t.cfg.batch_size or 16)]).float())
         feats = torch.cat(outs).cpu().numpy()
         o = 0
-        for res, inp in pending:
-            f = feats[o : o + len(inp)].reshape(cfg.views, cfg.frames, bb.dim)
+        for res, inp in t.pending:
+            f = feats[o : o + len(inp)].reshape(cfg.views, cfg.frames, t.bb.dim)
             o += len(inp)
-            thread.put(("done", res.row, f.astype(np.float16), res.centres))
-        nframes = sum(len(r.frames) for r, _ in pending if r.frames is not None)
-        summary.processed += len(pending)
-        summary.frames += nframes
-        if on_progress:
-            on_progress(len(pending), nframes)
-        pending, n_inputs = [], 0
+            t.thread.put(("done", res.row, f.astype(np.float16), res.centres))
+        t.summary.processed += len(t.pending)
+        t.summary.frames += sum(len(r.frames) for r, _ in t.pending if r.frames is not None)
+        for res, _ in t.pending:
+            remaining[res.row] -= 1
+            if remaining[res.row] == 0:
+                del remaining[res.row]
+                if on_progress:
+                    on_progress(1, frames_of.pop(res.row))
+        t.pending, t.n_inputs = [], 0
 
     for res in loader:
         if res.error is not None:
-            thread.put(("failed", res.row, res.error))
+            for t in targets:
+                if t.todo[res.row]:
+                    t.thread.put(("failed", res.row, res.error))
             if on_progress:
                 on_progress(1, 0)
             continue
-        inp = segment_inputs(res, plan[res.row].narration_id, cfg, bb, device)
-        pending.append((res, inp))
-        n_inputs += len(inp)
-        if n_inputs >= cfg.batch_size:
-            flush()
-    if pending:
-        flush()
+        assert res.frames is not None
+        remaining[res.row] = sum(bool(t.todo[res.row]) for t in targets)
+        frames_of[res.row] = len(res.frames)
+        for t in targets:
+            if not t.todo[res.row]:
+                continue
+            mine = Result(res.row, select_frames(res.frames, cfg.frames, clip_len, t.bb.clip_len), res.centres)
+            inp = segment_inputs(mine, plan[res.row].narration_id, t.cfg, t.bb, device)
+            t.pending.append((mine, inp))
+            t.n_inputs += len(inp)
+            if t.n_inputs >= (t.cfg.batch_size or 16):
+                flush(t)
+    for t in targets:
+        if t.pending:
+            flush(t)

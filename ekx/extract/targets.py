@@ -1,0 +1,135 @@
+"""Several backbones in one stage-1 pass: each backbone's `Target` (model, cache, writer,
+the rows its cache lacks), and how one decode serves them all - the largest decode size
+and clip length, from which each backbone takes its own frames."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+import torch
+
+from ekx import EkxError, epic
+from ekx.cache import store
+from ekx.extract import backbones
+from ekx.extract.inputs import calibrate
+from ekx.extract.video import Result
+from ekx.extract.writer import WriterThread, cache_attrs
+
+if TYPE_CHECKING:
+    from ekx.extract.pipeline import ExtractConfig
+
+
+@dataclass
+class Summary:
+    path: Path
+    total: int
+    done: int
+    failed: int
+    processed: int
+    frames: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    missing_videos: str | None = None
+
+
+def backbone_names(spec: str) -> list[str]:
+    """`resnet50` or `resnet50,efficientnet_b3,r2plus1d_18` -> the names, checked."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise EkxError(f"--backbone {spec!r}: name one or more backbones, each once, separated by commas")
+    for n in names:
+        backbones.get(n)  # an unknown name is refused here, with the registry's list
+    return names
+
+
+@dataclass
+class Target:
+    """One backbone's share of a run: its model, its cache and writer, and the rows it lacks."""
+
+    cfg: ExtractConfig  # with this backbone's name
+    bb: backbones.Backbone
+    model: torch.nn.Module
+    writer: store.Writer
+    thread: WriterThread
+    todo: np.ndarray  # [rows] bool: not done in this cache
+    summary: Summary
+    pending: list[tuple[Result, torch.Tensor]] = field(default_factory=list)
+    n_inputs: int = 0
+
+
+def select_frames(frames: np.ndarray, k: int, have: int, want: int) -> np.ndarray:
+    """From K clips of ``have`` consecutive frames (centred as video.clip_frames centres
+    them), the K clips of ``want`` frames a backbone reads: the middle ``want`` of each."""
+    if have == want:
+        return frames
+    start = have // 2 - want // 2
+    clips = frames.reshape(k, have, *frames.shape[1:])[:, start : start + want]
+    return clips.reshape(k * want, *frames.shape[1:])
+
+
+def union_size(bbs: list[backbones.Backbone]):
+    """One decode size serving every backbone: the largest of their sizes (each backbone's
+    preprocessing then resizes down to its own, as it would from the full frame)."""
+    if len(bbs) == 1:
+        return bbs[0].preprocess.decode_size
+
+    def size(h: int, w: int) -> tuple[int, int]:
+        return max((b.preprocess.decode_size(h, w) for b in bbs), key=lambda s: s[0] * s[1])
+
+    return size
+
+
+def open_target(
+    cfg: ExtractConfig,
+    out: Path,
+    device: torch.device,
+    precision: str,
+    ann: epic.Annotations,
+    ann_path: Path,
+    calib_plan: list[epic.Segment],
+    found: dict[str, Path],
+    rows: store.Rows,
+    video_input: str,
+    warn: Callable[[str], None],
+) -> Target:
+    """Load one backbone (calibrating random weights), open or create its cache, start its writer."""
+    bb = backbones.get(cfg.backbone)
+    model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
+    model = model.to(device)
+    calibration, bn_state = "", None
+    if weights_id == "none":
+        warn(
+            f"--weights none: RANDOM {bb.name} weights (BatchNorm calibrated on the data) - features "
+            "are for tests and demos, not for real results"
+        )
+        calibration = calibrate(model, bb, cfg, calib_plan, found, device)
+        bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
+    model = backbones.fuse_for_inference(model)
+    model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
+    # a checkpoint is named by its path (the sha256 in "weights" is its identity)
+    weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
+    attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
+    attrs["video_input"] = video_input
+    if out.exists():
+        bad = store.identity_mismatch(store.open_attrs(out), attrs)
+        if bad:
+            raise EkxError(
+                f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
+                "Delete it or choose another --out"
+            )
+    else:
+        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
+    with h5py.File(out, "r") as f:
+        store.check_rows(out, f, rows)
+    writer = store.Writer(out)
+    status = writer.status_array()
+    thread = WriterThread(writer)
+    thread.start()
+    n = len(rows.narration_id)
+    summary = Summary(out, n, int((status == store.DONE).sum()), 0, 0, 0, 0.0)
+    return Target(cfg, bb, model, writer, thread, status != store.DONE, summary)
