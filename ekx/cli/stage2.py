@@ -352,5 +352,26 @@ def compare(
     if plot:
         console.print(f"-> {cmp.plot(rows, plot)}")
     top = rows[0]
-    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:")
+    report = cmp.search_report(Path(runs_[0])) if len(runs_) == 1 and Path(runs_[0]).is_dir() else None
+    if report and "best" in report:
+        _search_summary(report, runs_[0])
+        top = next((r for r in rows if r["run"] == report["best"]["run"]), top)
+        console.print(f"best trial: [bold]{top['run']}[/bold] ({report['objective']} {report['best']['value']:.2f}); ", end="")
+    else:
+        console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); ", end="")
+    console.print("reproduce with:")
     console.print(f"  {cmp.reproduce_command(top)}", soft_wrap=True, highlight=False)  # never wrapped: copy-pasteable
+
+
+def _search_summary(report: dict, sweep_dir: Path) -> None:
+    console.print(f"search: {report['complete']} complete and {report['pruned']} pruned trials", highlight=False)
+    if "importance" in report:
+        table = Table("parameter", f"importance for {report['objective']} (PED-ANOVA)")
+        for k, v in report["importance"].items():
+            table.add_row(k, f"{v:.3f}")
+        console.print(table)
+        console.print(f"-> {Path(sweep_dir) / 'importance.json'}", highlight=False)
+    else:
+        console.print(f"no parameter importance: {report.get('importance_error', 'too few trials')}", highlight=False)
+    if report.get("plot"):
+        console.print(f"-> {report['plot']} (objective against each parameter)", highlight=False)
