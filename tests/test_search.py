@@ -95,7 +95,10 @@ def test_a_cross_backbone_sweep_loads_each_cache_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr, "load_data", counting)
     configs = sw.expand(
-        {"base": {"epochs": 1, "frames": 4}, "grid": {"backbone": ["resnet50", "efficientnet_b3"], "head": ["pooling", "lstm"]}}
+        {
+            "base": {"epochs": 1, "frames": 4},
+            "grid": {"backbone": ["resnet50", "efficientnet_b3"], "head": ["pooling", "lstm"]},
+        }
     )
     results = sw.run_sweep(configs, tmp_path / "runs" / "x", None, None, "cpu", features_root=feats)
     assert all(r["status"] == "done" for r in results.values()), results
@@ -197,7 +200,9 @@ def test_two_concurrent_workers_never_run_the_same_trial(tmp_path):
         }
     )
     starts: list[str] = []
-    se.run_search(spec, tmp_path / "runs" / "s", feats, "cpu", jobs=2, on_event=lambda k, n, r: k == "start" and starts.append(n))
+    se.run_search(
+        spec, tmp_path / "runs" / "s", feats, "cpu", jobs=2, on_event=lambda k, n, r: k == "start" and starts.append(n)
+    )
     assert sorted(starts) == [f"trial-{i:04d}" for i in range(6)]  # each trial started exactly once
     for i in range(6):
         assert [r["epoch"] for r in read_metrics(se.trial_dir(tmp_path / "runs" / "s", i))] == [1, 2]
@@ -249,7 +254,9 @@ def test_sweep_workers_die_with_a_killed_parent(tmp_path):
 
 def test_a_sweep_refuses_a_run_another_live_process_trains(tmp_path):
     feats = caches(tmp_path / "features")
-    configs = sw.expand({"base": {"epochs": 1, "head": "pooling", "frames": 4}, "config": [{"name": "a"}, {"name": "b"}]})
+    configs = sw.expand(
+        {"base": {"epochs": 1, "head": "pooling", "frames": 4}, "config": [{"name": "a"}, {"name": "b"}]}
+    )
     sweep_dir = tmp_path / "runs" / "x"
     other = subprocess.Popen(["sleep", "60"])
     try:

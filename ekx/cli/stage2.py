@@ -356,7 +356,9 @@ def compare(
     if report and "best" in report:
         _search_summary(report, runs_[0])
         top = next((r for r in rows if r["run"] == report["best"]["run"]), top)
-        console.print(f"best trial: [bold]{top['run']}[/bold] ({report['objective']} {report['best']['value']:.2f}); ", end="")
+        console.print(
+            f"best trial: [bold]{top['run']}[/bold] ({report['objective']} {report['best']['value']:.2f}); ", end=""
+        )
     else:
         console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); ", end="")
     console.print("reproduce with:")

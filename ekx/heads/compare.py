@@ -121,8 +121,9 @@ def reproduce_command(row: dict) -> str:
 
 def search_report(sweep_dir: Path) -> dict | None:
     """For a search's sweep directory: importance.json (importance of each parameter for the
-    objective, by Optuna's default evaluator PED-ANOVA - its fANOVA would need scikit-learn), objective.png (objective against each parameter; pruned trials at
-    their last reported value) and the best trial. None where the directory is no search."""
+    objective, by Optuna's default evaluator PED-ANOVA - its fANOVA would need scikit-learn),
+    objective.png (objective against each parameter; pruned trials at their last reported
+    value) and the best trial. None where the directory is no search."""
     from ekx.heads import search as se
 
     study = se.open_study(Path(sweep_dir), create=False)

@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ekx import EkxError
 from ekx.config import load_toml
@@ -61,7 +61,7 @@ class Search:
     overrides: dict[str, Any] = field(default_factory=dict)  # --set, applied last
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         return "minimize" if self.objective.endswith("loss") else "maximize"
 
 
@@ -316,7 +316,18 @@ def run_search(
     procs = [
         ctx.Process(
             target=_process,
-            args=(search, str(sweep_dir), str(features_root), device, tails, unseen, worker * jobs + j, jobs, events, me),
+            args=(
+                search,
+                str(sweep_dir),
+                str(features_root),
+                device,
+                tails,
+                unseen,
+                worker * jobs + j,
+                jobs,
+                events,
+                me,
+            ),
         )
         for j in range(jobs)
     ]
