@@ -138,7 +138,9 @@ def main(trials: int) -> None:
         print("|---|---|")
         print(f"| 1 (`ekx sweep`) | {one:.1f} s |")
         print(f"| 2 (`ekx sweep --jobs 2`) | {two:.1f} s |")
-        print(f"ratio {two / one:.2f} (target <= 0.65); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"ratio {two / one:.2f} (target <= 0.65); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
 
 
 if __name__ == "__main__":
