@@ -13,7 +13,8 @@ smoothing and batch size.
    (reduction 3, first decision after 1 epoch) against full random search (every trial
    trains all 12 epochs). Targets: best validation action top-1 within 0.5 points of the
    random search's best, with <= 0.4x its training epochs.
-2. Parallel workers: 8 trials (no pruning, 4 epochs each) by one `ekx sweep` process and by
+2. Parallel workers: 8 trials (no pruning, 12 epochs each, batch size fixed so that every
+   trial costs the same whichever parameters each worker's sampler draws) by one `ekx sweep` process and by
    `ekx sweep --jobs 2` (two workers on one study). Target: two workers <= 0.65x the time.
 """
 
@@ -36,9 +37,9 @@ SPACE = """lr = { log_uniform = [1e-5, 1e0] }
 weight_decay = { log_uniform = [1e-6, 1e-1] }
 dropout = { uniform = [0.0, 0.8] }
 label_smoothing = { choice = [0.0, 0.1, 0.2, 0.3] }
-batch_size = { choice = [32, 64, 128, 256] }
 """
-BASE = 'head = "pooling"\nepochs = {epochs}\nwarmup_epochs = 0.0\nrestart_epochs = {epochs}\n'
+BATCH = "batch_size = { choice = [32, 64, 128, 256] }\n"  # part 1 only: part 2's trials cost the same
+BASE = 'head = "pooling"\nbatch_size = 64\nepochs = {epochs}\nwarmup_epochs = 0.0\nrestart_epochs = {epochs}\n'
 
 
 def planted_cache(path: Path, n: int, seed: int, split: str, k: int = 8, dim: int = 64) -> Path:
@@ -114,7 +115,7 @@ def main(trials: int) -> None:
             "random": f'trials = {trials}\nseed = 0\nsampler = "random"\npruner = "none"\n',
         }.items():
             file = root / f"{name}.toml"
-            file.write_text(f"[base]\n{BASE.format(epochs=12)}\n[optuna]\n{options}{SPACE}")
+            file.write_text(f"[base]\n{BASE.format(epochs=12)}\n[optuna]\n{options}{SPACE}{BATCH}")
             seconds = sweep(file, root / "runs", feats)
             results[name] = (*outcome(root / "runs" / name), seconds)
         (tpe_best, tpe_ep, tpe_st, tpe_s), (rnd_best, rnd_ep, rnd_st, rnd_s) = results["tpe-sh"], results["random"]
@@ -128,12 +129,12 @@ def main(trials: int) -> None:
             f"(target <= 0.4)"
         )
         file = root / "par.toml"
-        file.write_text(f'[base]\n{BASE.format(epochs=4)}\n[optuna]\ntrials = 8\nseed = 0\npruner = "none"\n{SPACE}')
+        file.write_text(f'[base]\n{BASE.format(epochs=12)}\n[optuna]\ntrials = 8\nseed = 0\npruner = "none"\n{SPACE}')
         one = sweep(file, root / "one", feats)
         two = sweep(file, root / "two", feats, "--jobs", "2")
         for d in ("one", "two"):
             assert outcome(root / d / "par")[2] == {"COMPLETE": 8}
-        print("\n2. 8 trials x 4 epochs, no pruning, one study")
+        print("\n2. 8 trials x 12 epochs, no pruning, one study")
         print("| workers | wall time |")
         print("|---|---|")
         print(f"| 1 (`ekx sweep`) | {one:.1f} s |")

@@ -189,6 +189,7 @@ def test_a_study_resumes_after_kill_9_of_a_worker_without_duplicating_or_losing_
     assert rows[: len(first)] == first  # the finished epochs were kept, not trained again
     study = se.open_study(sweep_dir, create=False)
     assert sorted(study.trials[1].intermediate_values) == [1, 2, 3]
+    assert f"lr = {study.trials[1].params['lr']!r}" in (victim / "config.toml").read_text()  # its own parameters
 
 
 def test_two_concurrent_workers_never_run_the_same_trial(tmp_path):

@@ -250,11 +250,11 @@ def _run_trial(search, study, trial, run_dir, features_root, device, tails, unse
     if (run_dir / "pruned.json").is_file():  # pruned, then killed before the study heard of it
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return {"status": "pruned", **json.loads((run_dir / "pruned.json").read_text())}
+    cfg = trial_config(search, trial.number, suggest(trial, search.space), features_root)
+    key = (cfg.train_features, cfg.val_features)
+    if key not in loaded:  # a missing cache stops the worker, not the trial: it stays resumable
+        loaded[key] = tr.load_data(Path(key[0]), Path(key[1]), device, tails, unseen)
     try:
-        cfg = trial_config(search, trial.number, suggest(trial, search.space), features_root)
-        key = (cfg.train_features, cfg.val_features)
-        if key not in loaded:
-            loaded[key] = tr.load_data(Path(key[0]), Path(key[1]), device, tails, unseen)
         resume = (run_dir / "last.pt").is_file()
         reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
         for row in read_metrics(run_dir) if resume else []:  # epochs the dead worker logged but never reported
