@@ -4,8 +4,8 @@ The cache: 5,000 training and 1,000 validation segments of K=8 frames x D=64, 10
 20 nouns (200 actions). The signal is planted so that configurations truly differ: each
 segment's features are its verb prototype + its noun prototype (random Gaussian vectors,
 0.22 per dimension) + noise shared by the segment's frames (std 1, so averaging frames does
-not remove it) + per-frame noise (std 0.5). A linear read-out can reach about half the
-actions, and how close a run gets in 12 epochs depends on the learning rate (five decades
+not remove it) + per-frame noise (std 0.5). A linear read-out reaches about a quarter of
+the actions, and how close a run gets in 12 epochs depends on the learning rate (five decades
 searched: too small does not move, too large overshoots), weight decay, dropout, label
 smoothing and batch size.
 
