@@ -159,6 +159,7 @@ def test_a_pruned_trial_is_recorded_as_pruned_and_compare_reports_the_search(tmp
     assert f"ekx train-head pooling --config {sweep_dir / best / 'config.toml'} --name {best}-again" in out.output
 
 
+@pytest.mark.slow
 def test_a_study_resumes_after_kill_9_of_a_worker_without_duplicating_or_losing_trials(tmp_path):
     feats = caches(tmp_path / "features", n=96)
     file = search_file(
@@ -192,6 +193,7 @@ def test_a_study_resumes_after_kill_9_of_a_worker_without_duplicating_or_losing_
     assert f"lr = {study.trials[1].params['lr']!r}" in (victim / "config.toml").read_text()  # its own parameters
 
 
+@pytest.mark.slow
 def test_two_concurrent_workers_never_run_the_same_trial(tmp_path):
     feats = caches(tmp_path / "features")
     spec = se.parse(
@@ -273,3 +275,19 @@ def test_a_sweep_refuses_a_run_another_live_process_trains(tmp_path):
     assert not (sweep_dir / "a" / "metrics.jsonl").exists()
     assert results["b"]["status"] == "done"  # a dead owner's run is taken over
     assert not (sweep_dir / "b" / runlock.RECORD).exists()  # and released when done
+
+
+@pytest.mark.slow
+def test_phase1_sweep_runs_on_three_backbones_and_compare_prints_its_table(tmp_path):
+    feats = caches(tmp_path / "features", ("resnet50", "efficientnet_b3", "r2plus1d_18"), n=24)
+    runs = tmp_path / "runs"
+    args = ["sweep", str(PHASE1), "--features", str(feats), "--runs", str(runs), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--set", "epochs=1", "--set", "frames=4"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "6/6 configurations finished" in result.output
+    out = runner.invoke(app, ["compare", str(runs / "phase1")], terminal_width=300)
+    assert out.exit_code == 0, out.output
+    table = (runs / "phase1" / "comparison.md").read_text()
+    for name in sw.load(PHASE1):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name.name} |"))
+        assert f"| {name.cfg.head} | {name.cfg.backbone} | done |" in line
