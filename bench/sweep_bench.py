@@ -11,6 +11,11 @@ ratios are what the benchmark is for):
     own process (target <= 1.1x);
   - per-epoch FLOPs of the transformer head (torch.utils.flop_counter), turned into what a
     full-scale phase-2 sweep costs on one datacentre GPU.
+
+`--only search` (the [optuna] targets, side by side, on a planted-signal cache - see
+`planted_cache`): TPE + successive halving against full random search with the same trial
+budget (best validation action top-1 and training epochs spent), then one worker against two
+workers on one study finishing the same 8 trials (wall time).
 """
 
 from __future__ import annotations
@@ -67,7 +72,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--segments", type=int, default=400)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--only", choices=("phase2", "search"), default="phase2")
+    ap.add_argument("--trials", type=int, default=24, help="search: trial budget of both searches")
     args = ap.parse_args()
+    if args.only == "search":
+        from search_bench import main as search_main
+
+        search_main(args.trials)
+        return
     configs = sw.apply_overrides(sw.load(PHASE2), [f"epochs={args.epochs}"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -147,21 +147,31 @@ def submit_sweep(
     scripts: Path | None = None,
     runs: Path | None = None,
     log_dir: Path | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """An array with one task per sweep configuration, then `ekx compare` after all end."""
+    """Grid/random/explicit files: an array with one task per configuration (at most `workers`
+    running at once); [optuna] files: an array of `workers` tasks sharing the study. Then
+    `ekx compare` after all end."""
     from ekx.heads import sweep as sw
 
     file = Path(file).resolve()
-    n = len(sw.load(file))
+    if workers is not None and workers < 1:
+        raise EkxError("--workers must be >= 1")
+    search = sw.is_search(file)
+    if search:
+        n, tasks, script = workers or 1, f"0-{(workers or 1) - 1}", "search.sbatch"
+    else:
+        n = len(sw.load(file))
+        tasks, script = f"0-{n - 1}" + (f"%{workers}" if workers else ""), "sweep.sbatch"
     logs = _logs(log_dir)
     runs_args = ["--runs", str(Path(runs).resolve())] if runs else []
     array = [
         "sbatch",
         "--parsable",
-        f"--array=0-{n - 1}",
+        f"--array={tasks}",
         *logs("ekx-sweep-%A_%a.out"),
         *res.options(),
-        str(_script("sweep.sbatch", scripts)),
+        str(_script(script, scripts)),
         str(file),
         *runs_args,
         *extra,
@@ -178,7 +188,8 @@ def submit_sweep(
         str(sweep_dir),
     ]
     compare_id = sbatch(compare, dry_run, "compare")
-    return {"array": array_id, "compare": compare_id, "commands": [array, compare], "configurations": n}
+    out = {"array": array_id, "compare": compare_id, "commands": [array, compare], "sweep_dir": sweep_dir}
+    return out | ({"workers": n} if search else {"configurations": n})
 
 
 def _logs(log_dir: Path | None):

@@ -121,9 +121,8 @@ def test_head_registry_package_holds_only_heads():
 
 
 def test_cli_imports_no_torch():
-    code = (
-        "import sys, ekx.cli; print(sorted(m for m in ('torch', 'torchvision', 'decord', 'h5py') if m in sys.modules))"
-    )
+    heavy = ("torch", "torchvision", "decord", "h5py", "optuna")
+    code = f"import sys, ekx.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

@@ -201,3 +201,36 @@ def test_prepare_and_finetune_dry_runs(tmp_path):
     assert "--nodes=8" in line and "--gres=gpu:1" in line and " ft-a 1 lstm " in line and line.endswith("--epochs 3")
     bad = runner.invoke(app, ["slurm", "finetune", "lstm", "--name", "../x", "--dry-run"])
     assert bad.exit_code == 1 and "plain run name" in bad.output
+
+
+def test_search_workers_share_one_study(slurm_cluster, tmp_path):
+    """`ekx slurm sweep FILE --workers 2` on an [optuna] file: two array tasks take trials
+    from the one journal file, none twice; the compare job reports the search."""
+    import json
+
+    from ekx.heads import search as se
+
+    feats = tmp_path / "features" / "resnet50"
+    make_cache(feats / "train.h5", n=32, seed=0)
+    make_cache(feats / "validation.h5", n=12, seed=1, split="validation")
+    sweep_file = tmp_path / "mini.toml"
+    sweep_file.write_text(
+        '[base]\nhead = "pooling"\nepochs = 2\nframes = 4\n\n[optuna]\ntrials = 4\npruner = "none"\n'
+        "lr = { log_uniform = [1e-4, 1e-2] }\n"
+    )
+    extra = ["--features", str(tmp_path / "features"), "--device", "cpu"]
+    result = submit_sweep(
+        sweep_file, extra, Resources(cpus=1), runs=tmp_path / "runs", log_dir=tmp_path / "logs", workers=2
+    )
+    assert result["workers"] == 2 and "--array=0-1" in result["commands"][0]
+    wait(result["array"])
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("ekx-sweep-*.out"))
+    assert wait(result["compare"]) == "COMPLETED", logs
+    starts = [line.split()[0] for line in logs.splitlines() if " started: " in line]
+    assert sorted(starts) == [f"trial-{i:04d}" for i in range(4)], logs  # each trial once, across both
+    study = se.open_study(tmp_path / "runs" / "mini", create=False)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    for i in range(4):
+        done = json.loads((tmp_path / "runs" / "mini" / f"trial-{i:04d}" / "done.json").read_text())
+        assert done["epochs"] == 2
+    assert (tmp_path / "runs" / "mini" / "comparison.md").is_file()

@@ -101,16 +101,32 @@ def slurm_sweep(
     scripts: ScriptsOpt = None,
     logs: LogsOpt = None,
     runs: RunsOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="[optuna] files: array tasks sharing the study (default 1); other files: at most N tasks at once.",
+            show_default=False,
+        ),
+    ] = None,
 ):
-    """Submit one array task per sweep configuration plus the dependent compare; extra flags go to ekx sweep.
+    """Submit a sweep as an array job plus the dependent compare; extra flags go to ekx sweep.
+    One task per configuration, or for an [optuna] search N workers on one study (resumable:
+    submit again to continue it).
 
-    Example: ekx slurm sweep configs/sweeps/phase2.toml --partition gpu --gpus 1 --time 2:00:00
+    Example: ekx slurm sweep configs/sweeps/search.toml --workers 8 --partition gpu --gpus 1 --time 2:00:00
     """
     from ekx.slurm import Resources, submit_sweep
 
     ws = workspace(runs=runs)
     result = submit_sweep(
-        file, list(ctx.args), Resources(partition, gpus, time_limit, mem, cpus), dry_run, scripts, ws.runs, logs
+        file,
+        list(ctx.args),
+        Resources(partition, gpus, time_limit, mem, cpus),
+        dry_run,
+        scripts,
+        ws.runs,
+        logs,
+        workers,
     )
     print_submission(result, dry_run, ("sweep", "compare"))
 

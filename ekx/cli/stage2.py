@@ -167,11 +167,24 @@ def score(
 def sweep(
     file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
     jobs: Annotated[
-        int, typer.Option(help="Configurations trained at once (processes sharing the memory-mapped cache).")
+        int, typer.Option(help="Configurations (or search workers) at once, in processes that die with this one.")
     ] = 1,
     index: Annotated[int | None, typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    worker: Annotated[
+        int, typer.Option(help="[optuna] files: this process is worker I of the shared study (seeds its sampler).")
+    ] = 0,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="[optuna] files: the objective - a metrics column (val_verb_top1, val_loss, ...) or the "
+            "held-out cache (.h5, from `ekx split` + extract) that trials are validated and selected on.",
+            show_default=False,
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone whose caches to use.")] = "resnet50",
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone of every configuration (default: each one's own).", show_default=False)
+    ] = None,
     train_features: Annotated[
         Path | None, typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")
     ] = None,
@@ -188,17 +201,38 @@ def sweep(
     annotations: AnnotationsOpt = None,
     device: DeviceOpt = None,
 ):
-    """Train every configuration of a sweep file on caches loaded once; resumable.
+    """Train every configuration of a sweep file, each cache loaded once; or run an [optuna]
+    search (pruned, model-based, many workers on one study). Resumable: run it again.
 
     Example: ekx sweep configs/sweeps/phase2.toml --jobs 2
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from ekx.epic import subsets
     from ekx.heads import sweep as sw
 
     ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
-    configs = sw.apply_overrides(sw.load(file), set_ or [])
+    settings = [*(set_ or []), *([f"backbone={backbone}"] if backbone else [])]
+    if select and select.endswith(".h5"):
+        val_features, select = Path(select), None
+    sweep_dir = ws.runs / (name or file.stem)
+    tails, unseen = subsets(ws.annotations, "validation")
+    if sw.is_search(file):
+        from ekx.heads import search as se
+
+        spec = se.load(file)
+        spec.overrides = sw.parse_settings(settings)
+        if train_features:
+            spec.overrides["train_features"] = str(train_features)
+        if val_features:
+            spec.overrides["val_features"] = str(val_features)
+        if select:
+            spec.objective = select
+        if list_only or index is not None:
+            raise EkxError(f"{file} is an [optuna] search: trials are sampled as it runs (no --list, no --index)")
+        _search(spec, sweep_dir, ws, jobs, tails, unseen, worker)
+        return
+    if select:
+        raise EkxError("--select applies to [optuna] files (the grid/random runner trains every configuration)")
+    configs = sw.apply_overrides(sw.load(file), settings)
     if list_only:
         for sc in configs:
             over = {k: v for k, v in sc.overrides.items() if k != "name"}
@@ -208,10 +242,14 @@ def sweep(
         if not 0 <= index < len(configs):
             raise EkxError(f"--index {index}: {file} has configurations 0..{len(configs) - 1}")
         configs = [configs[index]]
-    sweep_dir = ws.runs / (name or file.stem)
-    train_p = train_features or ws.features / backbone / "train.h5"
-    val_p = val_features or ws.features / backbone / "validation.h5"
-    tails, unseen = subsets(ws.annotations, "validation")
+    _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen)
+
+
+def _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ekx.heads import sweep as sw
+
     columns = [
         TextColumn("{task.description:<28}"),
         BarColumn(bar_width=20),
@@ -239,7 +277,9 @@ def sweep(
                 bar.update(t, status=f"[red]failed[/red]: {row['error'][:60]}")
                 bar.advance(overall)
 
-        results = sw.run_sweep(configs, sweep_dir, train_p, val_p, ws.device, jobs, tails, unseen, on_event)
+        results = sw.run_sweep(
+            configs, sweep_dir, train_features, val_features, ws.device, jobs, tails, unseen, on_event, ws.features
+        )
     failed = {n: r for n, r in results.items() if r["status"] == "failed"}
     console.print(
         f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
@@ -249,6 +289,33 @@ def sweep(
         err_console.print(f"[red]failed[/red] {n}: {r['error']}")
     if failed:
         raise typer.Exit(1)
+
+
+def _search(spec, sweep_dir, ws, jobs, tails, unseen, worker) -> None:
+    from ekx.heads import search as se
+
+    def on_event(kind, name, row):
+        if kind == "epoch":
+            return
+        if kind in ("start", "resume"):
+            detail = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+            text = f"{name} {'resumed' if kind == 'resume' else 'started'}: {detail}"
+        elif kind == "done":
+            text = f"{name} done: {spec.objective} {row['value']:.2f}"
+        elif kind == "pruned":
+            text = f"{name} pruned after epoch {row['epoch']} ({spec.objective} {row['value']:.2f})"
+        else:
+            text = f"[red]{name} failed[/red]: {row['error'][:200]}"
+        console.print(text, highlight=False, soft_wrap=True)
+
+    se.run_search(spec, sweep_dir, ws.features, ws.device, jobs, tails, unseen, worker, on_event)
+    counts = se.summary(sweep_dir)
+    console.print(
+        f"study {se.journal_path(sweep_dir)}: "
+        + ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
+        + f" of {spec.trials} trials -> {sweep_dir}  (compare: ekx compare {sweep_dir})",
+        highlight=False,
+    )
 
 
 @command()
@@ -285,5 +352,28 @@ def compare(
     if plot:
         console.print(f"-> {cmp.plot(rows, plot)}")
     top = rows[0]
-    console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); reproduce with:")
+    report = cmp.search_report(Path(runs_[0])) if len(runs_) == 1 and Path(runs_[0]).is_dir() else None
+    if report and "best" in report:
+        _search_summary(report, runs_[0])
+        top = next((r for r in rows if r["run"] == report["best"]["run"]), top)
+        console.print(
+            f"best trial: [bold]{top['run']}[/bold] ({report['objective']} {report['best']['value']:.2f}); ", end=""
+        )
+    else:
+        console.print(f"best: [bold]{top['run']}[/bold] (val action top-1 {top['val_action_top1']:.1f}); ", end="")
+    console.print("reproduce with:")
     console.print(f"  {cmp.reproduce_command(top)}", soft_wrap=True, highlight=False)  # never wrapped: copy-pasteable
+
+
+def _search_summary(report: dict, sweep_dir: Path) -> None:
+    console.print(f"search: {report['complete']} complete and {report['pruned']} pruned trials", highlight=False)
+    if "importance" in report:
+        table = Table("parameter", f"importance for {report['objective']} (PED-ANOVA)")
+        for k, v in report["importance"].items():
+            table.add_row(k, f"{v:.3f}")
+        console.print(table)
+        console.print(f"-> {Path(sweep_dir) / 'importance.json'}", highlight=False)
+    else:
+        console.print(f"no parameter importance: {report.get('importance_error', 'too few trials')}", highlight=False)
+    if report.get("plot"):
+        console.print(f"-> {report['plot']} (objective against each parameter)", highlight=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import shlex
 from pathlib import Path
 
 from ekx import EkxError
@@ -11,6 +13,8 @@ from ekx import EkxError
 COLUMNS = [
     ("run", "run"),
     ("head", "head"),
+    ("backbone", "backbone"),
+    ("state", "state"),
     ("params", "params"),
     ("train acc", "train_action_top1"),
     ("val acc", "val_action_top1"),
@@ -64,6 +68,8 @@ def collect(paths: list[Path]) -> list[dict]:
                 "run": d.name,
                 "run_dir": str(d),
                 "head": cfg.head if cfg else "?",
+                "backbone": cfg.backbone if cfg else "?",
+                "state": "pruned" if (d / "pruned.json").is_file() else "done" if (d / "done.json").is_file() else "",
                 "params": _params(d) if (d / "best.pt").is_file() else 0,
                 **best,
                 "best_epoch": best["epoch"],
@@ -105,7 +111,77 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def reproduce_command(row: dict) -> str:
-    return f"ekx train-head {row['head']} --config {Path(row['run_dir']) / 'config.toml'} --name {row['run']}-again"
+    """A plain `ekx train-head` run of a run's resolved config, shell-quoted (paths with spaces)."""
+    config = Path(row["run_dir"]) / "config.toml"
+    return shlex.join(["ekx", "train-head", row["head"], "--config", str(config), "--name", f"{row['run']}-again"])
+
+
+# ---------------------------------------------------------------- an [optuna] search
+
+
+def search_report(sweep_dir: Path) -> dict | None:
+    """For a search's sweep directory: importance.json (importance of each parameter for the
+    objective, by Optuna's default evaluator PED-ANOVA - its fANOVA would need scikit-learn),
+    objective.png (objective against each parameter; pruned trials at their last reported
+    value) and the best trial. None where the directory is no search."""
+    from ekx.heads import search as se
+
+    study = se.open_study(Path(sweep_dir), create=False)
+    if study is None:
+        return None
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
+    out: dict = {"objective": study.user_attrs.get("objective", "value"), "complete": len(done), "pruned": len(pruned)}
+    if not done:
+        return out
+    best = study.best_trial
+    out["best"] = {"run": f"trial-{best.number:04d}", "value": best.value, "params": best.params}
+    try:  # needs two or more finished trials whose parameters vary
+        importance = optuna.importance.get_param_importances(study)
+        out["importance"] = dict(importance)
+        (Path(sweep_dir) / "importance.json").write_text(json.dumps(out["importance"], indent=1) + "\n")
+    except (RuntimeError, ValueError) as e:
+        out["importance_error"] = str(e)
+    out["plot"] = _plot_search(done, pruned, out["objective"], Path(sweep_dir) / "objective.png")
+    return out
+
+
+def _plot_search(done, pruned, objective: str, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = sorted({k for t in done + pruned for k in t.params})
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        dist = next(t.distributions[name] for t in done + pruned if name in t.distributions)
+        choices = getattr(dist, "choices", None)
+
+        def x(t, name=name, choices=choices):
+            return choices.index(t.params[name]) if choices is not None else t.params[name]
+
+        for trials, value, style in (
+            (done, lambda t: t.value, {"label": "complete"}),
+            (pruned, lambda t: t.intermediate_values[max(t.intermediate_values)], {"marker": "x", "label": "pruned"}),
+        ):
+            pts = [(x(t), value(t)) for t in trials if name in t.params]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), **style)
+        if choices is not None:
+            ax.set_xticks(range(len(choices)), [str(c) for c in choices], rotation=30)
+        elif getattr(dist, "log", False):
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=objective)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def plot(rows: list[dict], out: Path) -> Path:

@@ -22,7 +22,9 @@ A sweep file (TOML) has up to four parts; every key is a TrainConfig key:
     batch_size = { choice = [16, 24, 32] }
 
 Configurations are numbered in that order (explicit, grid, random), deterministically,
-so `--index I` (one SLURM array task) picks the same one everywhere.
+so `--index I` (one SLURM array task) picks the same one everywhere. `backbone` (or the
+cache paths) may differ between configurations: the runner groups them by cache and
+loads each cache once. An `[optuna]` section instead makes the file a search (heads.search).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
+import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,9 +45,11 @@ import numpy as np
 
 from ekx import EkxError, runtime
 from ekx.config import load_toml, tomllib
+from ekx.heads import runlock
 from ekx.heads.config import TrainConfig
 
 SECTIONS = ("base", "config", "grid", "random")
+SEARCH = "optuna"  # the section that makes a file an Optuna search (heads.search)
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 
 
@@ -84,7 +90,9 @@ def _name(i: int, over: dict) -> str:
 
 def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
     """The ordered list of configurations of a parsed sweep file."""
-    unknown = sorted(set(data) - set(SECTIONS))
+    if SEARCH in data:
+        raise EkxError(f"{where}: an [{SEARCH}] search has no fixed list of configurations; run it with `ekx sweep`")
+    unknown = sorted(set(data) - set(SECTIONS) - {SEARCH})
     if unknown:
         raise EkxError(f"{where}: unknown section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
     base = dict(data.get("base", {}))
@@ -131,6 +139,16 @@ def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
 
 def apply_overrides(configs: list[SweepConfig], settings: list[str]) -> list[SweepConfig]:
     """`--set KEY=VALUE` (TOML values) on every configuration, e.g. a quick `--set epochs=2`."""
+    values = parse_settings(settings)
+    return [
+        SweepConfig(
+            sc.index, sc.name, TrainConfig.from_dict({**asdict(sc.cfg), **values}, f"--set ({sc.name})"), sc.overrides
+        )
+        for sc in configs
+    ]
+
+
+def parse_settings(settings: list[str]) -> dict[str, Any]:
     values = {}
     for item in settings:
         key, sep, text = item.partition("=")
@@ -141,16 +159,45 @@ def apply_overrides(configs: list[SweepConfig], settings: list[str]) -> list[Swe
         except tomllib.TOMLDecodeError:
             values[key.strip()] = text.strip()  # a bare string
     _check_keys(values, "--set")
-    return [
-        SweepConfig(
-            sc.index, sc.name, TrainConfig.from_dict({**asdict(sc.cfg), **values}, f"--set ({sc.name})"), sc.overrides
-        )
-        for sc in configs
-    ]
+    return values
 
 
 def load(path: Path) -> list[SweepConfig]:
     return expand(load_toml(path, "sweep file"), str(path))
+
+
+def is_search(path: Path) -> bool:
+    return SEARCH in load_toml(path, "sweep file")
+
+
+def with_caches(cfg: TrainConfig, features_root: Path) -> TrainConfig:
+    """The configuration with its cache paths resolved (the backbone's default caches unless set)."""
+    root = Path(features_root)
+    return TrainConfig.from_dict(
+        {
+            **asdict(cfg),
+            "train_features": cfg.train_features or str(root / cfg.backbone / "train.h5"),
+            "val_features": cfg.val_features or str(root / cfg.backbone / "validation.h5"),
+        },
+        cfg.name,
+    )
+
+
+def cache_key(cfg: TrainConfig) -> tuple[str, str]:
+    return (cfg.train_features, cfg.val_features)
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (even by SIGKILL), so pool workers
+    never go on training and writing runs that nobody waits for; exit now if it already died."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- running
@@ -167,30 +214,34 @@ def _run_one(sc: SweepConfig, run_dir: Path, data, on_epoch=None) -> dict:
     cfg = TrainConfig.from_dict(
         {**asdict(sc.cfg), "train_features": str(data.train.path), "val_features": str(data.val.path)}, sc.name
     )
-    resume = (run_dir / "last.pt").is_file()
-    best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
-    (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best}))
+    with runlock.claim_or_refuse(run_dir, run_dir.parent / ".claim.lock"):  # never two trainers on one run
+        resume = (run_dir / "last.pt").is_file()
+        best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
+        (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best}))
     return best
 
 
 def run_sweep(
     configs: list[SweepConfig],
     sweep_dir: Path,
-    train_path: Path,
-    val_path: Path,
+    train_path: Path | None,
+    val_path: Path | None,
     device: str,
     jobs: int = 1,
     tails=None,
     unseen=None,
     on_event: Callable[[str, SweepConfig, dict], None] | None = None,
+    features_root: Path = Path("features"),
 ) -> dict[str, dict]:
     """Run every unfinished configuration; returns {name: {"status": ..., "best"/"error": ...}}.
 
-    With jobs == 1 the caches are loaded once in this process and shared by every run.
-    With jobs > 1, worker processes each memory-map the cache (the OS shares the pages).
+    Configurations are grouped by cache (train_path/val_path when given, else each
+    configuration's own paths or its backbone's caches under features_root); each group's
+    caches are loaded once. With jobs == 1 in this process; with jobs > 1 by worker
+    processes that each memory-map the cache (the OS shares the pages) and die with us.
     """
     results: dict[str, dict] = {}
-    todo = []
+    groups: dict[tuple[str, str], list[SweepConfig]] = {}
     for sc in configs:
         if is_finished(sweep_dir / sc.name, sc.cfg):
             results[sc.name] = {
@@ -199,39 +250,63 @@ def run_sweep(
             }
             if on_event:
                 on_event("skipped", sc, results[sc.name]["best"])
+            continue
+        cfg = sc.cfg
+        if train_path is not None:
+            cfg = TrainConfig.from_dict({**asdict(cfg), "train_features": str(train_path)}, sc.name)
+        if val_path is not None:
+            cfg = TrainConfig.from_dict({**asdict(cfg), "val_features": str(val_path)}, sc.name)
+        cfg = with_caches(cfg, features_root)
+        groups.setdefault(cache_key(cfg), []).append(SweepConfig(sc.index, sc.name, cfg, sc.overrides))
+    for (train_p, val_p), todo in groups.items():
+        if jobs <= 1:
+            results |= _run_serial(todo, sweep_dir, Path(train_p), Path(val_p), device, tails, unseen, on_event)
         else:
-            todo.append(sc)
-    if not todo:
-        return results
-    if jobs <= 1:
-        from ekx.heads import train as tr
+            results |= _run_pool(todo, sweep_dir, Path(train_p), Path(val_p), device, jobs, tails, unseen, on_event)
+    return results
 
+
+def _run_serial(todo, sweep_dir, train_path, val_path, device, tails, unseen, on_event) -> dict[str, dict]:
+    from ekx.heads import train as tr
+
+    results: dict[str, dict] = {}
+    try:
         data = tr.load_data(train_path, val_path, device, tails, unseen)
+    except EkxError as e:  # a missing cache fails its configurations, not the other groups
         for sc in todo:
+            results[sc.name] = {"status": "failed", "error": str(e)}
             if on_event:
-                on_event("start", sc, {})
-            try:
-                best = _run_one(
-                    sc,
-                    sweep_dir / sc.name,
-                    data,
-                    on_epoch=(lambda row, sc=sc: on_event("epoch", sc, row)) if on_event else None,
-                )
-                results[sc.name] = {"status": "done", "best": best}
-                if on_event:
-                    on_event("done", sc, best)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                results[sc.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                if on_event:
-                    on_event("failed", sc, results[sc.name])
+                on_event("failed", sc, results[sc.name])
         return results
+    for sc in todo:
+        if on_event:
+            on_event("start", sc, {})
+        try:
+            best = _run_one(
+                sc,
+                sweep_dir / sc.name,
+                data,
+                on_epoch=(lambda row, sc=sc: on_event("epoch", sc, row)) if on_event else None,
+            )
+            results[sc.name] = {"status": "done", "best": best}
+            if on_event:
+                on_event("done", sc, best)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            results[sc.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if on_event:
+                on_event("failed", sc, results[sc.name])
+    return results
+
+
+def _run_pool(todo, sweep_dir, train_path, val_path, device, jobs, tails, unseen, on_event) -> dict[str, dict]:
+    results: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
-    events = ctx.Manager().Queue()
-    with ctx.Pool(
-        jobs, initializer=_worker_init, initargs=(str(train_path), str(val_path), device, tails, unseen, events, jobs)
-    ) as pool:
+    events = ctx.Queue()  # a plain queue, not a Manager: no extra process to outlive us
+    jobs = min(jobs, len(todo))
+    initargs = (str(train_path), str(val_path), device, tails, unseen, events, jobs, os.getpid())
+    with ctx.Pool(jobs, initializer=_worker_init, initargs=initargs) as pool:
         pending = {sc.name: pool.apply_async(_worker_run, (sc, str(sweep_dir / sc.name))) for sc in todo}
         by_name = {sc.name: sc for sc in todo}
         while pending:
@@ -256,24 +331,29 @@ def _drain(events, by_name, on_event) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(train_path, val_path, device, tails, unseen, events, jobs) -> None:
+def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, parent) -> None:
+    die_with_parent(parent)
     import torch
 
     from ekx.heads import train as tr
-    from ekx.heads.data import load_split
+    from ekx.heads.data import feature_stats, load_split
 
     torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // jobs))
     dev = runtime.resolve_device(device)
-    train = load_split(Path(train_path), dev, mmap=True)
-    val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
-    from ekx.heads.data import feature_stats
-
+    try:
+        train = load_split(Path(train_path), dev, mmap=True)
+        val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
+    except EkxError as e:
+        _WORKER.update(error=str(e), events=events)
+        return
     mean, std = feature_stats(train)
     _WORKER.update(data=tr.Loaded(train, val, (mean.to(dev), std.to(dev)), dev, tails, unseen), events=events)
 
 
 def _worker_run(sc: SweepConfig, run_dir: str) -> dict:
     events = _WORKER["events"]
+    if "error" in _WORKER:
+        return {"status": "failed", "error": _WORKER["error"]}
     events.put(("start", sc.name, {}))
     try:
         best = _run_one(sc, Path(run_dir), _WORKER["data"], on_epoch=lambda row: events.put(("epoch", sc.name, row)))
