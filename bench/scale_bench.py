@@ -38,6 +38,7 @@ import numpy as np
 from ekx import epic
 from ekx import prepare as pp
 from ekx.extract import backbones
+from ekx.extract.targets import union_size
 from ekx.extract.video import Request, decode_video
 
 ROOT = Path(__file__).resolve().parent
@@ -182,16 +183,6 @@ def rss_mib() -> float:
     return 0.0
 
 
-def union_size(names: list[str]):
-    """The decode size that serves every listed backbone: the largest of their sizes."""
-    fns = [backbones.get(n).preprocess.decode_size for n in names]
-
-    def size(h: int, w: int) -> tuple[int, int]:
-        return max((f(h, w) for f in fns), key=lambda s: s[0] * s[1])
-
-    return size
-
-
 def decode_only(root: Path, segments: list[epic.Segment], size_fn, clip_len: int = 1) -> dict:
     """One process over every video: useful frames/s, and RSS along the way."""
     found, _ = epic.locate_videos(segments, root)
@@ -227,6 +218,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=24, help="segments of the stage-1 runs")
     ap.add_argument("--frames", type=int, default=8, help="K of the stage-1 runs")
     ap.add_argument("--skip-extract", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true", help="only the stage-1 runs (3)")
     args = ap.parse_args()
     if not CLIP.is_file():
         raise SystemExit(f"{CLIP}: the shared clips are needed (../shared beside the repository)")
@@ -242,6 +234,9 @@ def main() -> None:
         f"{total / len(segments):.1f} s, {total / (minutes * 60):.0%} of the video time) "
         f"ready in {time.perf_counter() - t0:.0f} s"
     )
+    if args.skip_decode:
+        extract_rows(args, roots["1080p originals (GOP 250)"])
+        return
     size_fn = backbones.get("resnet50").preprocess.decode_size
     decode = {}
     print(f"\n(1)+(2) decode only, one process, K={K}, resnet50 decode size")
@@ -252,7 +247,7 @@ def main() -> None:
             f"final {d['final']:6.0f} MiB, slope {d['slope']:+.2f} MiB per minute of video",
             flush=True,
         )
-    union = union_size(["resnet50", "efficientnet_b3", "r2plus1d_18"])
+    union = union_size([backbones.get(n) for n in ("resnet50", "efficientnet_b3", "r2plus1d_18")])
     print("  the three backbones' union: 8-frame clips at each position, at the largest decode size (EfficientNet-B3)")
     for name in ("1080p originals (GOP 250)", "prepared copy (320 px, GOP 0.5 s)"):
         d = decode[f"{name}, 3-backbone union"] = decode_only(roots[name], segments, union, clip_len=8)
@@ -270,7 +265,7 @@ def main() -> None:
 
 
 def extract_rows(args, videos: Path) -> None:
-    from ekx.extract.pipeline import ExtractConfig, extract
+    from ekx.extract.pipeline import ExtractConfig, extract_many
 
     print(f"\n(3) whole stage 1 on the 1080p originals, {args.limit} segments, K={args.frames}, 2 decode workers")
     names = ["resnet50", "efficientnet_b3", "r2plus1d_18"]
@@ -281,14 +276,17 @@ def extract_rows(args, videos: Path) -> None:
         cfg = ExtractConfig(backbone=backbone, split="validation", weights="none", frames=args.frames, workers=2)
         cfg.limit = args.limit
         t0 = time.perf_counter()
-        extract(cfg, args.workdir / "annotations", videos, out, warn=lambda m: None)
+        extract_many(cfg, args.workdir / "annotations", videos, out, warn=lambda m: None)
         return time.perf_counter() - t0
 
     one = run("resnet50", "one")
-    separate = {b: run(b, f"sep-{b}") for b in names}
+    print(f"  resnet50 alone:                  {one:7.1f} s", flush=True)
+    separate = {}
+    for b in names:
+        separate[b] = run(b, f"sep-{b}")
+        print(f"  {b} alone:{'':<{22 - len(b)}} {separate[b]:7.1f} s", flush=True)
     together = run(",".join(names), "together")
     sep = sum(separate.values())
-    print(f"  resnet50 alone:                  {one:7.1f} s")
     print("  three separate runs:             " + " + ".join(f"{v:.1f}" for v in separate.values()) + f" = {sep:.1f} s")
     print(
         f"  three backbones in one pass:     {together:7.1f} s  "
@@ -311,6 +309,9 @@ def gflop_per_segment(name: str, k: int = K) -> float:
     return 2 * ops * k
 
 
+TRANSCODE_PER_CORE = 62.5  # 1080p50 frames/s per core of `ekx prepare` (bench/prepare_bench.py: 125/s on 2 cores)
+
+
 def projection(decode: dict) -> None:
     """Whole-EPIC-100 arithmetic from the measured per-core decode rates."""
     info = list(csv.DictReader(open(EPIC / "EPIC_100_video_info.csv")))
@@ -328,31 +329,45 @@ def projection(decode: dict) -> None:
         flop = gflop_per_segment(name) * 1e9 * n_seg
         gpu[name] = flop / (H200_FP16_DENSE * UTILISATION[name])
         print(
-            f"  GPU {name:<16} {gflop_per_segment(name):7.0f} GFLOP/segment x {n_seg} = {flop / 1e15:6.1f} PFLOP "
-            f"/ (989 TFLOP/s x {UTILISATION[name]:.0%}) = {gpu[name] / 60:5.1f} min"
+            f"  GPU {name:<16} {gflop_per_segment(name):5.0f} GFLOP/segment x {n_seg} = {flop / 1e15:5.1f} PFLOP "
+            f"/ (989 TFLOP/s x {UTILISATION[name]:.0%}) = {gpu[name] / 60:4.1f} min"
         )
     g3 = sum(gpu.values())
     print(f"  GPU, all three backbones: {g3 / 60:.1f} min")
-    for name, d in decode.items():
-        dec = useful / (d["fps"] * cores)
-        one = max(dec, g3)  # decode workers overlap the GPU: the slower side sets the pace
-        sep = sum(max(dec, g) for g in gpu.values())
+    for name in ("1080p originals (GOP 250)", "prepared copy (320 px, GOP 0.5 s)"):
+        one, union = decode.get(name), decode.get(f"{name}, 3-backbone union")
+        if not one or not union:
+            continue
+        d1 = useful / (one["fps"] * cores)  # one backbone's pass (at ResNet-50's size)
+        du = useful / (union["fps"] * cores)  # the pass serving all three
+        # decode workers overlap the GPU, so a pass takes the longer of the two
+        together = max(du, g3)
+        separate = sum(max(d1, g) for g in gpu.values())
         print(
-            f"  decode {name:<36} {useful / 1e6:.2f} M / ({d['fps']:5.0f}/s x {cores}) = {dec / 60:6.1f} min per pass"
-            f" -> 3 backbones in one pass {one / 3600:5.2f} h (3 separate passes {sep / 3600:5.2f} h);"
-            f" on {nodes} nodes {one / nodes / 60:5.1f} min"
+            f"  {name}: one backbone's decode {useful / 1e6:.2f} M / ({one['fps']:.0f}/s x {cores}) = "
+            f"{d1 / 60:.0f} min; the three-backbone decode / ({union['fps']:.0f}/s x {cores}) = {du / 60:.0f} min"
         )
+        print(
+            f"    -> three backbones in one pass max({du / 60:.0f}, {g3 / 60:.1f}) = {together / 60:.0f} min "
+            f"on one node ({together / nodes / 60:.1f} min on {nodes}); three separate passes {separate / 60:.0f} min"
+        )
+    print(
+        f"  one-time `ekx prepare`: {frames / 1e6:.1f} M frames / ({TRANSCODE_PER_CORE:.0f}/s x {cores}) = "
+        f"{frames / (TRANSCODE_PER_CORE * cores) / 3600:.1f} h on one node, "
+        f"{frames / (TRANSCODE_PER_CORE * cores * nodes) / 3600:.1f} h on {nodes} (an array job)"
+    )
     prep = decode.get("prepared copy (320 px, GOP 0.5 s)")
     if prep:
         train = SEGMENTS["train"] * K
         dec = train / (prep["fps"] * cores)
         fwd_bwd = 3 * gflop_per_segment("resnet50") * 1e9 * SEGMENTS["train"] / (H200_FP16_DENSE * 0.30)
         val = SEGMENTS["validation"] * K / (prep["fps"] * cores)
+        epoch = max(dec, fwd_bwd) + val
         print(
-            f"  fine-tuning epoch (resnet50 + head, train {SEGMENTS['train']} segments, K={K}, prepared copy): decode "
-            f"{dec / 60:.1f} min, GPU forward+backward (3x forward) {fwd_bwd / 60:.1f} min, validation decode "
-            f"{val / 60:.1f} min -> ~{(max(dec, fwd_bwd) + val) / 60:.0f} min per epoch on one node, "
-            f"~{(max(dec, fwd_bwd) + val) / nodes / 60:.1f} min on {nodes} (DDP, each node decodes its share)"
+            f"  fine-tuning epoch (ResNet-50 + head, {SEGMENTS['train']} train segments, K={K}, prepared copy): "
+            f"decode {dec / 60:.1f} min vs GPU forward+backward (3x forward) {fwd_bwd / 60:.1f} min, "
+            f"+ validation decode {val / 60:.1f} min = ~{epoch / 60:.0f} min on one node, "
+            f"~{epoch / nodes / 60:.1f} min on {nodes} (DDP: each node decodes its share)"
         )
 
 
