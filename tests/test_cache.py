@@ -286,3 +286,24 @@ def test_reader_bulk_and_memory_map_agree(synth_data, tmp_path):
     mm = c.features(mmap=True)
     assert isinstance(mm, np.memmap)
     np.testing.assert_array_equal(np.asarray(mm), c.features())
+
+
+def test_preprocessing_follows_the_weights_actually_loaded(synth_data, tmp_path, monkeypatch):
+    """--weights IMAGENET1K_V1 gets V1's transforms (resize 256), not DEFAULT's (V2: 232)."""
+    bb = backbones.get("resnet50")
+    assert bb.preprocess.resize_size == (232,)
+    assert backbones.with_weights(bb, "IMAGENET1K_V1").preprocess.resize_size == (256,)
+    assert backbones.with_weights(bb, "torchvision:ResNet50_Weights.IMAGENET1K_V1").preprocess.resize_size == (256,)
+    for same in ("DEFAULT", "none", "IMAGENET1K_V2", str(tmp_path / "x.pt")):
+        assert backbones.with_weights(bb, same).preprocess.resize_size == (232,), same
+    # end to end: a cache extracted with V1 weights (placed in the torch cache) records V1's resize
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = bb.weights["IMAGENET1K_V1"]
+    cached = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(bb.build().state_dict(), cached)
+    s = run(synth_data, tmp_path / "v1.h5", weights="IMAGENET1K_V1", limit=1)
+    attrs = open_cache(s.path).attrs
+    assert attrs["weights"] == "torchvision:ResNet50_Weights.IMAGENET1K_V1"
+    assert list(attrs["preprocess_resize_size"]) == [256]

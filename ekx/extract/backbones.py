@@ -9,6 +9,7 @@ a 320 -> 300 bicubic pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -86,10 +87,23 @@ class Backbone:
     # the network from the input on: [stem, stage 1, stage 2, ...]; `finetune --freeze-blocks N`
     # freezes the stem and the first N stages
     stages: Callable[[Any], list[list[nn.Module]]] = lambda m: [[m]]
+    weights_name: str = "DEFAULT"  # the weights whose own transforms `preprocess` follows
 
     @property
     def preprocess(self) -> Preprocess:
-        return _preprocess_of(self.weights.DEFAULT)
+        enum = self.weights.DEFAULT if self.weights_name == "DEFAULT" else self.weights[self.weights_name]
+        return _preprocess_of(enum)
+
+
+def with_weights(backbone: Backbone, weights: str) -> Backbone:
+    """The backbone whose preprocessing is that of the weights actually loaded: an enum name
+    (``IMAGENET1K_V1``, or an identity ``torchvision:ResNet50_Weights.IMAGENET1K_V1``) brings
+    its own transforms (V1 resizes to 256, V2 to 232); DEFAULT, ``none`` and local files use
+    DEFAULT's, which is what a state dict fine-tuned from DEFAULT expects."""
+    name = weights.rsplit(".", 1)[-1] if weights.startswith("torchvision:") else weights
+    if name != "DEFAULT" and name in {w.name for w in backbone.weights}:
+        return dataclasses.replace(backbone, weights_name=name)
+    return backbone
 
 
 REGISTRY: dict[str, Backbone] = {}

@@ -98,7 +98,7 @@ def open_target(
     warn: Callable[[str], None],
 ) -> Target:
     """Load one backbone (calibrating random weights), open or create its cache, start its writer."""
-    bb = backbones.get(cfg.backbone)
+    bb = backbones.with_weights(backbones.get(cfg.backbone), cfg.weights)  # preprocessing of these weights
     model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
     calibration, bn_state = "", None

@@ -79,6 +79,7 @@ class Start:
     nouns: list[str]
     frames: int
     source: str
+    weights: str = "DEFAULT"  # the weights whose transforms preprocess the frames (backbones.with_weights)
 
 
 def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
@@ -114,6 +115,7 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
         ckpt["classes"]["noun"],
         t,
         ckpt.get("started_from", f"init-head {run}"),
+        spec.get("preprocess_weights", spec["weights"]),
     )
 
 
@@ -121,7 +123,7 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
 def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, device) -> Start:
     """From --weights: a fresh head; BatchNorm calibrated on the data for random weights
     (as stage 1 does), feature standardisation measured on the first training segments."""
-    bb = backbones.get(cfg.backbone)
+    bb = backbones.with_weights(backbones.get(cfg.backbone), cfg.weights)
     t = cfg.frames or 16
     backbone, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     backbone.to(device)
@@ -159,6 +161,7 @@ def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, devi
         list(nouns.keys),
         t,
         f"weights {weights_id}",
+        cfg.weights,
     )
 
 

@@ -124,7 +124,7 @@ def finetune_task(
     unseen: set | None,
     warn: Callable[[str], None],
 ) -> tr.Task:
-    bb = backbones.get(cfg.backbone)
+    bb = backbones.with_weights(backbones.get(cfg.backbone), start.weights)
     model = build_model(start, cfg, device)
     net: nn.Module = model
     if d.world > 1:
@@ -198,6 +198,7 @@ def finetune_task(
             "extractor": {
                 "backbone": bb.name,
                 "weights": "finetuned",
+                "preprocess_weights": start.weights,  # fine-tuned from these: their transforms apply
                 "weights_path": "",
                 "seed": cfg.seed,
                 "frames": start.frames,
@@ -278,7 +279,7 @@ def main(
         else:
             start = cold_start(cfg, ann, train_segs, paths, device)
         cfg = replace(cfg, frames=start.frames, name=run_dir.name)
-        bb = backbones.get(cfg.backbone)
+        bb = backbones.with_weights(backbones.get(cfg.backbone), start.weights)
         train_data, val_data = Clips(train_segs, paths, start.frames, bb), Clips(val_segs, paths, start.frames, bb)
         tails, unseen = epic.subsets(annotations, cfg.val_split)
         task = finetune_task(
@@ -323,8 +324,8 @@ def evaluate_video(
         {k: v for k, v in ckpt["config"].items() if k in FinetuneConfig.keys()}, str(Path(run_dir) / checkpoint)
     )
     device = resolve_device(device_name)
-    bb = backbones.get(cfg.backbone)
     start = start_from_checkpoint(cfg, ckpt, Path(run_dir))
+    bb = backbones.with_weights(backbones.get(cfg.backbone), start.weights)
     model = build_model(start, replace(cfg, freeze_blocks=-1), device)
     ann = epic.Annotations(annotations)
     segs = ann.segments(split)
