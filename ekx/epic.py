@@ -184,7 +184,9 @@ def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList |
             noun = _class_id(row, "noun_class", nouns, where) if labelled else -1
             first, last = _frame_number(row, "start_frame"), _frame_number(row, "stop_frame")
             segments.append(
-                Segment(row["narration_id"], row["participant_id"], row["video_id"], start, stop, verb, noun, first, last)
+                Segment(
+                    row["narration_id"], row["participant_id"], row["video_id"], start, stop, verb, noun, first, last
+                )
             )
     return segments
 

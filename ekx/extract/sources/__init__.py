@@ -31,6 +31,7 @@ from ekx.extract.video import Request, Result, clip_frames, sample_centres
 
 BUILTIN = ("decord", "torchcodec", "frames")  # modules of ekx.extract.sources, imported on first use
 DEFAULT = "decord"
+RGB_FRAMES = "official RGB frames (JPEG)"  # the cache's video_input for the frames source
 REGISTRY: dict[str, Source] = {}
 
 SizeFn = Callable[[int, int], tuple[int, int]] | None
@@ -134,12 +135,23 @@ def choose(name: str, video_ids: set[str], videos: Path, frames: Path | None) ->
         src = get(name)
     else:
         src = get(DEFAULT)
-        if not video_ids & set(src.index(videos)) and frames is not None and video_ids & set(get("frames").index(frames)):
+        if (
+            not video_ids & set(src.index(videos))
+            and frames is not None
+            and video_ids & set(get("frames").index(frames))
+        ):
             src = get("frames")
     why = src.missing()
     if why:
         raise EkxError(why)
     return src
+
+
+def locate(source: Source, segments: list[epic.Segment], root: Path) -> tuple[dict[str, Path], list[str]]:
+    """What ``source`` reads for each video of the segments: (found, missing video ids)."""
+    index = source.index(root)
+    needed = sorted({s.video_id for s in segments})
+    return {v: index[v] for v in needed if v in index}, [v for v in needed if v not in index]
 
 
 # ---------------------------------------------------------------- the shared decode loop

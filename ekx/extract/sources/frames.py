@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,9 @@ class FramesReader:
         elif self.path.is_file():
             try:
                 with tarfile.open(self.path, "r:") as tar:  # uncompressed, as downloaded: seekable
-                    for m in tar:
-                        if m.isfile() and (hit := _NUMBER.search(m.name)):
-                            self.members[int(hit[1])] = (m.offset_data, m.size)
+                    for member in tar:
+                        if member.isfile() and (hit := _NUMBER.search(member.name)):
+                            self.members[int(hit[1])] = (member.offset_data, member.size)
             except tarfile.TarError as e:
                 raise ValueError(f"not a readable tar of frames ({e}); re-download it") from None
             numbers = list(self.members)
@@ -96,7 +97,11 @@ class FramesReader:
 
         data = [torch.frombuffer(bytearray(self._bytes(int(i) + 1)), dtype=torch.uint8) for i in indices]
         try:
-            images = decode_jpeg(data, device=self.device)
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its image codecs in favour of torchcodec's; torchcodec
+                # is an optional extra here, so torchvision's (core) decoder stays the one used
+                warnings.simplefilter("ignore", DeprecationWarning)
+                images = decode_jpeg(data, device=self.device)
         except RuntimeError as e:
             raise ValueError(f"corrupt JPEG among frames {int(indices[0]) + 1}-{int(indices[-1]) + 1}: {e}") from None
         x = torch.stack(images)  # [n, 3, H, W]; a video's frames share one size
@@ -169,14 +174,17 @@ def write_frames(video: Path, out: Path, size: tuple[int, int] | None = None, qu
 
     vr = decord.VideoReader(str(video), num_threads=1, **({"height": size[0], "width": size[1]} if size else {}))
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tar = tarfile.open(out, "w") if out.suffix == ".tar" else None
     if tar is None:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)
     import torch
 
     try:
         for i in range(len(vr)):
-            jpg = encode_jpeg(torch.from_numpy(vr[i].asnumpy()).permute(2, 0, 1).contiguous(), quality=quality)
+            with warnings.catch_warnings():  # see FramesReader.get
+                warnings.simplefilter("ignore", DeprecationWarning)
+                jpg = encode_jpeg(torch.from_numpy(vr[i].asnumpy()).permute(2, 0, 1).contiguous(), quality=quality)
             data = jpg.numpy().tobytes()
             if tar is None:
                 (out / NAME.format(i + 1)).write_bytes(data)

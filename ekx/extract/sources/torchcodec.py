@@ -72,14 +72,16 @@ class Torchcodec(Source):
         if not torch.cuda.is_available():
             return "cpu", "--decode-device cuda: no CUDA device visible to torch; torchcodec decodes on the CPU instead"
         if probe is not None:  # NVDEC (libnvcuvid) may be missing even where CUDA works
+            why = None
             try:
                 r = TorchcodecReader(probe, None, want)
                 r.get(np.array([0]))
-                fb = r.dec.cpu_fallback
-                if getattr(fb, "_is_fallback", False) or "fallback" in str(fb).lower() and "no" not in str(fb).lower():
-                    return "cpu", f"--decode-device cuda: torchcodec reports {fb}; decoding on the CPU instead"
+                if r.dec.cpu_fallback._is_fallback:
+                    why = f"torchcodec reports {r.dec.cpu_fallback}"
             except Exception as e:
-                return "cpu", f"--decode-device cuda: torchcodec cannot decode on {want} ({first_line(e)}); decoding on the CPU instead"
+                why = f"torchcodec cannot decode on {want}: {first_line(e)}"
+            if why:
+                return "cpu", f"--decode-device cuda: {why}; decoding on the CPU instead"
         return want, None
 
     def open(self, path: Path, size_fn: SizeFn = None, device: str = "cpu") -> TorchcodecReader:
