@@ -3,6 +3,7 @@ BatchNorm calibration of random weights: shared by stage 1 and the slow path."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import torchvision.transforms.v2.functional as F
 
 from ekx import EkxError, epic
 from ekx.extract import backbones, sources
+from ekx.extract.sources.watchdog import guarded
 from ekx.extract.video import Request, Result
 
 if TYPE_CHECKING:
@@ -99,9 +101,10 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
     for s in calib:
         req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
-        for res in src.decode(
-            found[s.video_id], [req], cfg.frames, bb.clip_len, bb.preprocess.decode_size, cfg.decode_device
-        ):
+        decode = functools.partial(
+            src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, bb.preprocess.decode_size, cfg.decode_device
+        )
+        for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
             if res.error is None:
                 inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
     if not inputs:

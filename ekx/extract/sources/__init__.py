@@ -68,6 +68,11 @@ class Source:
             importlib.import_module(self.library)
         except ImportError:
             return f"--source {self.name} needs the {self.library} package: pip install 'ekx[{self.name}]'"
+        except Exception as e:  # torchcodec raises RuntimeError where the FFmpeg libraries are missing
+            return (
+                f"--source {self.name}: {self.library} cannot load ({first_line(e)}); it needs the system "
+                "FFmpeg libraries (Debian: apt-get install ffmpeg)"
+            )
         return None
 
     def version(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from multiprocessing import Pipe
 from pathlib import Path
@@ -23,6 +24,11 @@ from ekx.extract.video import Request, Result
 def _child(decode: Callable[[], Iterator[Result]], tx) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if "torch" in sys.modules:
+            # GNU OpenMP is not fork-safe: a parallel region in a child of a process that has
+            # used OpenMP waits forever on the parent's (absent) thread team; one thread never
+            # enters one (each child decodes one video, so this costs nothing)
+            sys.modules["torch"].set_num_threads(1)
         try:  # Linux: die with the worker, even when it is SIGKILLed
             import ctypes
 
