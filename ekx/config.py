@@ -29,6 +29,7 @@ class Workspace:
 
     annotations: Path = Path("data/annotations")
     videos: Path = Path("data/videos")
+    frames: Path = Path("data/frames")  # official RGB frames: <pid>/rgb_frames/<vid>.tar or folders
     features: Path = Path("features")
     runs: Path = Path("runs")
     device: str = "auto"

@@ -64,6 +64,10 @@ class Segment:
     stop: float
     verb_class: int = -1  # -1: unlabelled (test split)
     noun_class: int = -1
+    # the CSV's frame numbers (1-based, inclusive): they name the official RGB-frame JPEGs;
+    # -1 where the file has none. Video sources never use them (see the module docstring).
+    start_frame: int = -1
+    stop_frame: int = -1
 
     @property
     def duration(self) -> float:
@@ -152,6 +156,12 @@ def _annotation_columns(header: list[str]) -> tuple[str, ...]:
     return LABELLED_COLUMNS if labelled else TEST_COLUMNS
 
 
+def _frame_number(row: dict, column: str) -> int:
+    # tolerant: only the frames source needs them, and it names the segment when one is absent
+    text = (row.get(column) or "").strip()
+    return int(text) if text.isdigit() else -1
+
+
 def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList | None = None) -> list[Segment]:
     """Read a train/validation (labelled) or test-timestamps (unlabelled) CSV."""
     fh, reader = _open_csv(path, _annotation_columns, "annotation file")
@@ -172,8 +182,11 @@ def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList |
                 )
             verb = _class_id(row, "verb_class", verbs, where) if labelled else -1
             noun = _class_id(row, "noun_class", nouns, where) if labelled else -1
+            first, last = _frame_number(row, "start_frame"), _frame_number(row, "stop_frame")
             segments.append(
-                Segment(row["narration_id"], row["participant_id"], row["video_id"], start, stop, verb, noun)
+                Segment(
+                    row["narration_id"], row["participant_id"], row["video_id"], start, stop, verb, noun, first, last
+                )
             )
     return segments
 

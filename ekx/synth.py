@@ -252,8 +252,10 @@ def _annotation_rows(video: _Video, labelled: bool):
             start + "0",
             start,
             epic.format_timestamp(s.stop),
-            round(s.start * video.fps),
-            round(s.stop * video.fps),
+            # official naming: JPEG N (from 1) is frame N-1, shown from (N-1)/fps; the segment's
+            # frames are the one shown at its start to the last one shown before its stop
+            math.floor(s.start * video.fps + 1e-9) + 1,
+            max(math.ceil(s.stop * video.fps - 1e-9), math.floor(s.start * video.fps + 1e-9) + 1),
         ]
         if labelled:
             row += [f"{verb} {noun}", verb, s.verb, noun, s.noun, f"['{noun}']", f"[{s.noun}]"]

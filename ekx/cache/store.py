@@ -50,6 +50,9 @@ IDENTITY_KEYS = (
     "clip_len",
     "sampling",
     "video_input",
+    "source",
+    "decoder",
+    "decode_device",
     "seed",
     "augmentation",
     "precision",
@@ -101,11 +104,13 @@ def same(a: Any, b: Any) -> bool:
 
 # what a cache written before an identity key existed implicitly holds
 ORIGINAL_VIDEOS = "original videos"
-IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS}
+IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS, "source": "decord", "decode_device": "cpu"}
 
 
 def identity_mismatch(have: dict, want: dict) -> list[str]:
     def get(d: dict, k: str):
+        if k == "decoder" and k not in d and "decord_version" in d:  # made before sources existed
+            return f"decord {d['decord_version']}"
         return d.get(k, IDENTITY_DEFAULTS.get(k))
 
     return [

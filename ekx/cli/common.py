@@ -42,6 +42,30 @@ AnnotationsOpt = Annotated[
 VideosOpt = Annotated[
     Path | None, typer.Option("--videos", help="Video root: <vid>.mp4 or <pid>/videos/<vid>.MP4.", show_default=False)
 ]
+FramesRootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--frames-root",
+        help="Official RGB frames root: <pid>/rgb_frames/<vid>.tar or folders (default from ekx config).",
+        show_default=False,
+    ),
+]
+SourceOpt = Annotated[
+    str,
+    typer.Option(
+        "--source",
+        help="Frame source: decord, torchcodec (pip install 'ekx[torchcodec]'), frames (the official JPEGs), "
+        "or auto: the videos where present, else the frames.",
+    ),
+]
+DecodeDeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--decode-device",
+        help="cpu, or cuda[:N] to decode on the GPU (torchcodec: NVDEC; frames: nvJPEG); "
+        "falls back to the CPU, saying so, where that is missing.",
+    ),
+]
 FeaturesOpt = Annotated[
     Path | None, typer.Option("--features", help="Feature cache root (default from ekx config).", show_default=False)
 ]

@@ -14,6 +14,7 @@ from ekx.cli.common import (
     AnnotationsOpt,
     DeviceOpt,
     FeaturesOpt,
+    FramesRootOpt,
     RunsOpt,
     VideosOpt,
     command,
@@ -27,6 +28,7 @@ from ekx.cli.common import (
 def config(
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
+    frames_root: FramesRootOpt = None,
     features: FeaturesOpt = None,
     runs: RunsOpt = None,
     device: DeviceOpt = None,
@@ -35,7 +37,9 @@ def config(
 
     Example: ekx config --videos /data/EPIC-KITCHENS
     """
-    ws = workspace(annotations=annotations, videos=videos, features=features, runs=runs, device=device)
+    ws = workspace(
+        annotations=annotations, videos=videos, frames=frames_root, features=features, runs=runs, device=device
+    )
     table = Table("setting", "value", "source", title="ekx workspace")
     for key, source in ws.sources.items():
         table.add_row(key, str(getattr(ws, key)), source)

@@ -12,8 +12,11 @@ from rich.table import Table
 from ekx import EkxError
 from ekx.cli.common import (
     AnnotationsOpt,
+    DecodeDeviceOpt,
     DeviceOpt,
     FeaturesOpt,
+    FramesRootOpt,
+    SourceOpt,
     VideosOpt,
     cache_app,
     command,
@@ -50,8 +53,18 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of random weights (--weights none) and augmented views.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Cache file (default features/<backbone>/<split>.h5).")] = None,
     skip_errors: Annotated[bool, typer.Option(help="Exit 0 even if some segments failed.")] = False,
+    source: SourceOpt = "auto",
+    decode_device: DecodeDeviceOpt = "cpu",
+    decode_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without a decoded segment before a video's decoder is killed and its segments "
+            "marked failed (0: no watchdog)."
+        ),
+    ] = 600.0,
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
+    frames_root: FramesRootOpt = None,
     features: FeaturesOpt = None,
     device: DeviceOpt = None,
 ):
@@ -70,7 +83,7 @@ def extract(
 
     from ekx.extract.pipeline import ExtractConfig, extract_many, parse_shard
 
-    ws = workspace(annotations=annotations, videos=videos, features=features, device=device)
+    ws = workspace(annotations=annotations, videos=videos, frames=frames_root, features=features, device=device)
     cfg = ExtractConfig(
         backbone=backbone,
         split=split,
@@ -85,6 +98,9 @@ def extract(
         shard=parse_shard(shard) if shard else None,
         seed=seed,
         out=out,
+        source=source,
+        decode_device=decode_device,
+        decode_timeout=decode_timeout,
     )
     columns = [
         TextColumn("[bold]extract[/bold]"),
@@ -113,6 +129,7 @@ def extract(
             on_start,
             on_progress,
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}"),
+            frames_root=ws.frames,
         )
     failed = 0
     for summary in summaries:

@@ -3,6 +3,7 @@ BatchNorm calibration of random weights: shared by stage 1 and the slow path."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import TYPE_CHECKING
 
@@ -11,8 +12,9 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from ekx import EkxError, epic
-from ekx.extract import backbones
-from ekx.extract.video import Request, Result, decode_video
+from ekx.extract import backbones, sources
+from ekx.extract.sources.watchdog import guarded
+from ekx.extract.video import Request, Result
 
 if TYPE_CHECKING:
     from ekx.extract.pipeline import ExtractConfig
@@ -61,7 +63,8 @@ def segment_inputs(
     res: Result, narration_id: str, cfg: ExtractConfig, bb: backbones.Backbone, device: torch.device
 ) -> torch.Tensor:
     """Model inputs of one segment: [V*K, 3, h, w] images or [V*K, 3, clip, h, w] clips."""
-    frames = torch.from_numpy(res.frames).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    frames = res.frames if isinstance(res.frames, torch.Tensor) else torch.from_numpy(res.frames)  # GPU-decoded
+    frames = frames.to(device, non_blocking=True).permute(0, 3, 1, 2)
     pre = bb.preprocess
     views = []
     for v in range(cfg.views):
@@ -95,10 +98,13 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
     inputs = []
+    src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
     for s in calib:
-        for res in decode_video(
-            found[s.video_id], [Request(0, s.start, s.stop)], cfg.frames, bb.clip_len, bb.preprocess.decode_size
-        ):
+        req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
+        decode = functools.partial(
+            src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, bb.preprocess.decode_size, cfg.decode_device
+        )
+        for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
             if res.error is None:
                 inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
     if not inputs:

@@ -10,6 +10,7 @@ the compute path. Re-running the same command resumes: done rows are skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -24,9 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ekx import EkxError, epic
 from ekx.cache import store
 from ekx.cache.reader import failures, open_cache
+from ekx.extract import sources
 from ekx.extract.inputs import calibration_plan, segment_inputs
+from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames, union_size
-from ekx.extract.video import Request, Result, decode_video
+from ekx.extract.video import Request, Result
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -47,6 +50,10 @@ class ExtractConfig:
     seed: int = 0  # random weights (--weights none) and augmented views
     calibration_segments: int = 8
     out: Path | None = None
+    # frame source (ekx.extract.sources): auto = the videos where present, else the RGB frames
+    source: str = "auto"
+    decode_device: str = "cpu"
+    decode_timeout: float = 600.0  # seconds without a decoded segment before a video's decoder is killed
 
 
 # ---------------------------------------------------------------- planning
@@ -97,16 +104,29 @@ def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
 
 
 class VideoJobs(IterableDataset):
-    """Yields decoded segments; each worker takes whole videos (each opened once)."""
+    """Yields decoded segments; each worker takes whole videos (each opened once, each
+    under the decode watchdog unless ``timeout`` <= 0)."""
 
-    def __init__(self, jobs: list[tuple[Path, list[Request]]], k: int, clip_len: int, size_fn):
+    def __init__(
+        self,
+        jobs: list[tuple[Path, list[Request]]],
+        k: int,
+        clip_len: int,
+        size_fn,
+        source: str = sources.DEFAULT,
+        device: str = "cpu",
+        timeout: float = 0.0,
+    ):
         self.jobs, self.k, self.clip_len, self.size_fn = jobs, k, clip_len, size_fn
+        self.source, self.device, self.timeout = source, device, timeout
 
     def __iter__(self) -> Iterator[Result]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        src = sources.get(self.source)
         for path, reqs in self.jobs[wid::nw]:
-            yield from decode_video(path, reqs, self.k, self.clip_len, self.size_fn)
+            decode = functools.partial(src.decode, path, reqs, self.k, self.clip_len, self.size_fn, self.device)
+            yield from guarded(decode, path, reqs, self.timeout)
 
 
 def worker_init(_):
@@ -140,11 +160,12 @@ def extract(
     on_start: Callable[[int, int], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = print,
+    frames_root: Path | None = None,
 ) -> Summary:
     """Run stage 1 for one backbone; resumes an existing cache made with the same parameters."""
     if len(backbone_names(cfg.backbone)) != 1:
         raise EkxError("extract() takes one backbone; extract_many() takes several")
-    return extract_many(cfg, annotations, videos, features_root, on_start, on_progress, warn)[0]
+    return extract_many(cfg, annotations, videos, features_root, on_start, on_progress, warn, frames_root)[0]
 
 
 def extract_many(
@@ -155,6 +176,7 @@ def extract_many(
     on_start: Callable[[int, int], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = print,
+    frames_root: Path | None = None,
 ) -> list[Summary]:
     """Stage 1 for every backbone of ``cfg.backbone`` (comma-separated) in one pass: each
     segment is decoded once, at a size and clip length serving every backbone, and each
@@ -175,12 +197,17 @@ def extract_many(
         raise EkxError(f"{ann_path}: no segments to extract (check --limit / --shard)")
     calib_plan = calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
     own = plan_all[: 4 * cfg.calibration_segments] if calib_plan else []
-    found, missing = epic.locate_videos(plan + calib_plan + own, videos)
+    src, root = resolve_source(cfg, plan, videos, frames_root)
+    found, missing = sources.locate(src, plan + calib_plan + own, root)
     missing = [v for v in missing if v in {s.video_id for s in plan}]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=64 if device.type == "cuda" else 16)
+    decode_device, note = src.resolve_device(cfg.decode_device, next(iter(found.values()), None))
+    if note:
+        warn(note)
+    cfg = dataclasses.replace(cfg, source=src.name, decode_device=decode_device)
     if calib_plan and not any(s.video_id in found for s in calib_plan):
         warn(
             "the train split's first videos are not here: BatchNorm calibrated on this split's own "
@@ -194,15 +221,30 @@ def extract_many(
         np.array([s.noun_class for s in plan]),
         plan_index,
     )
-    prepared = read_manifest(videos)  # a prepared copy's features never mix with the originals'
+    prepared = read_manifest(videos) if src.reads == "videos" else None  # never mixed with the originals'
     video_input = prepared.describe() if prepared else store.ORIGINAL_VIDEOS
-    missing_msg = epic.missing_videos_message(missing, len({s.video_id for s in plan}), videos) if missing else None
+    if src.reads == "frames":
+        video_input = sources.RGB_FRAMES
+    missing_msg = src.missing_message(missing, len({s.video_id for s in plan}), root) if missing else None
     targets: list[Target] = []
     try:
         for name in names:
             tcfg = dataclasses.replace(cfg, backbone=name)
             out = tcfg.out or default_out(tcfg, features_root)
-            t = open_target(tcfg, out, device, precision, ann, ann_path, calib_plan, found, rows, video_input, warn)
+            t = open_target(
+                tcfg,
+                out,
+                device,
+                precision,
+                ann,
+                ann_path,
+                calib_plan,
+                found,
+                rows,
+                video_input,
+                warn,
+                source_attrs=src.identity(decode_device),
+            )
             t.summary.missing_videos = missing_msg
             targets.append(t)
         if on_start:
@@ -220,6 +262,19 @@ def extract_many(
         t.summary.failures = failures(t.summary.path) if t.summary.failed else []
         t.summary.seconds = time.perf_counter() - t0
     return [t.summary for t in targets]
+
+
+def resolve_source(
+    cfg: ExtractConfig, plan: list[epic.Segment], videos: Path, frames_root: Path | None
+) -> tuple[sources.Source, Path]:
+    """The frame source (``cfg.source``, or auto) and the root it reads."""
+    src = sources.choose(cfg.source, {s.video_id for s in plan}, videos, frames_root)
+    if src.reads == "frames" and frames_root is None:
+        raise EkxError(
+            f"--source {src.name} reads the official RGB frames: say where they are with --frames-root, "
+            "EKX_FRAMES or frames = ... in ekx.toml"
+        )
+    return src, (frames_root if src.reads == "frames" and frames_root is not None else videos)
 
 
 def _run(
@@ -240,15 +295,19 @@ def _run(
                 if t.todo[row]:
                     t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
             continue
-        by_video.setdefault(s.video_id, []).append(Request(int(row), s.start, s.stop))
+        by_video.setdefault(s.video_id, []).append(Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame))
     # biggest videos first, so the last worker does not finish long after the others
     jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
     if not jobs:
         return
     clip_len = max(t.bb.clip_len for t in targets)  # one decode serves every backbone
-    workers = max(0, min(cfg.workers, len(jobs)))
+    gpu_decode = cfg.decode_device != "cpu"  # a CUDA context does not survive a fork: decode here
+    workers = 0 if gpu_decode else max(0, min(cfg.workers, len(jobs)))
+    timeout = 0.0 if gpu_decode else cfg.decode_timeout
     loader = DataLoader(
-        VideoJobs(jobs, cfg.frames, clip_len, union_size([t.bb for t in targets])),
+        VideoJobs(
+            jobs, cfg.frames, clip_len, union_size([t.bb for t in targets]), cfg.source, cfg.decode_device, timeout
+        ),
         batch_size=None,
         num_workers=workers,
         collate_fn=identity_collate,

@@ -96,6 +96,7 @@ def open_target(
     rows: store.Rows,
     video_input: str,
     warn: Callable[[str], None],
+    source_attrs: dict | None = None,
 ) -> Target:
     """Load one backbone (calibrating random weights), open or create its cache, start its writer."""
     bb = backbones.with_weights(backbones.get(cfg.backbone), cfg.weights)  # preprocessing of these weights
@@ -115,6 +116,7 @@ def open_target(
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
     attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
     attrs["video_input"] = video_input
+    attrs.update(source_attrs or {})  # which frame source, decoder and decode device
     if out.exists():
         bad = store.identity_mismatch(store.open_attrs(out), attrs)
         if bad:

@@ -45,6 +45,8 @@ class Request:
     row: int
     start: float
     stop: float
+    start_frame: int = -1  # the CSV's frame numbers (1-based, inclusive): the frames source's
+    stop_frame: int = -1  # sampling; video sources use the timestamps
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""Frame sources: one contract, checked on every registered source (frame choice by the
+synthetic barcodes, order, size, errors), the frames source against the video sources,
+decord against torchcodec on the real clips."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ekx import EkxError, epic
+from ekx.extract import sources
+from ekx.extract.sources.frames import write_frames
+from ekx.extract.video import Request
+from ekx.synth import read_stamp
+
+K = 5
+VIDEO_SOURCES = ("decord", "torchcodec")
+# every registered source, the frames source once per layout
+CASES = [n for n in sources.names() if n != "frames"] + ["frames-folder", "frames-tar"]
+
+
+@pytest.fixture(scope="module")
+def rgb_frames(synth_data, tmp_path_factory) -> dict[str, Path]:
+    """The synthetic videos as official RGB frames, both layouts: {"folder": root, "tar": root}."""
+    out = tmp_path_factory.mktemp("rgb")
+    for vid, path in epic.index_videos(synth_data / "videos").items():
+        pid = vid.split("_")[0]
+        write_frames(path, out / "folder" / pid / "rgb_frames" / vid)
+        write_frames(path, out / "tar" / pid / "rgb_frames" / f"{vid}.tar")
+    return {"folder": out / "folder", "tar": out / "tar"}
+
+
+def case(name: str, synth_data: Path, rgb_frames: dict[str, Path]) -> tuple[sources.Source, dict[str, Path]]:
+    """(source, video id -> what it reads) for a parametrised case; skips a source not installed."""
+    if name.startswith("frames-"):
+        src = sources.get("frames")
+        return src, src.index(rgb_frames[name.split("-")[1]])
+    src = sources.get(name)
+    why = src.missing()
+    if why:
+        pytest.skip(why)
+    return src, src.index(synth_data / "videos")
+
+
+def requests(synth_data: Path, video_id: str) -> list[Request]:
+    ann = epic.Annotations(synth_data / "annotations")
+    segs = [s for split in ("train", "validation") for s in ann.segments(split) if s.video_id == video_id]
+    return [Request(i, s.start, s.stop, s.start_frame, s.stop_frame) for i, s in enumerate(segs)]
+
+
+def a_video(synth_data: Path) -> str:
+    return sorted(epic.index_videos(synth_data / "videos"))[0]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_frames_are_the_ones_chosen_in_order_at_the_size_asked(name, synth_data, rgb_frames):
+    src, paths = case(name, synth_data, rgb_frames)
+    vid = a_video(synth_data)
+    reqs = requests(synth_data, vid)
+    size = lambda h, w: (48, 64)  # noqa: E731
+    results = list(src.decode(paths[vid], list(reversed(reqs)), K, 1, size))
+    assert sorted(r.row for r in results) == sorted(r.row for r in reqs)
+    for res in results:
+        assert res.error is None, res.error
+        assert res.frames.shape == (K, 48, 64, 3) and res.frames.dtype == np.uint8
+        assert np.all(np.diff(res.centres) > 0)  # K distinct positions, in order
+    # the barcode is too thin to read at 48 rows: the frame choice is read at full size, as clips
+    full = {r.row: r for r in src.decode(paths[vid], reqs, K, 3, None)}
+    for r in reqs:
+        res = full[r.row]
+        stamps = [read_stamp(f) for f in res.frames]
+        want = np.clip(res.centres[:, None] + np.array([-1, 0, 1]), 0, None).reshape(-1)
+        assert stamps == want.tolist()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reader_contract(name, synth_data, rgb_frames):
+    src, paths = case(name, synth_data, rgb_frames)
+    vid = a_video(synth_data)
+    reader = src.open(paths[vid], None)
+    try:
+        n = reader.num_frames
+        assert n > 10
+        ts = reader.timestamps()
+        assert ts.shape == (n,)
+        if src.reads == "videos":
+            assert np.all(np.diff(ts) > 0) and abs(ts[1] - ts[0] - 1 / reader.fps) < 1e-3
+        idx = np.array([0, 3, 4, n - 1])
+        assert [read_stamp(f) for f in reader.get(idx)] == idx.tolist()
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_missing_corrupt_and_out_of_range_are_segment_errors(name, synth_data, rgb_frames, tmp_path):
+    src, paths = case(name, synth_data, rgb_frames)
+    vid = a_video(synth_data)
+    reqs = requests(synth_data, vid)[:2]
+    ghost = tmp_path / ("P09_09.tar" if name == "frames-tar" else "P09_09" if name == "frames-folder" else "P09_09.mp4")
+    for res in src.decode(ghost, reqs, K, 1):
+        assert res.frames is None and "P09_09" in res.error
+    bad = tmp_path / ("bad.tar" if name == "frames-tar" else "bad.mp4")
+    bad.write_bytes(b"\x00not a video or a tar\xff" * 64)
+    if name != "frames-folder":
+        errors = [r.error for r in src.decode(bad, reqs, K, 1)]
+        assert all(e and "bad" in e for e in errors), errors
+    beyond = Request(99, 3600.0, 3601.0, 180000, 180060)
+    (res,) = src.decode(paths[vid], [beyond], K, 1)
+    assert res.frames is None and "beyond" in res.error
+
+
+def test_frames_source_missing_or_corrupt_jpeg(synth_data, rgb_frames, tmp_path):
+    src = sources.get("frames")
+    vid = a_video(synth_data)
+    folder = tmp_path / vid
+    shutil.copytree(src.index(rgb_frames["folder"])[vid], folder)
+    r = requests(synth_data, vid)[0]
+    (res,) = src.decode(folder, [r], K, 1)
+    mid = res.centres[K // 2] + 1  # a JPEG the segment samples
+    (folder / f"frame_{mid:010d}.jpg").unlink()
+    (res,) = src.decode(folder, [r], K, 1)
+    assert res.frames is None and f"frame_{mid:010d}.jpg" in res.error and "missing" in res.error
+    (folder / f"frame_{mid:010d}.jpg").write_bytes(b"\xff\xd8 truncated")
+    (res,) = src.decode(folder, [r], K, 1)
+    assert res.frames is None and "corrupt JPEG" in res.error
+    no_numbers = Request(0, r.start, r.stop)  # a CSV without start_frame/stop_frame
+    (res,) = src.decode(folder, [no_numbers], K, 1)
+    assert res.frames is None and "start_frame" in res.error
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_frames_source_chooses_the_video_sources_frames_within_one(layout, synth_data, rgb_frames):
+    """The CSV's frame numbers quantise each segment's ends to whole frames (up to one frame
+    each), so a sampled position moves by less than one frame and its frame by at most one."""
+    frames, video = sources.get("frames"), sources.get("decord")
+    fpaths, vpaths = frames.index(rgb_frames[layout]), video.index(synth_data / "videos")
+    diffs = []
+    for vid in sorted(vpaths):
+        reqs = requests(synth_data, vid)
+        a = {r.row: r for r in video.decode(vpaths[vid], reqs, 8, 1)}
+        b = {r.row: r for r in frames.decode(fpaths[vid], reqs, 8, 1)}
+        for row in a:
+            assert [read_stamp(f) for f in b[row].frames] == b[row].centres.tolist()
+            diffs.append(b[row].centres - a[row].centres)
+    d = np.concatenate(diffs)
+    assert np.abs(d).max() <= 1 and (d == 0).mean() > 0.5
+
+
+def test_registry_refuses_duplicates_and_names_the_known():
+    with pytest.raises(ValueError, match="already registered"):
+        sources.register(type("Again", (sources.Source,), {"name": "decord"}))
+    with pytest.raises(EkxError, match="decord"):
+        sources.get("nope")
+
+
+def test_auto_picks_videos_else_frames(synth_data, rgb_frames, tmp_path):
+    vids = set(epic.index_videos(synth_data / "videos"))
+    assert sources.choose("auto", vids, synth_data / "videos", rgb_frames["tar"]).name == "decord"
+    assert sources.choose("auto", vids, tmp_path / "none", rgb_frames["tar"]).name == "frames"
+    assert sources.choose("auto", vids, tmp_path / "none", tmp_path / "none").name == "decord"
+
+
+def test_decord_and_torchcodec_agree_on_the_shared_clips(clips):
+    """Same frame indices everywhere; on the H.264 clips (EPIC's codec) the same pixels up to
+    colour-conversion rounding (measured: bit-identical). torchcodec 0.17 returns wrong frames after a seek in the
+    MPEG-2 program stream (mean difference ~30 levels against a sequential decode, which
+    decord matches): recorded here, not hidden; use decord for such files."""
+    tc = sources.get("torchcodec")
+    if tc.missing():
+        pytest.skip(tc.missing())
+    dc = sources.get("decord")
+    worst: dict[str, tuple[int, float]] = {}
+    for path in sorted(p for p in clips.iterdir() if p.suffix in (".mp4", ".mpg")):
+        a, b = dc.open(path), tc.open(path)
+        assert a.num_frames == b.num_frames and abs(a.fps - b.fps) < 1e-3, path.name
+        reqs = [Request(i, t, t + 1.5) for i, t in enumerate(np.linspace(0, a.num_frames / a.fps - 1.6, 4))]
+        ra = {r.row: r for r in dc.decode(path, reqs, 8, 1)}
+        rb = {r.row: r for r in tc.decode(path, reqs, 8, 1)}
+        diffs = []
+        for row in ra:
+            assert ra[row].centres.tolist() == rb[row].centres.tolist(), path.name
+            diffs.append(np.abs(ra[row].frames.astype(np.int16) - rb[row].frames.astype(np.int16)))
+        d = np.stack(diffs)
+        worst[path.name] = (int(d.max()), round(float(d.mean()), 2))
+        a.close(), b.close()
+    print("decord vs torchcodec (max abs, mean abs pixel difference):", worst)
+    for name, (most, _) in worst.items():
+        if not name.endswith(".mpg"):
+            assert most <= 2, (name, worst[name])  # measured: 0 (bit-identical) with torchcodec 0.17

@@ -1,0 +1,106 @@
+"""Stage 1 through the frame sources: the RGB-frames source end to end (cache verified,
+identity recorded and enforced), and the per-video decode watchdog with a hanging source."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ekx import epic
+from ekx.cache.reader import failures
+from ekx.cli import app
+from ekx.extract import sources
+from ekx.extract.pipeline import ExtractConfig, extract
+from ekx.extract.sources.frames import write_frames
+from ekx.extract.video import Request, Result
+
+HUNG = {"video": ""}  # the video the hanging source never finishes (set by the test)
+
+
+@sources.register
+class Hanging(sources.Source):
+    """decord, except that one video hangs forever inside decode (as decord's get_batch can)."""
+
+    name = "test-hang"
+    library = "decord"
+
+    def decode(self, path, requests, k, clip_len, size_fn=None, device="cpu") -> Iterator[Result]:
+        if Path(path).stem == HUNG["video"]:
+            time.sleep(3600)
+        return sources.get("decord").decode(path, requests, k, clip_len, size_fn, device)
+
+
+@pytest.fixture(scope="module")
+def tars(synth_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rgb_tar")
+    for vid, path in epic.index_videos(synth_data / "videos").items():
+        write_frames(path, out / vid.split("_")[0] / "rgb_frames" / f"{vid}.tar")
+    return out
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args), terminal_width=200)
+
+
+def test_frames_source_end_to_end_cache_verifies_and_records_its_source(synth_data, tars, tmp_path):
+    out = tmp_path / "val.h5"
+    common = ["--split", "validation", "--weights", "none", "--frames", "4", "--workers", "1", "--out", str(out)]
+    ann = ["--annotations", str(synth_data / "annotations")]
+    r = cli("extract", "--source", "frames", "--frames-root", str(tars), *common, *ann)
+    assert r.exit_code == 0, r.output
+    r = cli("cache", "verify", str(out))
+    assert r.exit_code == 0 and "ok" in r.output, r.output
+    info = cli("cache", "info", str(out)).output
+    assert "decode_device" in info and "torchvision" in info and "official RGB frames" in info
+    # the same cache from the videos: refused, naming the source
+    r = cli("extract", "--source", "decord", "--videos", str(synth_data / "videos"), *common, *ann)
+    assert r.exit_code == 1 and "refusing to mix" in r.output and "source" in r.output
+    # auto: no videos at that root, frames there -> the frames source; resumes the same cache
+    r = cli("extract", "--videos", str(tmp_path / "none"), "--frames-root", str(tars), *common, *ann)
+    assert r.exit_code == 0, r.output
+
+
+def test_frames_source_needs_its_root(synth_data, tmp_path):
+    from ekx import EkxError
+    from ekx.extract.pipeline import resolve_source
+
+    plan = epic.Annotations(synth_data / "annotations").segments("validation")
+    with pytest.raises(EkxError, match="--frames-root"):
+        resolve_source(ExtractConfig(source="frames"), plan, synth_data / "videos", None)
+    msg = sources.get("frames").missing_message(["P01_01"], 3, tmp_path)
+    assert "no RGB frames under" in msg and "rgb_frames/<video_id>.tar" in msg
+
+
+def test_watchdog_fails_a_hung_videos_segments_and_the_run_goes_on(synth_data, tmp_path):
+    ann = epic.Annotations(synth_data / "annotations")
+    train = ann.segments("train")
+    videos = sorted({s.video_id for s in train})
+    HUNG["video"] = videos[-1]  # not among the first segments, which calibrate BatchNorm
+    cfg = ExtractConfig(
+        split="train", weights="none", frames=4, workers=1, source="test-hang", decode_timeout=1.0,
+        out=tmp_path / "t.h5",
+    )  # fmt: skip
+    s = extract(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    hung = [x.narration_id for x in train if x.video_id == HUNG["video"]]
+    assert s.failed == len(hung) and s.done == len(train) - len(hung)
+    reasons = dict(failures(s.path))
+    assert sorted(reasons) == sorted(hung)
+    assert all("decode watchdog" in r and HUNG["video"] in r for r in reasons.values())
+
+
+def test_watchdog_passes_results_and_reports_a_crash(synth_data, tmp_path):
+    from ekx.extract.sources.watchdog import guarded
+
+    path = epic.index_videos(synth_data / "videos")[sorted(epic.index_videos(synth_data / "videos"))[0]]
+    reqs = [Request(0, 0.1, 0.5), Request(1, 0.2, 0.9)]
+
+    def crash():
+        yield Result(0, None, None, "fine")
+        raise MemoryError("boom")
+
+    got = list(guarded(crash, path, reqs, 30))
+    assert [r.row for r in got] == [0, 1] and "decoder crashed: MemoryError: boom" in got[1].error
