@@ -186,11 +186,11 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     return spacing, n, starts
 
 
-def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, stop: threading.Event, chunk: int) -> None:
+def _decode_frames(vr, index: np.ndarray, out: queue.Queue, stop: threading.Event, chunk: int) -> None:
     """Decoder thread: (frame indices, uint8 [n, H, W, 3]) chunks of ``index`` (increasing,
     unique), so the reader only ever decodes forward (seeking past keyframes)."""
     try:
-        reader, got = ForwardReader(open_reader(path, size_fn)), []
+        reader, got = ForwardReader(vr), []
         for i in index:
             if stop.is_set():
                 return
@@ -208,6 +208,7 @@ def _decode_frames(path: Path, index: np.ndarray, size_fn, out: queue.Queue, sto
 def grid_features(
     model: RunModel,
     path: Path,
+    vr,
     frame_index: np.ndarray,
     n_frames: int,
     batch: int = 16,
@@ -224,7 +225,7 @@ def grid_features(
     worker = threading.Thread(
         target=_decode_frames,
         daemon=True,
-        args=(path, wanted, model.preprocess.decode_size, q, stop, batch * model.clip_len),
+        args=(vr, wanted, q, stop, batch * model.clip_len),
     )
     worker.start()
     later_min = np.minimum.accumulate(clips.min(1)[::-1])[::-1]  # first frame any clip from j on needs
@@ -280,10 +281,9 @@ def predict_video(
     path = Path(path)
     if not path.is_file():
         raise EkxError(f"{path}: no such video")
-    try:
-        vr = open_reader(path)
+    try:  # one open: decord scans the whole file each time
+        vr = open_reader(path, model.preprocess.decode_size)
         n_frames, fps = len(vr), float(vr.get_avg_fps())
-        del vr
     except Exception as e:
         raise EkxError(f"{path}: cannot read this video ({str(e).splitlines()[0][:160]})") from None
     duration = n_frames / fps
@@ -291,7 +291,7 @@ def predict_video(
     index = np.minimum(np.round((np.arange(n_grid) + 0.5) * spacing * fps).astype(np.int64), n_frames - 1)
     if on_start:
         on_start(n_grid)
-    feats = grid_features(model, path, index, n_frames, on_progress=on_progress)
+    feats = grid_features(model, path, vr, index, n_frames, on_progress=on_progress)
     out = []
     for lo in range(0, len(starts), 256):  # windows are built a block at a time: views of one grid
         pv, pn = model.classify(torch.stack([feats[g : g + model.k] for g in starts[lo : lo + 256]]))

@@ -292,3 +292,55 @@ def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
     sa, sb = (torch.load(p / "last.pt", weights_only=True) for p in (full, part))
     for k in sa["backbone"]:
         assert torch.allclose(sa["backbone"][k].float(), sb["backbone"][k].float(), atol=1e-6), k
+
+
+def test_clips_open_each_video_once_when_grouped_by_video(synth_data, monkeypatch):
+    """Fine-tuning kept no reader: each sample re-opened its video (twice: probe, then at the
+    decode size), and decord scans the whole file on every open. Grouped by video, a video
+    opens once per worker; the frames are those stage 1 decodes."""
+    import decord
+
+    from ekx import epic
+    from ekx.extract.video import Request, decode_video
+    from ekx.finetune.clips import Clips, VideoChunks
+
+    real = decord.VideoReader
+    opened: list[str] = []
+
+    def counting(path, *a, **k):
+        opened.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(decord, "VideoReader", counting)
+    segs = epic.Annotations(synth_data / "annotations").segments("train")
+    paths = epic.index_videos(synth_data / "videos")
+    bb = backbones.get("resnet50")
+    data = Clips(segs, paths, 2, bb)
+    order = list(VideoChunks([s.video_id for s in segs], 4, seed=0))
+    assert sorted(set(order)) == list(range(len(segs)))
+    items = [data[i] for i in order]
+    videos = {s.video_id for s in segs}
+    assert len(order) > len(segs)  # padded to whole chunks by repeating the first ones...
+    assert data.opens <= len(videos) + 1  # ...which may reopen the first video once
+    assert len(opened) <= 2 * (len(videos) + 1) < len(segs)  # the old Clips: 2 per sample
+    i, frames, err = items[0]
+    ref = next(
+        decode_video(
+            paths[segs[i].video_id], [Request(i, segs[i].start, segs[i].stop)], 2, 1, bb.preprocess.decode_size
+        )
+    )
+    assert err is None and np.array_equal(frames, ref.frames)
+
+
+def test_video_chunks_deal_equal_grouped_shares_to_every_rank():
+    from ekx.finetune.clips import VideoChunks
+
+    vids = [f"P01_{i % 5:02d}" for i in range(37)]  # 5 videos, interleaved
+    shares = [list(VideoChunks(vids, 4, replicas=3, rank=r, seed=1)) for r in range(3)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == len(VideoChunks(vids, 4, 3, 0, 1))
+    assert set().union(*map(set, shares)) == set(range(37))  # every segment, some repeated as padding
+    for s in shares:  # each batch of 4 reads at most two videos
+        assert all(len({vids[i] for i in s[k : k + 4]}) <= 2 for k in range(0, len(s), 4))
+    a, b = VideoChunks(vids, 4, seed=1), VideoChunks(vids, 4, seed=1)
+    b.set_epoch(1)
+    assert list(a) == list(VideoChunks(vids, 4, seed=1)) and list(a) != list(b)  # a function of (seed, epoch)

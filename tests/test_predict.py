@@ -72,10 +72,16 @@ def test_predict_recovers_annotated_verbs_and_reuses_frames(demo_workspace, tmp_
     ann = epic.Annotations(workdir / "data" / "annotations")
     segs = ann.segments("validation")
     paths = epic.locate_videos(segs, workdir / "data" / "videos")[0]
+    import decord
+
+    real, opened = decord.VideoReader, []
+    monkeypatch.setattr(decord, "VideoReader", lambda *a, **k: opened.append(a) or real(*a, **k))
     right = total = 0
     for vid in sorted(paths)[:2]:
         calls.clear()
+        opened.clear()
         pred = predict_video(model, paths[vid], window=4.0, stride=1.0)
+        assert len(opened) == 1  # decord scans the whole file on open: once (it was 3 times)
         # every grid frame went through the backbone once, though windows overlap 3/4
         assert sum(calls) == pred.grid_frames
         assert len(pred.windows) * model.k > 2 * pred.grid_frames

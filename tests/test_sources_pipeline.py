@@ -104,3 +104,42 @@ def test_watchdog_passes_results_and_reports_a_crash(synth_data, tmp_path):
 
     got = list(guarded(crash, path, reqs, 30))
     assert [r.row for r in got] == [0, 1] and "decoder crashed: MemoryError: boom" in got[1].error
+
+
+@pytest.mark.slow
+def test_frames_source_trains_a_head_as_well_as_the_video_source(demo_workspace, tmp_path):
+    """The demo's data, read as official RGB frames (per-video tars) instead of videos: the
+    same extraction, the same LSTM training, and the order score (which of two time-reversed
+    verbs happened) within 5 points of the demo's video-source run."""
+    import torch
+
+    from ekx.demo import DEMO_FRAMES, head_config, reversal_scores
+    from ekx.extract.pipeline import extract_many
+    from ekx.heads import train as tr
+    from ekx.heads.data import load_split
+    from ekx.heads.evaluate import evaluate_run
+
+    workdir, _ = demo_workspace
+    ann = workdir / "data" / "annotations"
+    frames_root = tmp_path / "frames"
+    for vid, path in epic.index_videos(workdir / "data" / "videos").items():
+        write_frames(path, frames_root / vid.split("_")[0] / "rgb_frames" / f"{vid}.tar")
+    feats = tmp_path / "features"
+    for split in ("train", "validation"):
+        cfg = ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1, source="frames")
+        (s,) = extract_many(cfg, ann, tmp_path / "no-videos", feats, warn=lambda m: None, frames_root=frames_root)
+        assert s.failed == 0 and s.done == s.total
+    train, val = feats / "resnet50" / "train.h5", feats / "resnet50" / "validation.h5"
+    cfg = head_config("lstm", "lstm-frames")
+    cfg.train_features, cfg.val_features = str(train), str(val)
+    tr.run(cfg, tmp_path / "runs" / "lstm-frames", tr.load_data(train, val, "cpu"))
+    scores = {}
+    for name, run, cache in (
+        ("frames", tmp_path / "runs" / "lstm-frames", val),
+        ("video", workdir / "runs" / "lstm-demo", workdir / "features" / "resnet50" / "validation.h5"),
+    ):
+        split = load_split(cache, torch.device("cpu"))
+        r = evaluate_run(run, cache)
+        scores[name] = reversal_scores(r["verb"], split.verbs[split.rows], split.attrs["verb_classes"])
+    assert abs(scores["frames"]["direction"] - scores["video"]["direction"]) <= 5, scores
+    assert scores["frames"]["direction"] >= 90, scores

@@ -61,13 +61,32 @@ def open_reader(path: Path, size_fn=None):
     """A decord VideoReader, at the size ``size_fn(h, w) -> (h, w)`` asks for."""
     import decord
 
-    vr = decord.VideoReader(str(path), num_threads=1)
-    if size_fn is not None:
-        h, w = _probe_shape(vr)
-        th, tw = size_fn(h, w)
-        if (th, tw) != (h, w):
-            vr = decord.VideoReader(str(path), width=tw, height=th, num_threads=1)
-    return vr
+    if size_fn is None:
+        return decord.VideoReader(str(path), num_threads=1)
+    # the frame size from the container's headers (PyAV), so decord - which scans the whole
+    # file on every open - opens the video once, already at the decode size
+    shape = _header_shape(path)
+    if shape is None:
+        vr = decord.VideoReader(str(path), num_threads=1)
+        shape = _probe_shape(vr)
+        if size_fn(*shape) == shape:
+            return vr
+        del vr
+    th, tw = size_fn(*shape)
+    if (th, tw) == shape:
+        return decord.VideoReader(str(path), num_threads=1)
+    return decord.VideoReader(str(path), width=tw, height=th, num_threads=1)
+
+
+def _header_shape(path: Path) -> tuple[int, int] | None:
+    try:
+        import av
+
+        with av.open(str(path)) as c:
+            cc = c.streams.video[0].codec_context
+            return (cc.height, cc.width) if cc.height and cc.width else None
+    except Exception:  # not readable by PyAV: decord's own probe decides
+        return None
 
 
 def _probe_shape(vr) -> tuple[int, int]:

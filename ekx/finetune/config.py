@@ -26,6 +26,9 @@ class FinetuneConfig(TrainConfig):
     )
     train_bn: bool = opt(False, "update BatchNorm statistics of the trained stages (default: frozen, see README)")
     workers: int = opt(2, "decoding worker processes (per process under torchrun)")
+    group_by_video: bool = opt(
+        True, "batches of one video's segments, each video opened once per worker (off: uniform shuffle)"
+    )
     init_head: str = opt("", "warm start: a train-head run (dir or name) on the same backbone's cache")
     train_split: str = opt("train", "annotation split (or CSV) to train on")
     val_split: str = opt("validation", "annotation split (or CSV) to evaluate on")

@@ -20,6 +20,7 @@ from ekx.extract.pipeline import ExtractConfig, worker_init
 from ekx.finetune.clips import (
     Clips,
     Dist,
+    VideoChunks,
     as_list,
     clip_augmentation,
     clip_inputs,
@@ -57,7 +58,9 @@ def video_logits(
 ):
     """Logits of every segment of ``data`` (clean preprocessing), each rank a share; rank 0
     gathers them in order (others get None). An undecodable segment scores uniform."""
-    mine = list(range(d.rank, len(data), d.world))
+    # in video order: a worker's reader of a video serves all its segments (Clips keeps it open)
+    order = sorted(range(len(data)), key=lambda i: (data.segments[i].video_id, i))
+    mine = order[d.rank :: d.world]
     loader = DataLoader(
         torch.utils.data.Subset(data, mine),
         batch_size=batch,
@@ -130,8 +133,10 @@ def finetune_task(
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     augment = clip_augmentation(bb.preprocess) if cfg.augment else None
-    sampler: DistributedSampler = DistributedSampler(
-        train_data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed
+    sampler: VideoChunks | DistributedSampler = (
+        VideoChunks([s.video_id for s in train_data.segments], cfg.batch_size, d.world, d.rank, cfg.seed)
+        if cfg.group_by_video
+        else DistributedSampler(train_data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     )
     loader = DataLoader(
         train_data,
