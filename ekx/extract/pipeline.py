@@ -46,6 +46,7 @@ class ExtractConfig:
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
     seed: int = 0  # random weights (--weights none) and augmented views
     calibration_segments: int = 8
+    recalibrate: bool = False  # an existing cache whose BatchNorm calibration differs is redone, not refused
     out: Path | None = None
 
 
