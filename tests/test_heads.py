@@ -239,3 +239,26 @@ def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--json", str(js)])
     assert result.exit_code == 0, result.output
     assert set(json.loads(js.read_text())["metrics"]) >= {"verb_top1", "noun_top5", "action_top1", "action_top5"}
+
+
+def test_random_weights_of_another_seed_are_refused(tmp_path):
+    """--weights none: a seed-1 cache is another network; train-head and evaluate refuse to
+    mix it with a seed-0 one."""
+    import h5py
+
+    train = make_cache(tmp_path / "train.h5", n=32, seed=0)
+    val = make_cache(tmp_path / "val.h5", n=16, seed=1, split="validation")
+
+    def set_seed(path, seed):
+        with h5py.File(path, "a") as f:
+            f.attrs["seed"] = seed
+
+    set_seed(train, 0)
+    set_seed(val, 1)
+    with pytest.raises(EkxError, match=r"different extractions.*'seed': 0.*'seed': 1"):
+        tr.load_data(train, val, "cpu")
+    set_seed(val, 0)
+    tr.run(_cfg((train, val), epochs=1), tmp_path / "r", tr.load_data(train, val, "cpu"))
+    set_seed(val, 1)
+    with pytest.raises(EkxError, match="seed: checkpoint 0, cache 1"):
+        evaluate_run(tmp_path / "r", val)
