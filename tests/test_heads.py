@@ -262,3 +262,17 @@ def test_random_weights_of_another_seed_are_refused(tmp_path):
     set_seed(val, 1)
     with pytest.raises(EkxError, match="seed: checkpoint 0, cache 1"):
         evaluate_run(tmp_path / "r", val)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_killed_before_its_first_checkpoint_starts_afresh(caches, tmp_path, resume):
+    """metrics.jsonl but no last.pt (killed in epoch 1): the same command, with or without
+    --resume, starts the run again under its name, saying so."""
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    warnings: list[str] = []
+    cfg = _cfg(caches, epochs=1, name="r")
+    out, _ = tr.main(cfg, tmp_path, tmp_path / "runs", None, resume, warn=warnings.append)
+    assert out == run_dir and (run_dir / "last.pt").is_file() and len(runlog.read_metrics(run_dir)) == 1
+    assert len(warnings) == 1 and "no checkpoint" in warnings[0] and "afresh" in warnings[0]

@@ -68,7 +68,16 @@ def train_head(
             print_row(row)
 
         bar.update(task, epoch=1)
-        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
+        run_dir, best = tr.main(
+            cfg,
+            ws.features,
+            ws.runs,
+            ws.annotations,
+            resume,
+            on_epoch,
+            on_step,
+            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False),
+        )
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
