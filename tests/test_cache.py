@@ -286,3 +286,27 @@ def test_reader_bulk_and_memory_map_agree(synth_data, tmp_path):
     mm = c.features(mmap=True)
     assert isinstance(mm, np.memmap)
     np.testing.assert_array_equal(np.asarray(mm), c.features())
+
+
+def test_disk_full_at_creation_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A cache the disk cannot hold is refused before HDF5 starts (needed vs free), and a
+    creation that fails part-way removes its .creating file."""
+    import shutil
+    from collections import namedtuple
+
+    from conftest import make_cache
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 300_000, 300_000))
+    with pytest.raises(EkxError, match=r"train\.h5: a new cache needs .* MiB, .* has 0\.3 MiB free"):
+        make_cache(tmp_path / "train.h5", n=64)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def no_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_early_dcpl", no_space)
+    with pytest.raises(EkxError, match="disk full while creating"):
+        make_cache(tmp_path / "train.h5", n=64)
+    assert list(tmp_path.iterdir()) == []
