@@ -150,3 +150,12 @@ def test_recalibration_never_mixes_two_networks(synth_data, tmp_path):
     assert fixed.done == fixed.total
     fresh = run(data, tmp_path / "g" / "train.h5", split="train", limit=8)
     assert np.array_equal(open_cache(out).features(), open_cache(fresh.path).features())
+
+
+def test_missing_videos_root_is_named(synth_data, tmp_path):
+    from ekx import EkxError
+
+    cfg = ExtractConfig(split="validation", weights="none", frames=4, workers=1, out=tmp_path / "v.h5")
+    nowhere = tmp_path / "no-such-videos"
+    with pytest.raises(EkxError, match=f"videos root {nowhere} does not exist"):
+        extract(cfg, synth_data / "annotations", nowhere, tmp_path, warn=lambda m: None)

@@ -276,3 +276,28 @@ def test_run_killed_before_its_first_checkpoint_starts_afresh(caches, tmp_path, 
     out, _ = tr.main(cfg, tmp_path, tmp_path / "runs", None, resume, warn=warnings.append)
     assert out == run_dir and (run_dir / "last.pt").is_file() and len(runlog.read_metrics(run_dir)) == 1
     assert len(warnings) == 1 and "no checkpoint" in warnings[0] and "afresh" in warnings[0]
+
+
+def test_annotations_flag_pointing_nowhere_is_an_error(caches, tmp_path):
+    """An explicit --annotations DIR that does not exist: exit 1 naming it (not exit 0 with
+    the tail and unseen metrics silently left out), for train-head and evaluate."""
+    nowhere = tmp_path / "no-such-annotations"
+    feats = ["--train-features", str(caches[0]), "--val-features", str(caches[1])]
+    result = runner.invoke(
+        app,
+        [
+            "train-head",
+            "pooling",
+            *feats,
+            "--epochs",
+            "1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--annotations",
+            str(nowhere),
+        ],
+    )
+    assert result.exit_code == 1 and f"--annotations {nowhere}: no such directory" in result.output
+    tr.run(_cfg(caches, epochs=1), tmp_path / "r", tr.load_data(caches[0], caches[1], "cpu"))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--annotations", str(nowhere)])
+    assert result.exit_code == 1 and f"--annotations {nowhere}: no such directory" in result.output

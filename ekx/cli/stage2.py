@@ -15,6 +15,7 @@ from ekx.cli.common import (
     FeaturesOpt,
     RunsOpt,
     VideosOpt,
+    check_metric_annotations,
     command,
     console,
     dataclass_options,
@@ -46,6 +47,7 @@ def train_head(
     from ekx.heads.config import resolve_config
 
     ws = workspace(features=features, runs=runs, annotations=annotations)
+    check_metric_annotations(annotations, ws.annotations)
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
@@ -111,6 +113,7 @@ def evaluate(
     from ekx.heads.checkpoint import load_checkpoint
 
     ws = workspace(annotations=annotations, videos=videos, device=device)
+    check_metric_annotations(annotations, ws.annotations)
     ckpt = load_checkpoint(run / checkpoint)
     if "backbone" in ckpt:  # fine-tuned: backbone + head on decoded video
         from ekx.finetune import run as ft
