@@ -246,6 +246,8 @@ def _fake_cache(path: Path, feats: np.ndarray) -> Path:
         ("constant", "constant across segments"),
         ("overflow", "overflowed float16"),
         ("nan", "contain NaN"),
+        ("one_zero", "1 of 5 done segments are all zeros"),
+        ("f16_limit", "at the float16 limit"),
     ],
 )
 def test_verify_flags_degenerate_features(kind, message, tmp_path):
@@ -257,6 +259,8 @@ def test_verify_flags_degenerate_features(kind, message, tmp_path):
         "constant": np.broadcast_to(feats[:1] + 38, feats.shape),
         "overflow": feats * 1e5,
         "nan": np.where(np.arange(8) == 3, np.nan, feats),
+        "one_zero": np.where(np.arange(5)[:, None, None, None] == 2, 0.0, feats),
+        "f16_limit": np.where(np.arange(8) == 3, 65504.0, feats),
     }[kind]
     path = _fake_cache(tmp_path / "bad.h5", bad.astype(np.float16))
     problems, _ = tools.verify(path)
