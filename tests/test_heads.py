@@ -301,3 +301,17 @@ def test_annotations_flag_pointing_nowhere_is_an_error(caches, tmp_path):
     tr.run(_cfg(caches, epochs=1), tmp_path / "r", tr.load_data(caches[0], caches[1], "cpu"))
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--annotations", str(nowhere)])
     assert result.exit_code == 1 and f"--annotations {nowhere}: no such directory" in result.output
+
+
+def test_unsafe_checkpoint_says_what_it_is_not_and_never_advises_weights_only_false(tmp_path):
+    import argparse
+
+    path = tmp_path / "best.pt"
+    torch.save({"format": "ekx-head", "x": argparse.Namespace(a=1)}, path)  # a pickled non-tensor object
+    for bad in (path, tmp_path / "junk.pt"):
+        if bad.name == "junk.pt":
+            bad.write_bytes(b"not a torch file")
+        with pytest.raises(EkxError) as e:
+            ck.load_checkpoint(bad)
+        msg = str(e.value)
+        assert "not a safe tensor file" in msg and "ekx train-head" in msg and "weights_only" not in msg
