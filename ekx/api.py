@@ -122,7 +122,7 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "best.pt")
         ckpt["norm"]["mean"].to(dev),
         ckpt["norm"]["std"].to(dev),
         int(ckpt["head_kwargs"]["frames"]),
-        {k: ckpt["cache"].get(k) for k in IDENTITY if k in ckpt["cache"]},
+        {k: ckpt["cache"].get(k) for k in (*IDENTITY, "seed") if k in ckpt["cache"]},
         list(classes.get("verb", [])),
         list(classes.get("noun", [])),
         dict(ckpt["config"]),

@@ -12,7 +12,9 @@ mp4 says (see shared/epic100/SOURCES.md). Errors name the file and line.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +106,17 @@ def _open_csv(path: Path, required, what: str):
     path = Path(path)
     if not path.is_file():
         raise EkxError(f"{path}: {what} not found; check the annotations directory (ekx config)")
-    fh = path.open(newline="", encoding="utf-8")
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # Excel's "CSV UTF-8" starts with a byte-order mark
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise EkxError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the {what} as UTF-8 (in Excel: CSV UTF-8)"
+        ) from None
+    fh = io.StringIO(text, newline="")  # csv reads CRLF and LF line ends alike
     reader = csv.DictReader(fh)
     header = reader.fieldnames or []
     required = required(header) if callable(required) else required
@@ -167,9 +179,17 @@ def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList |
     fh, reader = _open_csv(path, _annotation_columns, "annotation file")
     labelled = _annotation_columns(reader.fieldnames) is LABELLED_COLUMNS
     segments = []
+    first_line: dict[str, int] = {}
     with fh:
         for row in reader:
             where = f"{path}:{reader.line_num}"
+            _check_ids(row, where)
+            seen = first_line.setdefault(row["narration_id"], reader.line_num)
+            if seen != reader.line_num:
+                raise EkxError(
+                    f"{where}: narration_id {row['narration_id']} repeats line {seen}; each segment "
+                    "must appear once (a duplicate would train twice and break the submission)"
+                )
             try:
                 start = parse_timestamp(row["start_timestamp"] or "")
                 stop = parse_timestamp(row["stop_timestamp"] or "")
@@ -189,6 +209,17 @@ def load_segments(path: Path, verbs: ClassList | None = None, nouns: ClassList |
                 )
             )
     return segments
+
+
+def _check_ids(row: dict, where: str) -> None:
+    """Ids become file names (videos, prepared copies, frame sources): no path tricks."""
+    for column in ("participant_id", "video_id"):
+        value = row.get(column) or ""
+        if not value or ".." in value or any(c in value for c in "/\\\0"):
+            raise EkxError(
+                f"{where}: {column} {value!r} is not a plain name (empty, '..' or a path separator); "
+                "ids name files, so they must be like P01 / P01_11"
+            )
 
 
 def load_id_list(path: Path, column: str) -> list[str]:

@@ -246,6 +246,8 @@ def _fake_cache(path: Path, feats: np.ndarray) -> Path:
         ("constant", "constant across segments"),
         ("overflow", "overflowed float16"),
         ("nan", "contain NaN"),
+        ("one_zero", "1 of 5 done segments are all zeros"),
+        ("f16_limit", "at the float16 limit"),
     ],
 )
 def test_verify_flags_degenerate_features(kind, message, tmp_path):
@@ -257,6 +259,8 @@ def test_verify_flags_degenerate_features(kind, message, tmp_path):
         "constant": np.broadcast_to(feats[:1] + 38, feats.shape),
         "overflow": feats * 1e5,
         "nan": np.where(np.arange(8) == 3, np.nan, feats),
+        "one_zero": np.where(np.arange(5)[:, None, None, None] == 2, 0.0, feats),
+        "f16_limit": np.where(np.arange(8) == 3, 65504.0, feats),
     }[kind]
     path = _fake_cache(tmp_path / "bad.h5", bad.astype(np.float16))
     problems, _ = tools.verify(path)
@@ -307,3 +311,27 @@ def test_preprocessing_follows_the_weights_actually_loaded(synth_data, tmp_path,
     attrs = open_cache(s.path).attrs
     assert attrs["weights"] == "torchvision:ResNet50_Weights.IMAGENET1K_V1"
     assert list(attrs["preprocess_resize_size"]) == [256]
+
+
+def test_disk_full_at_creation_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A cache the disk cannot hold is refused before HDF5 starts (needed vs free), and a
+    creation that fails part-way removes its .creating file."""
+    import shutil
+    from collections import namedtuple
+
+    from conftest import make_cache
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 300_000, 300_000))
+    with pytest.raises(EkxError, match=r"train\.h5: a new cache needs .* MiB, .* has 0\.3 MiB free"):
+        make_cache(tmp_path / "train.h5", n=64)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def no_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_early_dcpl", no_space)
+    with pytest.raises(EkxError, match="disk full while creating"):
+        make_cache(tmp_path / "train.h5", n=64)
+    assert list(tmp_path.iterdir()) == []

@@ -115,3 +115,45 @@ def test_video_layouts_and_missing_report(tmp_path):
         f"6 of 8 videos not found under {tmp_path} (e.g. P03_01, P03_02, P04_01, P05_01, P06_01, ...)"
     )
     assert "P07_01" not in msg
+
+
+def _csv(tmp_path: Path, rows: list[str], name: str = "EPIC_100_train.csv") -> Path:
+    header = ",".join(epic.LABELLED_COLUMNS)
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _row(nid: str = "P01_01_0", video: str = "P01_01", participant: str = "P01") -> str:
+    return f"{nid},{participant},{video},00:00:00.00,00:00:01.00,00:00:02.00,60,120,take cup,take,0,cup,1,['cup'],[1]"
+
+
+def test_excel_csv_with_bom_and_crlf_reads_the_same(tmp_path):
+    plain = epic.load_segments(_csv(tmp_path, [_row(), _row("P01_01_1")]))
+    path = tmp_path / "excel.csv"
+    lf = (tmp_path / "EPIC_100_train.csv").read_bytes()
+    for data in (b"\xef\xbb\xbf" + lf, lf.replace(b"\n", b"\r\n"), b"\xef\xbb\xbf" + lf.replace(b"\n", b"\r\n")):
+        path.write_bytes(data)
+        assert epic.load_segments(path) == plain
+
+
+def test_duplicate_narration_id_names_both_lines(tmp_path):
+    path = _csv(tmp_path, [_row(), _row("P01_01_1"), _row()])
+    with pytest.raises(EkxError, match=r"EPIC_100_train\.csv:4: narration_id P01_01_0 repeats line 2"):
+        epic.load_segments(path)
+
+
+@pytest.mark.parametrize(
+    "video,participant", [("../../x", "P01"), ("P01/01", "P01"), ("P01_01", ".."), ("P01\\01", "P01")]
+)
+def test_ids_that_are_paths_are_refused(tmp_path, video, participant):
+    path = _csv(tmp_path, [_row(), _row("P01_01_1", video, participant)])
+    with pytest.raises(EkxError, match=r"EPIC_100_train\.csv:3: (video|participant)_id .* is not a plain name"):
+        epic.load_segments(path)
+
+
+def test_latin1_byte_names_file_and_line(tmp_path):
+    path = _csv(tmp_path, [_row(), _row("P01_01_1")])
+    path.write_bytes(path.read_bytes().replace(b"take cup", b"take caf\xe9", 1))
+    with pytest.raises(EkxError, match=r"EPIC_100_train\.csv:2: not UTF-8 \(byte 0xe9\)"):
+        epic.load_segments(path)

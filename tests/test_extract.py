@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import decord
@@ -121,3 +122,40 @@ def test_real_clips_all_extract(clips, tmp_path):
     cache = open_cache(tmp_path / "f.h5")
     assert (cache.verb_class == -1).all()
     assert np.isfinite(cache.features()).all()
+
+
+def test_recalibration_never_mixes_two_networks(synth_data, tmp_path):
+    """A calibration video broken in a first run and restored before the second: the second
+    is refused (naming --recalibrate), and --recalibrate redoes every row - never a cache
+    with rows from two differently calibrated random networks."""
+    import h5py
+
+    from ekx import EkxError
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    first = epic.Annotations(data / "annotations").segments("train")[0].video_id
+    video = next(p for p in (data / "videos").rglob(f"{first}.*") if p.is_file())
+    saved = video.read_bytes()
+    video.write_bytes(b"")
+    out = tmp_path / "f" / "train.h5"
+    broken = run(data, out, split="train", limit=8)
+    assert broken.failed > 0  # its own segments fail; calibration used only the others
+    with h5py.File(out, "r") as f:
+        assert first not in str(f.attrs["bn_calibration"])  # records what was used, not what was tried
+    video.write_bytes(saved)
+    with pytest.raises(EkxError, match="--recalibrate"):
+        run(data, out, split="train", limit=8)
+    fixed = run(data, out, split="train", limit=8, recalibrate=True)
+    assert fixed.done == fixed.total
+    fresh = run(data, tmp_path / "g" / "train.h5", split="train", limit=8)
+    assert np.array_equal(open_cache(out).features(), open_cache(fresh.path).features())
+
+
+def test_missing_videos_root_is_named(synth_data, tmp_path):
+    from ekx import EkxError
+
+    cfg = ExtractConfig(split="validation", weights="none", frames=4, workers=1, out=tmp_path / "v.h5")
+    nowhere = tmp_path / "no-such-videos"
+    with pytest.raises(EkxError, match=f"videos root {nowhere} does not exist"):
+        extract(cfg, synth_data / "annotations", nowhere, tmp_path, warn=lambda m: None)

@@ -239,3 +239,79 @@ def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--json", str(js)])
     assert result.exit_code == 0, result.output
     assert set(json.loads(js.read_text())["metrics"]) >= {"verb_top1", "noun_top5", "action_top1", "action_top5"}
+
+
+def test_random_weights_of_another_seed_are_refused(tmp_path):
+    """--weights none: a seed-1 cache is another network; train-head and evaluate refuse to
+    mix it with a seed-0 one."""
+    import h5py
+
+    train = make_cache(tmp_path / "train.h5", n=32, seed=0)
+    val = make_cache(tmp_path / "val.h5", n=16, seed=1, split="validation")
+
+    def set_seed(path, seed):
+        with h5py.File(path, "a") as f:
+            f.attrs["seed"] = seed
+
+    set_seed(train, 0)
+    set_seed(val, 1)
+    with pytest.raises(EkxError, match=r"different extractions.*'seed': 0.*'seed': 1"):
+        tr.load_data(train, val, "cpu")
+    set_seed(val, 0)
+    tr.run(_cfg((train, val), epochs=1), tmp_path / "r", tr.load_data(train, val, "cpu"))
+    set_seed(val, 1)
+    with pytest.raises(EkxError, match="seed: checkpoint 0, cache 1"):
+        evaluate_run(tmp_path / "r", val)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_killed_before_its_first_checkpoint_starts_afresh(caches, tmp_path, resume):
+    """metrics.jsonl but no last.pt (killed in epoch 1): the same command, with or without
+    --resume, starts the run again under its name, saying so."""
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    warnings: list[str] = []
+    cfg = _cfg(caches, epochs=1, name="r")
+    out, _ = tr.main(cfg, tmp_path, tmp_path / "runs", None, resume, warn=warnings.append)
+    assert out == run_dir and (run_dir / "last.pt").is_file() and len(runlog.read_metrics(run_dir)) == 1
+    assert len(warnings) == 1 and "no checkpoint" in warnings[0] and "afresh" in warnings[0]
+
+
+def test_annotations_flag_pointing_nowhere_is_an_error(caches, tmp_path):
+    """An explicit --annotations DIR that does not exist: exit 1 naming it (not exit 0 with
+    the tail and unseen metrics silently left out), for train-head and evaluate."""
+    nowhere = tmp_path / "no-such-annotations"
+    feats = ["--train-features", str(caches[0]), "--val-features", str(caches[1])]
+    result = runner.invoke(
+        app,
+        [
+            "train-head",
+            "pooling",
+            *feats,
+            "--epochs",
+            "1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--annotations",
+            str(nowhere),
+        ],
+    )
+    assert result.exit_code == 1 and f"--annotations {nowhere}: no such directory" in result.output
+    tr.run(_cfg(caches, epochs=1), tmp_path / "r", tr.load_data(caches[0], caches[1], "cpu"))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--annotations", str(nowhere)])
+    assert result.exit_code == 1 and f"--annotations {nowhere}: no such directory" in result.output
+
+
+def test_unsafe_checkpoint_says_what_it_is_not_and_never_advises_weights_only_false(tmp_path):
+    import argparse
+
+    path = tmp_path / "best.pt"
+    torch.save({"format": "ekx-head", "x": argparse.Namespace(a=1)}, path)  # a pickled non-tensor object
+    for bad in (path, tmp_path / "junk.pt"):
+        if bad.name == "junk.pt":
+            bad.write_bytes(b"not a torch file")
+        with pytest.raises(EkxError) as e:
+            ck.load_checkpoint(bad)
+        msg = str(e.value)
+        assert "not a safe tensor file" in msg and "ekx train-head" in msg and "weights_only" not in msg

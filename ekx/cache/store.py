@@ -23,6 +23,7 @@ leaves a file that opens, with rows either done (and complete) or pending.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,37 @@ def create(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
     n = len(rows.narration_id)
+    check_space(path, n * views * k * dim * 2 + n * (8 * k + REASON_BYTES + 64))
+    try:
+        _write_new(tmp, attrs, rows, views, k, dim, backbone_state)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a half-made file behind
+        if isinstance(e, OSError) and (e.errno == 28 or "No space" in str(e)):
+            raise EkxError(f"{path}: disk full while creating the cache; free some space and re-run") from None
+        raise
+    os.replace(tmp, path)
+
+
+# headroom beyond the raw arrays: HDF5 metadata, attributes, BatchNorm state
+SPACE_MARGIN = 16 * 2**20
+
+
+def check_space(path: Path, nbytes: int) -> None:
+    """Stop before creating a cache the disk cannot hold: every chunk is allocated at
+    creation, and HDF5 failing mid-way crashes hard (even segfaults) instead of saying so."""
+    need = nbytes + SPACE_MARGIN
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise EkxError(
+            f"{path}: a new cache needs {need / 2**20:,.1f} MiB, {path.parent} has {free / 2**20:,.1f} MiB "
+            "free; free some space or put the cache elsewhere (--out / --features)"
+        )
+
+
+def _write_new(
+    tmp: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int, backbone_state: dict[str, np.ndarray] | None
+) -> None:
+    n = len(rows.narration_id)
     with h5py.File(tmp, "w") as f:
         for key, value in attrs.items():
             f.attrs[key] = _attr(value)
@@ -152,7 +184,6 @@ def create(
             group = f.create_group("backbone_state")
             for key, value in backbone_state.items():
                 group.create_dataset(key, data=np.asarray(value))
-    os.replace(tmp, path)
 
 
 def read_backbone_state(path: Path) -> dict[str, np.ndarray]:

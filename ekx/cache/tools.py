@@ -19,6 +19,9 @@ def info(path: Path) -> dict:
     return {"attrs": c.attrs, "counts": c.counts(), "shape": c.shape, "bytes": Path(path).stat().st_size}
 
 
+F16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
 def _scan(f: h5py.File, done: np.ndarray):
     """Bulk-read done rows block by block; yields float32 [n, V, K, D]."""
     feats = f["features"]
@@ -53,13 +56,17 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
     fi = c.frame_index[done]
     if len(fi) and (np.diff(fi, axis=1) < 0).any():
         problems.append("frame_index decreases within a segment")
-    nonfinite = nan = 0
+    nonfinite = nan = zero = saturated = 0
     total = np.zeros(D)
     pooled: list[np.ndarray] = []
     with h5py.File(path, "r") as f, np.errstate(over="ignore", invalid="ignore"):
         for x in _scan(f, done):
             nan += int(np.isnan(x).any(axis=(1, 2, 3)).sum())
             nonfinite += int(np.isinf(x).any(axis=(1, 2, 3)).sum())
+            # a backbone never maps a whole segment to exact zeros: a row marked done unwritten
+            zero += int((x == 0).all(axis=(1, 2, 3)).sum())
+            # float16's largest finite value: the true value overflowed and was clamped
+            saturated += int((np.isfinite(x) & (np.abs(x) >= F16_MAX)).any(axis=(1, 2, 3)).sum())
             total += np.abs(x).sum(axis=(0, 1, 2))
             if sum(len(p) for p in pooled) < 4096:
                 pooled.append(np.nan_to_num(x[:, 0].mean(axis=1)))
@@ -67,8 +74,18 @@ def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], l
         problems.append(f"{nan} segments contain NaN features")
     if nonfinite:
         problems.append(f"{nonfinite} segments contain Inf features: values overflowed float16 (max 65504)")
+    if saturated:
+        problems.append(
+            f"{saturated} segments hold values at the float16 limit (+-{F16_MAX:.0f}): they overflowed; "
+            "extract with fp32 precision or a calibrated backbone"
+        )
     if done.any() and not total.any():
         problems.append("all features are zero (degenerate backbone: random weights without calibration?)")
+    elif zero:
+        problems.append(
+            f"{zero} of {int(done.sum())} done segments are all zeros (never written, or a broken decode); "
+            "re-extract this cache"
+        )
     elif done.sum() >= 2 and pooled:
         p = np.concatenate(pooled)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -115,6 +115,23 @@ def workspace(**flags) -> wsconfig.Workspace:
     return wsconfig.resolve(flags)
 
 
+def check_metric_annotations(flag: Path | None, resolved: Path | None) -> None:
+    """train-head / evaluate read the tail-class and unseen-participant lists from the
+    annotations directory: an explicit --annotations pointing nowhere is an error (the
+    user asked for those metrics); the workspace default being absent only warns."""
+    if flag is not None and not Path(flag).is_dir():
+        raise EkxError(
+            f"--annotations {flag}: no such directory; the tail-class and unseen-participant metrics "
+            "need the official lists there (omit the flag to use the workspace's, see ekx config)"
+        )
+    if resolved is not None and not Path(resolved).is_dir():
+        err_console.print(
+            f"[yellow]warning:[/yellow] annotations directory {resolved} not found: tail-class and "
+            "unseen-participant metrics are left out (pass --annotations DIR)",
+            highlight=False,
+        )
+
+
 @app.callback()
 def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,

@@ -52,6 +52,13 @@ def extract(
     shard: Annotated[str | None, typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of random weights (--weights none) and augmented views.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Cache file (default features/<backbone>/<split>.h5).")] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            help="--weights none: if the cache's BatchNorm calibration differs from this run's "
+            "(a calibration video restored or broken since), redo every row instead of refusing."
+        ),
+    ] = False,
     skip_errors: Annotated[bool, typer.Option(help="Exit 0 even if some segments failed.")] = False,
     source: SourceOpt = "auto",
     decode_device: DecodeDeviceOpt = "cpu",
@@ -97,6 +104,7 @@ def extract(
         limit=limit,
         shard=parse_shard(shard) if shard else None,
         seed=seed,
+        recalibrate=recalibrate,
         out=out,
         source=source,
         decode_device=decode_device,

@@ -15,6 +15,7 @@ from ekx.cli.common import (
     FeaturesOpt,
     RunsOpt,
     VideosOpt,
+    check_metric_annotations,
     command,
     console,
     dataclass_options,
@@ -46,6 +47,7 @@ def train_head(
     from ekx.heads.config import resolve_config
 
     ws = workspace(features=features, runs=runs, annotations=annotations)
+    check_metric_annotations(annotations, ws.annotations)
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
@@ -68,7 +70,16 @@ def train_head(
             print_row(row)
 
         bar.update(task, epoch=1)
-        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
+        run_dir, best = tr.main(
+            cfg,
+            ws.features,
+            ws.runs,
+            ws.annotations,
+            resume,
+            on_epoch,
+            on_step,
+            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False),
+        )
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
@@ -102,6 +113,7 @@ def evaluate(
     from ekx.heads.checkpoint import load_checkpoint
 
     ws = workspace(annotations=annotations, videos=videos, device=device)
+    check_metric_annotations(annotations, ws.annotations)
     ckpt = load_checkpoint(run / checkpoint)
     if "backbone" in ckpt:  # fine-tuned: backbone + head on decoded video
         from ekx.finetune import run as ft

@@ -186,7 +186,13 @@ def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Mo
         return model.eval(), "none"
     path = Path(weights)
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's message would advise weights_only=False: never repeat it
+            raise EkxError(
+                f"{path}: not a safe tensor file ({type(e).__name__}): --weights takes a state dict of "
+                f"plain tensors (torch.save(model.state_dict(), ...)) or an ekx finetune checkpoint"
+            ) from None
         if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
             state = state["backbone"]  # an ekx fine-tuning checkpoint
         state = _strip_classifier(state, model)

@@ -97,7 +97,7 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
-    inputs = []
+    inputs, used = [], []
     src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
     for s in calib:
         req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
@@ -107,6 +107,7 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
         for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
             if res.error is None:
                 inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
+                used.append(s.narration_id)
     if not inputs:
         raise EkxError("--weights none: none of the calibration segments could be decoded")
     # 64 inputs spread over the segments are enough for stable statistics
@@ -114,4 +115,6 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
     torch.manual_seed(cfg.seed)
     backbones.calibrate_batchnorm(model, [x[i : i + 32] for i in range(0, len(x), 32)])
-    return "first segments: " + ",".join(s.narration_id for s in calib)
+    # exactly the segments that decoded: this string is part of the cache identity, so a
+    # re-run whose calibration differs (a video restored or broken since) is refused, not mixed
+    return "first segments: " + ",".join(used)

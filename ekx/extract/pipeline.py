@@ -49,6 +49,7 @@ class ExtractConfig:
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
     seed: int = 0  # random weights (--weights none) and augmented views
     calibration_segments: int = 8
+    recalibrate: bool = False  # an existing cache whose BatchNorm calibration differs is redone, not refused
     out: Path | None = None
     # frame source (ekx.extract.sources): auto = the videos where present, else the RGB frames
     source: str = "auto"
@@ -189,6 +190,8 @@ def extract_many(
         raise EkxError("--frames, --views and --batch-size must be >= 1")
     if cfg.out is not None and len(names) > 1:
         raise EkxError("--out names one cache file; with several backbones the caches go to --features")
+    if not Path(videos).is_dir():  # else every segment fails with "not found", the root unnamed
+        raise EkxError(f"videos root {videos} does not exist; set --videos or the videos path (ekx config)")
     ann = epic.Annotations(annotations)
     ann_path = ann.split_path(cfg.split)
     plan_all = ann.segments(cfg.split)

@@ -117,14 +117,12 @@ def open_target(
     attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
     attrs["video_input"] = video_input
     attrs.update(source_attrs or {})  # which frame source, decoder and decode device
-    if out.exists():
-        bad = store.identity_mismatch(store.open_attrs(out), attrs)
-        if bad:
-            raise EkxError(
-                f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. "
-                "Delete it or choose another --out"
-            )
-    else:
+    bad = store.identity_mismatch(store.open_attrs(out), attrs) if out.exists() else []
+    recalibrated = cfg.recalibrate and bad and all(b.startswith("bn_calibration:") for b in bad)
+    if bad and not recalibrated:
+        raise EkxError(mismatch_message(out, bad))
+    if not out.exists() or recalibrated:
+        # --recalibrate: a new cache (every row pending) replaces the old one in one rename
         store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
     with h5py.File(out, "r") as f:
         store.check_rows(out, f, rows)
@@ -135,3 +133,19 @@ def open_target(
     n = len(rows.narration_id)
     summary = Summary(out, n, int((status == store.DONE).sum()), 0, 0, 0, 0.0)
     return Target(cfg, bb, model, writer, thread, status != store.DONE, summary)
+
+
+def mismatch_message(out: Path, bad: list[str]) -> str:
+    """Why an existing cache is refused, and the ways on that keep one network per cache."""
+    if all(b.startswith("bn_calibration:") for b in bad):
+        # the random backbone's BatchNorm statistics came from other calibration segments
+        # (a calibration video missing or unreadable in one run, restored or broken in the other)
+        return (
+            f"{out}: its random backbone was calibrated on other segments than this run's "
+            f"({bad[0]}); refusing to mix two networks in one cache. Pass --recalibrate to redo "
+            "every row with this run's calibration, or --out NEW.h5 to start a new cache "
+            "(or make the calibration videos as they were when the cache was made)"
+        )
+    return (
+        f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. Delete it or choose another --out"
+    )

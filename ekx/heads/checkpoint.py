@@ -41,7 +41,13 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EkxError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {str(e)[:200]})") from None
+        # torch's own message advises weights_only=False: running a stranger's pickle. Never repeat it.
+        raise EkxError(
+            f"{path}: not a safe tensor file ({type(e).__name__}): it holds Python objects other than "
+            "tensors and plain values, or is no torch file at all, so ekx did not write it and will not "
+            "load it. A run's checkpoints are runs/<name>/best.pt and last.pt, written by "
+            "`ekx train-head` (or `ekx finetune`); train again to get one"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ekx-head":
         raise EkxError(f"{path}: not an ekx head checkpoint")
     return ckpt

@@ -60,7 +60,12 @@ class Split:
         return torch.tensor([self.video_id[r].split("_")[0] in participants for r in self.rows.tolist()])
 
     def identity(self) -> dict:
-        return {k: self.attrs.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY}
+        ident = {k: self.attrs.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY}
+        if ident["weights"] == "none":
+            # random weights: the seed *is* the network (with pretrained weights it only seeds
+            # the augmented views, which may differ between train and validation caches)
+            ident["seed"] = int(self.attrs.get("seed", 0))
+        return ident
 
 
 def _fits_on(device: torch.device, nbytes: int) -> bool:

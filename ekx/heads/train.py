@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -308,15 +309,19 @@ def main(
     resume: bool = False,
     on_epoch=None,
     on_step=None,
+    warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
 ) -> tuple[Path, dict]:
     """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
-    if resume:
-        if not cfg.name:
-            raise EkxError("--resume needs --name of the run to continue")
-        if not (run_dir / "last.pt").is_file():
-            raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
-    elif (run_dir / "metrics.jsonl").is_file():
+    if resume and not cfg.name:
+        raise EkxError("--resume needs --name of the run to continue")
+    if (run_dir / "metrics.jsonl").is_file() and not (run_dir / "last.pt").is_file():
+        # killed before its first checkpoint: nothing to continue, nothing worth keeping
+        warn(f"{run_dir} has no checkpoint (stopped before its first epoch ended): starting it afresh")
+        resume = False
+    elif resume and not (run_dir / "last.pt").is_file():
+        raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
+    elif not resume and (run_dir / "metrics.jsonl").is_file():
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
     tails, unseen = epic.subsets(annotations, "validation")
