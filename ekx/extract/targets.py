@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ekx import EkxError, epic
-from ekx.cache import store
+from ekx.cache import lock, store
 from ekx.extract import backbones
 from ekx.extract.inputs import calibrate
 from ekx.extract.video import Result
@@ -58,6 +58,7 @@ class Target:
     thread: WriterThread
     todo: np.ndarray  # [rows] bool: not done in this cache
     summary: Summary
+    lock: lock.CacheLock
     pending: list[tuple[Result, torch.Tensor]] = field(default_factory=list)
     n_inputs: int = 0
 
@@ -97,7 +98,32 @@ def open_target(
     video_input: str,
     warn: Callable[[str], None],
 ) -> Target:
-    """Load one backbone (calibrating random weights), open or create its cache, start its writer."""
+    """Take the cache's lock, load one backbone (calibrating random weights), open or create
+    its cache, start its writer."""
+    held = lock.acquire(out)  # first: a second run stops before loading anything
+    try:
+        return _open_target(
+            cfg, out, device, precision, ann, ann_path, calib_plan, found, rows, video_input, warn, held
+        )
+    except BaseException:
+        held.release()
+        raise
+
+
+def _open_target(
+    cfg: ExtractConfig,
+    out: Path,
+    device: torch.device,
+    precision: str,
+    ann: epic.Annotations,
+    ann_path: Path,
+    calib_plan: list[epic.Segment],
+    found: dict[str, Path],
+    rows: store.Rows,
+    video_input: str,
+    warn: Callable[[str], None],
+    held: lock.CacheLock,
+) -> Target:
     bb = backbones.get(cfg.backbone)
     model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
@@ -132,4 +158,4 @@ def open_target(
     thread.start()
     n = len(rows.narration_id)
     summary = Summary(out, n, int((status == store.DONE).sum()), 0, 0, 0, 0.0)
-    return Target(cfg, bb, model, writer, thread, status != store.DONE, summary)
+    return Target(cfg, bb, model, writer, thread, status != store.DONE, summary, held)
