@@ -8,6 +8,8 @@ one row per planned segment:
     verb_class    [N] int32 (-1: unlabelled)   noun_class [N] int32
     frame_index   [N, K] int64       (centre frame of each sample, in the video's own fps)
     plan_index    [N] int64          (row in the unsharded plan; merge orders by it)
+    checksum      [N] uint32         crc32 of the row's features as stored (version 2 on;
+                                     see checksum.py), written before the status
     status        [N] uint8          0 pending, 1 done, 2 failed
     failure       [N] bytes(240)     the reason, for failed rows
     backbone_state/<key>             (--weights none only) the BatchNorm statistics the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import numpy as np
 from ekx import EkxError
 
 FORMAT = "ekx-features"
-VERSION = 1
+VERSION = 2  # 2: per-row feature checksums
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 REASON_BYTES = 240
@@ -177,6 +180,7 @@ def _write_new(
         m = max(n, 1)
         f.create_dataset("features", (n, views, k, dim), np.float16, dcpl=_early_dcpl((1, views, k, dim)))
         f.create_dataset("frame_index", (n, k), np.int64, dcpl=_early_dcpl((min(m, 4096), k)))
+        f.create_dataset("checksum", (n,), np.uint32, dcpl=_early_dcpl((min(m, 65536),)))
         f.create_dataset("status", (n,), np.uint8, dcpl=_early_dcpl((min(m, 65536),)))
         f.create_dataset("failure", (n,), f"S{REASON_BYTES}", dcpl=_early_dcpl((min(m, 4096),)))
         f["status"][...] = PENDING
@@ -216,6 +220,7 @@ class Writer:
         self.frame_index = self.f["frame_index"]
         self.status = self.f["status"]
         self.failure = self.f["failure"]
+        self.checksum = self.f.get("checksum")  # None in a version-1 cache: resumes without them
 
     def status_array(self) -> np.ndarray:
         return self.status[...]
@@ -223,8 +228,11 @@ class Writer:
     def write(self, done: list[tuple[int, np.ndarray, np.ndarray]], failed: list[tuple[int, str]]) -> None:
         """Write features of done rows, flush, then mark them done (order matters for crashes)."""
         for row, feats, index in done:
+            feats = np.ascontiguousarray(feats, dtype=np.float16)  # the checksum covers the stored bytes
             self.features[row] = feats
             self.frame_index[row] = index
+            if self.checksum is not None:
+                self.checksum[row] = zlib.crc32(feats.data)
         for row, reason in failed:
             self.failure[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
         self.f.flush()

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from ekx import EkxError
-from ekx.cache import store
+from ekx.cache import checksum, store
 from ekx.cache.reader import open_cache
 
 BLOCK = 2048  # rows per bulk read when scanning a whole file
@@ -32,10 +32,16 @@ def _scan(f: h5py.File, done: np.ndarray):
             yield block[ok].astype(np.float32)
 
 
-def verify(path: Path, annotation_csv: Path | None = None) -> tuple[list[str], list[str]]:
-    """(problems, warnings). Problems make `ekx cache verify` exit non-zero."""
+def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, warnings). Problems make `ekx cache verify` exit non-zero. With repair,
+    rows whose features fail their checksum are marked pending (extract redoes them)."""
     c = open_cache(path)
-    problems, warnings = [], []
+    problems, warnings, corrupt = checksum.check(path, c.narration_id)
+    if repair and len(corrupt):
+        checksum.mark_pending(path, corrupt)
+        # what is left to say is the pending rows' line below: re-run the extract command
+        problems = [f"repaired: {len(corrupt)} corrupt segments marked pending"]
+        c = open_cache(path)
     n, (N, V, K, D) = len(c.narration_id), c.shape
     a = c.attrs
     if (V, K, D) != (a.get("views"), a.get("frames_per_segment"), a.get("feature_dim")):
@@ -110,6 +116,16 @@ def _read(path: Path, key: str) -> np.ndarray:
         return f[key][...]
 
 
+def _merged_checksums(caches, order: np.ndarray) -> dict[str, np.ndarray]:
+    """The shards' checksums in merged order; none when a shard has none (identity already
+    requires one format version, so that is only a version-1 merge)."""
+    for c in caches:
+        with h5py.File(c.path, "r") as f:
+            if checksum.DATASET not in f:
+                return {}
+    return {checksum.DATASET: np.concatenate([_read(c.path, checksum.DATASET) for c in caches])[order]}
+
+
 def merge(out: Path, shards: list[Path]) -> dict:
     """Join shard files into one cache, rows in the order of the unsharded plan."""
     if not shards:
@@ -150,6 +166,7 @@ def merge(out: Path, shards: list[Path]) -> dict:
     small = {
         key: np.concatenate([_read(c.path, key) for c in caches])[order] for key in ("frame_index", "failure", "status")
     }
+    small.update(_merged_checksums(caches, order))
     with h5py.File(out, "r+") as f:
         # features first (bulk reads of source blocks, one chunk write per row), status last
         for i, c in enumerate(caches):
@@ -161,6 +178,8 @@ def merge(out: Path, shards: list[Path]) -> dict:
                         f["features"][dest[lo + j]] = block[j]
         f["frame_index"][...] = small["frame_index"]
         f["failure"][...] = small["failure"]
+        if checksum.DATASET in small:
+            f[checksum.DATASET][...] = small[checksum.DATASET]
         f.flush()
         f["status"][...] = small["status"]
     return {"rows": len(order), "shards": len(caches)}

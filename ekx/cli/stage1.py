@@ -190,14 +190,17 @@ def cache_verify(
     annotations_csv: Annotated[
         Path | None, typer.Option("--annotations-csv", help="Check the cache was made from this CSV.")
     ] = None,
+    repair: Annotated[
+        bool, typer.Option(help="Mark segments whose features fail their checksum pending (extract redoes them).")
+    ] = False,
 ):
-    """Check shapes, NaN/Inf, degenerate features, status and annotation hash; exit 1 on a problem.
+    """Check checksums, shapes, NaN/Inf, degenerate features, status and annotation hash; exit 1 on a problem.
 
     Example: ekx cache verify features/resnet50/train.h5 --annotations-csv data/annotations/EPIC_100_train.csv
     """
     from ekx.cache import tools
 
-    problems, warnings = tools.verify(path, annotations_csv)
+    problems, warnings = tools.verify(path, annotations_csv, repair=repair)
     for w in warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}")
     for p in problems:

@@ -259,6 +259,7 @@ def extract_many(
                 t.thread.finish()
             finally:
                 t.writer.close()
+                t.lock.release()
     for t in targets:
         counts = open_cache(t.summary.path).counts()
         t.summary.done, t.summary.failed = counts["done"], counts["failed"]

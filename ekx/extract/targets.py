@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ekx import EkxError, epic
-from ekx.cache import store
+from ekx.cache import lock, store
 from ekx.extract import backbones
 from ekx.extract.inputs import calibrate
 from ekx.extract.video import Result
@@ -58,6 +58,7 @@ class Target:
     thread: WriterThread
     todo: np.ndarray  # [rows] bool: not done in this cache
     summary: Summary
+    lock: lock.CacheLock
     pending: list[tuple[Result, torch.Tensor]] = field(default_factory=list)
     n_inputs: int = 0
 
@@ -98,7 +99,33 @@ def open_target(
     warn: Callable[[str], None],
     source_attrs: dict | None = None,
 ) -> Target:
-    """Load one backbone (calibrating random weights), open or create its cache, start its writer."""
+    """Take the cache's lock, load one backbone (calibrating random weights), open or create
+    its cache, start its writer."""
+    held = lock.acquire(out)  # first: a second run stops before loading anything
+    try:
+        return _open_target(
+            cfg, out, device, precision, ann, ann_path, calib_plan, found, rows, video_input, warn, held, source_attrs
+        )
+    except BaseException:
+        held.release()
+        raise
+
+
+def _open_target(
+    cfg: ExtractConfig,
+    out: Path,
+    device: torch.device,
+    precision: str,
+    ann: epic.Annotations,
+    ann_path: Path,
+    calib_plan: list[epic.Segment],
+    found: dict[str, Path],
+    rows: store.Rows,
+    video_input: str,
+    warn: Callable[[str], None],
+    held: lock.CacheLock,
+    source_attrs: dict | None,
+) -> Target:
     bb = backbones.with_weights(backbones.get(cfg.backbone), cfg.weights)  # preprocessing of these weights
     model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
@@ -132,7 +159,7 @@ def open_target(
     thread.start()
     n = len(rows.narration_id)
     summary = Summary(out, n, int((status == store.DONE).sum()), 0, 0, 0, 0.0)
-    return Target(cfg, bb, model, writer, thread, status != store.DONE, summary)
+    return Target(cfg, bb, model, writer, thread, status != store.DONE, summary, held)
 
 
 def mismatch_message(out: Path, bad: list[str]) -> str:

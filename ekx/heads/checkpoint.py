@@ -31,8 +31,14 @@ def save_checkpoint(
         "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: an interrupted save never leaves a half checkpoint
+    except OSError as e:  # disk full: the previous checkpoint stays, loadable
+        tmp.unlink(missing_ok=True)
+        from ekx.heads.runlog import write_error
+
+        raise write_error(path, e, f"the previous {path.name} is untouched and loadable") from None
 
 
 def load_checkpoint(path: Path) -> dict:

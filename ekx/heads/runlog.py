@@ -1,20 +1,61 @@
 """A run directory's plain files: config.toml, metrics.jsonl (one JSON row per epoch) and
-curves.png."""
+curves.png.
+
+Disk full (or any write error) never leaves a run file half-written in place: whole files
+go to a temporary file renamed over the old one (`write_atomic`), so the previous version
+stays. metrics.jsonl is appended to, a line per epoch (rewriting it each epoch would cost
+O(epochs)); a line torn by a full disk or a kill is harmless: readers skip a line that is
+not JSON (`row_of`), and --resume rewrites the log atomically with only complete lines.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ekx import EkxError
 from ekx.heads.config import TrainConfig
+
+
+def write_error(path: Path, e: OSError, what: str = "the previous version is untouched") -> EkxError:
+    """One line: which file, why, and what is safe."""
+    return EkxError(
+        f"{path}: cannot write ({e.strerror or e}); {what}. Free space (or fix the disk) and run the same "
+        "command with --resume"
+    )
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file via a temporary file and a rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+
+
+def append_line(path: Path, line: str) -> None:
+    try:
+        with Path(path).open("a") as fh:
+            fh.write(line + "\n")
+    except OSError as e:
+        raise write_error(path, e, "its complete lines stay readable (a torn last line is skipped)") from None
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     lines = ["# resolved configuration of this run (usable as --config)"]
     for k, v in asdict(cfg).items():
         lines.append(f"{k} = {json.dumps(v)}")
-    (run_dir / "config.toml").write_text("\n".join(lines) + "\n")
+    write_atomic(run_dir / "config.toml", "\n".join(lines) + "\n")
 
 
 def row_of(line: str) -> dict | None:
@@ -55,6 +96,8 @@ def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
     b.legend()
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    write_atomic(out, buf.getvalue())
     return out

@@ -47,6 +47,7 @@ from ekx import EkxError, runtime
 from ekx.config import load_toml, tomllib
 from ekx.heads import runlock
 from ekx.heads.config import TrainConfig
+from ekx.heads.runlog import write_atomic
 
 SECTIONS = ("base", "config", "grid", "random")
 SEARCH = "optuna"  # the section that makes a file an Optuna search (heads.search)
@@ -217,7 +218,7 @@ def _run_one(sc: SweepConfig, run_dir: Path, data, on_epoch=None) -> dict:
     with runlock.claim_or_refuse(run_dir, run_dir.parent / ".claim.lock"):  # never two trainers on one run
         resume = (run_dir / "last.pt").is_file()
         best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
-        (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best}))
+        write_atomic(run_dir / "done.json", json.dumps({"epochs": cfg.epochs, "best": best}))
     return best
 
 

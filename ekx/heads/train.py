@@ -32,7 +32,7 @@ from ekx.heads.checkpoint import (
 from ekx.heads.config import TrainConfig
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 from ekx.heads.epoch import Batch, loss_fn, lr_at, train_one_epoch
-from ekx.heads.runlog import plot_curves, read_metrics, row_of, write_config
+from ekx.heads.runlog import append_line, plot_curves, read_metrics, row_of, write_atomic, write_config
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -157,9 +157,9 @@ def fit(
                 for line in (log.read_text().splitlines() if log.exists() else [])
                 if (r := row_of(line)) is not None and r["epoch"] <= start
             ]
-            log.write_text("".join(line + "\n" for line in lines))
+            write_atomic(log, "".join(line + "\n" for line in lines))
     elif task.rank0:
-        log.write_text("")
+        write_atomic(log, "")
     if task.rank0:
         write_config(run_dir, cfg)
 
@@ -176,8 +176,7 @@ def fit(
         if task.rank0:
             assert val_m is not None  # rank 0 always evaluates
             row = {"epoch": 0, **val_m, "lr": 0.0, "seconds": time.perf_counter() - t0}
-            with log.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(log, json.dumps(row))
             if on_epoch:
                 on_epoch(row)
     for epoch in range(start, cfg.epochs):
@@ -201,8 +200,7 @@ def fit(
                 best = row["val_action_top1"]
                 save_checkpoint(run_dir / "best.pt", parts(), opt, cfg, epoch + 1, best, gen)
             save_checkpoint(run_dir / "last.pt", parts(), opt, cfg, epoch + 1, best, gen)
-            with log.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(log, json.dumps(row))
             if on_epoch:
                 on_epoch(row)
         barrier()  # other ranks wait for the checkpoint before the next epoch
