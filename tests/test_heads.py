@@ -239,3 +239,54 @@ def test_submission_has_every_score_for_every_segment_and_round_trips(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--json", str(js)])
     assert result.exit_code == 0, result.output
     assert set(json.loads(js.read_text())["metrics"]) >= {"verb_top1", "noun_top5", "action_top1", "action_top5"}
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_every_parameter_of_every_head_receives_a_gradient(name):
+    """DistributedDataParallel fails on a parameter outside the graph: none may be."""
+    torch.manual_seed(0)
+    model = models.create(name, dim=16, num_verbs=5, num_nouns=7, frames=8, dropout=0.1, drop_path=0.1)
+    out = model(torch.randn(4, 8, 16))
+    ep.loss_fn(out, torch.randint(5, (4,)), torch.randint(7, (4,)), 0.1).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"{name}: parameters without a gradient: {missing}"
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
+
+
+def test_a_checkpoint_from_before_the_norm_ctx_fix_still_loads():
+    from ekx.heads.models.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(8, 2, 0.0, 0.0)
+    old = {**block.state_dict(), "norm_ctx.weight": torch.ones(8), "norm_ctx.bias": torch.zeros(8)}
+    Block(8, 2, 0.0, 0.0).load_state_dict(old)  # strict: nothing unexpected left
+
+
+def test_cli_resume_continues_with_the_runs_configuration_and_refuses_other_values(tmp_path):
+    """The README's `ekx train-head lstm --name a --resume --epochs N`: the run's lr, batch size,
+    dropout... not the defaults (the resumed metrics equal an uninterrupted run's); config.toml
+    keeps them; a different value given with --resume is refused, naming the key."""
+    feats = tmp_path / "features" / "resnet50"
+    make_cache(feats / "train.h5", n=64, seed=0)
+    make_cache(feats / "validation.h5", n=24, seed=1, split="validation")
+    where = ["--features", str(tmp_path / "features"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
+    where += ["--annotations", str(tmp_path / "no-annotations")]
+    hp = ["--lr", "2e-3", "--batch-size", "8", "--dropout", "0.1", "--frames", "4", "--label-smoothing", "0.2"]
+
+    def cli(*argv):
+        result = runner.invoke(app, ["train-head", "lstm", *argv, *where])
+        return result
+
+    assert cli(*hp, "--epochs", "3", "--name", "full").exit_code == 0
+    assert cli(*hp, "--epochs", "2", "--name", "part").exit_code == 0
+    resumed = cli("--name", "part", "--resume", "--epochs", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert _metrics(tmp_path / "runs" / "part") == _metrics(tmp_path / "runs" / "full")
+    cfg = hc.resolve_config(tmp_path / "runs" / "part" / "config.toml", {})
+    assert (cfg.lr, cfg.batch_size, cfg.dropout, cfg.frames, cfg.epochs) == (2e-3, 8, 0.1, 4, 3)
+    refused = cli("--name", "part", "--resume", "--epochs", "4", "--lr", "1e-3")
+    assert refused.exit_code == 1 and "lr (run: 0.002, given: 0.001)" in refused.output, refused.output
+    assert hc.resolve_config(tmp_path / "runs" / "part" / "config.toml", {}).epochs == 3  # untouched
+    fewer = cli("--name", "part", "--resume", "--epochs", "2")
+    assert fewer.exit_code == 1 and "already trained 3 epochs" in fewer.output, fewer.output

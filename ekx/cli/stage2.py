@@ -43,10 +43,11 @@ def train_head(
     from rich.progress import BarColumn, Progress, TextColumn
 
     from ekx.heads import train as tr
-    from ekx.heads.config import resolve_config
+    from ekx.heads.config import given_keys, resolve_config
 
     ws = workspace(features=features, runs=runs, annotations=annotations)
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
+    given = given_keys(config, {"head": head, **overrides})
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
     columns = [
@@ -68,7 +69,7 @@ def train_head(
             print_row(row)
 
         bar.update(task, epoch=1)
-        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step)
+        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given)
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"

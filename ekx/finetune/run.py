@@ -245,18 +245,22 @@ def main(
     on_epoch=None,
     on_step=None,
     warn: Callable[[str], None] = print,
+    given: set[str] | None = None,
 ) -> tuple[Path, dict]:
-    """`ekx finetune` (also one rank of `torchrun ... -m ekx finetune`)."""
+    """`ekx finetune` (also one rank of `torchrun ... -m ekx finetune`). ``given``: the keys
+    of ``cfg`` the user set (None: all); a resumed run takes the rest from its checkpoint."""
     from ekx.predict import resolve_run
 
     d, device = init_distributed(cfg.device)
     try:
         if cfg.accumulate < 1 or cfg.batch_size < 1:
             raise EkxError("--accumulate and --batch-size must be >= 1")
-        precision = resolve_precision(cfg.precision, device)
         run_dir = Path(runs_root) / _run_name(cfg, d)
         if resume and not (run_dir / "last.pt").is_file():
             raise EkxError(f"{run_dir}/last.pt not found: nothing to resume (pass --name of the run)")
+        if resume:  # the run's own hyperparameters; flags may only extend --epochs
+            cfg = tr.resume_config(run_dir, cfg, given)
+        precision = resolve_precision(cfg.precision, device)
         if not resume and (run_dir / "metrics.jsonl").is_file():
             raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
         ann = epic.Annotations(annotations)

@@ -28,7 +28,7 @@ from ekx.heads.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ekx.heads.config import TrainConfig
+from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 from ekx.heads.epoch import Batch, loss_fn, lr_at, train_one_epoch
 from ekx.heads.runlog import plot_curves, read_metrics, row_of, write_config
@@ -283,7 +283,10 @@ def run(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """Train one head on cached features; returns the best epoch's metrics."""
+    """Train one head on cached features; returns the best epoch's metrics. A resumed run
+    keeps its own configuration (``cfg`` may only extend epochs, see resume_config)."""
+    if resume and (run_dir / "last.pt").is_file():
+        cfg = resume_config(run_dir, cfg, None)
     precision = resolve_precision(cfg.precision, data.device)
     task = cached_task(cfg, data, precision)
     opt = torch.optim.AdamW(task.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -291,6 +294,13 @@ def run(
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def resume_config(run_dir: Path, cfg: TrainConfig, given: set[str] | None):
+    """The configuration of the run in ``run_dir`` (its last.pt's), with the epochs of ``cfg``
+    when given; any other key of ``given`` (None: all) that differs is refused."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    return resumed_config(ckpt["config"], cfg, given, int(ckpt["epoch"]), str(run_dir / "last.pt"))
 
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
@@ -308,14 +318,19 @@ def main(
     resume: bool = False,
     on_epoch=None,
     on_step=None,
+    given: set[str] | None = None,
 ) -> tuple[Path, dict]:
-    """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
+    """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row).
+    ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
+    compared with the run's configuration, the rest comes from the run."""
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume:
         if not cfg.name:
             raise EkxError("--resume needs --name of the run to continue")
         if not (run_dir / "last.pt").is_file():
             raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
+        cfg = resume_config(run_dir, cfg, given)
+        train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     elif (run_dir / "metrics.jsonl").is_file():
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
