@@ -290,3 +290,38 @@ def test_cli_resume_continues_with_the_runs_configuration_and_refuses_other_valu
     assert hc.resolve_config(tmp_path / "runs" / "part" / "config.toml", {}).epochs == 3  # untouched
     fewer = cli("--name", "part", "--resume", "--epochs", "2")
     assert fewer.exit_code == 1 and "already trained 3 epochs" in fewer.output, fewer.output
+
+
+def test_logged_val_loss_is_smoothed_like_the_train_loss_and_lr_is_the_epochs_own(caches, tmp_path):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    cfg = _cfg(caches, epochs=2, warmup_epochs=4.0, label_smoothing=0.3)
+    tr.run(cfg, tmp_path / "r", data)
+    rows = runlog.read_metrics(tmp_path / "r")
+    steps = math.ceil(96 / cfg.batch_size)
+    for r in rows:  # warm-up: the lr grows every step; the row holds the epoch's last step's lr
+        assert r["lr"] == pytest.approx(ep.lr_at(cfg, r["epoch"] - 1 + (steps - 1) / steps))
+    model = ck.model_from_checkpoint(torch.load(tmp_path / "r" / "last.pt", weights_only=True))
+    verb, noun = tr.predict(model, data.val, data.norm, cfg, torch.device("cpu"), "fp32")
+    val = data.val
+    smoothed = ep.loss_fn({"verb": verb, "noun": noun}, val.verbs[val.rows], val.nouns[val.rows], 0.3)
+    assert rows[-1]["val_loss"] == pytest.approx(float(smoothed), rel=1e-5)
+
+
+def test_compare_takes_a_directory_holding_a_finetuned_run(tmp_path):
+    from ekx.finetune.config import FinetuneConfig
+
+    row = {k: 10.0 for k in ("train_loss", "val_loss", "train_action_top1", "gap", "seconds")}
+    row |= {f"val_{t}_top{k}": 20.0 for t in ("verb", "noun", "action") for k in (1, 5)}
+    for name, cfg in (("head-a", hc.TrainConfig(head="lstm")), ("ft-a", FinetuneConfig(head="transformer"))):
+        (tmp_path / name).mkdir()
+        runlog.write_config(tmp_path / name, cfg)
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1, **row}) + "\n")
+    torch.save({"model": {"w": torch.zeros(3)}, "backbone": {"b": torch.zeros(5)}}, tmp_path / "ft-a" / "best.pt")
+    result = runner.invoke(app, ["compare", str(tmp_path)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    from ekx.heads import compare as cmp
+
+    rows = {r["run"]: r for r in cmp.collect([tmp_path])}
+    assert rows["ft-a"]["head"] == "transformer" and rows["ft-a"]["params"] == 8  # head + backbone
+    assert cmp.reproduce_command(rows["ft-a"]).startswith("ekx finetune transformer --config")
+    assert cmp.reproduce_command(rows["head-a"]).startswith("ekx train-head lstm --config")

@@ -45,11 +45,13 @@ def _params(run_dir: Path) -> int:
     import torch
 
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    return sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())
+    # a fine-tuned run trains its backbone too: count it
+    tensors = [*ckpt["model"].values(), *ckpt.get("backbone", {}).values()]
+    return sum(t.numel() for t in tensors if t.is_floating_point())
 
 
 def collect(paths: list[Path]) -> list[dict]:
-    from ekx.heads.config import resolve_config
+    from ekx.config import load_toml
     from ekx.heads.runlog import read_metrics
 
     rows = []
@@ -58,12 +60,14 @@ def collect(paths: list[Path]) -> list[dict]:
         if not metrics:
             continue
         best = max(metrics, key=lambda r: r["val_action_top1"])
-        cfg = resolve_config(d / "config.toml", {}) if (d / "config.toml").is_file() else None
+        # read as plain TOML: a fine-tuned run's config has keys TrainConfig does not know
+        cfg = load_toml(d / "config.toml", "run configuration") if (d / "config.toml").is_file() else {}
         rows.append(
             {
                 "run": d.name,
                 "run_dir": str(d),
-                "head": cfg.head if cfg else "?",
+                "head": cfg.get("head", "?"),
+                "command": "finetune" if "freeze_blocks" in cfg else "train-head",
                 "params": _params(d) if (d / "best.pt").is_file() else 0,
                 **best,
                 "best_epoch": best["epoch"],
@@ -105,7 +109,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def reproduce_command(row: dict) -> str:
-    return f"ekx train-head {row['head']} --config {Path(row['run_dir']) / 'config.toml'} --name {row['run']}-again"
+    cmd = row.get("command", "train-head")
+    return f"ekx {cmd} {row['head']} --config {Path(row['run_dir']) / 'config.toml'} --name {row['run']}-again"
 
 
 def plot(rows: list[dict], out: Path) -> Path:

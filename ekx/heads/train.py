@@ -30,7 +30,7 @@ from ekx.heads.checkpoint import (
 )
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
-from ekx.heads.epoch import Batch, loss_fn, lr_at, train_one_epoch
+from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
 from ekx.heads.runlog import plot_curves, read_metrics, row_of, write_config
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -89,8 +89,11 @@ def score(
     yn: torch.Tensor,
     tails=None,
     unseen_mask: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> dict:
-    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
+    """Validation figures; ``val_loss`` is the training loss (with the run's label smoothing),
+    so the train and validation curves measure the same thing."""
+    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, smoothing))}
     tail_verbs, tail_nouns = tails or (None, None)
     m = metrics.compute(verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
     return {**result, **{f"val_{k}": v for k, v in m.items()}}
@@ -98,7 +101,10 @@ def score(
 
 def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
     verb, noun = predict(model, split, norm, cfg, device, precision)
-    return score(verb, noun, split.verbs[split.rows], split.nouns[split.rows], tails, split.from_participants(unseen))
+    rows = split.rows
+    return score(
+        verb, noun, split.verbs[rows], split.nouns[rows], tails, split.from_participants(unseen), cfg.label_smoothing
+    )
 
 
 # ---------------------------------------------------------------- the loop, for either input source
@@ -167,7 +173,9 @@ def fit(
 
     def evaluation() -> dict | None:
         logits = task.val_logits()
-        return None if logits is None else score(*logits, *task.val_labels, task.tails, task.unseen_mask)
+        if logits is None:
+            return None
+        return score(*logits, *task.val_labels, task.tails, task.unseen_mask, cfg.label_smoothing)
 
     if task.initial_eval and start == 0:
         t0 = time.perf_counter()
@@ -193,7 +201,7 @@ def fit(
                 **train_m,
                 **val_m,
                 "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
-                "lr": lr_at(cfg, epoch + 1),
+                "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
                 "seconds": time.perf_counter() - t0,
             }
             if row["val_action_top1"] > best:
