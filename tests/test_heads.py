@@ -325,3 +325,26 @@ def test_compare_takes_a_directory_holding_a_finetuned_run(tmp_path):
     assert rows["ft-a"]["head"] == "transformer" and rows["ft-a"]["params"] == 8  # head + backbone
     assert cmp.reproduce_command(rows["ft-a"]).startswith("ekx finetune transformer --config")
     assert cmp.reproduce_command(rows["head-a"]).startswith("ekx train-head lstm --config")
+
+
+def test_checkpoint_carries_and_restores_the_cuda_rng_state(tmp_path, monkeypatch):
+    """On a GPU the CUDA stream (dropout, drop path) is saved and restored too. No GPU here:
+    torch.cuda's state functions are stand-ins, the checkpoint round trip is real."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    gen = torch.Generator().manual_seed(3)
+    ck.save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict()}, opt, hc.TrainConfig(), 1, 0.0, gen)
+    ckpt = ck.load_checkpoint(tmp_path / "c.pt")  # weights_only
+    assert torch.equal(ckpt["rng"]["cuda"], cuda_state)
+    torch.rand(5, generator=gen)
+    ck.restore_rng(ckpt["rng"], gen)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    assert torch.equal(gen.get_state(), ckpt["rng"]["gen"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU checkpoint resumed on a CPU
+    ck.restore_rng(ckpt["rng"], gen)
+    assert len(restored) == 1

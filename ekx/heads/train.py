@@ -26,6 +26,7 @@ from ekx.heads.checkpoint import (
     build_model,
     check_compatible,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
 )
 from ekx.heads.config import TrainConfig, resumed_config
@@ -153,8 +154,7 @@ def fit(
         opt.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["rng"]["gen"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        restore_rng(ckpt["rng"], gen)
         start, best = ckpt["epoch"], ckpt["best"]
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
             lines = [
