@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ekx import EkxError, epic
-from ekx.heads import metrics
+from ekx.heads import metrics, missing
 from ekx.heads.checkpoint import (
     build_model,
     check_compatible,
@@ -91,12 +91,18 @@ def score(
     tails=None,
     unseen_mask: torch.Tensor | None = None,
     smoothing: float = 0.0,
+    present: torch.Tensor | None = None,
 ) -> dict:
     """Validation figures; ``val_loss`` is the training loss (with the run's label smoothing),
-    so the train and validation curves measure the same thing."""
-    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, smoothing))}
+    so the train and validation curves measure the same thing. ``present`` [N] bool: rows
+    that have logits (decoded video may fail); the others count as wrong (heads.missing)."""
+    if present is not None and not bool(present.all()):
+        verb, noun = verb[present], noun[present]
+    else:
+        present = torch.ones(len(yv), dtype=torch.bool)
+    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv[present], yn[present], smoothing))}
     tail_verbs, tail_nouns = tails or (None, None)
-    m = metrics.compute(verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
+    m = missing.compute(verb, noun, present, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
     return {**result, **{f"val_{k}": v for k, v in m.items()}}
 
 
@@ -118,7 +124,8 @@ class Task:
 
     model: torch.nn.Module
     epoch_batches: Callable[[int, torch.Generator], tuple[int, Iterable[Batch]]]  # (epoch, gen) -> steps, batches
-    val_logits: Callable[[], tuple[torch.Tensor, torch.Tensor] | None]  # None on ranks other than 0
+    # (verb, noun[, present]) logits of the validation rows; None on ranks other than 0
+    val_logits: Callable[[], tuple[torch.Tensor, ...] | None]
     val_labels: tuple[torch.Tensor, torch.Tensor]
     parts: Callable[[], dict]  # checkpoint contents besides optimizer, epoch, config, rng
     load: Callable[[dict], None]  # restore the model from a checkpoint of this task
@@ -175,7 +182,8 @@ def fit(
         logits = task.val_logits()
         if logits is None:
             return None
-        return score(*logits, *task.val_labels, task.tails, task.unseen_mask, cfg.label_smoothing)
+        verb, noun, *present = logits  # decoded video adds which rows decoded
+        return score(verb, noun, *task.val_labels, task.tails, task.unseen_mask, cfg.label_smoothing, *present)
 
     if task.initial_eval and start == 0:
         t0 = time.perf_counter()
