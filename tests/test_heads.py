@@ -134,7 +134,8 @@ def test_run_directory_contents_and_reproducibility(caches, tmp_path):
     assert len(rows) == 4 and rows == _metrics(b)
     for key in ("train_loss", "val_loss", "val_verb_top1", "val_noun_top5", "val_action_top5", "gap", "lr"):
         assert key in rows[0]
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"] or rows[-1]["val_action_top1"] >= rows[0]["val_action_top1"]
+    # it trained: both losses fell (equal figures - nothing learnt - fail here)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.05 and rows[-1]["val_loss"] < rows[0]["val_loss"]
     ckpt = torch.load(a / "best.pt", weights_only=True)
     assert ckpt["cache"]["backbone"] == "resnet50" and ckpt["cache"]["num_verbs"] == 5
     assert ckpt["norm"]["mean"].shape == (32,)
