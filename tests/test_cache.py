@@ -117,8 +117,11 @@ def test_shards_merge_to_the_single_process_cache(synth_data, reference, tmp_pat
     assert (a.frame_index == b.frame_index).all() and (a.verb_class == b.verb_class).all()
     np.testing.assert_array_equal(a.features(), b.features())
     # overlapping shards and shards of another extraction are refused
-    with pytest.raises(EkxError, match=r"in both"):
+    with pytest.raises(EkxError, match=r"shard 0/2 given twice"):
         tools.merge(tmp_path / "m2.h5", [shards[0], shards[0]])
+    with pytest.raises(EkxError, match=r"shard\(s\) 1/2 missing .*\.shard1of2\.h5"):
+        tools.merge(tmp_path / "m4.h5", [shards[0]])
+    assert not (tmp_path / "m4.h5").exists()
     other = tmp_path / "other.h5"
     run(synth_data, other, split="train", shard=(1, 2), frames=2, limit=8)
     with pytest.raises(EkxError, match=r"frames_per_segment"):
@@ -335,3 +338,28 @@ def test_disk_full_at_creation_is_one_line_and_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(EkxError, match="disk full while creating"):
         make_cache(tmp_path / "train.h5", n=64)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_a_missing_shard_or_an_incomplete_plan(tmp_path):
+    """Shards i/N must cover 0..N-1 and their plan_index rows 0..M-1: nothing smaller merges."""
+    from conftest import make_cache
+
+    def shard(name, i, n, rows, plan):
+        path = make_cache(tmp_path / name, n=rows, seed=i)
+        with h5py.File(path, "r+") as f:
+            f.attrs["shard"] = f"{i}/{n}"
+            f["plan_index"][...] = plan
+            ids = [f"P01_01_{p}" for p in plan]  # distinct segments per shard
+            f["narration_id"][...] = np.array(ids, dtype=f["narration_id"].dtype)
+        return path
+
+    a = shard("train.shard0of3.h5", 0, 3, 4, [0, 2, 4, 6])
+    b = shard("train.shard1of3.h5", 1, 3, 4, [1, 3, 5, 7])
+    with pytest.raises(EkxError, match=r"shard\(s\) 2/3 missing \(e.g. train.shard2of3.h5"):
+        tools.merge(tmp_path / "m.h5", [a, b])
+    c = shard("train.shard2of3.h5", 2, 3, 2, [8, 10])  # plan row 9 is in no shard
+    with pytest.raises(EkxError, match=r"first missing plan row: 9"):
+        tools.merge(tmp_path / "m.h5", [a, b, c])
+    c = shard("train.shard2of3.h5", 2, 3, 2, [8, 9])
+    assert tools.merge(tmp_path / "m.h5", [a, b, c])["rows"] == 10
+    assert open_cache(tmp_path / "m.h5").narration_id == [f"P01_01_{p}" for p in range(10)]

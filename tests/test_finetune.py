@@ -278,7 +278,11 @@ def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
             device="cpu",
             name=name,
         )
-        return ft.main(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, resume, warn=lambda m: None)[0]
+        if resume:  # as `ekx finetune pooling --name part --resume --epochs 2`: the rest from the run
+            cfg = FinetuneConfig(head="pooling", name=name, epochs=epochs)
+        given = {"head", "name", "epochs"} if resume else None
+        ann, videos = synth_data / "annotations", synth_data / "videos"
+        return ft.main(cfg, ann, videos, tmp_path, resume, warn=lambda m: None, given=given)[0]
 
     full = run("full", 2)
     run("part", 1)

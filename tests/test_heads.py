@@ -134,7 +134,8 @@ def test_run_directory_contents_and_reproducibility(caches, tmp_path):
     assert len(rows) == 4 and rows == _metrics(b)
     for key in ("train_loss", "val_loss", "val_verb_top1", "val_noun_top5", "val_action_top5", "gap", "lr"):
         assert key in rows[0]
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"] or rows[-1]["val_action_top1"] >= rows[0]["val_action_top1"]
+    # it trained: both losses fell (equal figures - nothing learnt - fail here)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.05 and rows[-1]["val_loss"] < rows[0]["val_loss"]
     ckpt = torch.load(a / "best.pt", weights_only=True)
     assert ckpt["cache"]["backbone"] == "resnet50" and ckpt["cache"]["num_verbs"] == 5
     assert ckpt["norm"]["mean"].shape == (32,)
@@ -315,3 +316,112 @@ def test_unsafe_checkpoint_says_what_it_is_not_and_never_advises_weights_only_fa
             ck.load_checkpoint(bad)
         msg = str(e.value)
         assert "not a safe tensor file" in msg and "ekx train-head" in msg and "weights_only" not in msg
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_every_parameter_of_every_head_receives_a_gradient(name):
+    """DistributedDataParallel fails on a parameter outside the graph: none may be."""
+    torch.manual_seed(0)
+    model = models.create(name, dim=16, num_verbs=5, num_nouns=7, frames=8, dropout=0.1, drop_path=0.1)
+    out = model(torch.randn(4, 8, 16))
+    ep.loss_fn(out, torch.randint(5, (4,)), torch.randint(7, (4,)), 0.1).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"{name}: parameters without a gradient: {missing}"
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
+
+
+def test_a_checkpoint_from_before_the_norm_ctx_fix_still_loads():
+    from ekx.heads.models.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(8, 2, 0.0, 0.0)
+    old = {**block.state_dict(), "norm_ctx.weight": torch.ones(8), "norm_ctx.bias": torch.zeros(8)}
+    Block(8, 2, 0.0, 0.0).load_state_dict(old)  # strict: nothing unexpected left
+
+
+def test_cli_resume_continues_with_the_runs_configuration_and_refuses_other_values(tmp_path):
+    """The README's `ekx train-head lstm --name a --resume --epochs N`: the run's lr, batch size,
+    dropout... not the defaults (the resumed metrics equal an uninterrupted run's); config.toml
+    keeps them; a different value given with --resume is refused, naming the key."""
+    feats = tmp_path / "features" / "resnet50"
+    make_cache(feats / "train.h5", n=64, seed=0)
+    make_cache(feats / "validation.h5", n=24, seed=1, split="validation")
+    where = ["--features", str(tmp_path / "features"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
+    where += ["--annotations", str(tmp_path / "no-annotations")]
+    hp = ["--lr", "2e-3", "--batch-size", "8", "--dropout", "0.1", "--frames", "4", "--label-smoothing", "0.2"]
+
+    def cli(*argv):
+        result = runner.invoke(app, ["train-head", "lstm", *argv, *where])
+        return result
+
+    assert cli(*hp, "--epochs", "3", "--name", "full").exit_code == 0
+    assert cli(*hp, "--epochs", "2", "--name", "part").exit_code == 0
+    resumed = cli("--name", "part", "--resume", "--epochs", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert _metrics(tmp_path / "runs" / "part") == _metrics(tmp_path / "runs" / "full")
+    cfg = hc.resolve_config(tmp_path / "runs" / "part" / "config.toml", {})
+    assert (cfg.lr, cfg.batch_size, cfg.dropout, cfg.frames, cfg.epochs) == (2e-3, 8, 0.1, 4, 3)
+    refused = cli("--name", "part", "--resume", "--epochs", "4", "--lr", "1e-3")
+    assert refused.exit_code == 1 and "lr (run: 0.002, given: 0.001)" in refused.output, refused.output
+    assert hc.resolve_config(tmp_path / "runs" / "part" / "config.toml", {}).epochs == 3  # untouched
+    fewer = cli("--name", "part", "--resume", "--epochs", "2")
+    assert fewer.exit_code == 1 and "already trained 3 epochs" in fewer.output, fewer.output
+
+
+def test_logged_val_loss_is_smoothed_like_the_train_loss_and_lr_is_the_epochs_own(caches, tmp_path):
+    data = tr.load_data(caches[0], caches[1], "cpu")
+    cfg = _cfg(caches, epochs=2, warmup_epochs=4.0, label_smoothing=0.3)
+    tr.run(cfg, tmp_path / "r", data)
+    rows = runlog.read_metrics(tmp_path / "r")
+    steps = math.ceil(96 / cfg.batch_size)
+    for r in rows:  # warm-up: the lr grows every step; the row holds the epoch's last step's lr
+        assert r["lr"] == pytest.approx(ep.lr_at(cfg, r["epoch"] - 1 + (steps - 1) / steps))
+    model = ck.model_from_checkpoint(torch.load(tmp_path / "r" / "last.pt", weights_only=True))
+    verb, noun = tr.predict(model, data.val, data.norm, cfg, torch.device("cpu"), "fp32")
+    val = data.val
+    smoothed = ep.loss_fn({"verb": verb, "noun": noun}, val.verbs[val.rows], val.nouns[val.rows], 0.3)
+    assert rows[-1]["val_loss"] == pytest.approx(float(smoothed), rel=1e-5)
+
+
+def test_compare_takes_a_directory_holding_a_finetuned_run(tmp_path):
+    from ekx.finetune.config import FinetuneConfig
+
+    row = {k: 10.0 for k in ("train_loss", "val_loss", "train_action_top1", "gap", "seconds")}
+    row |= {f"val_{t}_top{k}": 20.0 for t in ("verb", "noun", "action") for k in (1, 5)}
+    for name, cfg in (("head-a", hc.TrainConfig(head="lstm")), ("ft-a", FinetuneConfig(head="transformer"))):
+        (tmp_path / name).mkdir()
+        runlog.write_config(tmp_path / name, cfg)
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1, **row}) + "\n")
+    torch.save({"model": {"w": torch.zeros(3)}, "backbone": {"b": torch.zeros(5)}}, tmp_path / "ft-a" / "best.pt")
+    result = runner.invoke(app, ["compare", str(tmp_path)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    from ekx.heads import compare as cmp
+
+    rows = {r["run"]: r for r in cmp.collect([tmp_path])}
+    assert rows["ft-a"]["head"] == "transformer" and rows["ft-a"]["params"] == 8  # head + backbone
+    assert cmp.reproduce_command(rows["ft-a"]).startswith("ekx finetune transformer --config")
+    assert cmp.reproduce_command(rows["head-a"]).startswith("ekx train-head lstm --config")
+
+
+def test_checkpoint_carries_and_restores_the_cuda_rng_state(tmp_path, monkeypatch):
+    """On a GPU the CUDA stream (dropout, drop path) is saved and restored too. No GPU here:
+    torch.cuda's state functions are stand-ins, the checkpoint round trip is real."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    gen = torch.Generator().manual_seed(3)
+    ck.save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict()}, opt, hc.TrainConfig(), 1, 0.0, gen)
+    ckpt = ck.load_checkpoint(tmp_path / "c.pt")  # weights_only
+    assert torch.equal(ckpt["rng"]["cuda"], cuda_state)
+    torch.rand(5, generator=gen)
+    ck.restore_rng(ckpt["rng"], gen)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    assert torch.equal(gen.get_state(), ckpt["rng"]["gen"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU checkpoint resumed on a CPU
+    ck.restore_rng(ckpt["rng"], gen)
+    assert len(restored) == 1

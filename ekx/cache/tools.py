@@ -126,6 +126,45 @@ def _merged_checksums(caches, order: np.ndarray) -> dict[str, np.ndarray]:
     return {checksum.DATASET: np.concatenate([_read(c.path, checksum.DATASET) for c in caches])[order]}
 
 
+def _check_complete(caches: list) -> None:
+    """A merge must be the whole plan: shards i/N for every i in 0..N-1, once each, and their
+    plan_index rows 0..M-1 without a gap - else the result is silently smaller than the
+    single-process cache and `cache verify` cannot tell."""
+    parts: dict[int, Path] = {}
+    counts = set()
+    for c in caches:
+        tag = str(c.attrs.get("shard", ""))
+        try:
+            i, n = (int(x) for x in tag.split("/"))
+        except ValueError:
+            raise EkxError(
+                f"{c.path} is not a shard (its 'shard' attribute is {tag!r}); merge joins the files "
+                "of `ekx extract --shard I/N`"
+            ) from None
+        if i in parts:
+            raise EkxError(f"shard {i}/{n} given twice: {parts[i]} and {c.path}")
+        parts[i] = c.path
+        counts.add(n)
+    if len(counts) != 1:
+        raise EkxError(f"shards of different counts N ({', '.join(map(str, sorted(counts)))}): one extraction only")
+    n = counts.pop()
+    missing = [i for i in range(n) if i not in parts]
+    if missing:
+        first = Path(next(iter(parts.values())))
+        raise EkxError(
+            f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing (e.g. "
+            f"{first.name.split('.shard')[0]}.shard{missing[0]}of{n}.h5 next to {first.name}): run "
+            f"`ekx extract --shard {missing[0]}/{n}` with the same options, then merge all {n}"
+        )
+    plan = np.sort(np.concatenate([_read(c.path, "plan_index") for c in caches]))
+    gaps = np.setdiff1d(np.arange(len(plan)), plan)
+    if len(gaps) or (len(plan) and plan[-1] != len(plan) - 1):
+        raise EkxError(
+            f"the shards' plan_index rows are not 0..{len(plan) - 1} (first missing plan row: "
+            f"{int(gaps[0]) if len(gaps) else len(plan)}): a shard is incomplete or from another plan"
+        )
+
+
 def merge(out: Path, shards: list[Path]) -> dict:
     """Join shard files into one cache, rows in the order of the unsharded plan."""
     if not shards:
@@ -140,6 +179,7 @@ def merge(out: Path, shards: list[Path]) -> dict:
         ]
         if bad:
             raise EkxError(f"{c.path} differs from {caches[0].path}: {'; '.join(bad)}")
+    _check_complete(caches)
     seen: dict[str, Path] = {}
     for c in caches:
         for nid in c.narration_id:

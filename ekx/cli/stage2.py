@@ -44,11 +44,12 @@ def train_head(
     from rich.progress import BarColumn, Progress, TextColumn
 
     from ekx.heads import train as tr
-    from ekx.heads.config import resolve_config
+    from ekx.heads.config import given_keys, resolve_config
 
     ws = workspace(features=features, runs=runs, annotations=annotations)
     check_metric_annotations(annotations, ws.annotations)
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
+    given = given_keys(config, {"head": head, **overrides})
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
     columns = [
@@ -78,6 +79,7 @@ def train_head(
             resume,
             on_epoch,
             on_step,
+            given,
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False),
         )
     console.print(
@@ -100,12 +102,21 @@ def evaluate(
     split_name: Annotated[
         str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")
     ] = "validation",
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Score failed/pending (or undecodable) segments as wrong instead of refusing; "
+            "a submission still needs every segment.",
+        ),
+    ] = False,
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
     device: DeviceOpt = None,
 ):
     """Official EPIC-100 metrics of a run on a cache (a fine-tuned run: on decoded video);
-    --submission writes the challenge JSON.
+    --submission writes the challenge JSON. Every segment of the split counts: a segment
+    without scores is refused, or counted as wrong with --allow-missing.
 
     Example: ekx evaluate runs/lstm-a --features features/resnet50/test.h5 --submission test.json
     """
@@ -124,14 +135,22 @@ def evaluate(
                 "not on a feature cache"
             )
 
-        result = ft.evaluate_video(run, ws.annotations, ws.videos, split_name, ws.device, checkpoint)
+        result = ft.evaluate_video(
+            run, ws.annotations, ws.videos, split_name, ws.device, checkpoint, allow_missing=allow_missing
+        )
         features_file = result["features"]
         for e in result["errors"]:
             err_console.print(f"[yellow]warning:[/yellow] {e}", highlight=False)
     else:
         features_file = features_file or Path(ckpt["config"]["val_features"])
-        result = ev.evaluate_run(run, features_file, ws.annotations, ws.device, checkpoint)
+        result = ev.evaluate_run(run, features_file, ws.annotations, ws.device, checkpoint, allow_missing)
     m = result.get("metrics")
+    if m and result["missing_ids"]:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {len(result['missing_ids'])} of {result['segments']} segments have no "
+            "scores and count as wrong in every metric (--allow-missing)",
+            highlight=False,
+        )
     if m:
         table = Table("metric", "value", title=f"{run} on {features_file} ({result['segments']} segments)")
         for k, v in m.items():
@@ -140,9 +159,14 @@ def evaluate(
     else:
         console.print(f"{features_file}: unlabelled ({result['segments']} segments): no metrics")
     if json_out:
-        ev.write_json(json_out, {k: result[k] for k in ("run", "features", "segments", "epoch")} | {"metrics": m or {}})
+        ev.write_json(
+            json_out,
+            {k: result[k] for k in ("run", "features", "segments", "epoch")}
+            | {"missing": len(result["missing_ids"]), "metrics": m or {}},
+        )
         console.print(f"metrics -> {json_out}")
     if submission:
+        ev.check_complete(result, ws.annotations)
         ev.write_json(submission, ev.submission(result))
         console.print(f"submission ({result['segments']} segments) -> {submission}")
 

@@ -44,10 +44,11 @@ def finetune(
     (several GPUs: torchrun --nproc-per-node 4 -m ekx finetune lstm --init-head lstm-a)
     """
     from ekx.finetune import run as ft
-    from ekx.heads.config import resolve_config
+    from ekx.heads.config import given_keys, resolve_config
 
     ws = workspace(runs=runs, annotations=annotations, videos=videos)
     cfg = resolve_config(config, {"head": head, **overrides}, FinetuneConfig, ("finetune", "train"))
+    given = given_keys(config, {"head": head, **overrides}, ("finetune", "train"))
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -85,6 +86,7 @@ def finetune(
             on_epoch,
             lambda step, steps, loss: bar.update(task, completed=step, total=steps, loss=loss),
             warn,
+            given,
         )
     out.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "

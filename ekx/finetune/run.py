@@ -35,7 +35,7 @@ from ekx.finetune.model import (
     warm_start,
 )
 from ekx.heads import checkpoint as ck
-from ekx.heads import metrics
+from ekx.heads import missing
 from ekx.heads import train as tr
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -56,8 +56,9 @@ def video_logits(
     workers: int,
     on_error: Callable[[str], None] = lambda m: None,
 ):
-    """Logits of every segment of ``data`` (clean preprocessing), each rank a share; rank 0
-    gathers them in order (others get None). An undecodable segment scores uniform."""
+    """(verb, noun, present) for every segment of ``data`` (clean preprocessing), each rank a
+    share; rank 0 gathers them in order (others get None). An undecodable segment has zero
+    logits and present False: the metrics count it as wrong (heads.missing)."""
     # in video order: a worker's reader of a video serves all its segments (Clips keeps it open)
     order = sorted(range(len(data)), key=lambda i: (data.segments[i].video_id, i))
     mine = order[d.rank :: d.world]
@@ -98,10 +99,12 @@ def video_logits(
     if not d.rank0:
         return None
     all_v, all_n = torch.zeros(len(data), classes[0]), torch.zeros(len(data), classes[1])
+    present = torch.zeros(len(data), dtype=torch.bool)
     for ids, pv, pn in parts:
         if ids:
             all_v[ids], all_n[ids] = pv, pn
-    return all_v, all_n
+            present[ids] = True
+    return all_v, all_n, present
 
 
 def _labels(segments: list[epic.Segment]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,18 +254,22 @@ def main(
     on_epoch=None,
     on_step=None,
     warn: Callable[[str], None] = print,
+    given: set[str] | None = None,
 ) -> tuple[Path, dict]:
-    """`ekx finetune` (also one rank of `torchrun ... -m ekx finetune`)."""
+    """`ekx finetune` (also one rank of `torchrun ... -m ekx finetune`). ``given``: the keys
+    of ``cfg`` the user set (None: all); a resumed run takes the rest from its checkpoint."""
     from ekx.predict import resolve_run
 
     d, device = init_distributed(cfg.device)
     try:
         if cfg.accumulate < 1 or cfg.batch_size < 1:
             raise EkxError("--accumulate and --batch-size must be >= 1")
-        precision = resolve_precision(cfg.precision, device)
         run_dir = Path(runs_root) / _run_name(cfg, d)
         if resume and not (run_dir / "last.pt").is_file():
             raise EkxError(f"{run_dir}/last.pt not found: nothing to resume (pass --name of the run)")
+        if resume:  # the run's own hyperparameters; flags may only extend --epochs
+            cfg = tr.resume_config(run_dir, cfg, given)
+        precision = resolve_precision(cfg.precision, device)
         if not resume and (run_dir / "metrics.jsonl").is_file():
             raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
         ann = epic.Annotations(annotations)
@@ -319,8 +326,11 @@ def evaluate_video(
     device_name: str = "auto",
     checkpoint: str = "best.pt",
     workers: int = 2,
+    allow_missing: bool = False,
 ) -> dict:
-    """`ekx evaluate` of a fine-tuned run: decode the split's segments, run backbone + head."""
+    """`ekx evaluate` of a fine-tuned run: decode the split's segments, run backbone + head.
+    The cache's policy: a segment that does not decode (or whose video is not found) is
+    refused, or with ``allow_missing`` counted as wrong in every metric."""
 
     ckpt = ck.load_checkpoint(Path(run_dir) / checkpoint)
     if "backbone" not in ckpt:
@@ -338,7 +348,7 @@ def evaluate_video(
     errors: list[str] = []
     data = Clips(segs, paths, start.frames, bb)
     classes = (ckpt["head_kwargs"]["num_verbs"], ckpt["head_kwargs"]["num_nouns"])
-    verb, noun = video_logits(
+    verb, noun, present = video_logits(
         model,
         data,
         classes,
@@ -357,13 +367,23 @@ def evaluate_video(
         "verb": verb,
         "noun": noun,
         "errors": errors,
-        "narration_ids": [s.narration_id for s in segs],
+        "missing_ids": [s.narration_id for s, ok in zip(segs, present.tolist(), strict=True) if not ok],
+        "split": split,
+        "narration_ids": [s.narration_id for s, ok in zip(segs, present.tolist(), strict=True) if ok],
     }
+    result["verb"], result["noun"] = verb[present], noun[present]  # rows of narration_ids
     yv, yn = _labels(segs)
     if len(segs) and bool((yv >= 0).all()):
+        missing.refuse_unless_allowed(
+            f"{run_dir} on {split} videos under {videos}",
+            result["missing_ids"],
+            len(segs),
+            allow_missing,
+            f"Undecodable: {'; '.join(errors[:2]) or 'see the warnings'}. Check those videos",
+        )
         tails, unseen = epic.subsets(annotations, split)
         tail_verbs, tail_nouns = tails or (None, None)
-        result["metrics"] = metrics.compute(
-            verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=_unseen_mask(segs, unseen)
+        result["metrics"] = missing.compute(
+            verb[present], noun[present], present, yv, yn, tail_verbs, tail_nouns, unseen=_unseen_mask(segs, unseen)
         )
     return result

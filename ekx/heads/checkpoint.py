@@ -28,7 +28,7 @@ def save_checkpoint(
         "epoch": epoch,
         "best": best,
         "config": asdict(cfg),
-        "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
+        "rng": rng_state(gen),
     }
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -39,6 +39,22 @@ def save_checkpoint(
         from ekx.heads.runlog import write_error
 
         raise write_error(path, e, f"the previous {path.name} is untouched and loadable") from None
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random stream a resumed run must continue: the epoch generator, torch's CPU
+    stream and, on a GPU, the current device's (dropout and drop path draw there)."""
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict, gen: torch.Generator) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a checkpoint from a CPU run has none
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -49,11 +49,13 @@ def _params(run_dir: Path) -> int:
     import torch
 
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    return sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())
+    # a fine-tuned run trains its backbone too: count it
+    tensors = [*ckpt["model"].values(), *ckpt.get("backbone", {}).values()]
+    return sum(t.numel() for t in tensors if t.is_floating_point())
 
 
 def collect(paths: list[Path]) -> list[dict]:
-    from ekx.heads.config import resolve_config
+    from ekx.config import load_toml
     from ekx.heads.runlog import read_metrics
 
     rows = []
@@ -62,14 +64,16 @@ def collect(paths: list[Path]) -> list[dict]:
         if not metrics:
             continue
         best = max(metrics, key=lambda r: r["val_action_top1"])
-        cfg = resolve_config(d / "config.toml", {}) if (d / "config.toml").is_file() else None
+        # read as plain TOML: a fine-tuned run's config has keys TrainConfig does not know
+        cfg = load_toml(d / "config.toml", "run configuration") if (d / "config.toml").is_file() else {}
         rows.append(
             {
                 "run": d.name,
                 "run_dir": str(d),
-                "head": cfg.head if cfg else "?",
-                "backbone": cfg.backbone if cfg else "?",
+                "head": cfg.get("head", "?"),
+                "backbone": cfg.get("backbone", "?"),
                 "state": "pruned" if (d / "pruned.json").is_file() else "done" if (d / "done.json").is_file() else "",
+                "command": "finetune" if "freeze_blocks" in cfg else "train-head",
                 "params": _params(d) if (d / "best.pt").is_file() else 0,
                 **best,
                 "best_epoch": best["epoch"],
@@ -111,9 +115,11 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def reproduce_command(row: dict) -> str:
-    """A plain `ekx train-head` run of a run's resolved config, shell-quoted (paths with spaces)."""
+    """A plain `ekx train-head` (or `ekx finetune`) run of a run's resolved config, shell-quoted
+    (paths with spaces)."""
     config = Path(row["run_dir"]) / "config.toml"
-    return shlex.join(["ekx", "train-head", row["head"], "--config", str(config), "--name", f"{row['run']}-again"])
+    cmd = row.get("command", "train-head")
+    return shlex.join(["ekx", cmd, row["head"], "--config", str(config), "--name", f"{row['run']}-again"])
 
 
 # ---------------------------------------------------------------- an [optuna] search

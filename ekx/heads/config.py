@@ -82,3 +82,39 @@ def resolve_config(
         origin = str(config_file)
     cfg = cls.from_dict(values, origin)
     return cls.from_dict({**asdict(cfg), **{k: v for k, v in flags.items() if v is not None}}, "flags")
+
+
+def resumed_config(saved: dict[str, Any], cfg: T, given: set[str] | None, done_epochs: int, origin: str) -> T:
+    """The configuration a resumed run continues with: the run's own (``saved``, from its
+    checkpoint), never the defaults. Of ``cfg``, only the keys in ``given`` (the flags and
+    --config keys the user actually gave; None: every key) are looked at: ``epochs`` may
+    extend the run, any other given value that differs from the run's is refused - a resume
+    that silently changed lr or batch size would no longer be the run it continues."""
+    cls = type(cfg)
+    run = cls.from_dict({k: v for k, v in saved.items() if k in cls.keys()}, origin)
+    keys = set(cls.keys()) if given is None else set(given)
+    differ = sorted(k for k in keys - {"epochs"} if k in cls.keys() and getattr(cfg, k) != getattr(run, k))
+    if differ:
+        shown = ", ".join(f"{k} (run: {getattr(run, k)!r}, given: {getattr(cfg, k)!r})" for k in differ)
+        raise EkxError(
+            f"--resume continues the run with its own configuration ({origin}); these differ: {shown}. "
+            "Only --epochs may change on resume: drop the other flags, or start a new run with another --name"
+        )
+    if "epochs" in keys and cfg.epochs != run.epochs:
+        if cfg.epochs < done_epochs:
+            raise EkxError(
+                f"--epochs {cfg.epochs}: {origin} has already trained {done_epochs} epochs; "
+                f"give --epochs {done_epochs} or more"
+            )
+        run.epochs = cfg.epochs
+    return run
+
+
+def given_keys(config_file: Path | None, flags: dict[str, Any], tables: tuple[str, ...] = ("train",)) -> set[str]:
+    """The keys a command line really set: those of its --config file and its non-None flags
+    (the CLI passes None for a flag not given, see cli.common.dataclass_options)."""
+    keys = {k for k, v in flags.items() if v is not None}
+    if config_file is not None:
+        data = load_toml(config_file, "config file")
+        keys |= set(next((data[t] for t in tables if t in data), data))
+    return keys

@@ -110,6 +110,10 @@ def train_one_epoch(
                 )
             if on_step:
                 on_step(step + 1, steps, float(sums[0]) / max(seen, 1))
+    if torch.distributed.is_initialized():  # every rank saw its own share: log figures over all of them
+        counts = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(counts)
+        sums, seen = counts[:4], int(counts[4])
     total = sums.tolist()
     seen = max(seen, 1)
     return {

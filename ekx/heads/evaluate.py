@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ekx import EkxError, epic
-from ekx.heads import metrics
+from ekx.heads import missing
 from ekx.heads.checkpoint import (
     check_compatible,
     load_checkpoint,
@@ -27,10 +27,24 @@ def evaluate_run(
     annotations: Path | None = None,
     device_name: str = "auto",
     checkpoint: str = "best.pt",
+    allow_missing: bool = False,
 ) -> dict:
+    """Metrics over every row of the cache: failed or pending rows are refused, or with
+    ``allow_missing`` counted as wrong (see heads.missing); ``missing_ids`` lists them."""
     ckpt = load_checkpoint(Path(run_dir) / checkpoint)
     device = resolve_device(device_name)
     split = load_split(features, device)
+    present = torch.zeros(len(split.narration_id), dtype=torch.bool)
+    present[split.rows] = True
+    missing_ids = [split.narration_id[i] for i in (~present).nonzero().flatten().tolist()]
+    if split.labelled:  # an unlabelled (test) cache has no metrics; its submission refuses instead
+        missing.refuse_unless_allowed(
+            str(features),
+            missing_ids,
+            len(present),
+            allow_missing,
+            "Re-run `ekx extract` to retry failed and finish pending segments (`ekx cache info` lists them)",
+        )
     check_compatible(ckpt, split, f"{run_dir}/{checkpoint}")
     cfg = TrainConfig.from_dict(ckpt["config"], str(run_dir / checkpoint))
     model = model_from_checkpoint(ckpt).to(device)
@@ -39,7 +53,9 @@ def evaluate_run(
     result = {
         "run": str(run_dir),
         "features": str(features),
-        "segments": len(split.rows),
+        "segments": len(present),
+        "missing_ids": missing_ids,
+        "split": split.attrs.get("split", ""),
         "epoch": ckpt["epoch"],
         "verb": verb,
         "noun": noun,
@@ -48,16 +64,38 @@ def evaluate_run(
     if split.labelled:
         tails, unseen = epic.subsets(annotations, split.attrs.get("split", ""))
         tail_verbs, tail_nouns = tails or (None, None)
-        result["metrics"] = metrics.compute(
-            verb,
-            noun,
-            split.verbs[split.rows],
-            split.nouns[split.rows],
-            tail_verbs,
-            tail_nouns,
-            unseen=split.from_participants(unseen),
+        unseen_all = None if unseen is None else torch.tensor([v.split("_")[0] in unseen for v in split.video_id])
+        result["metrics"] = missing.compute(
+            verb, noun, present, split.verbs, split.nouns, tail_verbs, tail_nouns, unseen=unseen_all
         )
     return result
+
+
+def check_complete(result: dict, annotations: Path | None = None) -> None:
+    """A submission holds every segment of the split, or none is written: segments without
+    scores, and (when the annotation CSVs are at hand) segments of the split the evaluated
+    cache or video list lacks (e.g. extracted with --limit), are refused by count."""
+    if result.get("missing_ids"):
+        ids = result["missing_ids"]
+        raise EkxError(
+            f"{len(ids)} of {result['segments']} segments have no scores (e.g. {ids[0]}): a submission must "
+            "hold every segment of the split - re-run `ekx extract` to retry them (a fine-tuned run: check "
+            "the videos), then evaluate again; no submission written"
+        )
+    split_name = result.get("split", "")
+    if annotations is None or not split_name or not Path(annotations).is_dir():
+        return
+    try:
+        expected = {s.narration_id for s in epic.Annotations(Path(annotations)).segments(split_name)}
+    except EkxError:  # no CSV of that split here: the cache's own rows are the split
+        return
+    lacking = sorted(expected - set(result["narration_ids"]))
+    if lacking:
+        raise EkxError(
+            f"{len(lacking)} of {len(expected)} segments of the {split_name} split are not in "
+            f"{result['features']} (e.g. {lacking[0]}; extracted with --limit or --shard?): a submission "
+            "must hold every segment - extract the whole split; no submission written"
+        )
 
 
 def submission(result: dict) -> dict:

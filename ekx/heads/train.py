@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 
 from ekx import EkxError, epic
-from ekx.heads import metrics
+from ekx.heads import metrics, missing
 from ekx.heads.checkpoint import (
     build_model,
     check_compatible,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
 )
-from ekx.heads.config import TrainConfig
+from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
-from ekx.heads.epoch import Batch, loss_fn, lr_at, train_one_epoch
+from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
 from ekx.heads.runlog import append_line, plot_curves, read_metrics, row_of, write_atomic, write_config
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -90,16 +91,28 @@ def score(
     yn: torch.Tensor,
     tails=None,
     unseen_mask: torch.Tensor | None = None,
+    smoothing: float = 0.0,
+    present: torch.Tensor | None = None,
 ) -> dict:
-    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv, yn, 0.0))}
+    """Validation figures; ``val_loss`` is the training loss (with the run's label smoothing),
+    so the train and validation curves measure the same thing. ``present`` [N] bool: rows
+    that have logits (decoded video may fail); the others count as wrong (heads.missing)."""
+    if present is not None and not bool(present.all()):
+        verb, noun = verb[present], noun[present]
+    else:
+        present = torch.ones(len(yv), dtype=torch.bool)
+    result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv[present], yn[present], smoothing))}
     tail_verbs, tail_nouns = tails or (None, None)
-    m = metrics.compute(verb, noun, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
+    m = missing.compute(verb, noun, present, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
     return {**result, **{f"val_{k}": v for k, v in m.items()}}
 
 
 def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
     verb, noun = predict(model, split, norm, cfg, device, precision)
-    return score(verb, noun, split.verbs[split.rows], split.nouns[split.rows], tails, split.from_participants(unseen))
+    rows = split.rows
+    return score(
+        verb, noun, split.verbs[rows], split.nouns[rows], tails, split.from_participants(unseen), cfg.label_smoothing
+    )
 
 
 # ---------------------------------------------------------------- the loop, for either input source
@@ -112,7 +125,8 @@ class Task:
 
     model: torch.nn.Module
     epoch_batches: Callable[[int, torch.Generator], tuple[int, Iterable[Batch]]]  # (epoch, gen) -> steps, batches
-    val_logits: Callable[[], tuple[torch.Tensor, torch.Tensor] | None]  # None on ranks other than 0
+    # (verb, noun[, present]) logits of the validation rows; None on ranks other than 0
+    val_logits: Callable[[], tuple[torch.Tensor, ...] | None]
     val_labels: tuple[torch.Tensor, torch.Tensor]
     parts: Callable[[], dict]  # checkpoint contents besides optimizer, epoch, config, rng
     load: Callable[[dict], None]  # restore the model from a checkpoint of this task
@@ -148,8 +162,7 @@ def fit(
         opt.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["rng"]["gen"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        restore_rng(ckpt["rng"], gen)
         start, best = ckpt["epoch"], ckpt["best"]
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
             lines = [
@@ -168,7 +181,10 @@ def fit(
 
     def evaluation() -> dict | None:
         logits = task.val_logits()
-        return None if logits is None else score(*logits, *task.val_labels, task.tails, task.unseen_mask)
+        if logits is None:
+            return None
+        verb, noun, *present = logits  # decoded video adds which rows decoded
+        return score(verb, noun, *task.val_labels, task.tails, task.unseen_mask, cfg.label_smoothing, *present)
 
     if task.initial_eval and start == 0:
         t0 = time.perf_counter()
@@ -193,7 +209,7 @@ def fit(
                 **train_m,
                 **val_m,
                 "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
-                "lr": lr_at(cfg, epoch + 1),
+                "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
                 "seconds": time.perf_counter() - t0,
             }
             if row["val_action_top1"] > best:
@@ -282,7 +298,10 @@ def run(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """Train one head on cached features; returns the best epoch's metrics."""
+    """Train one head on cached features; returns the best epoch's metrics. A resumed run
+    keeps its own configuration (``cfg`` may only extend epochs, see resume_config)."""
+    if resume and (run_dir / "last.pt").is_file():
+        cfg = resume_config(run_dir, cfg, None)
     precision = resolve_precision(cfg.precision, data.device)
     task = cached_task(cfg, data, precision)
     opt = torch.optim.AdamW(task.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -290,6 +309,13 @@ def run(
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def resume_config(run_dir: Path, cfg: TrainConfig, given: set[str] | None):
+    """The configuration of the run in ``run_dir`` (its last.pt's), with the epochs of ``cfg``
+    when given; any other key of ``given`` (None: all) that differs is refused."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    return resumed_config(ckpt["config"], cfg, given, int(ckpt["epoch"]), str(run_dir / "last.pt"))
 
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
@@ -307,9 +333,12 @@ def main(
     resume: bool = False,
     on_epoch=None,
     on_step=None,
+    given: set[str] | None = None,
     warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
 ) -> tuple[Path, dict]:
-    """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row)."""
+    """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row).
+    ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
+    compared with the run's configuration, the rest comes from the run."""
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume and not cfg.name:
         raise EkxError("--resume needs --name of the run to continue")
@@ -317,9 +346,12 @@ def main(
         # killed before its first checkpoint: nothing to continue, nothing worth keeping
         warn(f"{run_dir} has no checkpoint (stopped before its first epoch ended): starting it afresh")
         resume = False
-    elif resume and not (run_dir / "last.pt").is_file():
-        raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
-    elif not resume and (run_dir / "metrics.jsonl").is_file():
+    elif resume:
+        if not (run_dir / "last.pt").is_file():
+            raise EkxError(f"{run_dir}/last.pt not found: nothing to resume")
+        cfg = resume_config(run_dir, cfg, given)
+        train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
+    elif (run_dir / "metrics.jsonl").is_file():
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
     tails, unseen = epic.subsets(annotations, "validation")

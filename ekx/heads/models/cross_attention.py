@@ -55,8 +55,8 @@ class CrossAttentionHead(nn.Module):
         self.fuse = nn.Linear(d_model * len(windows), d_model)
         self.verb_branch = Block(d_model, heads, attn_drop, drop_path)
         self.noun_branch = Block(d_model, heads, attn_drop, drop_path)
-        self.verb_from_noun = Block(d_model, heads, attn_drop, drop_path)
-        self.noun_from_verb = Block(d_model, heads, attn_drop, drop_path)
+        self.verb_from_noun = Block(d_model, heads, attn_drop, drop_path, cross=True)
+        self.noun_from_verb = Block(d_model, heads, attn_drop, drop_path, cross=True)
         self.norm_v, self.norm_n = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.classifier = Classifier(d_model, num_verbs, num_nouns, dropout)
 

@@ -24,12 +24,15 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer with drop path on both residual branches; the query
-    may attend to another sequence (cross-attention) when ``context`` is given."""
+    """Pre-norm transformer layer with drop path on both residual branches. A ``cross``
+    block attends to another sequence (``context``, required); a self-attention block
+    has no context norm at all: a parameter that never receives a gradient makes
+    DistributedDataParallel fail at its second step."""
 
-    def __init__(self, d: int, heads: int, dropout: float, drop_path: float, mlp_ratio: int = 4):
+    def __init__(self, d: int, heads: int, dropout: float, drop_path: float, mlp_ratio: int = 4, cross: bool = False):
         super().__init__()
-        self.norm1, self.norm_ctx = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm_ctx = nn.LayerNorm(d) if cross else None
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(
@@ -40,12 +43,22 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
         self.drop_path = DropPath(drop_path)
+        self._register_load_state_dict_pre_hook(self._drop_unused_norm_ctx)
+
+    def _drop_unused_norm_ctx(self, state_dict, prefix, *args) -> None:
+        # checkpoints from before this fix hold an (untrained) norm_ctx in self-attention
+        # blocks too; it never took part in the output, so dropping it loads them unchanged
+        if self.norm_ctx is None:
+            for key in [k for k in state_dict if k.startswith(prefix + "norm_ctx.")]:
+                del state_dict[key]
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         q = self.norm1(x)
-        kv = q if context is None else self.norm_ctx(context)
+        if (context is None) != (self.norm_ctx is None):
+            raise ValueError("a cross block needs a context, a self-attention block takes none")
+        kv = q if self.norm_ctx is None or context is None else self.norm_ctx(context)
         x = x + self.drop_path(self.attn(q, kv, kv, attn_mask=mask, need_weights=False)[0])
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
