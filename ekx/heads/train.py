@@ -170,6 +170,10 @@ def fit(
                 for line in (log.read_text().splitlines() if log.exists() else [])
                 if (r := row_of(line)) is not None and r["epoch"] <= start
             ]
+            # killed between last.pt and its row: the row travels in the checkpoint
+            logged = {r["epoch"] for line in lines if (r := row_of(line)) is not None}
+            if start > 0 and start not in logged and "row" in ckpt:
+                lines.append(ckpt["row"])
             write_atomic(log, "".join(line + "\n" for line in lines))
     elif task.rank0:
         write_atomic(log, "")
@@ -212,10 +216,11 @@ def fit(
                 "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
                 "seconds": time.perf_counter() - t0,
             }
+            saved = {**parts(), "row": json.dumps(row)}  # a checkpoint and its metrics row, one atomic step
             if row["val_action_top1"] > best:
                 best = row["val_action_top1"]
-                save_checkpoint(run_dir / "best.pt", parts(), opt, cfg, epoch + 1, best, gen)
-            save_checkpoint(run_dir / "last.pt", parts(), opt, cfg, epoch + 1, best, gen)
+                save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen)
+            save_checkpoint(run_dir / "last.pt", saved, opt, cfg, epoch + 1, best, gen)
             append_line(log, json.dumps(row))
             if on_epoch:
                 on_epoch(row)
