@@ -74,6 +74,8 @@ def test_version_1_cache_reads_and_verify_says_it_cannot_check(tmp_path):
 
 def test_merge_carries_checksums(tmp_path):
     shard = make_cache(tmp_path / "s.h5", n=12)
+    with h5py.File(shard, "r+") as f:  # a whole plan as one shard (merge refuses a partial set)
+        f.attrs["shard"] = "0/1"
     merged = tmp_path / "m.h5"
     tools.merge(merged, [shard])
     with h5py.File(shard, "r") as a, h5py.File(merged, "r") as b:

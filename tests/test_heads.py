@@ -348,7 +348,6 @@ def test_cli_resume_continues_with_the_runs_configuration_and_refuses_other_valu
     make_cache(feats / "train.h5", n=64, seed=0)
     make_cache(feats / "validation.h5", n=24, seed=1, split="validation")
     where = ["--features", str(tmp_path / "features"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
-    where += ["--annotations", str(tmp_path / "no-annotations")]
     hp = ["--lr", "2e-3", "--batch-size", "8", "--dropout", "0.1", "--frames", "4", "--label-smoothing", "0.2"]
 
     def cli(*argv):
