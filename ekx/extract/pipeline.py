@@ -190,8 +190,6 @@ def extract_many(
         raise EkxError("--frames, --views and --batch-size must be >= 1")
     if cfg.out is not None and len(names) > 1:
         raise EkxError("--out names one cache file; with several backbones the caches go to --features")
-    if not Path(videos).is_dir():  # else every segment fails with "not found", the root unnamed
-        raise EkxError(f"videos root {videos} does not exist; set --videos or the videos path (ekx config)")
     ann = epic.Annotations(annotations)
     ann_path = ann.split_path(cfg.split)
     plan_all = ann.segments(cfg.split)
@@ -201,6 +199,10 @@ def extract_many(
     calib_plan = calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
     own = plan_all[: 4 * cfg.calibration_segments] if calib_plan else []
     src, root = resolve_source(cfg, plan, videos, frames_root)
+    if not Path(root).is_dir():  # else every segment fails with "not found", the root unnamed
+        what = "videos" if src.reads == "videos" else "frames"
+        flag = "--videos" if src.reads == "videos" else "--frames-root"
+        raise EkxError(f"{what} root {root} does not exist; set {flag} or the {what} path (ekx config)")
     found, missing = sources.locate(src, plan + calib_plan + own, root)
     missing = [v for v in missing if v in {s.video_id for s in plan}]
     device = resolve_device(cfg.device)
