@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -44,10 +45,24 @@ def read(cache: Path) -> dict:
         return {}
 
 
+def _dead_here(rec: dict) -> bool:
+    """The record's owner ran on this host and is gone."""
+    if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
+        return False
+    try:
+        os.kill(rec["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def acquire(cache: Path) -> CacheLock:
     """Hold `<cache>.lock` for this process, or stop with who holds it and what to do."""
     path = lock_path(cache)
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 15
     while True:
         fh = open(path, "a+")  # held open for the whole run
         try:
@@ -56,6 +71,11 @@ def acquire(cache: Path) -> CacheLock:
             fh.close()
             rec = read(cache)
             host, pid = rec.get("host", "an unknown host"), rec.get("pid", "?")
+            if _dead_here(rec) and time.monotonic() < deadline:
+                # the owner was killed, but its forked decode workers inherited the locked
+                # descriptor and are still dying (they follow their parent by PR_SET_PDEATHSIG)
+                time.sleep(0.2)
+                continue
             raise EkxError(
                 f"{cache}: another process (pid {pid} on {host}, since {time.ctime(rec.get('since', 0))}) is "
                 f"writing this cache; check it with `ps -p {pid}` on {host}. Wait for it to finish (a second run "
