@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ekx import EkxError, epic
-from ekx.cache import store
+from ekx.cache import lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.extract import sources
 from ekx.extract.inputs import calibration_plan, segment_inputs
@@ -236,20 +236,26 @@ def extract_many(
         for name in names:
             tcfg = dataclasses.replace(cfg, backbone=name)
             out = tcfg.out or default_out(tcfg, features_root)
-            t = open_target(
-                tcfg,
-                out,
-                device,
-                precision,
-                ann,
-                ann_path,
-                calib_plan,
-                found,
-                rows,
-                video_input,
-                warn,
-                source_attrs=src.identity(decode_device),
-            )
+            held = lock.acquire(out)  # first: a second run stops before loading anything
+            try:
+                t = open_target(
+                    tcfg,
+                    out,
+                    device,
+                    precision,
+                    ann,
+                    ann_path,
+                    calib_plan,
+                    found,
+                    rows,
+                    video_input,
+                    warn,
+                    held,
+                    src.identity(decode_device),
+                )
+            except BaseException:
+                held.release()
+                raise
             t.summary.missing_videos = missing_msg
             targets.append(t)
         if on_start:

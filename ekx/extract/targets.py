@@ -97,35 +97,11 @@ def open_target(
     rows: store.Rows,
     video_input: str,
     warn: Callable[[str], None],
+    held: lock.CacheLock,
     source_attrs: dict | None = None,
 ) -> Target:
-    """Take the cache's lock, load one backbone (calibrating random weights), open or create
-    its cache, start its writer."""
-    held = lock.acquire(out)  # first: a second run stops before loading anything
-    try:
-        return _open_target(
-            cfg, out, device, precision, ann, ann_path, calib_plan, found, rows, video_input, warn, held, source_attrs
-        )
-    except BaseException:
-        held.release()
-        raise
-
-
-def _open_target(
-    cfg: ExtractConfig,
-    out: Path,
-    device: torch.device,
-    precision: str,
-    ann: epic.Annotations,
-    ann_path: Path,
-    calib_plan: list[epic.Segment],
-    found: dict[str, Path],
-    rows: store.Rows,
-    video_input: str,
-    warn: Callable[[str], None],
-    held: lock.CacheLock,
-    source_attrs: dict | None,
-) -> Target:
+    """Load one backbone (calibrating random weights), open or create its cache (whose lock
+    ``held`` the caller took first), start its writer."""
     bb = backbones.with_weights(backbones.get(cfg.backbone), cfg.weights)  # preprocessing of these weights
     model, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     model = model.to(device)
