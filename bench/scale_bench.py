@@ -38,7 +38,7 @@ import numpy as np
 from ekx import epic
 from ekx import prepare as pp
 from ekx.extract import backbones
-from ekx.extract.targets import union_size
+from ekx.extract.inputs import union_size
 from ekx.extract.video import Request, decode_video
 
 ROOT = Path(__file__).resolve().parent

@@ -280,10 +280,20 @@ def run_live(
     return out
 
 
-def _to_tensor(cv2, image: np.ndarray, model: RunModel) -> torch.Tensor:
-    """BGR frame -> uint8 [1, 3, h, w] RGB at the size the backbone's preprocessing resizes
-    to (resizing 1080p first is cheaper than converting it whole)."""
-    h, w = model.preprocess.decode_size(*image.shape[:2])
-    small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+def _to_tensor(cv2, image: np.ndarray, model: RunModel | None = None) -> torch.Tensor:
+    """BGR frame -> uint8 [1, 3, H, W] RGB at full size: `RunModel.features` resizes it with
+    the weights' own torchvision resize (a cv2.INTER_AREA resize here gave inputs 0.97
+    cosine from the recorded preprocessing, bench/preprocess_bench.py)."""
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+
+def resize_note(model: RunModel) -> str | None:
+    """A line where live's input is not resized as the run's features were."""
+    if model.size_fn is None:
+        return None
+    return (
+        "note: this run's features were resized by the decoder's scaler at extraction (--resize decoder); "
+        "live frames get torchvision's resize (the weights' own), so inputs differ slightly (random-weight "
+        "feature cosine ~0.98, README); extract with --resize torchvision for identical preprocessing"
+    )

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ekx import EkxError
-from ekx.extract import backbones
-from ekx.extract.video import ForwardReader, clip_frames, open_reader
+from ekx.extract import backbones, sources
+from ekx.extract.video import CLIP_RATE, clip_times, frame_at, frame_period
 from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.data import positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
@@ -48,6 +48,8 @@ class RunModel:
     nouns: list[str]
     device: torch.device
     precision: str
+    size_fn: Callable[[int, int], tuple[int, int]] | None = None  # the decoder's scaler, as the cache's
+    source: str = "decord"  # the frame source its cache was read with (a video source)
 
     @torch.inference_mode()
     def features(self, frames: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,8 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
         classes["noun"],
         device,
         precision,
+        bb.preprocess.decode_size if spec.get("resize", "decoder") == "decoder" else None,
+        spec["source"] if spec.get("source") in ("decord", "torchcodec") else "decord",
     )
 
 
@@ -186,20 +190,15 @@ def plan_windows(duration: float, window: float, stride: float, k: int) -> tuple
     return spacing, n, starts
 
 
-def _decode_frames(vr, index: np.ndarray, out: queue.Queue, stop: threading.Event, chunk: int) -> None:
-    """Decoder thread: (frame indices, uint8 [n, H, W, 3]) chunks of ``index`` (increasing,
-    unique), so the reader only ever decodes forward (seeking past keyframes)."""
+def _decode_frames(reader, index: np.ndarray, out: queue.Queue, stop: threading.Event, chunk: int) -> None:
+    """Decoder thread: (n, frames [n, H, W, 3]) chunks of ``index`` (increasing, unique)
+    through the source's reader, which only ever decodes forward (seeking past keyframes)."""
     try:
-        reader, got = ForwardReader(vr), []
-        for i in index:
+        for lo in range(0, len(index), chunk):
             if stop.is_set():
                 return
-            got.append(reader.read(int(i)))
-            if len(got) == chunk:
-                out.put((len(got), np.stack(got)))
-                got = []
-        if got:
-            out.put((len(got), np.stack(got)))
+            frames = reader.get(index[lo : lo + chunk])
+            out.put((len(frames), frames))
         out.put(None)
     except Exception as e:
         out.put(e)
@@ -208,24 +207,22 @@ def _decode_frames(vr, index: np.ndarray, out: queue.Queue, stop: threading.Even
 def grid_features(
     model: RunModel,
     path: Path,
-    vr,
-    frame_index: np.ndarray,
-    n_frames: int,
+    reader,
+    clips: np.ndarray,
     batch: int = 16,
     on_progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """[G, D] features of the grid frames; decoding (a thread) overlaps the backbone.
-
-    Each needed frame is decoded once, in order - clips of a 3D backbone may overlap - and
-    kept only until the last clip that uses it has gone through the backbone."""
-    clips = clip_frames(frame_index, model.clip_len, n_frames).reshape(len(frame_index), model.clip_len)
+    """[G, D] features of the grid's clips (frame indices [G, clip_len]); decoding (a
+    thread) overlaps the backbone. Each needed frame is decoded once, in order - clips of a
+    3D backbone may overlap - and kept only until the last clip that uses it has gone
+    through the backbone."""
     wanted = np.unique(clips)
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
     worker = threading.Thread(
         target=_decode_frames,
         daemon=True,
-        args=(vr, wanted, q, stop, batch * model.clip_len),
+        args=(reader, wanted, q, stop, batch * model.clip_len),
     )
     worker.start()
     later_min = np.minimum.accumulate(clips.min(1)[::-1])[::-1]  # first frame any clip from j on needs
@@ -251,7 +248,7 @@ def grid_features(
             need = clips[lo : lo + batch]
             while int(need.max()) not in kept:
                 pull()
-            x = torch.from_numpy(np.stack([kept[int(i)] for i in need.reshape(-1)])).permute(0, 3, 1, 2)
+            x = sources.to_tensor([kept[int(i)] for i in need.reshape(-1)]).permute(0, 3, 1, 2)
             feats.append(model.features(x).cpu())
             if lo + batch < len(clips):  # later clips never look back past this frame
                 first = int(later_min[lo + batch])
@@ -281,17 +278,26 @@ def predict_video(
     path = Path(path)
     if not path.is_file():
         raise EkxError(f"{path}: no such video")
+    src = sources.get(model.source)
+    if src.reads != "videos":
+        raise EkxError(f"ekx predict reads a video file; its run's frames came from --source {src.name}")
     try:  # one open: decord scans the whole file each time
-        vr = open_reader(path, model.preprocess.decode_size)
-        n_frames, fps = len(vr), float(vr.get_avg_fps())
+        reader = src.open(path, model.size_fn, "cpu")
+        times = reader.timestamps()
     except Exception as e:
-        raise EkxError(f"{path}: cannot read this video ({str(e).splitlines()[0][:160]})") from None
-    duration = n_frames / fps
-    spacing, n_grid, starts = plan_windows(duration, window, stride, model.k)
-    index = np.minimum(np.round((np.arange(n_grid) + 0.5) * spacing * fps).astype(np.int64), n_frames - 1)
-    if on_start:
-        on_start(n_grid)
-    feats = grid_features(model, path, vr, index, n_frames, on_progress=on_progress)
+        raise EkxError(f"{path}: cannot read this video ({sources.first_line(e)})") from None
+    try:
+        # the grid on the file's timeline, each time's displayed frame (variable rate included)
+        duration = float(times[-1]) + frame_period(times)
+        spacing, n_grid, starts = plan_windows(duration, window, stride, model.k)
+        grid_t = (np.arange(n_grid) + 0.5) * spacing
+        clips = frame_at(times, clip_times(grid_t, model.clip_len, CLIP_RATE)).reshape(n_grid, model.clip_len)
+        if on_start:
+            on_start(n_grid)
+        feats = grid_features(model, path, reader, clips, on_progress=on_progress)
+    finally:
+        reader.close()
+    fps = float(reader.fps)
     out = []
     for lo in range(0, len(starts), 256):  # windows are built a block at a time: views of one grid
         pv, pn = model.classify(torch.stack([feats[g : g + model.k] for g in starts[lo : lo + 256]]))

@@ -15,7 +15,7 @@ from ekx import epic
 from ekx.cache.reader import open_cache
 from ekx.extract import backbones
 from ekx.extract.pipeline import ExtractConfig, extract
-from ekx.extract.video import Request, clip_frames, decode_video, sample_centres
+from ekx.extract.video import CLIP_RATE, Request, decode_video, sample_centres
 from ekx.synth import read_stamp
 
 
@@ -32,15 +32,23 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(backbones.REGISTRY))
 def test_features_equal_torchvision_by_hand(name, synth_data, tmp_path):
-    """Every registered backbone: cached features == model(weights.transforms()(frames))."""
+    """Every registered backbone, ``--resize torchvision``: cached features ==
+    model(weights.transforms()(full-size frames)), the frames picked by hand (displayed at
+    the centre times; R(2+1)D: 8 frames 1/15 s apart around each)."""
     bb = backbones.get(name)
     torch.manual_seed(0)
     model = bb.build().eval()
     video = epic.index_videos(synth_data / "videos")["P04_01"]
-    full = decord.VideoReader(str(video))
-    h, w = bb.preprocess.decode_size(*full[0].shape[:2])
-    vr = decord.VideoReader(str(video), width=w, height=h)
+    vr = decord.VideoReader(str(video))  # full size: torchvision's resize does the work
+    fps = vr.get_avg_fps()
     transforms = bb.weights.DEFAULT.transforms()
+    segs = {s.narration_id: s for s in epic.Annotations(synth_data / "annotations").segments("validation")}
+
+    def clip_frames(nid: str) -> np.ndarray:  # a constant-rate video from 0: frame floor(t * fps) shows at t
+        s = segs[nid]
+        t = s.start + (np.arange(4) + 0.5) * (s.stop - s.start) / 4
+        t = (t[:, None] + (np.arange(bb.clip_len) - bb.clip_len // 2)[None, :] / CLIP_RATE).reshape(-1)
+        return np.clip(np.floor(t * fps + 1e-6), 0, len(vr) - 1).astype(np.int64)
 
     def inputs(indices: np.ndarray) -> torch.Tensor:
         frames = torch.from_numpy(vr.get_batch(list(indices)).asnumpy()).permute(0, 3, 1, 2)
@@ -53,17 +61,31 @@ def test_features_equal_torchvision_by_hand(name, synth_data, tmp_path):
             return model(inputs(indices))
 
     # random weights made informative by BatchNorm calibration, saved as a local state dict
-    backbones.calibrate_batchnorm(model, [inputs(clip_frames(np.arange(0, 400, 50), bb.clip_len, len(vr)))])
+    spread = (np.arange(0, 400, 50)[:, None] + np.arange(bb.clip_len)).reshape(-1)
+    backbones.calibrate_batchnorm(model, [inputs(spread)])
     weights = tmp_path / "random.pt"
     torch.save(model.state_dict(), weights)
     limit = 2 if bb.clip_len > 1 else 3
-    summary = run(synth_data, tmp_path / "f.h5", backbone=name, weights=str(weights), limit=limit, precision="fp32")
+    summary = run(
+        synth_data,
+        tmp_path / "f.h5",
+        backbone=name,
+        weights=str(weights),
+        limit=limit,
+        precision="fp32",
+        resize="torchvision",
+    )
     assert summary.done == limit
     cache = open_cache(tmp_path / "f.h5")
     assert cache.attrs["weights"] == f"sha256:{backbones.sha256_file(weights)}"
     feats = cache.features()
     assert feats.shape == (limit, 1, 4, bb.dim)
-    refs = [by_hand(clip_frames(cache.frame_index[r], bb.clip_len, len(vr))).numpy() for r in range(limit)]
+    assert cache.attrs["resize"] == "torchvision" and "full-size" in cache.attrs["resize_method"]
+    assert all(
+        (cache.frame_index[r] == clip_frames(cache.narration_id[r])[bb.clip_len // 2 :: bb.clip_len]).all()
+        for r in range(limit)
+    )
+    refs = [by_hand(clip_frames(cache.narration_id[r])).numpy() for r in range(limit)]
     for r in range(limit):
         assert _cos(feats[r, 0], refs[r]).min() >= 0.999
     # the check can fail: another segment's frames give clearly different features

@@ -22,7 +22,7 @@ from ekx.cache.reader import open_cache
 from ekx.cli import app
 from ekx.extract.pipeline import ExtractConfig, extract, extract_many
 from ekx.extract.targets import select_frames
-from ekx.extract.video import clip_frames
+from ekx.extract.video import clip_times, frame_at
 
 ALL = "resnet50,efficientnet_b3,r2plus1d_18"
 runner = CliRunner()
@@ -39,11 +39,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_select_frames_takes_each_backbones_own_frames():
-    centres, n = np.array([0, 10, 29]), 30
-    eight = clip_frames(centres, 8, n)  # what the union decode returns for an 8-frame backbone
+    t, times = np.array([0.01, 0.35, 0.99]), np.arange(30) / 30  # centre times; a 30 fps second
+
+    def frames_of(clip_len: int) -> np.ndarray:
+        return frame_at(times, clip_times(t, clip_len))
+
+    eight = frames_of(8)  # what the union decode returns for an 8-frame backbone
     frames = eight[:, None, None, None].repeat(2, axis=1)  # a fake "image" carrying its index
-    assert (select_frames(frames, 3, 8, 1)[:, 0, 0, 0] == clip_frames(centres, 1, n)).all()
-    assert (select_frames(frames, 3, 8, 4)[:, 0, 0, 0] == clip_frames(centres, 4, n)).all()
+    assert (select_frames(frames, 3, 8, 1)[:, 0, 0, 0] == frames_of(1)).all()
+    assert (select_frames(frames, 3, 8, 4)[:, 0, 0, 0] == frames_of(4)).all()
     assert (select_frames(frames, 3, 8, 8)[:, 0, 0, 0] == eight).all()
 
 

@@ -13,7 +13,7 @@ import pytest
 from ekx import EkxError, epic
 from ekx.extract import sources
 from ekx.extract.sources.frames import write_frames
-from ekx.extract.video import Request
+from ekx.extract.video import CLIP_RATE, Request
 from ekx.synth import read_stamp
 
 K = 5
@@ -67,13 +67,24 @@ def test_frames_are_the_ones_chosen_in_order_at_the_size_asked(name, synth_data,
         assert res.error is None, res.error
         assert res.frames.shape == (K, 48, 64, 3) and res.frames.dtype == np.uint8
         assert np.all(np.diff(res.centres) > 0)  # K distinct positions, in order
-    # the barcode is too thin to read at 48 rows: the frame choice is read at full size, as clips
+    # the barcode is too thin to read at 48 rows: the frame choice is read at full size, as
+    # 3-frame clips 1/15 s apart (videos: the frame shown at each time of a constant-rate
+    # video from 0, floor(t * fps); JPEGs: the same on the CSV's frame axis)
     full = {r.row: r for r in src.decode(paths[vid], reqs, K, 3, None)}
+    reader = src.open(paths[vid], None)
+    n, fps = reader.num_frames, reader.fps
+    reader.close()
+    off = np.array([-1, 0, 1]) / CLIP_RATE
     for r in reqs:
         res = full[r.row]
         stamps = [read_stamp(f) for f in res.frames]
-        want = np.clip(res.centres[:, None] + np.array([-1, 0, 1]), 0, None).reshape(-1)
-        assert stamps == want.tolist()
+        if src.reads == "videos":
+            t = r.start + (np.arange(K) + 0.5) * (r.stop - r.start) / K
+            assert (res.centres == np.floor(t * fps + 1e-6)).all()
+            want = np.floor((t[:, None] + off) * fps + 1e-6)
+        else:
+            want = np.floor(res.centres[:, None] + 0.5 + off * r.stop_frame / r.stop)
+        assert stamps == np.clip(want, 0, n - 1).astype(int).reshape(-1).tolist()
 
 
 @pytest.mark.parametrize("name", CASES)

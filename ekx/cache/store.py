@@ -57,6 +57,7 @@ IDENTITY_KEYS = (
     "source",
     "decoder",
     "decode_device",
+    "resize",
     "seed",
     "augmentation",
     "precision",
@@ -108,7 +109,7 @@ def same(a: Any, b: Any) -> bool:
 
 # what a cache written before an identity key existed implicitly holds
 ORIGINAL_VIDEOS = "original videos"
-IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS, "source": "decord", "decode_device": "cpu"}
+IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS, "source": "decord", "decode_device": "cpu", "resize": "decoder"}
 
 
 def identity_mismatch(have: dict, want: dict) -> list[str]:

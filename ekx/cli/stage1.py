@@ -62,6 +62,14 @@ def extract(
     skip_errors: Annotated[bool, typer.Option(help="Exit 0 even if some segments failed.")] = False,
     source: SourceOpt = "auto",
     decode_device: DecodeDeviceOpt = "cpu",
+    resize: Annotated[
+        str,
+        typer.Option(
+            help="decoder: the decoder's scaler resizes at decode (fast; features ~0.98 cosine to torchvision's "
+            "resize on random weights); torchvision: full-size frames and the weights' own resize (exact, "
+            "~2-5x more decode work). Recorded in the cache."
+        ),
+    ] = "decoder",
     decode_timeout: Annotated[
         float,
         typer.Option(
@@ -109,6 +117,7 @@ def extract(
         source=source,
         decode_device=decode_device,
         decode_timeout=decode_timeout,
+        resize=resize,
     )
     columns = [
         TextColumn("[bold]extract[/bold]"),

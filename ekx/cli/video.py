@@ -227,6 +227,8 @@ def live(
     lv.cv2_module()  # the missing-extra error before the model loads
     ws = workspace(runs=runs, device=device)
     model = pr.load_run(pr.resolve_run(run, ws.runs), ws.device, checkpoint)
+    if note := lv.resize_note(model):
+        console.print(note, style="yellow", highlight=False)
     summary = lv.run_live(
         model,
         camera,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.transforms.v2.functional as F
+import torchvision.transforms.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
@@ -48,7 +48,9 @@ class Preprocess:
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
-        same order, as torchvision's ImageClassification / VideoClassification presets."""
+        same order, as torchvision's ImageClassification / VideoClassification presets
+        (`torchvision.transforms.functional`, theirs: v2's uint8 resize differs by 1 LSB,
+        which moves random-weight features to 0.994 cosine)."""
         frames = F.resize(
             frames,
             list(self.resize_size),
@@ -56,7 +58,7 @@ class Preprocess:
             antialias=self.antialias,
         )
         frames = F.center_crop(frames, list(self.crop_size))
-        frames = F.to_dtype(frames, torch.float32, scale=True)
+        frames = F.convert_image_dtype(frames, torch.float32)
         return F.normalize(frames, mean=list(self.mean), std=list(self.std))
 
     def to_attrs(self) -> dict:
@@ -280,6 +282,9 @@ def extractor_spec(attrs: dict, bn_state: dict) -> dict:
         "weights_path": attrs.get("weights_path", ""),
         "seed": int(attrs.get("seed", 0)),
         "frames": int(attrs["frames_per_segment"]),
+        # how its frames were read and resized: `ekx predict` reads a video the same way
+        "source": str(attrs.get("source", "decord")),
+        "resize": str(attrs.get("resize", "decoder")),
         "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()},
     }
 

@@ -76,6 +76,29 @@ def segment_inputs(
     return torch.cat(views)
 
 
+def union_size(bbs: list[backbones.Backbone]):
+    """One decode size serving every backbone: the largest of their sizes (each backbone's
+    preprocessing then resizes down to its own, as it would from the full frame)."""
+    if len(bbs) == 1:
+        return bbs[0].preprocess.decode_size
+
+    def size(h: int, w: int) -> tuple[int, int]:
+        return max((b.preprocess.decode_size(h, w) for b in bbs), key=lambda s: s[0] * s[1])
+
+    return size
+
+
+RESIZES = ("decoder", "torchvision")
+
+
+def decode_size(cfg, bbs: list[backbones.Backbone]):
+    """The size function the decoder gets: the backbones' union size (`union_size`) where
+    the decoder's scaler resizes (``--resize decoder``), None (full size) for torchvision's."""
+    if cfg.resize not in RESIZES:
+        raise EkxError(f"--resize {cfg.resize!r}: expected one of {', '.join(RESIZES)}")
+    return union_size(bbs) if cfg.resize == "decoder" else None
+
+
 # ---------------------------------------------------------------- BatchNorm calibration (--weights none)
 
 
@@ -102,7 +125,7 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     for s in calib:
         req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
         decode = functools.partial(
-            src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, bb.preprocess.decode_size, cfg.decode_device
+            src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, decode_size(cfg, [bb]), cfg.decode_device
         )
         for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
             if res.error is None:

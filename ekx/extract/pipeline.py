@@ -26,9 +26,9 @@ from ekx import EkxError, epic
 from ekx.cache import lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.extract import sources
-from ekx.extract.inputs import calibration_plan, segment_inputs
+from ekx.extract.inputs import RESIZES, calibration_plan, decode_size, segment_inputs
 from ekx.extract.sources.watchdog import guarded
-from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames, union_size
+from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
 from ekx.extract.video import Request, Result
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
@@ -54,6 +54,9 @@ class ExtractConfig:
     # frame source (ekx.extract.sources): auto = the videos where present, else the RGB frames
     source: str = "auto"
     decode_device: str = "cpu"
+    # decoder: the source's scaler resizes at decode (fast; features ~0.98 cosine to torchvision's
+    # on random weights); torchvision: full-size frames, the weights' own resize (exact, slower)
+    resize: str = "decoder"
     decode_timeout: float = 600.0  # seconds without a decoded segment before a video's decoder is killed
 
 
@@ -184,6 +187,8 @@ def extract_many(
     backbone writes its own cache (`features/<backbone>/<split>.h5`) with its own identity.
     Each cache resumes on its own: a segment is decoded if any cache lacks it, and run
     only through the backbones whose cache lacks it."""
+    if cfg.resize not in RESIZES:
+        raise EkxError(f"--resize {cfg.resize!r}: expected one of {', '.join(RESIZES)}")
     t0 = time.perf_counter()
     names = backbone_names(cfg.backbone)
     if cfg.frames < 1 or cfg.views < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
@@ -251,7 +256,7 @@ def extract_many(
                     video_input,
                     warn,
                     held,
-                    src.identity(decode_device),
+                    src.identity(decode_device, cfg.resize),
                 )
             except BaseException:
                 held.release()
@@ -316,10 +321,9 @@ def _run(
     gpu_decode = cfg.decode_device != "cpu"  # a CUDA context does not survive a fork: decode here
     workers = 0 if gpu_decode else max(0, min(cfg.workers, len(jobs)))
     timeout = 0.0 if gpu_decode else cfg.decode_timeout
+    size_fn = decode_size(cfg, [t.bb for t in targets])
     loader = DataLoader(
-        VideoJobs(
-            jobs, cfg.frames, clip_len, union_size([t.bb for t in targets]), cfg.source, cfg.decode_device, timeout
-        ),
+        VideoJobs(jobs, cfg.frames, clip_len, size_fn, cfg.source, cfg.decode_device, timeout),
         batch_size=None,
         num_workers=workers,
         collate_fn=identity_collate,

@@ -73,18 +73,6 @@ def select_frames(frames: np.ndarray, k: int, have: int, want: int) -> np.ndarra
     return clips.reshape(k * want, *frames.shape[1:])
 
 
-def union_size(bbs: list[backbones.Backbone]):
-    """One decode size serving every backbone: the largest of their sizes (each backbone's
-    preprocessing then resizes down to its own, as it would from the full frame)."""
-    if len(bbs) == 1:
-        return bbs[0].preprocess.decode_size
-
-    def size(h: int, w: int) -> tuple[int, int]:
-        return max((b.preprocess.decode_size(h, w) for b in bbs), key=lambda s: s[0] * s[1])
-
-    return size
-
-
 def open_target(
     cfg: ExtractConfig,
     out: Path,

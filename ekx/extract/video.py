@@ -1,16 +1,24 @@
-"""Frame sampling and decoding.
+"""Frame timing, sampling and decord's reader.
 
-Sampling: K positions per segment, the centres of K equal parts of its time span,
-converted to frame indices with the decoded video's own fps (EPIC's start/stop_frame
-columns are at 50/60 fps whatever the file, so timestamps are the truth).
+Timing: a time t (seconds on the file's timeline, which starts at 0 like a player's
+clock) shows the frame displayed at t - the last frame whose presentation time (pts) is
+<= t (the first frame before it). Frame times come from the stream itself, never from
+``index / avg_fps``: EPIC holds 29.97, 47.95, 50, 59.94, 60 and 90 fps files, phone
+footage has a variable rate, and a video stream may start after the file's 0 (after its
+audio). EPIC's start/stop_frame columns are at 50/60 fps whatever the file, so the
+timestamps are the truth.
 
-Decoding: each video is opened once, at the size the backbone's preprocessing resizes
-to (the decoder's scaler is ~2x cheaper than converting 1080p to RGB and resizing
-after). Frames are read in increasing order; for each one the reader either decodes
-forward from where it is (skip_frames: no colour conversion) or seeks, whichever
-decodes fewer frames - that is, it seeks only when a keyframe lies between the
-current position and the target. Dense segments thus decode in one forward pass,
-sparse ones seek.
+Sampling: K positions per segment, the centres of K equal parts of its time span. A
+backbone reading clips (R(2+1)D) gets ``clip_len`` frames 1 / CLIP_RATE s apart around
+each centre - the same duration on a 50 and a 60 fps video; the centre frame is the
+clip's position ``clip_len // 2``, so a per-frame backbone sharing the decode takes it.
+
+Reading (decord): each video is opened once, at the size the backbone's preprocessing
+resizes to where the decoder's scaler is asked for (~2x cheaper than converting 1080p to
+RGB and resizing after; the cache records which resize ran). Frames are read in
+increasing order; for each one the reader either decodes forward from where it is
+(skip_frames: no colour conversion) or seeks, whichever decodes fewer frames - it seeks
+only when a keyframe lies between the current position and the target.
 """
 
 from __future__ import annotations
@@ -25,19 +33,91 @@ import numpy as np
 # decord is imported lazily inside workers: importing it early in the main process
 # is harmless, but keeping it out of module import keeps `ekx --help` fast.
 
+# Kinetics-400 R(2+1)D (torchvision's R2Plus1D_18_Weights) is trained and evaluated on
+# clips resampled to 15 fps (its docs: frame_rate=15, clip_len=16): a clip's frames are
+# 1/15 s apart, whatever the file's rate.
+CLIP_RATE = 15.0
+# the sampling rule, recorded in every cache (`sampling` attribute, part of the identity):
+# caches made under another rule refuse to mix
+SAMPLING = (
+    "centres of K equal parts of [start, stop); frame = the one displayed at t (last pts <= t, "
+    "pts on the file's timeline); clips: clip_len frames at t + (j - clip_len // 2) / {rate:g} s"
+)
+_EPS = 1e-6  # a frame whose pts is within this of t counts as displayed at t (float pts)
+
+
+def sampling_rule(clip_rate: float = CLIP_RATE) -> str:
+    return SAMPLING.format(rate=clip_rate)
+
+
+def centre_times(start: float, stop: float, k: int) -> np.ndarray:
+    """Times (s) of the centres of K equal parts of [start, stop)."""
+    return start + (np.arange(k) + 0.5) * (stop - start) / k
+
+
+def clip_times(centres_t: np.ndarray, clip_len: int, clip_rate: float = CLIP_RATE) -> np.ndarray:
+    """[K * clip_len] times: ``clip_len`` per centre, 1 / clip_rate s apart, the centre at
+    position clip_len // 2 (for clip_len 1, the centres themselves)."""
+    offsets = (np.arange(clip_len) - clip_len // 2) / clip_rate
+    return (np.asarray(centres_t, dtype=np.float64)[:, None] + offsets[None, :]).reshape(-1)
+
+
+def frame_at(times: np.ndarray, t) -> np.ndarray:
+    """Index of the frame displayed at each time ``t``: the last frame whose start time is
+    <= t (frame 0 before the first one)."""
+    i = np.searchsorted(times, np.asarray(t, dtype=np.float64) + _EPS, side="right") - 1
+    return np.clip(i, 0, len(times) - 1).astype(np.int64)
+
 
 def sample_centres(start: float, stop: float, fps: float, k: int) -> np.ndarray:
-    """Frame indices of the centres of K equal parts of [start, stop)."""
-    t = start + (np.arange(k) + 0.5) * (stop - start) / k
-    return np.round(t * fps).astype(np.int64)
+    """Frame indices of the centres of K equal parts of [start, stop) at a constant ``fps``
+    from 0 (frame i is shown from i / fps): the displayed frame, floor(t * fps)."""
+    return np.floor(centre_times(start, stop, k) * fps + _EPS).astype(np.int64)
 
 
-def clip_frames(centres: np.ndarray, clip_len: int, n_frames: int) -> np.ndarray:
-    """[K * clip_len] indices of consecutive frames centred on each position (clamped to the video)."""
-    if clip_len == 1:
-        return centres
-    offsets = np.arange(clip_len) - clip_len // 2
-    return np.clip(centres[:, None] + offsets[None, :], 0, n_frames - 1).reshape(-1)
+def frame_period(times: np.ndarray) -> float:
+    """Typical duration of one frame (the median gap; 1/30 s for a one-frame video)."""
+    return float(np.median(np.diff(times))) if len(times) > 1 else 1 / 30
+
+
+def stream_start(path: Path) -> float:
+    """Where the video stream starts on the file's timeline (s; 0 for most files), from
+    the container's header (PyAV, no decoding). decord and torchcodec number frame times
+    from the stream's own first frame or its raw pts; players from the file's start."""
+    try:
+        import av
+
+        with av.open(str(path)) as c:
+            v = c.streams.video[0]
+            if v.start_time is None or v.time_base is None or c.start_time is None:
+                return 0.0
+            return max(0.0, float(v.start_time * v.time_base) - c.start_time / 1e6)
+    except Exception:  # not readable by PyAV: the decoder's own clock decides
+        return 0.0
+
+
+def packet_times(path: Path) -> np.ndarray:
+    """[n] presentation times (s, file timeline) of the video stream's frames, in display
+    order, from its packets (PyAV demuxing: reads the file, decodes nothing)."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        if v.time_base is None:
+            raise ValueError("the video stream has no time base")
+        tb = float(v.time_base)
+        pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
+        origin = (c.start_time or 0) / 1e6
+    return np.asarray(pts, dtype=np.float64) * tb - origin
+
+
+def times_or_nominal(times: np.ndarray, n: int, fps: float, start: float = 0.0) -> np.ndarray:
+    """``times`` where they are usable (n increasing finite values), else a constant rate
+    from ``start`` (a stream without timestamps)."""
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) == n and n and np.isfinite(times).all() and (np.diff(times) > 0).all():
+        return times
+    return start + np.arange(n) / fps
 
 
 @dataclass
@@ -122,54 +202,21 @@ class ForwardReader:
         return frame
 
 
-def decode_video(path: Path, requests: list[Request], k: int, clip_len: int, size_fn=None) -> Iterator[Result]:
-    """Decode the sampled frames of every requested segment of one video.
-
-    Yields one Result per request, in order of the segments' last frame; frames are
-    kept only until every segment that needs them has been yielded.
-    """
+def decord_times(vr, path: Path) -> np.ndarray:
+    """[n] presentation time (s, file timeline) of every frame of a decord reader (decord
+    numbers them from the stream's first frame; a stream without usable pts: constant rate)."""
+    n = len(vr)
     try:
-        vr = open_reader(path, size_fn)
-        n, fps = len(vr), float(vr.get_avg_fps())
-    except Exception as e:
-        for r in requests:
-            yield Result(r.row, None, None, f"cannot open video {path.name}: {str(e).splitlines()[0][:160]}")
-        return
-    plans = []
-    for r in requests:
-        centres = sample_centres(r.start, r.stop, fps, k)
-        if centres[-1] > n:  # one frame of slack for rounding at the very end
-            yield Result(
-                r.row,
-                None,
-                None,
-                f"segment {r.start:.2f}-{r.stop:.2f} s is beyond the video's "
-                f"end ({n / fps:.2f} s, {n} frames at {fps:g} fps)",
-            )
-            continue
-        centres = np.minimum(centres, n - 1)
-        plans.append((r, centres, clip_frames(centres, clip_len, n)))
-    plans.sort(key=lambda p: int(p[2].max()))
-    users: dict[int, int] = {}
-    for _, _, idx in plans:
-        for i in np.unique(idx):
-            users[int(i)] = users.get(int(i), 0) + 1
-    reader, kept, todo = ForwardReader(vr), {}, sorted(users)
-    t = 0
-    for j, (r, centres, idx) in enumerate(plans):
-        last = int(idx.max())
-        try:
-            while t < len(todo) and todo[t] <= last:
-                kept[todo[t]] = reader.read(todo[t])
-                t += 1
-        except Exception as e:
-            reason = f"decode error at frame {todo[t]} of {path.name}: {str(e).splitlines()[0][:160]}"
-            for p in plans[j:]:
-                yield Result(p[0].row, None, None, reason)
-            return
-        frames = np.stack([kept[int(i)] for i in idx])
-        for i in np.unique(idx):
-            users[int(i)] -= 1
-            if users[int(i)] == 0:
-                del kept[int(i)]
-        yield Result(r.row, frames, centres)
+        ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+    except Exception:
+        ts = np.zeros(0)
+    start = stream_start(path)
+    return times_or_nominal(ts + start, n, float(vr.get_avg_fps()), start)
+
+
+def decode_video(path: Path, requests: list[Request], k: int, clip_len: int, size_fn=None) -> Iterator[Result]:
+    """The default source's decode of every requested segment of one video (see
+    `ekx.extract.sources.decode_segments`): one Result per request."""
+    from ekx.extract import sources
+
+    return sources.get("decord").decode(Path(path), requests, k, clip_len, size_fn)

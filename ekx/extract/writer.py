@@ -12,7 +12,7 @@ import torch
 
 from ekx import EkxError, __version__, epic
 from ekx.cache import store
-from ekx.extract import backbones
+from ekx.extract import backbones, video
 
 if TYPE_CHECKING:
     from ekx.extract.pipeline import ExtractConfig
@@ -91,7 +91,7 @@ def cache_attrs(
         "frames_per_segment": cfg.frames,
         "views": cfg.views,
         "clip_len": bb.clip_len,
-        "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)",
+        "sampling": video.sampling_rule(),
         "seed": cfg.seed,
         "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
         "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from ekx import epic
+from ekx import EkxError, epic
 from ekx.extract import backbones, sources
-from ekx.extract.video import Request, clip_frames
+from ekx.extract.video import Request
 from ekx.runtime import resolve_device
 
 # ---------------------------------------------------------------- distributed
@@ -70,10 +70,14 @@ class Clips(Dataset):
         bb: backbones.Backbone,
         source: str = "decord",
         keep: int = 2,
+        resize: str = "decoder",
     ):
         self.segments, self.paths, self.frames, self.backbone = segments, paths, frames, bb.name
         # plain values only: the dataset travels to worker processes
-        self.clip_len, self.size_fn, self.source, self.keep = bb.clip_len, bb.preprocess.decode_size, source, keep
+        self.clip_len, self.source, self.keep = bb.clip_len, source, keep
+        if resize not in ("decoder", "torchvision"):
+            raise EkxError(f"--resize {resize!r}: expected decoder or torchvision")
+        self.size_fn = bb.preprocess.decode_size if resize == "decoder" else None  # None: torchvision's, full size
         self._readers: OrderedDict[Path, sources.Reader] = OrderedDict()
         self.opens = 0
 
@@ -102,8 +106,8 @@ class Clips(Dataset):
         path = self.paths[s.video_id]
         try:
             reader = self._reader(path)
-            centres = reader.positions(Request(i, s.start, s.stop, s.start_frame, s.stop_frame), self.frames)
-            idx = clip_frames(centres, self.clip_len, reader.num_frames)
+            req = Request(i, s.start, s.stop, s.start_frame, s.stop_frame)
+            _, idx = reader.positions(req, self.frames, self.clip_len)
             wanted = np.unique(idx)  # readers take sorted indices, each once
             frames = reader.get(wanted)[np.searchsorted(wanted, idx)]
         except sources.SegmentError as e:

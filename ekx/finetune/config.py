@@ -26,6 +26,9 @@ class FinetuneConfig(TrainConfig):
     )
     train_bn: bool = opt(False, "update BatchNorm statistics of the trained stages (default: frozen, see README)")
     workers: int = opt(2, "decoding worker processes (per process under torchrun)")
+    resize: str = opt(
+        "decoder", "decoder: the decoder's scaler resizes at decode (fast); torchvision: the weights' own resize"
+    )
     group_by_video: bool = opt(
         True, "batches of one video's segments, each video opened once per worker (off: uniform shuffle)"
     )

@@ -127,13 +127,13 @@ def cold_start(cfg: FinetuneConfig, ann: epic.Annotations, segments, paths, devi
     t = cfg.frames or 16
     backbone, weights_id = backbones.load_weights(bb, cfg.weights, cfg.seed)
     backbone.to(device)
-    ecfg = ExtractConfig(backbone=cfg.backbone, frames=t, seed=cfg.seed)
+    ecfg = ExtractConfig(backbone=cfg.backbone, frames=t, seed=cfg.seed, resize=cfg.resize)
     if weights_id == "none":  # the same calibration `ekx extract --weights none` does
         calibrate(backbone, bb, ecfg, calibration_plan(ann, segments, ecfg), paths, device)
         for m in backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1  # calibration used a cumulative average; training uses the usual
-    feats, clips = [], Clips(segments, paths, t, bb)
+    feats, clips = [], Clips(segments, paths, t, bb, resize=cfg.resize)
     for i in range(min(len(segments), 8)):
         _, frames, err = clips[i]
         if err is None:

@@ -292,7 +292,8 @@ def main(
             start = cold_start(cfg, ann, train_segs, paths, device)
         cfg = replace(cfg, frames=start.frames, name=run_dir.name)
         bb = backbones.with_weights(backbones.get(cfg.backbone), start.weights)
-        train_data, val_data = Clips(train_segs, paths, start.frames, bb), Clips(val_segs, paths, start.frames, bb)
+        train_data = Clips(train_segs, paths, start.frames, bb, resize=cfg.resize)
+        val_data = Clips(val_segs, paths, start.frames, bb, resize=cfg.resize)
         tails, unseen = epic.subsets(annotations, cfg.val_split)
         task = finetune_task(
             cfg, d, device, precision, start, train_data, val_data, tails, unseen, warn if d.rank0 else (lambda m: None)
@@ -346,7 +347,7 @@ def evaluate_video(
     segs = ann.segments(split)
     paths, _ = epic.locate_videos(segs, videos)
     errors: list[str] = []
-    data = Clips(segs, paths, start.frames, bb)
+    data = Clips(segs, paths, start.frames, bb, resize=cfg.resize)
     classes = (ckpt["head_kwargs"]["num_verbs"], ckpt["head_kwargs"]["num_nouns"])
     verb, noun, present = video_logits(
         model,

@@ -2,17 +2,18 @@
 
 A source turns a video id's file (a video, or the official RGB-frame JPEGs) and the
 wanted frames into uint8 frames ``[n, H, W, 3]`` at the size the backbone's
-preprocessing asks for. Stage 1, the calibration of random weights and fine-tuning read
-through it, so changing decoder is a flag and never an edit:
+preprocessing asks for. Stage 1, the calibration of random weights, fine-tuning and
+`ekx predict` read through it, so changing decoder is a flag and never an edit:
 
-- ``decord`` (default): today's reader (`ekx.extract.video`), unchanged;
+- ``decord`` (default): `ekx.extract.video`'s reader;
 - ``torchcodec``: PyTorch's decoder (optional extra ``ekx[torchcodec]``), CPU or CUDA;
 - ``frames``: the official ``<pid>/rgb_frames/<vid>/frame_0000000001.jpg`` JPEGs, from a
   folder or straight from the per-video tar.
 
 A source opens a `Reader` per video (frame count, nominal fps, per-frame timestamps,
-``get(sorted indices)``), says where a segment's K positions are (`Reader.positions`:
-timestamps for videos, the CSV's frame numbers for JPEGs), and `decode_segments` turns
+``get(sorted indices)``), says where a segment's K positions and their clips are
+(`Reader.positions`: the frames displayed at the sampled times for videos, see
+`ekx.extract.video`; the CSV's frame numbers for JPEGs), and `decode_segments` turns
 that into one `Result` per segment, reading each wanted frame once. A new source is one
 file with `@register`; a duplicate name is an error.
 """
@@ -27,7 +28,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ekx import EkxError, epic
-from ekx.extract.video import Request, Result, clip_frames, sample_centres
+from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at, frame_period
 
 BUILTIN = ("decord", "torchcodec", "frames")  # modules of ekx.extract.sources, imported on first use
 DEFAULT = "decord"
@@ -47,7 +48,8 @@ class Reader(Protocol):
 
     def timestamps(self) -> np.ndarray: ...  # [num_frames] seconds each frame is shown from
 
-    def positions(self, req: Request, k: int) -> np.ndarray: ...  # K 0-based indices; SegmentError
+    # (K centre indices, K * clip_len indices of their clips), 0-based; SegmentError
+    def positions(self, req: Request, k: int, clip_len: int = 1) -> tuple[np.ndarray, np.ndarray]: ...
 
     def get(self, indices: np.ndarray) -> np.ndarray: ...  # sorted indices -> uint8 [n, H, W, 3]
 
@@ -79,9 +81,22 @@ class Source:
         mod = importlib.import_module(self.library)
         return str(getattr(mod, "__version__", "unknown"))
 
-    def identity(self, decode_device: str) -> dict[str, str]:
-        """Cache attributes naming where the frames came from (part of the cache identity)."""
-        return {"source": self.name, "decoder": f"{self.library} {self.version()}", "decode_device": decode_device}
+    def identity(self, decode_device: str, resize: str = "decoder") -> dict[str, str]:
+        """Cache attributes naming where the frames came from and how they were resized
+        (all but ``resize_method``, its description, part of the cache identity)."""
+        return {
+            "source": self.name,
+            "decoder": f"{self.library} {self.version()}",
+            "decode_device": decode_device,
+            "resize": resize,
+            "resize_method": self.resize_method(resize),
+        }
+
+    def resize_method(self, resize: str) -> str:
+        """What actually resized the frames to the backbone's resize size (``--resize``)."""
+        if resize == "decoder":
+            return f"{self.library}'s scaler (FFmpeg swscale) at decode, then the weights' crop and normalisation"
+        return "torchvision.transforms.functional.resize of the full-size frames (the weights' own transforms)"
 
     def resolve_device(self, want: str, probe: Path | None = None) -> tuple[str, str | None]:
         """(device to decode on, a one-line note when that is not what was asked)."""
@@ -162,15 +177,17 @@ def locate(source: Source, segments: list[epic.Segment], root: Path) -> tuple[di
 # ---------------------------------------------------------------- the shared decode loop
 
 
-def time_positions(req: Request, k: int, fps: float, n: int) -> np.ndarray:
-    """Video sources: stage 1's sampling (`video.sample_centres`) on the stream's clock."""
-    centres = sample_centres(req.start, req.stop, fps, k)
-    if centres[-1] > n:  # one frame of slack for rounding at the very end
+def time_positions(req: Request, k: int, clip_len: int, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Video sources: the frames displayed at the segment's K centre times (and at their
+    clips' times, `video.clip_times`), through the stream's frame times."""
+    t = centre_times(req.start, req.stop, k)
+    end = float(times[-1]) + frame_period(times)  # the last frame is shown for one period
+    if t[-1] > end + 0.5 * frame_period(times):  # half a frame of slack at the very end
         raise SegmentError(
-            f"segment {req.start:.2f}-{req.stop:.2f} s is beyond the video's end "
-            f"({n / fps:.2f} s, {n} frames at {fps:g} fps)"
+            f"segment {req.start:.2f}-{req.stop:.2f} s is beyond the video's end ({end:.2f} s, {len(times)} frames)"
         )
-    return np.minimum(centres, n - 1)
+    centres = frame_at(times, t)
+    return centres, (centres if clip_len == 1 else frame_at(times, clip_times(t, clip_len, CLIP_RATE)))
 
 
 def first_line(e: BaseException) -> str:
@@ -194,18 +211,18 @@ def decode_segments(
         reader = source.open(path, size_fn, device)
     except Exception as e:
         for r in requests:
-            yield Result(r.row, None, None, f"cannot open {path.name}: {first_line(e)}")
+            what = "video" if source.reads == "videos" else "frames"
+            yield Result(r.row, None, None, f"cannot open {what} {path.name}: {first_line(e)}")
         return
     try:
-        n = reader.num_frames
         plans = []
         for r in requests:
             try:
-                centres = reader.positions(r, k)
+                centres, idx = reader.positions(r, k, clip_len)
             except SegmentError as e:
                 yield Result(r.row, None, None, str(e))
                 continue
-            plans.append((r, centres, clip_frames(centres, clip_len, n)))
+            plans.append((r, centres, idx))
         plans.sort(key=lambda p: int(p[2].max()))
         users: dict[int, int] = {}
         for _, _, idx in plans:
@@ -235,6 +252,14 @@ def decode_segments(
             yield Result(r.row, frames, centres)
     finally:
         reader.close()
+
+
+def to_tensor(frames: list):
+    """Frames of a reader (numpy or torch) as one uint8 tensor [n, H, W, 3]."""
+    import torch
+
+    stacked = _stack(frames)
+    return stacked if isinstance(stacked, torch.Tensor) else torch.from_numpy(stacked)
 
 
 def _stack(frames: list):

@@ -9,8 +9,10 @@ resized as the backbone's preprocessing asks (bilinear, antialiased, as the vide
 decoders' scalers do).
 
 Sampling uses the CSV's ``start_frame``/``stop_frame`` (1-based, inclusive: the very JPEGs
-they name), with the video sources' rule (`video.sample_centres`) on the frame axis: JPEG N
-is frame N-1, shown during [N-1, N) in frame units, so a segment covers [start-1, stop).
+they name), with the video sources' rule on the frame axis: JPEG N is frame N-1, shown
+during [N-1, N) in frame units, so a segment covers [start-1, stop) and a centre at c takes
+JPEG floor(c) + 1. Clips (R(2+1)D) are 1 / CLIP_RATE s apart like the video sources', in
+frames at the rate the CSV's own numbers give (stop_frame / stop timestamp: 50 or 60).
 Where the JPEGs are fewer than a segment needs, up to `SLACK` frames past the last one are
 clamped to it (EPIC's frame dumps can end a frame or two before the annotation's count);
 more than that fails the segment with both counts.
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ekx.extract.sources import Request, SegmentError, SizeFn, Source, register
-from ekx.extract.video import sample_centres
+from ekx.extract.video import CLIP_RATE, clip_times, sample_centres
 
 SLACK = 2
 NAME = "frame_{:010d}.jpg"
@@ -61,7 +63,7 @@ class FramesReader:
     def timestamps(self) -> np.ndarray:
         return np.full(self.num_frames, np.nan)
 
-    def positions(self, req: Request, k: int) -> np.ndarray:
+    def positions(self, req: Request, k: int, clip_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
         first, last = req.start_frame, req.stop_frame
         if first < 1 or last < first:
             raise SegmentError(
@@ -75,7 +77,12 @@ class FramesReader:
                 f"segment frames {first}-{last} go beyond the {n} JPEGs of {self.path.name} (more than "
                 f"{SLACK} past the last): the frames and the annotations disagree; check the download"
             )
-        return np.minimum(centres, n - 1)
+        centres = np.minimum(centres, n - 1)
+        if clip_len == 1:
+            return centres, centres
+        rate = last / req.stop if req.stop > 0 else 60.0  # frames per second of the numbering
+        frames = clip_times(centres + 0.5, clip_len, CLIP_RATE / rate)  # in frames, centred mid-frame
+        return centres, np.clip(np.floor(frames), 0, n - 1).astype(np.int64)
 
     def _bytes(self, number: int) -> bytes:
         if self.fh is None:
@@ -161,6 +168,11 @@ class Frames(Source):
 
     def open(self, path: Path, size_fn: SizeFn = None, device: str = "cpu") -> FramesReader:
         return FramesReader(path, size_fn, device)
+
+    def resize_method(self, resize: str) -> str:
+        if resize == "decoder":
+            return "torchvision bilinear antialiased resize of the JPEGs to the decode size, then the weights' own"
+        return "torchvision.transforms.functional.resize of the full-size JPEGs (the weights' own transforms)"
 
 
 def write_frames(video: Path, out: Path, size: tuple[int, int] | None = None, quality: int = 90) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ekx.extract import video
 from ekx.extract.sources import Request, SizeFn, Source, first_line, register, time_positions
 
 
@@ -41,14 +42,20 @@ class TorchcodecReader:
         self.dec, self.device = dec, device
         self.num_frames = len(dec)
         self.fps = float(meta.average_fps or 0.0)
-        self.begin = float(meta.begin_stream_seconds or 0.0)
+        # the frames' pts from the packets (PyAV demuxing, no decoding): torchcodec keeps
+        # them from its scan but does not expose them
+        start = video.stream_start(path)
+        try:
+            times = video.packet_times(path)
+        except Exception:
+            times = np.zeros(0)
+        self.times = video.times_or_nominal(times, self.num_frames, self.fps, start)
 
     def timestamps(self) -> np.ndarray:
-        # nominal (begin + i / fps): exact per-frame pts would cost a decode of every frame
-        return self.begin + np.arange(self.num_frames) / self.fps
+        return self.times
 
-    def positions(self, req: Request, k: int) -> np.ndarray:
-        return time_positions(req, k, self.fps, self.num_frames)
+    def positions(self, req: Request, k: int, clip_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        return time_positions(req, k, clip_len, self.times)
 
     def get(self, indices: np.ndarray):
         data = self.dec.get_frames_at([int(i) for i in indices]).data

@@ -1,0 +1,169 @@
+"""Frame timing (issue 18): the frame displayed at time t through the stream's own
+presentation times (variable rate, a stream starting after 0), R(2+1)D clips in seconds,
+and the sampling rule in the cache identity. Test videos are written here with PyAV and
+explicit pts; every frame carries its index (`ekx.synth` stamp). Each source (decord,
+torchcodec) is held to the same rule."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+
+from ekx import epic
+from ekx.cache import store
+from ekx.extract import sources
+from ekx.extract.video import CLIP_RATE, Request, decode_video, sampling_rule
+from ekx.synth import _stamp, read_stamp
+
+TIME_BASE = Fraction(1, 1000)
+VIDEO_SOURCES = ("decord", "torchcodec")
+
+
+def write_pts_video(path: Path, pts_ms: list[int], audio_from_0: bool = False, size=(192, 256)) -> Path:
+    """H.264 frames shown at ``pts_ms`` (ms on the file's timeline; frame i stamped i);
+    ``audio_from_0``: a silent audio track from 0 s, so the file's timeline starts at 0
+    even though the first frame's pts does not."""
+    import av
+
+    h, w = size
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        v.time_base = TIME_BASE
+        v.codec_context.time_base = TIME_BASE
+        v.options = {"crf": "12", "g": "10", "bf": "0"}
+        if audio_from_0:
+            a = c.add_stream("aac", rate=16000)
+            a.layout = "mono"
+            for k in range(int((pts_ms[-1] / 1000 + 0.1) * 16000 / 1024) + 1):
+                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                af.sample_rate, af.pts, af.time_base = 16000, k * 1024, Fraction(1, 16000)
+                for pk in a.encode(af):
+                    c.mux(pk)
+            for pk in a.encode():
+                c.mux(pk)
+        for i, p in enumerate(pts_ms):
+            img = np.full((h, w, 3), 90, np.uint8)
+            _stamp(img, i)
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = int(p), TIME_BASE
+            for pk in v.encode(f):
+                c.mux(pk)
+        for pk in v.encode():
+            c.mux(pk)
+    return path
+
+
+def displayed_at(pts_ms: list[int], t) -> np.ndarray:
+    """The frame a player shows at each time t (s): the last one with pts <= t, else 0."""
+    p = np.asarray(pts_ms) / 1000
+    return np.maximum(np.searchsorted(p, np.asarray(t) + 1e-9, side="right") - 1, 0)
+
+
+def centres(r: Request, k: int) -> np.ndarray:
+    return r.start + (np.arange(k) + 0.5) * (r.stop - r.start) / k
+
+
+def decode(name: str, path: Path, reqs: list[Request], k: int, clip_len: int = 1) -> dict:
+    src = sources.get(name)
+    if src.missing():
+        pytest.skip(src.missing())
+    return {r.row: r for r in src.decode(path, reqs, k, clip_len)}
+
+
+def stamps(res) -> list[int]:
+    assert res.error is None, res.error
+    return [read_stamp(f) for f in res.frames]
+
+
+# frame durations of 20-80 ms, as a phone's variable-rate footage
+VFR_PTS = [int(p) for p in np.concatenate([[0], np.cumsum(np.random.default_rng(0).choice([20, 33, 50, 80], 89))])]
+
+
+@pytest.fixture(scope="module")
+def vfr(tmp_path_factory) -> Path:
+    return write_pts_video(tmp_path_factory.mktemp("timing") / "vfr.mp4", VFR_PTS)
+
+
+@pytest.fixture(scope="module")
+def late(tmp_path_factory) -> tuple[Path, list[int]]:
+    pts = [1500 + 40 * i for i in range(60)]  # 25 fps from 1.5 s, audio from 0
+    return write_pts_video(tmp_path_factory.mktemp("timing") / "late.mp4", pts, audio_from_0=True), pts
+
+
+@pytest.mark.parametrize("name", VIDEO_SOURCES)
+def test_variable_frame_rate_takes_the_frame_displayed_at_each_time(name, vfr):
+    """A variable-rate video: the sampled frames are those a player shows at the sampled
+    times (by pts), not index = round(t * average fps) - which picks other frames here."""
+    reqs = [Request(0, 0.1, 1.9), Request(1, 2.0, 4.0), Request(2, 0.0, 0.6)]
+    results = decode(name, vfr, reqs, 12)
+    fps = decord.VideoReader(str(vfr)).get_avg_fps()
+    differs = 0
+    for r in reqs:
+        want = displayed_at(VFR_PTS, centres(r, 12))
+        assert stamps(results[r.row]) == want.tolist(), r
+        assert results[r.row].centres.tolist() == want.tolist()
+        differs += int((np.round(centres(r, 12) * fps) != want).sum())
+    assert differs > 10  # the old rule would have failed this video
+
+
+@pytest.mark.parametrize("name", VIDEO_SOURCES)
+def test_stream_starting_after_zero_is_timed_on_the_files_clock(name, late):
+    """The video stream starts 1.5 s into the file (audio from 0): before 1.5 s the first
+    frame shows, at 2.0 s the frame whose pts is 2.0 s; decord alone numbers from 0."""
+    path, pts = late
+    reqs = [Request(0, 0.0, 1.2), Request(1, 1.9, 2.7), Request(2, 3.0, 3.8)]
+    results = decode(name, path, reqs, 4)
+    for r in reqs:
+        assert stamps(results[r.row]) == displayed_at(pts, centres(r, 4)).tolist(), r
+    assert stamps(results[0]) == [0, 0, 0, 0]
+    # past the end (last frame at 3.86 s, shown until 3.90 s) is an error, not a clamp
+    beyond = decode(name, path, [Request(0, 4.0, 6.0)], 4)[0]
+    assert beyond.error is not None and "beyond the video's end" in beyond.error
+
+
+def test_constant_rate_takes_the_displayed_frame_not_the_nearest(tmp_path):
+    """At 30 fps, t = 0.09 s shows frame 2 (from 0.0667 s to 0.1 s); rounding gave 3."""
+    path = write_pts_video(tmp_path / "cfr.mp4", [round(1000 * i / 30) for i in range(60)])
+    res = next(decode_video(path, [Request(0, 0.08, 0.10)], 1, 1))
+    assert stamps(res) == [2]
+
+
+def test_clip_spans_the_same_seconds_at_30_and_60_fps(synth_data):
+    """R(2+1)D's 8-frame clips: 1/15 s apart on a 30 and a 60 fps video alike (7/15 s from
+    first to last), centred on the sampled time; 8 native frames spanned 233 vs 117 ms."""
+    ann = epic.Annotations(synth_data / "annotations")
+    paths = epic.index_videos(synth_data / "videos")
+    spans = {}
+    for s in ann.segments("train"):
+        fps = decord.VideoReader(str(paths[s.video_id])).get_avg_fps()
+        if round(fps) in spans or s.duration < 2:
+            continue
+        res = next(decode_video(paths[s.video_id], [Request(0, s.start, s.stop)], 2, 8))
+        got = np.array(stamps(res)).reshape(2, 8)
+        assert (got[:, 4] == res.centres).all()  # the middle frame is the sampled one
+        spans[round(fps)] = (got[:, -1] - got[:, 0]) / fps
+        assert np.allclose(np.diff(got, axis=1) / fps, 1 / CLIP_RATE, atol=1.01 / fps)
+    assert set(spans) == {30, 60}
+    for span in spans.values():
+        assert np.allclose(span, 7 / CLIP_RATE, atol=1.01 / 30)
+
+
+def test_sampling_rule_is_part_of_the_cache_identity(synth_data, tmp_path):
+    """The cache records the rule (pts, clips in seconds) and the resize that ran; a cache
+    made under the old rule (round(t * fps), native clips) refuses to mix with a new one."""
+    from ekx.cache.reader import open_cache
+    from ekx.extract.pipeline import ExtractConfig, extract
+
+    cfg = ExtractConfig(split="validation", weights="none", frames=2, workers=0, limit=1, out=tmp_path / "f.h5")
+    extract(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    attrs = dict(open_cache(tmp_path / "f.h5").attrs)
+    assert attrs["sampling"] == sampling_rule() and "last pts <= t" in attrs["sampling"]
+    assert attrs["resize"] == "decoder" and "scaler" in attrs["resize_method"]
+    old = {**attrs, "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)"}
+    assert any(m.startswith("sampling") for m in store.identity_mismatch(old, attrs))
+    assert any(m.startswith("resize") for m in store.identity_mismatch({**attrs, "resize": "torchvision"}, attrs))
