@@ -4,6 +4,13 @@ and device, measured in one run; and how well decoding/augmentation overlap with
 in finetune (the time the training loop waits for the next batch, from torch.profiler).
 
 Target: train-head >= 300x faster per sample on this CPU.
+
+`--long-video`: instead, the decode side of a fine-tuning epoch over two long videos:
+opening the video for each sample (the old reader: `decode_video` per segment, in a
+shuffled order) vs one reader per video per worker (`Clips` fed by `VideoChunks`, as
+`finetune` does), in one process standing for one worker, the two paths taking turns
+sample by sample: decord.VideoReader constructions (decord scans the whole file on each)
+and seconds.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
 
 import argparse
+import hashlib
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -56,8 +66,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--long-video", action="store_true", help="reader opens per epoch on long videos (see above)")
+    ap.add_argument(
+        "--long-segments", type=int, default=200, help="--long-video: segments per video (~3.9 s of video each)"
+    )
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ekx-ftbench-"))
+    if args.long_video:
+        long_video(work, args.frames, args.batch_size, args.long_segments)
+        return
     data = work / "data"
     if not (data / "annotations").is_dir():
         synthesize(data, SynthConfig(videos=4, segments=8, seed=1))
@@ -126,6 +143,94 @@ def main() -> None:
         f"finetune: the loop waited {wait:.2f} s of {wall:.1f} s for batches ({100 * wait / wall:.1f}% idle: "
         "decode + augment overlap the backbone's forward/backward)"
     )
+
+
+def long_video(work: Path, frames: int, chunk: int, per_video: int) -> None:
+    import decord
+
+    from ekx.extract.video import Request, decode_video
+
+    # decord's open scans the whole file (~1.3 us per frame on the 2-core dev machine): the
+    # default 200 segments make ~13-minute videos, whose open (~60 ms) outweighs decoding a
+    # segment at the decode size; short synthetic videos open in ~13 ms and show little
+    data = work / f"long{per_video}"
+    if not (data / "annotations").is_dir():
+        print(f"synthesizing two long videos ({per_video} segments each, 640x360, 60 fps) ...", flush=True)
+        synthesize(data, SynthConfig(videos=2, segments=per_video, seed=3, width=640, height=360, fps=(60,)))
+    a = epic.Annotations(data / "annotations")
+    segs = a.segments("train") + a.segments("validation")
+    paths, missing = epic.locate_videos(segs, data / "videos")
+    assert not missing, missing
+    bb = backbones.get("resnet50")
+    size_fn = bb.preprocess.decode_size
+    real = decord.VideoReader
+    opens, open_s, secs = {"old": 0, "new": 0}, {"old": 0.0, "new": 0.0}, {"old": 0.0, "new": 0.0}
+    path_now = ["old"]
+
+    def counting(*x, **kw):
+        opens[path_now[0]] += 1
+        t = time.perf_counter()
+        vr = real(*x, **kw)
+        open_s[path_now[0]] += time.perf_counter() - t
+        return vr
+
+    def old_sample(i: int) -> tuple[int, np.ndarray]:
+        # the old reader: open the video, decode this one segment
+        s = segs[i]
+        r = next(
+            decode_video(
+                paths[s.video_id], [Request(i, s.start, s.stop, s.start_frame, s.stop_frame)], frames, 1, size_fn
+            )
+        )
+        assert r.error is None and r.frames is not None, r.error
+        return i, r.frames
+
+    # now: one reader per video per worker - Clips keeps it open, VideoChunks groups the
+    # epoch's samples by video (in chunks of a batch); this one process stands for a worker
+    clips = ftc.Clips(segs, paths, frames, bb)
+    sampler = ftc.VideoChunks([s.video_id for s in segs], chunk, 1, 0, seed=0)
+
+    def new_sample(i: int) -> tuple[int, np.ndarray]:
+        j, f, err = clips[i]
+        assert err is None and f is not None, err
+        return j, f
+
+    order = torch.randperm(len(segs), generator=torch.Generator().manual_seed(0)).tolist()  # the old shuffle
+    digests: dict[str, dict[int, str]] = {"old": {}, "new": {}}
+    # both paths construct readers through `decord.VideoReader` (video.open_reader imports
+    # decord inside the function), so the counting wrapper sees every open; the two paths
+    # take turns sample by sample, so both see the same load on a shared machine
+    decord.VideoReader = counting
+    try:
+        for pair in itertools.zip_longest(order, list(sampler)):
+            for name, i, fn in (("old", pair[0], old_sample), ("new", pair[1], new_sample)):
+                if i is None:
+                    continue
+                path_now[0] = name
+                t0 = time.perf_counter()
+                j, f = fn(i)
+                secs[name] += time.perf_counter() - t0
+                digests[name][j] = hashlib.sha1(f.tobytes()).hexdigest()
+    finally:
+        decord.VideoReader = real
+    same = sum(digests["old"][i] == digests["new"].get(i) for i in digests["old"])
+    dur = 0.0
+    for p in set(paths.values()):
+        vr = real(str(p))
+        dur += len(vr) / vr.get_avg_fps()
+    print(
+        f"{len(segs)} segments (T={frames}, resnet50 decode size) of {len(paths)} videos, "
+        f"{dur / 60:.1f} min of 640x360 60 fps video; one process (= one worker), chunks of {chunk}; "
+        f"same frames in both paths for {same}/{len(segs)} segments"
+    )
+    counts = {"old": len(order), "new": len(sampler)}
+    for name, label in (("old", "per sample (old)"), ("new", "per video  (new)")):
+        print(
+            f"reader {label}: {opens[name]:4d} opens ({open_s[name]:5.1f} s inside decord.VideoReader), "
+            f"{counts[name]:4d} samples in {secs[name]:6.1f} s, {counts[name] / secs[name]:6.2f} samples/s"
+        )
+    rate = (counts["new"] / secs["new"]) / (counts["old"] / secs["old"])
+    print(f"-> {opens['old'] / max(opens['new'], 1):.0f}x fewer opens, {rate:.2f}x the samples/s")
 
 
 def _epoch(loaded, cfg, gen, device):
