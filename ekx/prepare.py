@@ -7,9 +7,11 @@ preprocessing (the largest resize among them, 320 px for EfficientNet-B3: nothin
 ever upsampled later), with a keyframe every ~0.5 s and no B-frames, so sparse segment
 sampling seeks cheaply and every frame decodes on its own GOP.
 
-Frame identity is kept: one output frame per input frame, each with the input's own
-timestamp (pts copied, the stream's time base kept), so a variable-frame-rate video
-stays variable and `start`/`stop` times select the same frames in both. Audio is
+Frame identity is kept: one output frame per input frame, each at the input's own time
+on its file's timeline (pts copied, minus the timeline's origin for MPEG-PS/TS inputs,
+the stream's time base kept; `ekx.extract.video.timeline_origin`), so a variable-frame-rate
+video stays variable, a stream starting after the file's 0 still does, and `start`/`stop`
+times select the same frames in both. Audio is
 dropped. Each video is written to `<name>.part` and renamed when complete, so an
 interrupted run never leaves a partial file that counts as done; re-running skips what
 is there. `DST/ekx-prepare.json` records the settings, and a cache extracted from the
@@ -29,6 +31,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ekx import EkxError, epic
+from ekx.extract.video import timeline_origin
 
 MANIFEST = "ekx-prepare.json"
 FORMAT = "ekx-prepared-videos"
@@ -93,6 +96,7 @@ def transcode(src: Path, dst: Path, settings: Settings) -> int:
         vin = inp.streams.video[0]
         vin.thread_type = "AUTO"
         tb = vin.time_base or Fraction(1, 90000)
+        origin = round(timeline_origin(inp) / tb)  # the copy (MP4) counts time from pts 0
         rate = vin.average_rate or vin.guessed_rate or Fraction(30)
         tw, th = target_size(vin.codec_context.width, vin.codec_context.height, settings.short_side)
         gop = max(1, round(float(rate) * settings.keyframe_seconds))
@@ -118,7 +122,7 @@ def transcode(src: Path, dst: Path, settings: Settings) -> int:
                 if last is not None and pts <= last:  # a repeated/garbled pts: keep the order strict
                     pts = last + 1
                 small = frame.reformat(width=tw, height=th, format=settings.pix_fmt, interpolation="AREA")
-                small.pts, small.time_base = pts, tb
+                small.pts, small.time_base = pts - origin, tb
                 out.mux(vout.encode(small))
                 last, n = pts, n + 1
             out.mux(vout.encode())
@@ -130,19 +134,21 @@ def transcode(src: Path, dst: Path, settings: Settings) -> int:
 
 
 def stream_summary(path: Path) -> tuple[int, float, float]:
-    """(video packets, first and last timestamp in s) from the container, without decoding."""
+    """(video packets, first and last time in s on the file's timeline) from the container,
+    without decoding."""
     import av
 
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         tb = float(s.time_base or 0)
+        origin = timeline_origin(c)
         count, times = 0, []
         for p in c.demux(s):
             if p.size == 0:  # the flush packet
                 continue
             count += 1
             if p.pts is not None:
-                times.append(p.pts * tb)
+                times.append(p.pts * tb - origin)
     if not times:
         return count, 0.0, 0.0
     return count, min(times), max(times)

@@ -167,3 +167,19 @@ def test_sampling_rule_is_part_of_the_cache_identity(synth_data, tmp_path):
     old = {**attrs, "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)"}
     assert any(m.startswith("sampling") for m in store.identity_mismatch(old, attrs))
     assert any(m.startswith("resize") for m in store.identity_mismatch({**attrs, "resize": "torchvision"}, attrs))
+
+
+def test_prepared_copy_keeps_every_frames_time(vfr, late, tmp_path):
+    """`ekx prepare`'s copy (video only, MP4) of a variable-rate and a late-start video:
+    the same segments select the same frames (before, the late start's copy began at 0)."""
+    from ekx.prepare import Settings, transcode
+
+    for src, reqs in (
+        (vfr, [Request(0, 0.1, 1.9), Request(1, 2.0, 4.0)]),
+        (late[0], [Request(0, 0.0, 1.2), Request(1, 1.9, 2.7), Request(2, 3.0, 3.8)]),
+    ):
+        copy = tmp_path / f"copy-{src.name}"
+        transcode(src, copy, Settings(short_side=192))
+        a, b = decode("decord", src, reqs, 6), decode("decord", copy, reqs, 6)
+        for r in reqs:
+            assert stamps(a[r.row]) == stamps(b[r.row]), (src.name, r)

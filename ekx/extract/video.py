@@ -80,18 +80,32 @@ def frame_period(times: np.ndarray) -> float:
     return float(np.median(np.diff(times))) if len(times) > 1 else 1 / 30
 
 
+# containers whose timeline starts at pts 0 by definition (edit lists included): a video
+# stream starting later shows after that much time, even in a video-only file. Elsewhere
+# (MPEG-PS/TS) timestamps start at an arbitrary value and the file's first one is 0.
+_ZERO_BASED = ("mov", "mp4", "matroska", "webm", "avi")
+
+
+def timeline_origin(container) -> float:
+    """Seconds of raw pts that are time 0 of a PyAV container's timeline."""
+    names = set((container.format.name or "").split(","))
+    if names & set(_ZERO_BASED) or container.start_time is None:
+        return 0.0
+    return container.start_time / 1e6
+
+
 def stream_start(path: Path) -> float:
     """Where the video stream starts on the file's timeline (s; 0 for most files), from
-    the container's header (PyAV, no decoding). decord and torchcodec number frame times
-    from the stream's own first frame or its raw pts; players from the file's start."""
+    the container's header (PyAV, no decoding). decord numbers frame times from the
+    stream's own first frame; players from the file's start (`timeline_origin`)."""
     try:
         import av
 
         with av.open(str(path)) as c:
             v = c.streams.video[0]
-            if v.start_time is None or v.time_base is None or c.start_time is None:
+            if v.start_time is None or v.time_base is None:
                 return 0.0
-            return max(0.0, float(v.start_time * v.time_base) - c.start_time / 1e6)
+            return max(0.0, float(v.start_time * v.time_base) - timeline_origin(c))
     except Exception:  # not readable by PyAV: the decoder's own clock decides
         return 0.0
 
@@ -107,7 +121,7 @@ def packet_times(path: Path) -> np.ndarray:
             raise ValueError("the video stream has no time base")
         tb = float(v.time_base)
         pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
-        origin = (c.start_time or 0) / 1e6
+        origin = timeline_origin(c)
     return np.asarray(pts, dtype=np.float64) * tb - origin
 
 
