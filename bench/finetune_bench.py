@@ -148,7 +148,8 @@ def main() -> None:
 def long_video(work: Path, frames: int, chunk: int, per_video: int) -> None:
     import decord
 
-    from ekx.extract.video import Request, decode_video
+    from ekx.extract.sources import decode_video
+    from ekx.extract.video import Request
 
     # decord's open scans the whole file (~1.3 us per frame on the 2-core dev machine): the
     # default 200 segments make ~13-minute videos, whose open (~60 ms) outweighs decoding a

@@ -39,7 +39,8 @@ from ekx import epic
 from ekx import prepare as pp
 from ekx.extract import backbones
 from ekx.extract.inputs import union_size
-from ekx.extract.video import Request, decode_video
+from ekx.extract.sources import decode_video
+from ekx.extract.video import Request
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parents[1] / "shared"

@@ -15,7 +15,8 @@ from ekx import epic
 from ekx.cache.reader import open_cache
 from ekx.extract import backbones
 from ekx.extract.pipeline import ExtractConfig, extract
-from ekx.extract.video import CLIP_RATE, Request, decode_video, sample_centres
+from ekx.extract.sources import decode_video
+from ekx.extract.video import CLIP_RATE, Request, sample_centres
 from ekx.synth import read_stamp
 
 

@@ -305,7 +305,8 @@ def test_clips_open_each_video_once_when_grouped_by_video(synth_data, monkeypatc
     import decord
 
     from ekx import epic
-    from ekx.extract.video import Request, decode_video
+    from ekx.extract.sources import decode_video
+    from ekx.extract.video import Request
     from ekx.finetune.clips import Clips, VideoChunks
 
     real = decord.VideoReader

@@ -48,7 +48,8 @@ def test_extractor_rebuilt_from_run_gives_the_cached_features(demo_workspace):
     split = load_split(workdir / "features" / "resnet50" / "validation.h5", torch.device("cpu"))
     ann = epic.Annotations(workdir / "data" / "annotations")
     seg = ann.segments("validation")[0]
-    from ekx.extract.video import Request, decode_video
+    from ekx.extract.sources import decode_video
+    from ekx.extract.video import Request
 
     path = epic.locate_videos([seg], workdir / "data" / "videos")[0][seg.video_id]
     res = next(decode_video(path, [Request(0, seg.start, seg.stop)], model.k, 1, model.preprocess.decode_size))

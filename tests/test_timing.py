@@ -16,7 +16,8 @@ import pytest
 from ekx import epic
 from ekx.cache import store
 from ekx.extract import sources
-from ekx.extract.video import CLIP_RATE, Request, decode_video, sampling_rule
+from ekx.extract.sources import decode_video
+from ekx.extract.video import CLIP_RATE, Request, sampling_rule
 from ekx.synth import _stamp, read_stamp
 
 TIME_BASE = Fraction(1, 1000)

@@ -24,7 +24,6 @@ only when a keyframe lies between the current position and the target.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,11 +225,3 @@ def decord_times(vr, path: Path) -> np.ndarray:
         ts = np.zeros(0)
     start = stream_start(path)
     return times_or_nominal(ts + start, n, float(vr.get_avg_fps()), start)
-
-
-def decode_video(path: Path, requests: list[Request], k: int, clip_len: int, size_fn=None) -> Iterator[Result]:
-    """The default source's decode of every requested segment of one video (see
-    `ekx.extract.sources.decode_segments`): one Result per request."""
-    from ekx.extract import sources
-
-    return sources.get("decord").decode(Path(path), requests, k, clip_len, size_fn)

@@ -190,6 +190,13 @@ def time_positions(req: Request, k: int, clip_len: int, times: np.ndarray) -> tu
     return centres, (centres if clip_len == 1 else frame_at(times, clip_times(t, clip_len, CLIP_RATE)))
 
 
+def decode_video(
+    path: Path, requests: list[Request], k: int, clip_len: int, size_fn: SizeFn = None
+) -> Iterator[Result]:
+    """The default source's decode of every requested segment of one video: one Result per request."""
+    return get(DEFAULT).decode(Path(path), requests, k, clip_len, size_fn)
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:160]
