@@ -88,6 +88,21 @@ def test_freeze_blocks_freezes_stem_and_first_stages_and_their_batchnorm():
         frozen_modules(bb, net, 5)
 
 
+def test_warm_start_refuses_another_resize(demo_workspace, tmp_path):
+    """A head trained on --resize decoder features is not fine-tuned on torchvision-resized
+    frames unasked: refused, naming the flag (before any video is decoded)."""
+    from ekx import EkxError
+    from ekx.finetune import run as ft
+
+    workdir, _ = demo_workspace
+    cfg = FinetuneConfig(
+        head="lstm", init_head=str(workdir / "runs" / "lstm-demo"), resize="torchvision", limit=4, device="cpu"
+    )
+    with pytest.raises(EkxError, match="--resize decoder"):
+        ft.main(cfg, workdir / "data" / "annotations", workdir / "data" / "videos", tmp_path / "runs", warn=print)
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
 @pytest.mark.slow
 def test_warm_start_begins_at_the_cached_heads_accuracy(demo_workspace, tmp_path):
     """A fine-tune started from the demo's lstm run scores, before its first step, what the

@@ -80,6 +80,7 @@ class Start:
     frames: int
     source: str
     weights: str = "DEFAULT"  # the weights whose transforms preprocess the frames (backbones.with_weights)
+    resize: str = "decoder"  # how the warm start's cache resized its frames (--resize)
 
 
 def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
@@ -116,6 +117,7 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
         t,
         ckpt.get("started_from", f"init-head {run}"),
         spec.get("preprocess_weights", spec["weights"]),
+        spec.get("resize", "decoder"),
     )
 
 

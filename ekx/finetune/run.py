@@ -288,6 +288,11 @@ def main(
             start = warm_start(replace(cfg, frames=0), run_dir / "last.pt")
         elif cfg.init_head:
             start = warm_start(cfg, resolve_run(cfg.init_head, runs_root))
+            if start.resize != cfg.resize:  # the head learnt features of frames resized the cache's way
+                raise EkxError(
+                    f"--init-head {cfg.init_head}: its cache was extracted with --resize {start.resize}; "
+                    f"pass --resize {start.resize} (this run asked for {cfg.resize})"
+                )
         else:
             start = cold_start(cfg, ann, train_segs, paths, device)
         cfg = replace(cfg, frames=start.frames, name=run_dir.name)
