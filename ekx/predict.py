@@ -25,7 +25,7 @@ from torch import nn
 
 from ekx import EkxError
 from ekx.extract import backbones, sources
-from ekx.extract.video import CLIP_RATE, clip_times, frame_at, frame_period
+from ekx.extract.video import CLIP_RATE, clip_times, display_end, frame_at
 from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.data import positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
@@ -288,7 +288,7 @@ def predict_video(
         raise EkxError(f"{path}: cannot read this video ({sources.first_line(e)})") from None
     try:
         # the grid on the file's timeline, each time's displayed frame (variable rate included)
-        duration = float(times[-1]) + frame_period(times)
+        duration = display_end(times)
         spacing, n_grid, starts = plan_windows(duration, window, stride, model.k)
         grid_t = (np.arange(n_grid) + 0.5) * spacing
         clips = frame_at(times, clip_times(grid_t, model.clip_len, CLIP_RATE)).reshape(n_grid, model.clip_len)

@@ -91,11 +91,15 @@ def union_size(bbs: list[backbones.Backbone]):
 RESIZES = ("decoder", "torchvision")
 
 
+def check_resize(resize: str) -> None:
+    """Refuse an unknown ``--resize`` before anything is opened or written."""
+    if resize not in RESIZES:
+        raise EkxError(f"--resize {resize!r}: expected one of {', '.join(RESIZES)}")
+
+
 def decode_size(cfg, bbs: list[backbones.Backbone]):
     """The size function the decoder gets: the backbones' union size (`union_size`) where
     the decoder's scaler resizes (``--resize decoder``), None (full size) for torchvision's."""
-    if cfg.resize not in RESIZES:
-        raise EkxError(f"--resize {cfg.resize!r}: expected one of {', '.join(RESIZES)}")
     return union_size(bbs) if cfg.resize == "decoder" else None
 
 

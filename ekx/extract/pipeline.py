@@ -26,7 +26,7 @@ from ekx import EkxError, epic
 from ekx.cache import lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.extract import sources
-from ekx.extract.inputs import RESIZES, calibration_plan, decode_size, segment_inputs
+from ekx.extract.inputs import calibration_plan, check_resize, decode_size, segment_inputs
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
 from ekx.extract.video import Request, Result
@@ -187,8 +187,7 @@ def extract_many(
     backbone writes its own cache (`features/<backbone>/<split>.h5`) with its own identity.
     Each cache resumes on its own: a segment is decoded if any cache lacks it, and run
     only through the backbones whose cache lacks it."""
-    if cfg.resize not in RESIZES:
-        raise EkxError(f"--resize {cfg.resize!r}: expected one of {', '.join(RESIZES)}")
+    check_resize(cfg.resize)
     t0 = time.perf_counter()
     names = backbone_names(cfg.backbone)
     if cfg.frames < 1 or cfg.views < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):

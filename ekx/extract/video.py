@@ -93,20 +93,25 @@ def timeline_origin(container) -> float:
     return container.start_time / 1e6
 
 
-def stream_start(path: Path) -> float:
-    """Where the video stream starts on the file's timeline (s; 0 for most files), from
-    the container's header (PyAV, no decoding). decord numbers frame times from the
-    stream's own first frame; players from the file's start (`timeline_origin`)."""
+def probe(path: Path) -> tuple[tuple[int, int] | None, float]:
+    """((height, width) or None, where the video stream starts on the file's timeline in s)
+    from the container's header in one PyAV open (no decoding, no index scan). The size lets
+    a decoder that scans the whole file on open (decord, torchcodec's exact mode) open once,
+    already at the decode size; the start places decord's frame times, which it numbers from
+    the stream's own first frame, where players show them (`timeline_origin`)."""
     try:
         import av
 
         with av.open(str(path)) as c:
             v = c.streams.video[0]
-            if v.start_time is None or v.time_base is None:
-                return 0.0
-            return max(0.0, float(v.start_time * v.time_base) - timeline_origin(c))
-    except Exception:  # not readable by PyAV: the decoder's own clock decides
-        return 0.0
+            cc = v.codec_context
+            shape = (cc.height, cc.width) if cc.height and cc.width else None
+            start = 0.0
+            if v.start_time is not None and v.time_base is not None:
+                start = max(0.0, float(v.start_time * v.time_base) - timeline_origin(c))
+            return shape, start
+    except Exception:  # not readable by PyAV: the decoder's own probe and clock decide
+        return None, 0.0
 
 
 def packet_times(path: Path) -> np.ndarray:
@@ -122,6 +127,11 @@ def packet_times(path: Path) -> np.ndarray:
         pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
         origin = timeline_origin(c)
     return np.asarray(pts, dtype=np.float64) * tb - origin
+
+
+def display_end(times: np.ndarray) -> float:
+    """When the last frame stops being shown: its start plus one typical frame period."""
+    return float(times[-1]) + frame_period(times)
 
 
 def times_or_nominal(times: np.ndarray, n: int, fps: float, start: float = 0.0) -> np.ndarray:
@@ -150,15 +160,14 @@ class Result:
     error: str | None = None
 
 
-def open_reader(path: Path, size_fn=None):
-    """A decord VideoReader, at the size ``size_fn(h, w) -> (h, w)`` asks for."""
+def open_reader(path: Path, size_fn=None, shape: tuple[int, int] | None = None):
+    """A decord VideoReader, at the size ``size_fn(h, w) -> (h, w)`` asks for; ``shape``:
+    the frame size from `probe` (decord scans the whole file on every open, so knowing the
+    size first opens it once, already at the decode size)."""
     import decord
 
     if size_fn is None:
         return decord.VideoReader(str(path), num_threads=1)
-    # the frame size from the container's headers (PyAV), so decord - which scans the whole
-    # file on every open - opens the video once, already at the decode size
-    shape = _header_shape(path)
     if shape is None:
         vr = decord.VideoReader(str(path), num_threads=1)
         shape = _probe_shape(vr)
@@ -169,17 +178,6 @@ def open_reader(path: Path, size_fn=None):
     if (th, tw) == shape:
         return decord.VideoReader(str(path), num_threads=1)
     return decord.VideoReader(str(path), width=tw, height=th, num_threads=1)
-
-
-def _header_shape(path: Path) -> tuple[int, int] | None:
-    try:
-        import av
-
-        with av.open(str(path)) as c:
-            cc = c.streams.video[0].codec_context
-            return (cc.height, cc.width) if cc.height and cc.width else None
-    except Exception:  # not readable by PyAV: decord's own probe decides
-        return None
 
 
 def _probe_shape(vr) -> tuple[int, int]:
@@ -215,13 +213,13 @@ class ForwardReader:
         return frame
 
 
-def decord_times(vr, path: Path) -> np.ndarray:
-    """[n] presentation time (s, file timeline) of every frame of a decord reader (decord
-    numbers them from the stream's first frame; a stream without usable pts: constant rate)."""
+def decord_times(vr, start: float) -> np.ndarray:
+    """[n] presentation time (s, file timeline) of every frame of a decord reader, whose
+    stream starts at ``start`` (`probe`; decord numbers them from the stream's first frame;
+    a stream without usable pts: constant rate)."""
     n = len(vr)
     try:
         ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
     except Exception:
         ts = np.zeros(0)
-    start = stream_start(path)
     return times_or_nominal(ts + start, n, float(vr.get_avg_fps()), start)

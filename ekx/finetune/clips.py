@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from ekx import EkxError, epic
+from ekx import epic
 from ekx.extract import backbones, sources
+from ekx.extract.inputs import check_resize
 from ekx.extract.video import Request
 from ekx.runtime import resolve_device
 
@@ -75,8 +76,7 @@ class Clips(Dataset):
         self.segments, self.paths, self.frames, self.backbone = segments, paths, frames, bb.name
         # plain values only: the dataset travels to worker processes
         self.clip_len, self.source, self.keep = bb.clip_len, source, keep
-        if resize not in ("decoder", "torchvision"):
-            raise EkxError(f"--resize {resize!r}: expected decoder or torchvision")
+        check_resize(resize)
         self.size_fn = bb.preprocess.decode_size if resize == "decoder" else None  # None: torchvision's, full size
         self._readers: OrderedDict[Path, sources.Reader] = OrderedDict()
         self.opens = 0

@@ -28,7 +28,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ekx import EkxError, epic
-from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at, frame_period
+from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at
 
 BUILTIN = ("decord", "torchcodec", "frames")  # modules of ekx.extract.sources, imported on first use
 DEFAULT = "decord"
@@ -177,12 +177,12 @@ def locate(source: Source, segments: list[epic.Segment], root: Path) -> tuple[di
 # ---------------------------------------------------------------- the shared decode loop
 
 
-def time_positions(req: Request, k: int, clip_len: int, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def time_positions(req: Request, k: int, clip_len: int, times: np.ndarray, end: float) -> tuple[np.ndarray, np.ndarray]:
     """Video sources: the frames displayed at the segment's K centre times (and at their
-    clips' times, `video.clip_times`), through the stream's frame times."""
+    clips' times, `video.clip_times`), through the stream's frame times; ``end``: when the
+    last frame stops showing (`video.display_end`, computed once per reader)."""
     t = centre_times(req.start, req.stop, k)
-    end = float(times[-1]) + frame_period(times)  # the last frame is shown for one period
-    if t[-1] > end + 0.5 * frame_period(times):  # half a frame of slack at the very end
+    if t[-1] > end + 0.5 * (end - float(times[-1])):  # half a frame of slack at the very end
         raise SegmentError(
             f"segment {req.start:.2f}-{req.stop:.2f} s is beyond the video's end ({end:.2f} s, {len(times)} frames)"
         )

@@ -13,17 +13,19 @@ from ekx.extract.sources import Request, SizeFn, Source, register, time_position
 
 class DecordReader:
     def __init__(self, path: Path, size_fn: SizeFn):
-        self.vr = video.open_reader(path, size_fn)
+        shape, start = video.probe(path)
+        self.vr = video.open_reader(path, size_fn, shape)
         self.forward = video.ForwardReader(self.vr)
         self.num_frames = len(self.vr)
         self.fps = float(self.vr.get_avg_fps())
-        self.times = video.decord_times(self.vr, path)
+        self.times = video.decord_times(self.vr, start)
+        self.end = video.display_end(self.times)
 
     def timestamps(self) -> np.ndarray:
         return self.times
 
     def positions(self, req: Request, k: int, clip_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        return time_positions(req, k, clip_len, self.times)
+        return time_positions(req, k, clip_len, self.times, self.end)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         return np.stack([self.forward.read(int(i)) for i in indices])

@@ -26,36 +26,42 @@ class TorchcodecReader:
 
         if not Path(path).is_file():  # torchcodec's own message is a C++ stack
             raise FileNotFoundError(f"no such file: {path}")
-        dec = VideoDecoder(str(path), dimension_order="NHWC", seek_mode="exact", num_ffmpeg_threads=1, device=device)
-        meta = dec.metadata
-        h, w = int(meta.height or 0), int(meta.width or 0)
-        size = size_fn(h, w) if size_fn is not None else (h, w)
-        if size != (h, w):
-            dec = VideoDecoder(
+
+        def decoder(size: tuple[int, int] | None = None):  # exact mode scans the whole file
+            return VideoDecoder(
                 str(path),
                 dimension_order="NHWC",
                 seek_mode="exact",
                 num_ffmpeg_threads=1,
                 device=device,
-                transforms=[Resize(list(size))],
+                transforms=[Resize(list(size))] if size is not None else [],
             )
+
+        shape, start = video.probe(path)  # the header's size: one scan, already at the decode size
+        dec = None
+        if shape is None:  # not readable by PyAV: torchcodec's own metadata (then a rescan to resize)
+            dec = decoder()
+            shape = (int(dec.metadata.height or 0), int(dec.metadata.width or 0))
+        size = size_fn(*shape) if size_fn is not None else shape
+        if dec is None or size != shape:
+            dec = decoder(size if size != shape else None)
         self.dec, self.device = dec, device
         self.num_frames = len(dec)
-        self.fps = float(meta.average_fps or 0.0)
+        self.fps = float(dec.metadata.average_fps or 0.0)
         # the frames' pts from the packets (PyAV demuxing, no decoding): torchcodec keeps
         # them from its scan but does not expose them
-        start = video.stream_start(path)
         try:
             times = video.packet_times(path)
         except Exception:
             times = np.zeros(0)
         self.times = video.times_or_nominal(times, self.num_frames, self.fps, start)
+        self.end = video.display_end(self.times)
 
     def timestamps(self) -> np.ndarray:
         return self.times
 
     def positions(self, req: Request, k: int, clip_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        return time_positions(req, k, clip_len, self.times)
+        return time_positions(req, k, clip_len, self.times, self.end)
 
     def get(self, indices: np.ndarray):
         data = self.dec.get_frames_at([int(i) for i in indices]).data
