@@ -2,14 +2,17 @@
 scored against a labelled annotation CSV, the way the official evaluation scores it.
 
 The file is checked first (header, one entry per segment of the split, every class of
-both tasks, finite numbers), then scored by ``metrics.compute``: the same code that
+both tasks, finite numbers, no key twice), then scored by ``metrics.compute``: the same code that
 gives `ekx evaluate`'s figures, whose action ranking is the official top-100 softmax
 product (``metrics.action_scores``). A zip holding one JSON (the official
-create_submission.py output) is read too.
+create_submission.py output) is read too. Neither may expand past `MAX_BYTES`: a zip's
+member is refused on its declared size and inflated in bounded chunks, counted.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import math
 import zipfile
@@ -23,10 +26,62 @@ SLS_FIELDS = ("sls_pt", "sls_tl", "sls_td")  # supervision levels, 0..5 (github.
 REMAKE = "write it again with `ekx evaluate RUN --features CACHE --submission FILE`"
 
 
+# What a submission may expand to. The official file is ~140 MB (13,092 test segments x 397
+# scores at ~27 characters); indenting it and writing 17-digit floats can bring it to ~2.5x,
+# and 1 GiB leaves about 3x on top of that. It bounds the text held before parsing: a 3 MB zip
+# inflating to 3 GiB (7 GB of memory as text and str) is refused instead.
+MAX_BYTES = 1 << 30
+CHUNK = 1 << 24  # zip members are inflated 16 MiB at a time, counted as they come
+
+
+def _too_big(path: Path, what: str, size: int) -> EkxError:
+    return EkxError(
+        f"{path}: {what} {size / 2**20:.1f} MiB, more than the {MAX_BYTES / 2**20:g} MiB a submission "
+        f"may be (the official one is ~140 MB): not a challenge submission; {REMAKE}"
+    )
+
+
+def _read_member(path: Path, z: zipfile.ZipFile, name: str) -> bytearray:
+    """The member's bytes, never more than MAX_BYTES inflated, whatever its header says."""
+    declared = z.getinfo(name).file_size
+    if declared > MAX_BYTES:
+        raise _too_big(path, f"{name} expands to", declared)
+    data = bytearray()
+    with z.open(name) as fh:
+        while chunk := fh.read(CHUNK):
+            data += chunk
+            if len(data) > MAX_BYTES:  # the header understated it
+                raise _too_big(path, f"{name} expands to over", len(data))
+    if len(data) != declared:
+        raise EkxError(
+            f"{path}: {name} declares {declared} bytes but holds {len(data)}: a damaged zip - zip the JSON again"
+        )
+    return data
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key twice in one object is refused (json keeps the last silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        counts = collections.Counter(k for k, _ in pairs)
+        key, value = next((k, v) for k, v in pairs if counts[k] > 1)
+        if isinstance(value, dict) and ("verb" in value or "noun" in value):  # a segment's entry
+            what = f"narration id {key!r} appears twice in results"
+        else:
+            what = f"key {key!r} appears twice in one object"
+        raise _Duplicate(f"{what} (JSON would keep only the last); write each segment and class once")
+    return obj
+
+
 def load_json(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EkxError(f"{path}: submission file not found")
+    raw: bytes | bytearray
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -36,12 +91,18 @@ def load_json(path: Path) -> dict:
                         f"{path}: a submission zip must hold exactly one .json file, found "
                         f"{len(names)} ({', '.join(names) or 'none'})"
                     )
-                text = z.read(names[0]).decode("utf-8")
+                raw = _read_member(path, z, names[0])
         else:
-            text = path.read_text(encoding="utf-8")
-        data = json.loads(text)
+            if (size := path.stat().st_size) > MAX_BYTES:
+                raise _too_big(path, "the file is", size)
+            raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EkxError(f"{path}: not a JSON file ({e}); a submission is the challenge JSON - {REMAKE}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
+        raise EkxError(f"{path}: a damaged zip ({e}); zip the JSON again") from None
+    except _Duplicate as e:
+        raise EkxError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise EkxError(
             f"{path}: the top level is a JSON {type(data).__name__}, expected an object with "
@@ -93,11 +154,18 @@ def _task_scores(entry, task: str, keys: list[str], nid: str, path: Path, class_
     return list(scores.values())
 
 
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond float64
+        return False
+
+
 def _bad_number(rows: list[list], ids: list[str], task: str, path: Path) -> EkxError:
     """The first value that is not a finite number, named (only called once the bulk check failed)."""
     for nid, row in zip(ids, rows, strict=True):
         for c, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 return EkxError(
                     f"{path}: segment {nid}: {task} score for class {c} is {v!r}, not a finite "
                     "number; the official scoring cannot rank it - check the model's outputs "
@@ -148,13 +216,16 @@ def read_submission(path: Path, annotations: Path, split: str = "validation"):
     ):
         keys = [str(c) for c in range(len(classes))]
         rows = [_task_scores(results[nid], task, keys, nid, path, class_file) for nid in wanted]
-        try:
-            arr = np.array(rows)
-        except ValueError:
-            arr = np.array([], dtype=object)
-        if arr.dtype.kind not in "iuf" or not np.isfinite(arr).all():  # bools, strings, null, NaN, Infinity
+        # by type first: numpy would take JSON true for 1.0 among floats (and strings, null...)
+        if not set(map(type, itertools.chain.from_iterable(rows))) <= {float, int}:
             raise _bad_number(rows, wanted, task, path)
-        out.append(torch.from_numpy(arr.astype(np.float64)))
+        try:
+            arr = np.array(rows, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            raise _bad_number(rows, wanted, task, path) from None
+        if not np.isfinite(arr).all():  # NaN, Infinity
+            raise _bad_number(rows, wanted, task, path)
+        out.append(torch.from_numpy(arr))
     return segments, out[0], out[1]
 
 

@@ -311,6 +311,10 @@ BAD = {
         _set(["results", "P01_01_4", "verb", "1"], float("-inf")),
         r"segment P01_01_4: verb score for class 1 is -inf, not a finite number",
     ),
+    "boolean": (  # JSON true is not 1.0: a writer's bug, not a score
+        _set(["results", "P01_01_4", "verb", "1"], True),
+        r"segment P01_01_4: verb score for class 1 is True, not a finite number",
+    ),
     "string": (
         _set(["results", "P01_01_4", "verb", "0"], "0.5"),
         r"segment P01_01_4: verb score for class 0 is '0.5', not a finite number",
@@ -366,3 +370,68 @@ def test_the_official_zip_is_read(hand, tmp_path):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("test.json", json.dumps(sub))
     assert scoring.score(path, ann)["metrics"]["action_top5"] == pytest.approx(60.0)
+
+
+def test_a_narration_id_twice_is_refused_naming_it(hand, tmp_path):
+    ann, sub = hand
+    text = json.dumps(sub)
+    assert text.endswith("}}")  # "results" is the last key: append a second P01_01_0 to it
+    path = tmp_path / "dup.json"
+    path.write_text(text[:-2] + ', "P01_01_0": ' + json.dumps(sub["results"]["P01_01_1"]) + "}}")
+    with pytest.raises(EkxError, match=re.escape(str(path)) + r": narration id 'P01_01_0' appears twice in results"):
+        scoring.score(path, ann)
+    # a class twice in one segment's scores: the same silent last-wins, refused too
+    path.write_text(text.replace('"verb": {"0": ', '"verb": {"1": 0.5, "0": ', 1))
+    with pytest.raises(EkxError, match=re.escape(str(path)) + r": key '1' appears twice in one object"):
+        scoring.score(path, ann)
+
+
+def _zip(path: Path, text: str) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("test.json", text)
+    return path
+
+
+def _declare_size(path: Path, size: int) -> None:
+    """Rewrite the uncompressed size the zip's headers declare for its one member (local header
+    and central directory), leaving the data as it was: a crafted or damaged zip."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    struct.pack_into("<I", data, local + 22, size)
+    struct.pack_into("<I", data, central + 24, size)
+    path.write_bytes(bytes(data))
+
+
+def test_a_submission_that_expands_past_the_limit_is_refused(hand, tmp_path, monkeypatch):
+    ann, sub = hand
+    text = json.dumps(sub)
+    # the default limit: a zip whose member declares 2 GiB is refused before a byte is inflated
+    bomb = _zip(tmp_path / "bomb.zip", text)
+    _declare_size(bomb, 2 << 30)
+    with pytest.raises(
+        EkxError, match=re.escape(str(bomb)) + r": test.json expands to 2048.0 MiB, more than the 1024 MiB"
+    ):
+        scoring.score(bomb, ann)
+    # with a 64 KiB limit: 1 MiB of padding compresses to ~1 KiB and is still refused, zipped or not
+    monkeypatch.setattr(scoring, "MAX_BYTES", 64 << 10, raising=False)
+    padded = text[:-1] + " " * (1 << 20) + "}"
+    (plain := tmp_path / "padded.json").write_text(padded)
+    zipped = _zip(tmp_path / "padded.zip", padded)
+    assert zipped.stat().st_size < 64 << 10
+    for path in (plain, zipped):
+        with pytest.raises(EkxError, match=re.escape(str(path)) + r": .*more than the 0.0625 MiB"):
+            scoring.score(path, ann)
+    # a header that understates the size is not believed: the inflated bytes are counted
+    liar = _zip(tmp_path / "liar.zip", padded)
+    _declare_size(liar, 1000)
+    with pytest.raises(EkxError, match=re.escape(str(liar)) + r": a damaged zip \(Bad CRC-32 for file 'test.json'\)"):
+        scoring.score(liar, ann)
+    short = _zip(tmp_path / "short.zip", text)  # one that overstates it: the bytes are counted too
+    _declare_size(short, len(text) + 1000)
+    with pytest.raises(EkxError, match=f"short.zip: test.json declares {len(text) + 1000} bytes but holds {len(text)}"):
+        scoring.score(short, ann)
+    assert scoring.score(_zip(tmp_path / "ok.zip", text), ann)["metrics"]["action_top5"] == pytest.approx(60.0)
