@@ -11,24 +11,33 @@ Frame identity is kept: one output frame per input frame, each at the input's ow
 on its file's timeline (pts copied, minus the timeline's origin for MPEG-PS/TS inputs,
 the stream's time base kept; `ekx.extract.video.timeline_origin`), so a variable-frame-rate
 video stays variable, a stream starting after the file's 0 still does, and `start`/`stop`
-times select the same frames in both. Audio is
-dropped. Each video is written to `<name>.part` and renamed when complete, so an
-interrupted run never leaves a partial file that counts as done; re-running skips what
-is there. `DST/ekx-prepare.json` records the settings, and a cache extracted from the
-copy records them in its identity (`video_input`), so it never mixes with one from the
-originals.
+times select the same frames in both. Audio is dropped.
+
+Each video is written to `<name>.part` and renamed only once complete and checked: the
+copy must hold as many frames as the source, over the same span (a source cut short, or
+one whose frames do not all decode, fails instead), so no partial or short file ever
+counts as done; re-running skips what is there. The `.part` is locked while written
+(flock): a second run of the same video waits, then finds it done, rather than truncating
+the first's file. `--verify` decodes every frame of every copy. `DST/ekx-prepare.json`
+records the settings, and a cache extracted from the copy records them in its identity
+(`video_input`), so it never mixes with one from the originals.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 from ekx import EkxError, epic
 from ekx.extract.video import timeline_origin
@@ -85,18 +94,72 @@ def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- one video
 
 
-def transcode(src: Path, dst: Path, settings: Settings) -> int:
-    """Write the prepared copy of ``src`` to ``dst`` (via ``dst.part``); returns frames written."""
-    import av
+@contextmanager
+def _writer_lock(tmp: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``tmp`` (created if absent), the one file a video is written to:
+    a second `ekx prepare` of the same video waits here instead of truncating the first's copy
+    (which would leave a hole in it). The holder renames or removes ``tmp`` before letting go,
+    so a waiter that then holds a file no longer at that path locks the one there now."""
+    while True:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks: write as before, unguarded
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            break
+        try:
+            here = os.stat(tmp)
+        except FileNotFoundError:
+            here = None
+        held = os.fstat(fd)
+        if here is not None and (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
+
+def transcode(src: Path, dst: Path, settings: Settings) -> int | None:
+    """Write the prepared copy of ``src`` to ``dst`` (via ``dst.part``, locked); returns frames
+    written, or None where another process finished ``dst`` while this one waited for it."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
-    n = 0
+    with _writer_lock(tmp):
+        try:
+            if dst.is_file():
+                tmp.unlink()
+                return None
+            source, n = _encode(src, tmp, settings)
+            if n == 0:
+                raise EkxError(f"{src}: no video frames decoded")
+            # what was written against what the source holds, before the copy gets its name
+            problem = cut_short(src, source)
+            if not problem and (problem := mismatch(dst, source, stream_summary(tmp))):
+                problem += ": the source does not decode whole - replace it (the copy is not kept)"
+            if problem:
+                raise EkxError(problem)
+            os.replace(tmp, dst)  # atomic: a partial output never has the final name
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # under the lock: never another process's file
+            raise
+    return n
+
+
+def _encode(src: Path, tmp: Path, settings: Settings) -> tuple[Summary, int]:
+    """Transcode ``src`` into ``tmp``: (the source's summary, counted in the same pass, frames written)."""
+    import av
+
+    n, count, stamps = 0, 0, []  # frames written; the source's packets and their pts
     with av.open(str(src)) as inp:
         vin = inp.streams.video[0]
         vin.thread_type = "AUTO"
         tb = vin.time_base or Fraction(1, 90000)
-        origin = round(timeline_origin(inp) / tb)  # the copy (MP4) counts time from pts 0
+        start = timeline_origin(inp)
+        origin = round(start / tb)  # the copy (MP4) counts time from pts 0
         rate = vin.average_rate or vin.guessed_rate or Fraction(30)
         tw, th = target_size(vin.codec_context.width, vin.codec_context.height, settings.short_side)
         gop = max(1, round(float(rate) * settings.keyframe_seconds))
@@ -116,26 +179,40 @@ def transcode(src: Path, dst: Path, settings: Settings) -> int:
                 "sc_threshold": "0",
                 "bf": "0",
             }
-            last = None
-            for frame in inp.decode(vin):
-                pts = frame.pts if frame.pts is not None else (0 if last is None else last + tick)
-                if last is not None and pts <= last:  # a repeated/garbled pts: keep the order strict
-                    pts = last + 1
-                small = frame.reformat(width=tw, height=th, format=settings.pix_fmt, interpolation="AREA")
-                small.pts, small.time_base = pts - origin, tb
-                out.mux(vout.encode(small))
-                last, n = pts, n + 1
+            prev = None
+            for packet in inp.demux(vin):
+                if packet.size:  # not the flush packet
+                    count += 1
+                    if packet.pts is not None:
+                        stamps.append(packet.pts)
+                for frame in packet.decode():
+                    pts = frame.pts if frame.pts is not None else (0 if prev is None else prev + tick)
+                    if prev is not None and pts <= prev:  # a repeated/garbled pts: keep the order strict
+                        pts = prev + 1
+                    small = frame.reformat(width=tw, height=th, format=settings.pix_fmt, interpolation="AREA")
+                    small.pts, small.time_base = pts - origin, tb
+                    out.mux(vout.encode(small))
+                    prev, n = pts, n + 1
             out.mux(vout.encode())
-    if n == 0:
-        tmp.unlink(missing_ok=True)
-        raise EkxError(f"{src}: no video frames decoded")
-    os.replace(tmp, dst)  # atomic: a partial output never has the final name
-    return n
+        listed = vin.frames if _indexed(inp) else 0
+    first, last = (float(min(stamps) * tb) - start, float(max(stamps) * tb) - start) if stamps else (math.nan,) * 2
+    return Summary(count, first, last, listed), n
 
 
-def stream_summary(path: Path) -> tuple[int, float, float]:
-    """(video packets, first and last time in s on the file's timeline) from the container,
-    without decoding."""
+def _indexed(container) -> bool:
+    """An MP4/MOV: its index lists every frame (a file holding fewer was cut short)."""
+    return "mp4" in container.format.name
+
+
+class Summary(NamedTuple):
+    frames: int  # video packets in the file: one per frame
+    first: float  # first and last frame time in s on the file's timeline (NaN: no times)
+    last: float
+    listed: int  # frames the container's index lists (MP4); 0 where it has none
+
+
+def stream_summary(path: Path) -> Summary:
+    """The video stream's frames and time span from the container, without decoding."""
     import av
 
     with av.open(str(path)) as c:
@@ -149,24 +226,79 @@ def stream_summary(path: Path) -> tuple[int, float, float]:
             count += 1
             if p.pts is not None:
                 times.append(p.pts * tb - origin)
-    if not times:
-        return count, 0.0, 0.0
-    return count, min(times), max(times)
+        listed = s.frames if _indexed(c) else 0
+    return Summary(count, min(times, default=math.nan), max(times, default=math.nan), listed)
+
+
+def cut_short(src: Path, a: Summary) -> str | None:
+    """Why the source (summary ``a``) holds fewer frames than its index lists, or None."""
+    if a.listed and a.frames < a.listed:
+        return (
+            f"{src}: the index lists {a.listed} frames, the file holds {a.frames}: the source was cut "
+            "short (an interrupted copy?) - replace it with a whole one"
+        )
+    return None
+
+
+def mismatch(dst: Path, a: Summary, b: Summary) -> str | None:
+    """Why ``dst`` (summary ``b``) does not have the source's (``a``) frames and span, or None."""
+    if a.frames != b.frames:
+        return f"{dst}: {b.frames} frames, the source has {a.frames}"
+    if not math.isnan(a.first) and (abs(a.first - b.first) > 1e-3 or abs(a.last - b.last) > 1e-3):
+        return f"{dst}: frames span {b.first:.3f}-{b.last:.3f} s, the source {a.first:.3f}-{a.last:.3f} s"
+    return None
+
+
+def decode_summary(path: Path) -> Summary:
+    """The frames of ``path`` by decoding every one of them, any damage an error (a hole of
+    zeros in the data keeps every packet's size and time: only the decoder sees it)."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        s.codec_context.options = {"err_detect": "explode"}  # a concealed error is still an error
+        origin = timeline_origin(c)
+        count, times = 0, []
+        for packet in c.demux(s):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                raise ValueError(f"decode error after frame {count} ({e.strerror})") from None
+            for f in frames:
+                count += 1
+                if f.time is not None:
+                    times.append(f.time - origin)
+        listed = s.frames if _indexed(c) else 0
+    return Summary(count, min(times, default=math.nan), max(times, default=math.nan), listed)
 
 
 def verify(src: Path, dst: Path) -> str | None:
-    """None when the copy has the source's frame count and time span, else the problem."""
+    """None when the copy decodes whole, with the source's frame count and time span, else the problem."""
     if not dst.is_file():
         return f"{dst}: missing"
+    redo = "delete it and re-run ekx prepare"
     try:
-        a, b = stream_summary(src), stream_summary(dst)
+        a = stream_summary(src)
     except Exception as e:
-        return f"{dst}: unreadable ({type(e).__name__}): truncated or damaged - delete it and re-run ekx prepare"
-    if a[0] != b[0]:
-        return f"{dst}: {b[0]} frames, the source has {a[0]} (truncated or damaged: delete it and re-run prepare)"
-    if abs(a[1] - b[1]) > 1e-3 or abs(a[2] - b[2]) > 1e-3:
-        return f"{dst}: frames span {b[1]:.3f}-{b[2]:.3f} s, the source {a[1]:.3f}-{a[2]:.3f} s"
-    return None
+        return f"{src}: the source is unreadable ({type(e).__name__}); replace it"
+    try:
+        b = decode_summary(dst)
+    except Exception as e:
+        return f"{dst}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}): truncated or damaged - {redo}"
+    if problem := mismatch(dst, a, b):
+        return f"{problem} (truncated or damaged: {redo})"
+    return cut_short(src, a)
+
+
+def verify_many(pairs: list[tuple[Path, Path]], workers: int = 1) -> list[str]:
+    """`verify` of every (source, copy) pair, ``workers`` at a time (it decodes each copy whole): the problems."""
+    if workers <= 1 or len(pairs) <= 1:
+        found = [verify(a, b) for a, b in pairs]
+    else:
+        with ProcessPoolExecutor(min(workers, len(pairs)), initializer=_worker_init) as pool:
+            found = list(pool.map(verify, *zip(*pairs, strict=True)))
+    return [p for p in found if p]
 
 
 def _prepare_one(job: tuple[str, str, dict]) -> Outcome:
@@ -176,9 +308,12 @@ def _prepare_one(job: tuple[str, str, dict]) -> Outcome:
     t0 = time.perf_counter()
     try:
         n = transcode(src, dst, settings)
+    except EkxError as e:
+        return Outcome(src, dst, "failed", error=str(e).removeprefix(f"{src}: "))
     except Exception as e:
-        Path(str(dst) + ".part").unlink(missing_ok=True)
         return Outcome(src, dst, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if n is None:  # another run wrote it while this one waited
+        return Outcome(src, dst, "skipped")
     return Outcome(src, dst, "done", n, time.perf_counter() - t0)
 
 

@@ -188,3 +188,110 @@ def test_cache_from_prepared_copy_never_mixes_with_originals(synth_data, tmp_pat
 
     assert open_cache(val).attrs["video_input"].startswith("prepared copy: libx264")
     assert open_cache(train).attrs["video_input"] == "original videos"
+
+
+# ---------------------------------------------------------------- damaged sources, concurrent runs
+
+
+def write_moov_first(path: Path, frames: int = 60) -> None:
+    """A 30 fps H.264 MP4 with its index (moov) before the data, as cameras and `-movflags
+    faststart` write it: cut short, it still opens and lists every frame."""
+    import av
+
+    rng = np.random.default_rng(1)  # noise: every frame is a few KiB, so a cut loses whole frames
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"preset": "ultrafast", "bf": "0"}
+        for _ in range(frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), np.uint8), format="rgb24")))
+        c.mux(s.encode())
+
+
+def packets(path: Path) -> list[tuple[int, int]]:
+    """(byte offset, size) of each video packet."""
+    import av
+
+    with av.open(str(path)) as c:
+        return [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+def test_a_source_cut_short_fails_and_leaves_no_copy(tmp_path):
+    whole = tmp_path / "whole.mp4"
+    write_moov_first(whole)
+    data = whole.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    src = tmp_path / "src" / "P01" / "videos"
+    src.mkdir(parents=True)
+    # cut inside a frame (the decoder drops it) and cut on a frame's end (every packet in the file
+    # decodes: only the index's 60 frames tell)
+    pos, size = packets(whole)[50]
+    (src / "P01_01.MP4").write_bytes(data[:-3000])
+    (src / "P01_02.MP4").write_bytes(data[: pos + size])
+    dst = tmp_path / "copy"
+    result = runner.invoke(app, ["prepare", str(tmp_path / "src"), str(dst), "--short-side", "48"], terminal_width=1000)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "0 videos transcoded" in said and "2 failed" in said, said
+    assert "P01_01.MP4: the index lists 60 frames, the file holds 59" in said, said
+    assert "P01_02.MP4: the index lists 60 frames, the file holds 51" in said, said
+    assert not list(dst.rglob("*.MP4*"))  # neither a copy nor a .part
+    # the check is the copy's count and span against the source's, before the rename: a source
+    # whose frames do not all decode fails the same way (here with no index to compare with)
+    a, b = pp.Summary(60, 0.0, 1.97, 0), pp.Summary(58, 0.0, 1.9, 0)
+    assert pp.mismatch(tmp_path / "b", a, b) == f"{tmp_path / 'b'}: 58 frames, the source has 60"
+
+
+def hole(path: Path, packet: int = 30) -> None:
+    """Zero 200 bytes inside one packet: what a second writer truncating the file leaves."""
+    pos, size = packets(path)[packet]
+    assert size > 300
+    data = bytearray(path.read_bytes())
+    data[pos + 10 : pos + 210] = bytes(200)
+    path.write_bytes(bytes(data))
+
+
+def test_verify_decodes_the_whole_copy(tmp_path):
+    src = tmp_path / "src.mp4"
+    write_moov_first(src)
+    dst = tmp_path / "copy.mp4"
+    assert pp.transcode(src, dst, pp.Settings(short_side=48, preset="ultrafast")) == 60
+    assert pp.verify(src, dst) is None
+    hole(dst)  # every packet is still there, with its size and time: only decoding finds it
+    problem = pp.verify(src, dst)
+    assert problem and problem.startswith(f"{dst}: ") and "decode" in problem and "re-run ekx prepare" in problem
+
+
+def test_two_prepares_of_one_video_never_write_one_file_at_once(source, tmp_path):
+    """A second `ekx prepare` of a video another one is writing waits for it, then finds the
+    copy there; it never truncates the other's `.part` (which would leave a hole in the copy)."""
+    import fcntl
+    import threading
+
+    video = sorted((source / "videos").rglob("*.MP4"))[0]
+    settings = pp.Settings(short_side=48, preset="ultrafast")
+    done_elsewhere = tmp_path / "elsewhere.MP4"
+    pp.transcode(video, done_elsewhere, settings)
+    dst = tmp_path / "copy"
+    out = dst / video.relative_to(source / "videos")
+    part = out.with_name(out.name + ".part")
+    part.parent.mkdir(parents=True)
+    # the first writer: holds its .part, half written
+    first = part.open("wb")
+    fcntl.flock(first, fcntl.LOCK_EX)
+    first.write(done_elsewhere.read_bytes()[:1000])
+    first.flush()
+    outcomes: list = []
+    second = threading.Thread(target=lambda: outcomes.extend(pp.prepare(source / "videos", dst, settings, [video], 1)))
+    second.start()
+    second.join(3.0)  # far longer than this transcode takes
+    assert second.is_alive() and not out.exists(), "the second run did not wait for the first"
+    assert part.read_bytes() == done_elsewhere.read_bytes()[:1000]  # untouched
+    # the first finishes: the rest of its copy, renamed, lock released
+    first.write(done_elsewhere.read_bytes()[1000:])
+    first.flush()
+    os.replace(part, out)
+    first.close()
+    second.join(60)
+    assert [o.status for o in outcomes] == ["skipped"]
+    assert out.read_bytes() == done_elsewhere.read_bytes() and not part.exists()
+    assert pp.verify(video, out) is None

@@ -254,7 +254,7 @@ def prepare(
     workers: Annotated[int, typer.Option(help="Videos transcoded at once (processes).")] = 2,
     shard: Annotated[str | None, typer.Option(help="I/N: this process's 1/N of the videos (I from 0).")] = None,
     verify_: Annotated[
-        bool, typer.Option("--verify", help="Afterwards, check every copy's frame count and time span.")
+        bool, typer.Option("--verify", help="Afterwards, decode every copy and check its frame count and time span.")
     ] = False,
     annotations: AnnotationsOpt = None,
 ):
@@ -313,7 +313,7 @@ def prepare(
     )
     for o in failed:
         err_console.print(f"  [red]failed[/red] {o.src}: {o.error}", highlight=False, soft_wrap=True)
-    problems = [p for o in outcomes if o.status != "failed" and (p := pp.verify(o.src, o.dst))] if verify_ else []
+    problems = pp.verify_many([(o.src, o.dst) for o in outcomes if o.status != "failed"], workers) if verify_ else []
     for p in problems:
         err_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
     if verify_ and not problems:
