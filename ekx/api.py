@@ -26,7 +26,7 @@ from ekx.cache.reader import open_cache as _open_cache
 from ekx.heads import metrics as _metrics
 from ekx.heads import models
 from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
-from ekx.heads.data import IDENTITY, positions
+from ekx.heads.data import positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 __all__ = ["Cache", "Run", "create_head", "heads", "load_run", "metrics", "open_cache"]
@@ -122,7 +122,7 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "best.pt")
         ckpt["norm"]["mean"].to(dev),
         ckpt["norm"]["std"].to(dev),
         int(ckpt["head_kwargs"]["frames"]),
-        {k: ckpt["cache"].get(k) for k in (*IDENTITY, "seed") if k in ckpt["cache"]},
+        dict(ckpt["cache"]),
         list(classes.get("verb", [])),
         list(classes.get("noun", [])),
         dict(ckpt["config"]),

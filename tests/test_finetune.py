@@ -340,9 +340,9 @@ def test_clips_open_each_video_once_when_grouped_by_video(synth_data, monkeypatc
     assert sorted(set(order)) == list(range(len(segs)))
     items = [data[i] for i in order]
     videos = {s.video_id for s in segs}
-    assert len(order) > len(segs)  # padded to whole chunks by repeating the first ones...
-    assert data.opens <= len(videos) + 1  # ...which may reopen the first video once
-    assert len(opened) <= 2 * (len(videos) + 1) < len(segs)  # the old Clips: 2 per sample
+    assert len(order) == len(segs)  # one rank: no padding (it was padded to whole chunks)
+    assert data.opens == len(videos)
+    assert len(opened) <= 2 * len(videos) < len(segs)  # the old Clips: 2 per sample
     i, frames, err = items[0]
     ref = next(
         decode_video(
@@ -364,3 +364,30 @@ def test_video_chunks_deal_equal_grouped_shares_to_every_rank():
     a, b = VideoChunks(vids, 4, seed=1), VideoChunks(vids, 4, seed=1)
     b.set_epoch(1)
     assert list(a) == list(VideoChunks(vids, 4, seed=1)) and list(a) != list(b)  # a function of (seed, epoch)
+
+
+def test_video_chunks_pad_at_most_world_minus_one():
+    """EPIC scale (67,217 training segments, chunks = batches of 16, 8 ranks): dealing whole
+    chunks padded every epoch with 111 repeated segments; now at most world - 1, as
+    DistributedSampler (ceil(N / world) * world - N): equal shares, every segment, still
+    grouped by video (a rank's share is runs of one video's segments)."""
+    import itertools
+
+    from ekx.finetune.clips import VideoChunks
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 240, 600)
+    counts = counts[: int(np.searchsorted(np.cumsum(counts), 67_217)) + 1]
+    counts[-1] -= int(counts.sum()) - 67_217
+    vids = [f"P{v // 30:02d}_{v:03d}" for v, c in enumerate(counts) for _ in range(int(c))]
+    assert len(vids) == 67_217
+    for world, chunk in ((8, 16), (3, 4), (1, 16), (5, 1)):
+        shares = [list(VideoChunks(vids, chunk, world, r, seed=7)) for r in range(world)]
+        per_rank = -(-len(vids) // world)
+        assert [len(s) for s in shares] == [per_rank] * world == [len(VideoChunks(vids, chunk, world, 0, 7))] * world
+        dealt = np.concatenate(shares)
+        assert len(dealt) - len(vids) == per_rank * world - len(vids) <= world - 1  # (8, 16): 7, was 111
+        assert set(dealt.tolist()) == set(range(len(vids)))
+        for s in shares:  # grouped: a video's segments come in runs (switches ~ videos per rank, not per sample)
+            switches = sum(vids[a] != vids[b] for a, b in itertools.pairwise(s))
+            assert switches <= len(set(vids[i] for i in s)) + len(s) // chunk + 1, (world, chunk, switches)

@@ -5,6 +5,7 @@ sharded and with augmented views."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,8 +114,11 @@ def test_one_pass_caches_verify_and_match_single_backbone_runs(synth_data, singl
 @pytest.mark.slow
 def test_each_cache_resumes_on_its_own(synth_data, singles, tmp_path):
     ann, videos = synth_data / "annotations", synth_data / "videos"
-    # resnet50's cache already complete, efficientnet_b3's half done: only what each lacks is computed
-    extract(cfg(backbone="resnet50"), ann, videos, tmp_path, warn=lambda m: None)
+    # resnet50's cache already complete (from a pass with efficientnet_b3: decoded at b3's size),
+    # efficientnet_b3's half done: only what each lacks is computed
+    extract_many(cfg(backbone="resnet50,efficientnet_b3"), ann, videos, tmp_path / "full", warn=lambda m: None)
+    (tmp_path / "resnet50").mkdir()
+    shutil.copy(tmp_path / "full" / "resnet50" / "validation.h5", tmp_path / "resnet50" / "validation.h5")
     extract(cfg(backbone="efficientnet_b3", limit=3), ann, videos, tmp_path / "half", warn=lambda m: None)
     half = tmp_path / "half" / "efficientnet_b3" / "validation.h5"
     with h5py.File(half, "r") as f:
@@ -194,6 +198,44 @@ def test_kill_9_mid_run_then_resume_gives_the_same_caches(synth_data, tmp_path):
         a, b = open_cache(root / name / "validation.h5"), open_cache(ref_root / name / "validation.h5")
         assert a.counts()["done"] == 6
         np.testing.assert_array_equal(a.features(), b.features())
+
+
+@pytest.mark.slow
+def test_run_stopped_between_two_rows_then_resumed_is_bit_identical(synth_data, tmp_path, monkeypatch):
+    """A run stopped after efficientnet_b3's first row reached its writer but before its second
+    (as a kill -9 lands between two of the writer's batches), then resumed: both caches equal an
+    uninterrupted run's bit for bit. The resumed run groups other segments into its batches, and
+    efficientnet_b3's CPU kernels (its squeeze-excitation 1x1 convolutions) give a row other low
+    bits in another batch size or position in the batch (measured: up to 3e-6 in float32, so some
+    float16 values round the other way) - so each segment now runs in forward passes of its own."""
+    from ekx.extract import writer
+
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    names = "resnet50,efficientnet_b3"
+    c = cfg(backbone=names, workers=0)  # 2 frames a segment, batches of 4 inputs: two segments a batch
+    extract_many(c, ann, videos, tmp_path / "ref", warn=lambda m: None)
+    real_put, rows_put = writer.WriterThread.put, []
+
+    def put(self, item):
+        if item[0] == "done" and self.writer.path.parent.name == "efficientnet_b3":
+            rows_put.append(item[1])
+            if len(rows_put) == 2:
+                raise KeyboardInterrupt  # Ctrl-C: the run stops, its writers flush what they got
+        real_put(self, item)
+
+    monkeypatch.setattr(writer.WriterThread, "put", put)
+    with pytest.raises(KeyboardInterrupt):
+        extract_many(c, ann, videos, tmp_path / "run", warn=lambda m: None)
+    monkeypatch.undo()
+    done = {n: open_cache(tmp_path / "run" / n / "validation.h5").counts()["done"] for n in names.split(",")}
+    assert done == {"resnet50": 2, "efficientnet_b3": 1}  # an odd row count: the resumed batches differ
+    summaries = extract_many(c, ann, videos, tmp_path / "run", warn=lambda m: None)
+    assert [s.processed for s in summaries] == [4, 5]
+    for name in names.split(","):
+        a, b = open_cache(tmp_path / "run" / name / "validation.h5"), open_cache(tmp_path / "ref" / name / "validation.h5")
+        assert a.counts()["done"] == 6
+        np.testing.assert_array_equal(a.frame_index, b.frame_index)
+        np.testing.assert_array_equal(a.features(), b.features(), err_msg=name)
 
 
 @pytest.mark.slow

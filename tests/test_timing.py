@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ekx import epic
-from ekx.cache import store
+from ekx.cache import identity
 from ekx.extract import sources
 from ekx.extract.sources import decode_video
 from ekx.extract.video import CLIP_RATE, Request, sampling_rule
@@ -166,8 +166,11 @@ def test_sampling_rule_is_part_of_the_cache_identity(synth_data, tmp_path):
     assert attrs["sampling"] == sampling_rule() and "last pts <= t" in attrs["sampling"]
     assert attrs["resize"] == "decoder" and "scaler" in attrs["resize_method"]
     old = {**attrs, "sampling": "centres of K equal parts of [start, stop); frame = round(t * decoded fps)"}
-    assert any(m.startswith("sampling") for m in store.identity_mismatch(old, attrs))
-    assert any(m.startswith("resize") for m in store.identity_mismatch({**attrs, "resize": "torchvision"}, attrs))
+    ident = identity.extraction
+    assert any(m.startswith("sampling") for m in identity.mismatch(ident(old), ident(attrs)))
+    assert any(
+        m.startswith("resize") for m in identity.mismatch(ident({**attrs, "resize": "torchvision"}), ident(attrs))
+    )
 
 
 def test_prepared_copy_keeps_every_frames_time(vfr, late, tmp_path):

@@ -35,44 +35,13 @@ import h5py
 import numpy as np
 
 from ekx import EkxError
+from ekx.cache import identity
 
 FORMAT = "ekx-features"
 VERSION = 2  # 2: per-row feature checksums
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 REASON_BYTES = 240
-
-# Attributes that define what the features are: resuming or merging requires equality.
-IDENTITY_KEYS = (
-    "format",
-    "format_version",
-    "backbone",
-    "weights",
-    "feature_dim",
-    "frames_per_segment",
-    "views",
-    "clip_len",
-    "sampling",
-    "video_input",
-    "source",
-    "decoder",
-    "decode_device",
-    "resize",
-    "seed",
-    "augmentation",
-    "precision",
-    "dtype",
-    "annotation_sha256",
-    "preprocess_resize_size",
-    "preprocess_crop_size",
-    "preprocess_mean",
-    "preprocess_std",
-    "preprocess_interpolation",
-    "preprocess_antialias",
-    "bn_calibration",
-    "num_verbs",
-    "num_nouns",
-)
 
 
 @dataclass
@@ -101,28 +70,8 @@ def _attr(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def same(a: Any, b: Any) -> bool:
-    a = a.tolist() if isinstance(a, np.ndarray) else a
-    b = b.tolist() if isinstance(b, np.ndarray) else b
-    return a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
-
-
-# what a cache written before an identity key existed implicitly holds
-ORIGINAL_VIDEOS = "original videos"
-IDENTITY_DEFAULTS = {"video_input": ORIGINAL_VIDEOS, "source": "decord", "decode_device": "cpu", "resize": "decoder"}
-
-
-def identity_mismatch(have: dict, want: dict) -> list[str]:
-    def get(d: dict, k: str):
-        if k == "decoder" and k not in d and "decord_version" in d:  # made before sources existed
-            return f"decord {d['decord_version']}"
-        return d.get(k, IDENTITY_DEFAULTS.get(k))
-
-    return [
-        f"{k}: file has {get(have, k)!r}, asked for {get(want, k)!r}"
-        for k in IDENTITY_KEYS
-        if k in want and not same(get(have, k), get(want, k))
-    ]
+# kept for the modules that name it here
+ORIGINAL_VIDEOS = identity.ORIGINAL_VIDEOS
 
 
 def create(

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from ekx import EkxError
-from ekx.cache import checksum, store
+from ekx.cache import checksum, identity, store
 from ekx.cache.reader import open_cache
 
 BLOCK = 2048  # rows per bulk read when scanning a whole file
@@ -172,13 +172,14 @@ def merge(out: Path, shards: list[Path]) -> dict:
     if Path(out).exists():
         raise EkxError(f"{out} exists; merge writes a new file (delete it or choose another name)")
     caches = [open_cache(p) for p in shards]
-    ref = caches[0].attrs
+    ref, ref_name = caches[0].attrs, Path(caches[0].path).name
     for c in caches[1:]:
-        bad = store.identity_mismatch(c.attrs, ref) + [
-            f"{k}: {c.attrs.get(k)!r} vs {ref.get(k)!r}" for k in ("split",) if c.attrs.get(k) != ref.get(k)
-        ]
+        bad = identity.mismatch(identity.extraction(c.attrs), identity.extraction(ref), (Path(c.path).name, ref_name))
         if bad:
-            raise EkxError(f"{c.path} differs from {caches[0].path}: {'; '.join(bad)}")
+            raise EkxError(
+                f"{c.path} is not a shard of the same extraction as {caches[0].path} ({identity.describe(bad)}); "
+                "merge only the shards of one `ekx extract --shard I/N` command"
+            )
     _check_complete(caches)
     seen: dict[str, Path] = {}
     for c in caches:

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ekx import EkxError, epic
-from ekx.cache import lock, store
+from ekx.cache import identity, lock, store
 from ekx.cache.reader import failures, open_cache
-from ekx.extract import sources
+from ekx.extract import backbones, sources
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, segment_inputs
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
@@ -235,6 +235,8 @@ def extract_many(
     if src.reads == "frames":
         video_input = sources.RGB_FRAMES
     missing_msg = src.missing_message(missing, len({s.video_id for s in plan}), root) if missing else None
+    # each backbone with its weights' preprocessing: one decode serves all (`decode_size_of`)
+    bbs = {n: backbones.with_weights(backbones.get(n), cfg.weights) for n in names}
     targets: list[Target] = []
     try:
         for name in names:
@@ -256,6 +258,7 @@ def extract_many(
                     warn,
                     held,
                     src.identity(decode_device, cfg.resize),
+                    identity.decode_size_of(bbs[name], [bbs[o] for o in names if o != name], cfg.resize),
                 )
             except BaseException:
                 held.release()
@@ -337,11 +340,16 @@ def _run(
 
     def flush(t: Target) -> None:
         fmt = torch.channels_last if t.bb.clip_len == 1 else torch.channels_last_3d
-        x = torch.cat([p[1] for p in t.pending]).contiguous(memory_format=fmt)
+        bs = t.cfg.batch_size or 16
         outs = []
+        # each segment's inputs in forward passes of their own (at most bs each), never with
+        # another segment's: some kernels (efficientnet_b3's 1x1 convolutions on the CPU) give
+        # a row other low bits in another batch size or position, so features that depended
+        # on which segments shared a batch would change when a resumed run regroups them
         with torch.inference_mode(), autocast(device, precision):
-            for i in range(0, len(x), t.cfg.batch_size or 16):
-                outs.append(t.model(x[i : i + (t.cfg.batch_size or 16)]).float())
+            for _, inp in t.pending:
+                x = inp.contiguous(memory_format=fmt)
+                outs += [t.model(x[i : i + bs]).float() for i in range(0, len(x), bs)]
         feats = torch.cat(outs).cpu().numpy()
         o = 0
         for res, inp in t.pending:

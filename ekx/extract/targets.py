@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ekx import EkxError, epic
-from ekx.cache import lock, store
+from ekx.cache import identity, lock, store
 from ekx.extract import backbones
 from ekx.extract.inputs import calibrate
 from ekx.extract.video import Result
@@ -86,7 +86,8 @@ def open_target(
     video_input: str,
     warn: Callable[[str], None],
     held: lock.CacheLock,
-    source_attrs: dict | None = None,
+    source_attrs: dict,
+    decode_size: str = identity.OWN_SIZE,
 ) -> Target:
     """Load one backbone (calibrating random weights), open or create its cache (whose lock
     ``held`` the caller took first), start its writer."""
@@ -105,10 +106,13 @@ def open_target(
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
     # a checkpoint is named by its path (the sha256 in "weights" is its identity)
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
-    attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path)
-    attrs["video_input"] = video_input
-    attrs.update(source_attrs or {})  # which frame source, decoder and decode device
-    bad = store.identity_mismatch(store.open_attrs(out), attrs) if out.exists() else []
+    inputs = identity.input_attrs(bb, source_attrs, video_input, decode_size)
+    attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path, inputs)
+    bad = (
+        identity.mismatch(identity.extraction(store.open_attrs(out)), identity.extraction(attrs))
+        if out.exists()
+        else []
+    )
     recalibrated = cfg.recalibrate and bad and all(b.startswith("bn_calibration:") for b in bad)
     if bad and not recalibrated:
         raise EkxError(mismatch_message(out, bad))
@@ -138,5 +142,6 @@ def mismatch_message(out: Path, bad: list[str]) -> str:
             "(or make the calibration videos as they were when the cache was made)"
         )
     return (
-        f"{out} was made with other parameters ({'; '.join(bad)}); refusing to mix. Delete it or choose another --out"
+        f"{out} was made with other parameters ({identity.describe(bad)}); refusing to mix features that "
+        "mean different things in one cache. Delete it or choose another --out"
     )

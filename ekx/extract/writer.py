@@ -12,7 +12,7 @@ import torch
 
 from ekx import EkxError, __version__, epic
 from ekx.cache import store
-from ekx.extract import backbones, video
+from ekx.extract import backbones
 
 if TYPE_CHECKING:
     from ekx.extract.pipeline import ExtractConfig
@@ -76,7 +76,10 @@ def cache_attrs(
     ann_path: Path,
     calibration: str,
     weights_path: str,
+    inputs: dict,
 ) -> dict:
+    """Every root attribute of a new cache; ``inputs``: `identity.input_attrs` of this pass
+    (backbone, preprocessing, source, decode path, video files)."""
     import decord
     import torchvision
 
@@ -84,14 +87,11 @@ def cache_attrs(
     return {
         "format": store.FORMAT,
         "format_version": store.VERSION,
-        "backbone": bb.name,
         "weights": weights_id,
         "weights_path": weights_path,
         "feature_dim": bb.dim,
         "frames_per_segment": cfg.frames,
         "views": cfg.views,
-        "clip_len": bb.clip_len,
-        "sampling": video.sampling_rule(),
         "seed": cfg.seed,
         "augmentation": "view 0 clean; views 1.. random resized crop (0.35-1), hflip 0.5, "
         "brightness/contrast/saturation 0.6-1.4, same for all frames of a segment",
@@ -112,5 +112,5 @@ def cache_attrs(
         "torchvision_version": torchvision.__version__,
         "decord_version": decord.__version__,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        **bb.preprocess.to_attrs(),
+        **inputs,
     }

@@ -121,19 +121,21 @@ class Clips(Dataset):
 class VideoChunks(Sampler[int]):
     """One rank's epoch as chunks of ``chunk`` segments of one video (the last chunk of a
     video may spill into the next): videos in a seeded random order, segments shuffled
-    within each video, chunks dealt to ranks in turn, every rank the same number (padded by
-    repeating its first chunks, as DistributedSampler pads). With ``chunk`` = the batch
-    size, a batch reads one or two videos, and a worker keeps a video's reader open across
-    the batches it gets of it; the shuffle is a function of (seed, epoch), so a resumed run
-    continues exactly. The price: a batch's segments share a video (and a kitchen) -
-    `--no-group-by-video` draws uniformly instead (one open per sample)."""
+    within each video, chunks dealt to ranks in turn; what is left when fewer than a chunk
+    per rank remain is cut into ``world`` equal contiguous pieces, one per rank (each rank's
+    last, shorter batch). Every rank gets ceil(N / world) segments, the order padded by
+    repeating its first segments - at most world - 1 of them, as DistributedSampler pads.
+    With ``chunk`` = the batch size, a batch reads one or two videos, and a worker keeps a
+    video's reader open across the batches it gets of it; the shuffle is a function of
+    (seed, epoch), so a resumed run continues exactly. The price: a batch's segments share
+    a video (and a kitchen) - `--no-group-by-video` draws uniformly instead (one open per
+    sample)."""
 
     def __init__(self, video_ids: list[str], chunk: int, replicas: int = 1, rank: int = 0, seed: int = 0):
         self.video_ids, self.chunk, self.replicas, self.rank, self.seed = video_ids, max(chunk, 1), replicas, rank, seed
         self.epoch = 0
-        # every rank gets the same number of full chunks, so batches align with chunks and
-        # every rank takes the same number of steps
-        self.per_rank = -(-len(video_ids) // (self.chunk * replicas))
+        # every rank the same number of segments (so the same number of steps), as DistributedSampler
+        self.per_rank = -(-len(video_ids) // replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,13 +150,15 @@ class VideoChunks(Sampler[int]):
         for vi in torch.randperm(len(videos), generator=g).tolist():
             idx = by_video[videos[vi]]
             order += [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        total = self.per_rank * self.replicas * self.chunk
+        total = self.per_rank * self.replicas
         order = (order * -(-total // max(len(order), 1)))[:total]  # pad by repeating, as DistributedSampler
-        chunks = [order[i : i + self.chunk] for i in range(0, total, self.chunk)]
-        return iter([i for c in chunks[self.rank :: self.replicas] for i in c])
+        rounds, rest = divmod(self.per_rank, self.chunk)  # whole chunks per rank, then a shorter piece
+        step = self.chunk * self.replicas
+        mine = [i for r in range(rounds) for i in order[r * step + self.rank * self.chunk :][: self.chunk]]
+        return iter(mine + order[rounds * step + self.rank * rest :][:rest])
 
     def __len__(self) -> int:
-        return self.per_rank * self.chunk
+        return self.per_rank
 
 
 def as_list(batch):

@@ -3,7 +3,7 @@ train-head run (warm) or --weights (cold)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class Start:
     source: str
     weights: str = "DEFAULT"  # the weights whose transforms preprocess the frames (backbones.with_weights)
     resize: str = "decoder"  # how the warm start's cache resized its frames (--resize)
+    cache: dict = field(default_factory=dict)  # the identity of the features the head learnt
+    whole: bool = False  # ``cache`` is the whole identity (older checkpoints: a few keys)
 
 
 def warm_start(cfg: FinetuneConfig, run: Path) -> Start:
@@ -118,6 +120,8 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
         ckpt.get("started_from", f"init-head {run}"),
         spec.get("preprocess_weights", spec["weights"]),
         spec.get("resize", "decoder"),
+        dict(ckpt.get("cache", {})),
+        ckpt.get("identity") == "whole",
     )
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ekx import EkxError, epic
-from ekx.extract import backbones
+from ekx.cache import identity
+from ekx.extract import backbones, sources
 from ekx.extract.inputs import calibration_plan
 from ekx.extract.pipeline import ExtractConfig, worker_init
 from ekx.finetune.clips import (
@@ -37,6 +38,7 @@ from ekx.finetune.model import (
 from ekx.heads import checkpoint as ck
 from ekx.heads import missing
 from ekx.heads import train as tr
+from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -293,6 +295,7 @@ def main(
                     f"--init-head {cfg.init_head}: its cache was extracted with --resize {start.resize}; "
                     f"pass --resize {start.resize} (this run asked for {cfg.resize})"
                 )
+            check_input(cfg, start, videos)
         else:
             start = cold_start(cfg, ann, train_segs, paths, device)
         cfg = replace(cfg, frames=start.frames, name=run_dir.name)
@@ -322,6 +325,29 @@ def main(
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_input(cfg: FinetuneConfig, start: Start, videos: Path) -> None:
+    """A warm-started head learnt features of frames read, resized and preprocessed its
+    cache's way: refuse this run's input where it differs in any field of the identity
+    that says how frames become inputs (`identity.input_attrs`), naming each."""
+    bb = backbones.with_weights(backbones.get(cfg.backbone), start.weights)
+    prepared = read_manifest(videos)
+    mine = identity.input_attrs(
+        bb,
+        sources.get("decord").identity("cpu", cfg.resize),  # what `Clips` reads with
+        prepared.describe() if prepared else identity.ORIGINAL_VIDEOS,
+        identity.decode_size_of(bb, [], cfg.resize),
+    )
+    mine = {k: v for k, v in mine.items() if k not in identity.PROVENANCE}
+    keys = [k for k in mine if start.whole or k in start.cache]
+    bad = identity.mismatch(start.cache, mine, ("its cache", "this run"), keys)
+    if bad:
+        raise EkxError(
+            f"--init-head {cfg.init_head}: the head learnt features of frames made another way than this run "
+            f"makes them ({identity.describe(bad)}); fine-tune from a run whose cache was extracted from "
+            "these videos with the default source, or extract one"
+        )
 
 
 def evaluate_video(

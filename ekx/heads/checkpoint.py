@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ekx import EkxError
+from ekx.cache import identity
 from ekx.heads import models
 from ekx.heads.config import TrainConfig
 from ekx.heads.data import Split
@@ -76,16 +77,16 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_compatible(ckpt: dict, split: Split, what: str) -> None:
+    """Refuse features that mean something else than those the head was trained on: the whole
+    identity (`ekx.cache.identity`), or the keys an older checkpoint recorded."""
+    trained = ckpt["cache"]
     have = split.identity()
-    bad = [
-        f"{k}: checkpoint {ckpt['cache'].get(k)!r}, cache {have.get(k)!r}"
-        for k in ckpt["cache"]
-        if ckpt["cache"].get(k) != have.get(k)
-    ]
+    keys = None if ckpt.get("identity") == "whole" else list(trained)
+    bad = identity.mismatch(trained, have, ("checkpoint", "cache"), keys)
     if bad:
         raise EkxError(
-            f"{split.path} is incompatible with {what} ({'; '.join(bad)}); evaluate on features "
-            "extracted with the same backbone, weights, frames and class lists"
+            f"{split.path} is incompatible with {what} ({identity.describe(bad)}); evaluate on features "
+            "extracted with the same options as the run's training cache (`ekx cache info` shows them)"
         )
 
 

@@ -16,25 +16,13 @@ import numpy as np
 import torch
 
 from ekx import EkxError
+from ekx.cache import identity
 from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
 
-# attributes a head's checkpoint must share with any cache it is evaluated on
-# (bn_calibration: random weights are only the same backbone with the same BatchNorm statistics)
-# (video_input: features of a prepared low-resolution copy are not those of the originals)
-IDENTITY = (
-    "backbone",
-    "weights",
-    "frames_per_segment",
-    "feature_dim",
-    "num_verbs",
-    "num_nouns",
-    "bn_calibration",
-    "video_input",
-)
-# what a cache made before a key existed holds
-IDENTITY_DEFAULTS = {"bn_calibration": "", "video_input": "original videos"}
+# what stage 2 cannot work without (the identity as a whole is compared by `ekx.cache.identity`)
+REQUIRED = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
 
 
 @dataclass
@@ -60,12 +48,9 @@ class Split:
         return torch.tensor([self.video_id[r].split("_")[0] in participants for r in self.rows.tolist()])
 
     def identity(self) -> dict:
-        ident = {k: self.attrs.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY}
-        if ident["weights"] == "none":
-            # random weights: the seed *is* the network (with pretrained weights it only seeds
-            # the augmented views, which may differ between train and validation caches)
-            ident["seed"] = int(self.attrs.get("seed", 0))
-        return ident
+        """What its features mean (`ekx.cache.identity.identity`): equal for any two caches
+        a head may be trained, validated and evaluated on together."""
+        return identity.identity(self.attrs)
 
 
 def _fits_on(device: torch.device, nbytes: int) -> bool:
@@ -77,7 +62,7 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 
 def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
     cache = open_cache(path)
-    missing = [k for k in IDENTITY if k not in cache.attrs and k not in IDENTITY_DEFAULTS]
+    missing = [k for k in REQUIRED if k not in cache.attrs]
     if missing:
         raise EkxError(f"{path}: cache lacks attribute(s) {', '.join(missing)}; re-extract it with this ekx")
     rows = np.flatnonzero(cache.done)

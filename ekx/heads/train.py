@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ekx import EkxError, epic
+from ekx.cache import identity
 from ekx.heads import metrics, missing
 from ekx.heads.checkpoint import (
     build_model,
@@ -251,9 +252,11 @@ def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, un
     device = resolve_device(device_name)
     train = load_split(train_path, device)
     val = train if Path(val_path) == Path(train_path) else load_split(val_path, device)
-    if train.identity() != val.identity():
+    bad = identity.mismatch(train.identity(), val.identity(), ("train cache", "validation cache"))
+    if bad:
         raise EkxError(
-            f"{train_path} and {val_path} come from different extractions: {train.identity()} vs {val.identity()}"
+            f"{train_path} and {val_path} hold features that mean different things ({identity.describe(bad)}); "
+            "extract both splits with the same options"
         )
     if not train.labelled or not val.labelled:
         raise EkxError("training needs labelled train and validation caches (the test split has no labels)")
@@ -272,6 +275,7 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
             "head_kwargs": head_kwargs,
             "norm": {"mean": norm[0].cpu(), "std": norm[1].cpu()},
             "cache": train.identity(),
+            "identity": "whole",  # "cache" is the whole identity (older checkpoints: a few keys)
             "classes": {
                 "verb": list(train.attrs.get("verb_classes", [])),
                 "noun": list(train.attrs.get("noun_classes", [])),

@@ -1,0 +1,161 @@
+"""One identity of a cache (`ekx.cache.identity`), compared wholesale by every consumer:
+extract resume, merge, stage 2 pairing, evaluation, `finetune --init-head`. A field added
+to the identity is checked by all of them without touching them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_cache
+
+from ekx import EkxError
+from ekx.cache import identity, store, tools
+from ekx.extract.pipeline import ExtractConfig, extract, extract_many
+from ekx.heads import train as tr
+from ekx.heads.config import TrainConfig
+from ekx.heads.evaluate import evaluate_run
+
+quiet = {"warn": lambda m: None}
+
+
+def cfg(**kw) -> ExtractConfig:
+    base = {"split": "validation", "weights": "none", "frames": 2, "batch_size": 4, "workers": 0}
+    return ExtractConfig(**{**base, **kw})
+
+
+def set_attr(path: Path, key: str, value) -> Path:
+    with h5py.File(path, "r+") as f:
+        f.attrs[key] = value
+    return path
+
+
+# ---------------------------------------------------------------- the rule itself
+
+
+def test_every_attribute_is_identity_unless_listed_as_one_that_may_differ():
+    attrs = {"backbone": "resnet50", "weights": "none", "seed": 3, "brand_new_field": 1, "split": "train"}
+    ident = identity.identity(attrs)
+    assert ident["brand_new_field"] == 1 and ident["seed"] == 3  # unknown fields count; random weights: seed too
+    assert "split" not in ident and "torch_version" not in identity.identity({**attrs, "torch_version": "x"})
+    assert "seed" not in identity.identity({**attrs, "weights": "torchvision:X"})  # seeds only the views
+    assert identity.extraction({**attrs, "weights": "torchvision:X"})["seed"] == 3  # one extraction: one seed
+    assert "shard" not in identity.extraction({**attrs, "shard": "0/2"})
+    bad = identity.mismatch({"a": 1, "b": [1, 2]}, {"a": 2, "b": np.array([1, 2]), "c": "x"})
+    assert bad == ["a: file has 1, asked for 2", "c: file has None, asked for 'x'"]
+
+
+# ---------------------------------------------------------------- point 1: the decode path per backbone
+
+
+def test_multi_backbone_pass_refuses_a_cache_decoded_at_its_own_size(synth_data, tmp_path):
+    """Several backbones decode once at the largest size, torchvision resizing down for the
+    others: resuming (or merging with) a single-backbone cache would mix two resize paths.
+    (main: resumed with exit 0, rows 4-7 from torchvision's resize.)"""
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    extract(cfg(backbone="resnet50", limit=2), ann, videos, tmp_path, **quiet)
+    single = store.open_attrs(tmp_path / "resnet50" / "validation.h5")
+    assert single["decode_size"] == identity.OWN_SIZE
+    with pytest.raises(EkxError, match=r"decode_size: file has .*this backbone's resize size.*efficientnet_b3"):
+        extract_many(cfg(backbone="resnet50,efficientnet_b3", limit=2), ann, videos, tmp_path, **quiet)
+    # efficientnet_b3 decodes at its own (larger) size either way: its single cache resumes
+    extract(cfg(backbone="efficientnet_b3", limit=2), ann, videos, tmp_path / "b3", **quiet)
+    shutil.copytree(tmp_path / "b3" / "efficientnet_b3", tmp_path / "both" / "efficientnet_b3")
+    summaries = extract_many(
+        cfg(backbone="efficientnet_b3,r2plus1d_18", limit=2), ann, videos, tmp_path / "both", **quiet
+    )
+    assert [s.processed for s in summaries] == [0, 2]
+    r21d = store.open_attrs(tmp_path / "both" / "r2plus1d_18" / "validation.h5")
+    assert "efficientnet_b3's resize size [320]" in r21d["decode_size"]
+
+
+def test_merge_refuses_shards_of_different_decode_paths(synth_data, tmp_path):
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    extract(cfg(split="train", backbone="resnet50", shard=(0, 2)), ann, videos, tmp_path / "a", **quiet)
+    two = cfg(split="train", backbone="resnet50,efficientnet_b3", shard=(1, 2))
+    extract_many(two, ann, videos, tmp_path / "b", **quiet)
+    shards = [tmp_path / "a/resnet50/train.shard0of2.h5", tmp_path / "b/resnet50/train.shard1of2.h5"]
+    with pytest.raises(EkxError, match=r"not a shard of the same extraction.*decode_size"):
+        tools.merge(tmp_path / "m.h5", shards)
+    assert not (tmp_path / "m.h5").exists()
+
+
+# ---------------------------------------------------------------- point 2: stage 2 pairs whole identities
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("resize", "torchvision"),
+        ("sampling", "centres of K equal parts; frame = round(t * fps)"),
+        ("source", "torchcodec"),
+        ("decoder", "decord 0.5.0"),
+        ("preprocess_mean", [0.5, 0.5, 0.5]),
+        ("decode_size", identity.FULL_FRAMES),
+        ("precision", "bf16"),
+    ],
+)
+def test_train_and_validation_caches_must_share_the_whole_identity(tmp_path, field, value):
+    """(main: `--resize torchvision` validation with a `--resize decoder` train cache trained
+    and evaluated, exit 0: only 8 keys were compared.)"""
+    train = make_cache(tmp_path / "train.h5")
+    val = set_attr(make_cache(tmp_path / "val.h5", seed=1, split="validation"), field, value)
+    with pytest.raises(EkxError, match=rf"mean different things \(.*{field}: train cache "):
+        tr.load_data(train, val, "cpu")
+
+
+def test_train_and_validation_may_differ_in_split_views_and_annotation_file(tmp_path):
+    train = set_attr(make_cache(tmp_path / "train.h5", views=2), "annotation_sha256", "aa")
+    val = set_attr(make_cache(tmp_path / "val.h5", seed=1, split="validation"), "annotation_sha256", "bb")
+    set_attr(val, "torch_version", "0.0")
+    data = tr.load_data(train, val, "cpu")
+    assert data.train.identity() == data.val.identity()
+
+
+# ---------------------------------------------------------------- a made-up field, checked everywhere
+
+
+def test_a_new_identity_field_is_checked_by_every_consumer(synth_data, tmp_path, monkeypatch):
+    """Only `identity.input_attrs` learns the field: extract resume, merge, train-head,
+    evaluate and finetune --init-head all refuse to mix its values, untouched."""
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    value = {"v": "a"}
+    real = identity.input_attrs
+    monkeypatch.setattr(identity, "input_attrs", lambda *a, **k: {**real(*a, **k), "made_up": value["v"]})
+    feats = tmp_path / "features"
+    for split in ("train", "validation"):
+        extract(cfg(split=split, backbone="resnet50", limit=6), ann, videos, feats, **quiet)
+    val = feats / "resnet50" / "validation.h5"
+    assert store.open_attrs(val)["made_up"] == "a"
+    value["v"] = "b"
+    # extract resume
+    with pytest.raises(EkxError, match=r"made_up: file has 'a', asked for 'b'"):
+        extract(cfg(backbone="resnet50", limit=6), ann, videos, feats, **quiet)
+    # merge
+    extract(cfg(split="train", backbone="resnet50", limit=8, shard=(0, 2)), ann, videos, tmp_path / "s", **quiet)
+    value["v"] = "a"
+    extract(cfg(split="train", backbone="resnet50", limit=8, shard=(1, 2)), ann, videos, tmp_path / "s", **quiet)
+    with pytest.raises(EkxError, match=r"made_up"):
+        tools.merge(tmp_path / "m.h5", sorted((tmp_path / "s" / "resnet50").glob("*.h5")))
+    # train-head: a validation cache whose features were made the other way
+    other = set_attr(Path(shutil.copy(val, tmp_path / "validation-b.h5")), "made_up", "b")
+    with pytest.raises(EkxError, match=r"made_up: train cache 'a', validation cache 'b'"):
+        tr.load_data(feats / "resnet50" / "train.h5", other, "cpu")
+    # evaluate: a head trained on 'a' features, evaluated on 'b' ones
+    tcfg = TrainConfig(head="pooling", epochs=1, batch_size=4, device="cpu", name="r")
+    run_dir, _ = tr.main(tcfg, feats, tmp_path / "runs", ann, warn=lambda m: None)
+    assert evaluate_run(run_dir, val, device_name="cpu")["metrics"]["verb_top1"] >= 0
+    with pytest.raises(EkxError, match=r"made_up: checkpoint 'a', cache 'b'"):
+        evaluate_run(run_dir, other, device_name="cpu")
+    # finetune --init-head: this run's input would be made the 'b' way
+    from ekx.finetune import run as ft
+    from ekx.finetune.config import FinetuneConfig
+
+    value["v"] = "b"
+    fcfg = FinetuneConfig(head="pooling", init_head=str(run_dir), limit=4, device="cpu", epochs=1)
+    with pytest.raises(EkxError, match=r"--init-head .*made_up: its cache 'a', this run 'b'"):
+        ft.main(fcfg, ann, videos, tmp_path / "ft", warn=lambda m: None)
+    assert not (tmp_path / "ft").exists()
