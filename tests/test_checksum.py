@@ -7,9 +7,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from conftest import make_cache
 from typer.testing import CliRunner
 
+from ekx import EkxError
 from ekx.cache import checksum, store, tools
 from ekx.cache.reader import _contiguous_offset, open_cache
 from ekx.cli import app
@@ -85,3 +87,83 @@ def test_merge_carries_checksums(tmp_path):
     with h5py.File(merged, "r+") as f:  # a changed value that bypasses the writer
         f["features"][5, 0, 0, 0] += 1
     assert checksum.corrupt_rows(merged).tolist() == [5]
+
+
+# ---------------------------------------------------------------- whole-row checksums (format 3)
+
+
+def _flip(path: Path, key: str, row: int) -> None:
+    """Change one stored value of ``key`` behind the writer's back."""
+    with h5py.File(path, "r+") as f:
+        value = f[key][row]
+        if key in ("narration_id", "video_id"):
+            text = value.decode() if isinstance(value, bytes) else value
+            f[key][row] = text[:-1] + chr(ord(text[-1]) ^ 1)  # one byte of the id
+        else:
+            f[key][row] = value ^ 1  # one bit (of every frame index for frame_index)
+
+
+@pytest.mark.parametrize("key", ["verb_class", "noun_class", "narration_id", "video_id", "plan_index", "frame_index"])
+def test_checksum_covers_labels_ids_and_indices(tmp_path, key):
+    """(main: `cache verify` said ok after each of these; a flipped verb_class bit halved the
+    verb top-1 that `ekx evaluate` then reported, exit 0.)"""
+    path = make_cache(tmp_path / "c.h5", n=8)
+    assert tools.verify(path) == ([], [])
+    _flip(path, key, 3)
+    problems, _ = tools.verify(path)
+    names = open_cache(path).narration_id
+    assert any("do not match their checksums" in p and names[3] in p for p in problems), problems
+    assert checksum.corrupt_rows(path).tolist() == [3]
+
+
+def test_rows_swapped_with_their_checksums_are_found(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=8)
+    with h5py.File(path, "r+") as f:
+        for key in ("features", "checksum"):
+            a, b = f[key][3], f[key][4]
+            f[key][3], f[key][4] = b, a
+    assert checksum.corrupt_rows(path).tolist() == [3, 4]
+
+
+def test_verify_with_the_annotation_file_compares_every_stored_label(tmp_path):
+    """Labels rewritten *with* a fresh checksum (a buggy tool) still disagree with the CSV."""
+    path = make_cache(tmp_path / "c.h5", n=6, num_verbs=5)
+    c = open_cache(path)
+    csv = tmp_path / "ann.csv"
+    lines = ["narration_id,video_id,verb_class,noun_class"]
+    lines += [f"{c.narration_id[i]},{c.video_id[i]},{c.verb_class[i]},{c.noun_class[i]}" for i in range(6)]
+    csv.write_text("\n".join(lines) + "\n")
+    assert not [p for p in tools.verify(path, csv)[0] if "disagree" in p]
+    with h5py.File(path, "r+") as f:
+        f["verb_class"][2] = (f["verb_class"][2] + 1) % 5
+        meta = checksum.RowMeta.read(f)
+        f[checksum.DATASET][2] = checksum.row_crc(f["features"][2], 2, meta)
+    assert tools.verify(path)[0] == []  # consistent checksum: only the annotation file can tell
+    problems = tools.verify(path, csv)[0]
+    assert any("1 rows disagree" in p and f"row 2 ({c.narration_id[2]})" in p for p in problems), problems
+
+
+def test_version_2_cache_reads_resumes_and_verifies_with_a_warning(tmp_path):
+    path = tmp_path / "v2.h5"
+    make_cache(path, n=4)
+    with h5py.File(path, "r+") as f:  # as ekx wrote them before: features-only checksums
+        f.attrs["format_version"] = 2
+        f[checksum.DATASET][...] = [checksum.row_crc(f["features"][i]) for i in range(4)]
+    problems, warnings = tools.verify(path)
+    assert problems == [] and any("cover the features only" in w for w in warnings), warnings
+    w = store.Writer(path)  # resumes with its own kind of checksum
+    w.write([(1, np.ones((1, 8, 32), np.float16), np.arange(8))], [])
+    w.close()
+    assert tools.verify(path)[0] == []
+    _flip(path, "verb_class", 1)  # unchecked in version 2: the warning says so
+    assert tools.verify(path)[0] == []
+
+
+def test_merge_refuses_a_shard_row_that_fails_its_checksum(tmp_path):
+    shard = make_cache(tmp_path / "s.h5", n=6)
+    with h5py.File(shard, "r+") as f:
+        f.attrs["shard"] = "0/1"
+    _flip(shard, "noun_class", 2)
+    with pytest.raises(EkxError, match=r"s.h5: 1 rows do not match their checksums.*--repair"):
+        tools.merge(tmp_path / "m.h5", [shard])
+    assert not (tmp_path / "m.h5").exists()

@@ -1,15 +1,19 @@
-"""Per-row checksums of a cache's features: HDF5 stores none for our uncompressed chunks,
-so bit rot on a network file system, an interrupted copy or a flipped block would go
-unseen. Each row's crc32 (of its float16 bytes, exactly as stored) is written with the
-row, before its status, and `ekx cache verify` recomputes it.
+"""Per-row checksums: HDF5 stores none for our uncompressed chunks, so bit rot on a network
+file system, an interrupted copy or a flipped block would go unseen. Each row's crc32 is
+written with the row, before its status, and `ekx cache verify` recomputes it.
 
-Caches of format version 1 have no `checksum` dataset: they still read and resume, and
-verify says it cannot check them.
+From format version 3 the checksum covers **everything stored for the row**: its features
+(float16 bytes as stored), its row number, labels, plan index, frame indices, narration
+and video ids - so a flipped label, a duplicated id or two rows swapped together with
+their checksums are found, not only corrupt features. Version 2 caches (features only)
+still read, resume and verify, with a warning that their labels and ids are unchecked;
+version 1 caches have no checksums at all.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -22,9 +26,48 @@ SCAN_BYTES = 64 << 20  # one sequential read per 64 MiB: verify runs at disk spe
 SHOW = 10  # narration ids named in a verify message
 
 
-def row_crc(feats: np.ndarray) -> int:
-    """crc32 of one row's features as stored (float16, C order)."""
-    return zlib.crc32(np.ascontiguousarray(feats, dtype=np.float16).data)
+WHOLE_ROW = 3  # the format version from which a checksum covers the whole row
+
+
+@dataclass
+class RowMeta:
+    """What a cache stores for each row besides its features (bulk-read once)."""
+
+    narration_id: list[str]
+    video_id: list[str]
+    verb_class: np.ndarray
+    noun_class: np.ndarray
+    plan_index: np.ndarray
+    frame_index: np.ndarray
+
+    @classmethod
+    def read(cls, f: h5py.File) -> RowMeta:
+        return cls(
+            store.decode_strings(f["narration_id"][...]),
+            store.decode_strings(f["video_id"][...]),
+            f["verb_class"][...],
+            f["noun_class"][...],
+            f["plan_index"][...],
+            f["frame_index"][...],
+        )
+
+
+def row_crc(feats: np.ndarray, row: int | None = None, meta: RowMeta | None = None, src: int | None = None) -> int:
+    """crc32 of one row as stored: its float16 features and, with ``meta`` (format 3), its
+    row number, labels, plan index, frame indices and ids. ``src``: the row's index in
+    ``meta`` when that differs from ``row`` (a merge writes row ``row`` from another file)."""
+    crc = zlib.crc32(np.ascontiguousarray(feats, dtype=np.float16).data)
+    if meta is None or row is None:
+        return crc
+    i = row if src is None else src
+    numbers = np.array([row, meta.verb_class[i], meta.noun_class[i], meta.plan_index[i]], np.int64)
+    crc = zlib.crc32(numbers.tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(meta.frame_index[i], np.int64).tobytes(), crc)
+    return zlib.crc32(f"{meta.narration_id[i]}\0{meta.video_id[i]}".encode(), crc)
+
+
+def whole_row(f: h5py.File) -> bool:
+    return int(f.attrs.get("format_version", 0)) >= WHOLE_ROW
 
 
 def _chunk_offsets(dset: h5py.Dataset) -> np.ndarray | None:
@@ -73,10 +116,11 @@ def corrupt_rows(path: Path) -> np.ndarray | None:
             return None
         done = f["status"][...] == store.DONE
         want = f[DATASET][...]
+        meta = RowMeta.read(f) if whole_row(f) else None
         bad: list[int] = []
         for rows, block in _row_blocks(path, f["features"]):
             for j in np.flatnonzero(done[rows]):
-                if zlib.crc32(block[j].data) != want[rows[j]]:
+                if row_crc(block[j], int(rows[j]), meta) != want[rows[j]]:
                     bad.append(int(rows[j]))
     return np.array(sorted(bad), dtype=np.int64)
 
@@ -93,15 +137,22 @@ def check(path: Path, narration_id: list[str]) -> tuple[list[str], list[str], np
             ],
             np.zeros(0, np.int64),
         )
+    with h5py.File(path, "r") as f:
+        version = int(f.attrs.get("format_version", 0))
+    old = [
+        f"checksums of this cache (format version {version}) cover the features only: labels, ids and "
+        "indices are unchecked; re-extract into a new file to get whole-row checksums"
+    ]
     if not len(bad):
-        return [], [], bad
+        return [], old if version < WHOLE_ROW else [], bad
     names = ", ".join(narration_id[r] for r in bad[:SHOW]) + (f" and {len(bad) - SHOW} more" if len(bad) > SHOW else "")
     return (
         [
-            f"{len(bad)} segments' features do not match their checksums (corrupted on disk): {names}; "
+            f"{len(bad)} segments do not match their checksums (features, labels, ids or indices changed on "
+            f"disk): {names}; "
             f"`ekx cache verify {path} --repair` marks them pending, then re-run the same extract command"
         ],
-        [],
+        old if version < WHOLE_ROW else [],
         bad,
     )
 

@@ -8,8 +8,9 @@ one row per planned segment:
     verb_class    [N] int32 (-1: unlabelled)   noun_class [N] int32
     frame_index   [N, K] int64       (centre frame of each sample, in the video's own fps)
     plan_index    [N] int64          (row in the unsharded plan; merge orders by it)
-    checksum      [N] uint32         crc32 of the row's features as stored (version 2 on;
-                                     see checksum.py), written before the status
+    checksum      [N] uint32         crc32 of everything stored for the row (version 3;
+                                     version 2: features only; see checksum.py), written
+                                     before the status
     status        [N] uint8          0 pending, 1 done, 2 failed
     failure       [N] bytes(240)     the reason, for failed rows
     backbone_state/<key>             (--weights none only) the BatchNorm statistics the
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from ekx import EkxError
 from ekx.cache import identity
 
 FORMAT = "ekx-features"
-VERSION = 2  # 2: per-row feature checksums
+VERSION = 3  # 2: per-row feature checksums; 3: the checksum covers the whole row
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 REASON_BYTES = 240
@@ -171,6 +171,11 @@ class Writer:
         self.status = self.f["status"]
         self.failure = self.f["failure"]
         self.checksum = self.f.get("checksum")  # None in a version-1 cache: resumes without them
+        from ekx.cache import checksum  # (it reads this module's constants)
+
+        self.crc = checksum.row_crc
+        # a version-2 cache resumes with its own (features-only) checksums
+        self.meta = checksum.RowMeta.read(self.f) if checksum.whole_row(self.f) else None
 
     def status_array(self) -> np.ndarray:
         return self.status[...]
@@ -182,7 +187,9 @@ class Writer:
             self.features[row] = feats
             self.frame_index[row] = index
             if self.checksum is not None:
-                self.checksum[row] = zlib.crc32(feats.data)
+                if self.meta is not None:
+                    self.meta.frame_index[row] = index
+                self.checksum[row] = self.crc(feats, row, self.meta)
         for row, reason in failed:
             self.failure[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
         self.f.flush()

@@ -108,22 +108,40 @@ def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False)
                 f"{annotation_csv} is not the annotation file this cache was made from "
                 f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)"
             )
+        problems += check_labels(c, Path(annotation_csv))
     return problems, warnings
+
+
+def check_labels(c, csv_path: Path) -> list[str]:
+    """Every stored narration id, video id and label against the annotation file's row
+    (the file's hash alone says nothing of what the cache holds)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        truth = {
+            r["narration_id"]: (r["video_id"], int(r.get("verb_class") or -1), int(r.get("noun_class") or -1))
+            for r in csv.DictReader(fh)
+        }
+    seen: set[str] = set()
+    wrong: list[str] = []
+    for i, nid in enumerate(c.narration_id):
+        stored = (c.video_id[i], int(c.verb_class[i]), int(c.noun_class[i]))
+        if nid in seen:
+            wrong.append(f"row {i}: narration id {nid} stored twice")
+        elif nid not in truth:
+            wrong.append(f"row {i}: narration id {nid!r} is not in {csv_path.name}")
+        elif stored != truth[nid]:
+            wrong.append(f"row {i} ({nid}): stored video/verb/noun {stored}, {csv_path.name} says {truth[nid]}")
+        seen.add(nid)
+    if not wrong:
+        return []
+    more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+    return [f"{len(wrong)} rows disagree with {csv_path}: {'; '.join(wrong[:3])}{more}"]
 
 
 def _read(path: Path, key: str) -> np.ndarray:
     with h5py.File(path, "r") as f:
         return f[key][...]
-
-
-def _merged_checksums(caches, order: np.ndarray) -> dict[str, np.ndarray]:
-    """The shards' checksums in merged order; none when a shard has none (identity already
-    requires one format version, so that is only a version-1 merge)."""
-    for c in caches:
-        with h5py.File(c.path, "r") as f:
-            if checksum.DATASET not in f:
-                return {}
-    return {checksum.DATASET: np.concatenate([_read(c.path, checksum.DATASET) for c in caches])[order]}
 
 
 def _check_complete(caches: list) -> None:
@@ -199,7 +217,8 @@ def merge(out: Path, shards: list[Path]) -> dict:
         np.concatenate([c.noun_class for c in caches])[order],
         plan[order],
     )
-    attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches])
+    # the merged file is of this ekx's format: whole-row checksums, computed for its own rows
+    attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches], format_version=store.VERSION)
     _, V, K, D = caches[0].shape
     store.create(Path(out), attrs, rows, V, K, D, store.read_backbone_state(caches[0].path))
     dest_of = np.empty(len(order), np.int64)
@@ -207,20 +226,47 @@ def merge(out: Path, shards: list[Path]) -> dict:
     small = {
         key: np.concatenate([_read(c.path, key) for c in caches])[order] for key in ("frame_index", "failure", "status")
     }
-    small.update(_merged_checksums(caches, order))
-    with h5py.File(out, "r+") as f:
-        # features first (bulk reads of source blocks, one chunk write per row), status last
-        for i, c in enumerate(caches):
-            dest = dest_of[src == i]
-            with h5py.File(c.path, "r") as g:
-                for lo in range(0, len(dest), BLOCK):
-                    block = g["features"][lo : lo + BLOCK]
-                    for j in range(len(block)):
-                        f["features"][dest[lo + j]] = block[j]
-        f["frame_index"][...] = small["frame_index"]
-        f["failure"][...] = small["failure"]
-        if checksum.DATASET in small:
-            f[checksum.DATASET][...] = small[checksum.DATASET]
-        f.flush()
-        f["status"][...] = small["status"]
+    meta = checksum.RowMeta(
+        rows.narration_id, rows.video_id, rows.verb_class, rows.noun_class, rows.plan_index, small["frame_index"]
+    )
+    crcs = np.zeros(len(order), np.uint32)
+    try:
+        with h5py.File(out, "r+") as f:
+            # features first (bulk reads of source blocks, one chunk write per row), status last
+            for i, c in enumerate(caches):
+                _copy_rows(c.path, f["features"], dest_of[src == i], meta, crcs)
+            f["frame_index"][...] = small["frame_index"]
+            f["failure"][...] = small["failure"]
+            f[checksum.DATASET][...] = crcs
+            f.flush()
+            f["status"][...] = small["status"]
+    except BaseException:
+        Path(out).unlink(missing_ok=True)  # never a merged file that hides a corrupt shard row
+        raise
     return {"rows": len(order), "shards": len(caches)}
+
+
+def _copy_rows(path: Path, features: h5py.Dataset, dest: np.ndarray, meta: checksum.RowMeta, crcs: np.ndarray) -> None:
+    """Copy one shard's rows to their merged places, checking each done row against the
+    shard's own checksum (a corrupt shard row is refused, not laundered into a fresh
+    checksum) and computing the merged row's whole-row checksum."""
+    with h5py.File(path, "r") as g:
+        done = g["status"][...] == store.DONE
+        have = g[checksum.DATASET][...] if checksum.DATASET in g else None
+        own = checksum.RowMeta.read(g) if checksum.whole_row(g) else None
+        bad: list[str] = []
+        for lo in range(0, len(dest), BLOCK):
+            block = g["features"][lo : lo + BLOCK]
+            for j in range(len(block)):
+                r = lo + j
+                features[dest[r]] = block[j]
+                if not done[r]:
+                    continue
+                if have is not None and checksum.row_crc(block[j], r, own) != have[r]:
+                    bad.append(store.decode_strings([g["narration_id"][r]])[0])
+                crcs[dest[r]] = checksum.row_crc(block[j], int(dest[r]), meta)
+    if bad:
+        raise EkxError(
+            f"{path}: {len(bad)} rows do not match their checksums (e.g. {bad[0]}); run "
+            f"`ekx cache verify {path} --repair`, re-run that shard's extract command, then merge again"
+        )
