@@ -232,7 +232,8 @@ def test_run_stopped_between_two_rows_then_resumed_is_bit_identical(synth_data, 
     summaries = extract_many(c, ann, videos, tmp_path / "run", warn=lambda m: None)
     assert [s.processed for s in summaries] == [4, 5]
     for name in names.split(","):
-        a, b = open_cache(tmp_path / "run" / name / "validation.h5"), open_cache(tmp_path / "ref" / name / "validation.h5")
+        a = open_cache(tmp_path / "run" / name / "validation.h5")
+        b = open_cache(tmp_path / "ref" / name / "validation.h5")
         assert a.counts()["done"] == 6
         np.testing.assert_array_equal(a.frame_index, b.frame_index)
         np.testing.assert_array_equal(a.features(), b.features(), err_msg=name)
