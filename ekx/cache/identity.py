@@ -100,9 +100,7 @@ def extraction(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in a.items() if k not in PROVENANCE | SHARDING}
 
 
-def mismatch(
-    have: Mapping[str, Any], want: Mapping[str, Any], names=("file has", "asked for"), keys=None
-) -> list[str]:
+def mismatch(have: Mapping[str, Any], want: Mapping[str, Any], names=("file has", "asked for"), keys=None) -> list[str]:
     """'field: <names[0]> X, <names[1]> Y' for every field (of ``keys``, default both
     sides') whose values differ; a field one side lacks shows as None (made by an ekx from
     before the field existed)."""
