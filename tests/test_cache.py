@@ -344,6 +344,8 @@ def test_merge_refuses_a_missing_shard_or_an_incomplete_plan(tmp_path):
     """Shards i/N must cover 0..N-1 and their plan_index rows 0..M-1: nothing smaller merges."""
     from conftest import make_cache
 
+    from ekx.cache import checksum
+
     def shard(name, i, n, rows, plan):
         path = make_cache(tmp_path / name, n=rows, seed=i)
         with h5py.File(path, "r+") as f:
@@ -351,6 +353,8 @@ def test_merge_refuses_a_missing_shard_or_an_incomplete_plan(tmp_path):
             f["plan_index"][...] = plan
             ids = [f"P01_01_{p}" for p in plan]  # distinct segments per shard
             f["narration_id"][...] = np.array(ids, dtype=f["narration_id"].dtype)
+            meta = checksum.RowMeta.read(f)  # rows as this shard's writer would have sealed them
+            f[checksum.DATASET][...] = [checksum.row_crc(f["features"][r], r, meta) for r in range(rows)]
         return path
 
     a = shard("train.shard0of3.h5", 0, 3, 4, [0, 2, 4, 6])
