@@ -237,12 +237,15 @@ def decode_segments(
                 users[int(i)] = users.get(int(i), 0) + 1
         todo = np.array(sorted(users), dtype=np.int64)
         kept: dict[int, object] = {}
+        # a reader with `get_each` puts an exception in place of each frame it cannot serve (a bad
+        # JPEG): only the segments needing that frame fail, each with its own message
+        read = getattr(reader, "get_each", reader.get)
         t = 0
         for j, (r, centres, idx) in enumerate(plans):
             stop = int(np.searchsorted(todo, int(idx.max()), side="right"))
             if stop > t:
                 try:
-                    batch = reader.get(todo[t:stop])
+                    batch = read(todo[t:stop])
                 except Exception as e:
                     reason = f"decode error in frames {todo[t]}-{todo[stop - 1]} of {path.name}: {first_line(e)}"
                     for p in plans[j:]:
@@ -251,12 +254,13 @@ def decode_segments(
                 for i, f in zip(todo[t:stop].tolist(), batch, strict=True):
                     kept[i] = f
                 t = stop
-            frames = _stack([kept[int(i)] for i in idx])
+            got = [kept[int(i)] for i in idx]
             for i in np.unique(idx):
                 users[int(i)] -= 1
                 if users[int(i)] == 0:
                     del kept[int(i)]
-            yield Result(r.row, frames, centres)
+            bad = next((f for f in got if isinstance(f, Exception)), None)
+            yield Result(r.row, None, None, str(bad)) if bad is not None else Result(r.row, _stack(got), centres)
     finally:
         reader.close()
 
