@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 $(BIN)/ekx: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,plot,dev,torchcodec]'
+	$(BIN)/pip install -q -e '.[test,plot,dev,torchcodec,docs]'
 	touch $@
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench docs
 install: $(BIN)/ekx
 
 demo: install
@@ -18,6 +18,9 @@ lint: install
 	$(BIN)/ruff check ekx tests bench
 	$(BIN)/ruff format --check ekx tests bench
 	$(BIN)/mypy
+
+docs: install
+	$(BIN)/mkdocs build --strict
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The Python API: the README's example runs as written, and its numbers are the CLI's."""
+"""The Python API: the docs' example (docs/python.md) runs as written, and its numbers are the CLI's."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 
 
 def readme_example() -> str:
-    text = README.read_text()
-    section = text[text.index("## Using ekx from Python") :]
+    text = PAGE.read_text()
+    section = text[text.index("# Using ekx from Python") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -21,7 +21,7 @@ def readme_example() -> str:
 def test_readme_python_example_runs(demo_workspace, monkeypatch, capsys):
     workdir, _ = demo_workspace
     monkeypatch.chdir(workdir)
-    exec(compile(readme_example(), "README.md (Using ekx from Python)", "exec"), {})
+    exec(compile(readme_example(), "docs/python.md (Using ekx from Python)", "exec"), {})
     out = capsys.readouterr().out
     assert "resnet50" in out and "action_top1" in out and "lstm" in out
     assert re.search(r"\d+\.\d-\s*\d+\.\d s ", out), out  # a predicted window line
