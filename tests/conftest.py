@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def make_cache(
 
 
 @pytest.fixture(scope="session")
-def demo_workspace(tmp_path_factory):
+def demo_workspace(tmp_path_factory, request):
     """`ekx demo` run once through the CLI: (workdir, CLI result). Its synthetic data,
     resnet50 caches and four runs are shared by the tests that need real extracted data."""
     import os
@@ -104,8 +105,24 @@ def demo_workspace(tmp_path_factory):
     if os.environ.get("EKX_TEST_DEMO_DIR"):  # developer shortcut: reuse a finished `ekx demo --workdir`
         return Path(os.environ["EKX_TEST_DEMO_DIR"]), None
     workdir = tmp_path_factory.mktemp("demo")
+    # pytest -q prints nothing until a test ends: say what the long silence is
+    say = _say(request)
+    say(
+        f"building the demo workspace once for the tests that need it (`ekx demo --workdir {workdir}`): "
+        "about 5 min on 2 quiet cores, up to 30 on a busy machine"
+    )
+    t0 = time.perf_counter()
     result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir)], terminal_width=200)
+    say(f"demo workspace ready in {time.perf_counter() - t0:.0f} s (exit {result.exit_code})")
     return workdir, result
+
+
+def _say(request):
+    """A line on the terminal even under -q and output capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return lambda line: None
+    return lambda line: reporter.write_line(f"[ekx tests] {line}")
 
 
 @pytest.fixture(scope="session")
