@@ -120,6 +120,17 @@ def _bar(console: Console) -> Progress:
     )
 
 
+def _sizes(workdir: Path, *parts: Path) -> str:
+    """What the demo left on disk, per folder (the runs' checkpoints are most of it)."""
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    mib = {p.name: size(p) / 2**20 for p in parts}
+    parts_text = ", ".join(f"{k} {v:,.0f} MiB" for k, v in mib.items())
+    return f"{parts_text} (in all {sum(mib.values()):,.0f} MiB in {workdir})"
+
+
 def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None) -> dict:
     console = console or Console()
     workdir = Path(workdir)
@@ -173,4 +184,5 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
         )
     console.print(comparison_table(rows, "model comparison (validation, best epoch)"))
     console.print(f"run directories: {runs}   total {time.perf_counter() - t0:.0f} s")
+    console.print(f"files: {_sizes(workdir, data, features, runs)} - delete {workdir} when done")
     return {"workdir": workdir, "rows": rows}

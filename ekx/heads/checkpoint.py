@@ -17,20 +17,22 @@ from ekx.runtime import seed_everything
 
 
 def save_checkpoint(
-    path: Path, parts: dict, opt, cfg: TrainConfig, epoch: int, best: float, gen: torch.Generator
+    path: Path,
+    parts: dict,
+    opt,
+    cfg: TrainConfig,
+    epoch: int,
+    best: float,
+    gen: torch.Generator,
+    resumable: bool = True,
 ) -> None:
     """``parts``: what the input source puts in (model, head_kwargs, norm, cache identity,
-    classes, extractor; fine-tuning adds the backbone)."""
-    state = {
-        "format": "ekx-head",
-        "version": 1,
-        **parts,
-        "optimizer": opt.state_dict(),
-        "epoch": epoch,
-        "best": best,
-        "config": asdict(cfg),
-        "rng": rng_state(gen),
-    }
+    classes, extractor; fine-tuning adds the backbone). ``resumable``: with the optimizer
+    state and random streams a resume needs (last.pt); without, what evaluation, predict
+    and warm starts need (best.pt: AdamW's two moments are twice the weights' size)."""
+    state = {"format": "ekx-head", "version": 1, **parts, "epoch": epoch, "best": best, "config": asdict(cfg)}
+    if resumable:
+        state.update(optimizer=opt.state_dict(), rng=rng_state(gen))
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)

@@ -220,7 +220,7 @@ def fit(
             saved = {**parts(), "row": json.dumps(row)}  # a checkpoint and its metrics row, one atomic step
             if row["val_action_top1"] > best:
                 best = row["val_action_top1"]
-                save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen)
+                save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen, resumable=False)
             save_checkpoint(run_dir / "last.pt", saved, opt, cfg, epoch + 1, best, gen)
             append_line(log, json.dumps(row))
             if on_epoch:
