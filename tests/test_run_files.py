@@ -25,3 +25,34 @@ def test_best_pt_has_no_optimizer_state_and_still_evaluates(tmp_path):
     assert "optimizer" in last and "rng" in last
     assert (run_dir / "best.pt").stat().st_size < 0.5 * (run_dir / "last.pt").stat().st_size
     assert evaluate_run(run_dir, val, device_name="cpu")["metrics"]["action_top1"] >= 0
+
+
+def test_curves_png_is_titled_marks_the_best_epoch_and_counts_whole_epochs(tmp_path, monkeypatch):
+    """(main: no title, no best epoch, an epoch axis reading 2.5, 7.5.)"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_close = plt.close
+
+    def keep(fig=None):  # inspect the figure just before the run closes it
+        if fig is not None and hasattr(fig, "axes"):
+            seen["fig"] = fig
+            seen["title"] = fig._suptitle.get_text() if fig._suptitle else ""
+            seen["ticks"] = [t for ax in fig.axes for t in ax.get_xticks()]
+            seen["labels"] = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    train = make_cache(tmp_path / "train.h5", n=48)
+    val = make_cache(tmp_path / "val.h5", n=16, seed=1, split="validation")
+    cfg = TrainConfig(head="pooling", epochs=3, batch_size=16, device="cpu", name="r", train_features=str(train))
+    run_dir = tmp_path / "runs" / "curvy"
+    tr.run(cfg, run_dir, tr.load_data(train, val, "cpu"))
+    best = torch.load(run_dir / "best.pt", weights_only=True)["epoch"]
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert seen["title"].startswith("curvy: pooling head on ") and "train.h5" in seen["title"]
+    assert f"best.pt (epoch {best})" in seen["labels"]
+    assert all(float(t).is_integer() for t in seen["ticks"])

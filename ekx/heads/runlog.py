@@ -72,28 +72,37 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if r]
 
 
-def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
-    """curves.png: losses and validation accuracies per epoch (needs matplotlib, the plot extra)."""
+def plot_curves(run_dir: Path, rows: list[dict], title: str = "") -> Path | None:
+    """curves.png: losses and validation accuracies per epoch (needs matplotlib, the plot
+    extra), titled (a copied-out picture still says which run it is), the epoch of best.pt
+    marked, whole epochs on the axis."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     if not rows:
         return None
     ep = [r["epoch"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    best = best_epoch(Path(run_dir))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4))
     a.plot(ep, [r["train_loss"] for r in rows], label="train")
     a.plot(ep, [r["val_loss"] for r in rows], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
-    a.legend()
     for key in ("verb", "noun", "action"):
         b.plot(ep, [r[f"val_{key}_top1"] for r in rows], label=f"val {key} top-1")
     b.plot(ep, [r["train_action_top1"] for r in rows], "--", label="train action top-1")
     b.set(xlabel="epoch", ylabel="%", title="accuracy")
-    b.legend()
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", label=f"best.pt (epoch {best})")
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
     buf = io.BytesIO()
@@ -101,3 +110,22 @@ def plot_curves(run_dir: Path, rows: list[dict]) -> Path | None:
     plt.close(fig)
     write_atomic(out, buf.getvalue())
     return out
+
+
+def best_epoch(run_dir: Path) -> int | None:
+    """The epoch best.pt was saved at (whatever objective chose it), or None."""
+    import torch
+
+    path = Path(run_dir) / "best.pt"
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # a damaged best.pt is reported where it is loaded, not here
+        return None
+
+
+def curves_title(cfg, run_dir: Path) -> str:
+    """Run name, head and what it was trained on (the cache, or the fine-tuned backbone)."""
+    on = cfg.train_features or f"fine-tuned {getattr(cfg, 'backbone', '')}"  # fine-tuning reads no cache
+    return f"{Path(run_dir).name}: {cfg.head} head on {on}"

@@ -34,7 +34,7 @@ from ekx.heads.checkpoint import (
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
-from ekx.heads.runlog import append_line, plot_curves, read_metrics, row_of, write_atomic, write_config
+from ekx.heads.runlog import append_line, curves_title, plot_curves, read_metrics, row_of, write_atomic, write_config
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -229,7 +229,7 @@ def fit(
     if not task.rank0:
         return {}
     rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
-    plot_curves(run_dir, rows)
+    plot_curves(run_dir, rows, curves_title(cfg, run_dir))
     return max(rows, key=lambda r: r["val_action_top1"]) if rows else {}
 
 
