@@ -14,6 +14,7 @@ from ekx.cli.common import (
     DryRunOpt,
     FeaturesOpt,
     GpusOpt,
+    HeadArg,
     LogsOpt,
     MemOpt,
     PartitionOpt,
@@ -22,9 +23,11 @@ from ekx.cli.common import (
     VideosOpt,
     command,
     console,
+    names_option,
     slurm_app,
     workspace,
 )
+from ekx.extract.config import BACKBONES
 
 
 def print_submission(result: dict, dry_run: bool, names: tuple[str, str]) -> None:
@@ -44,7 +47,9 @@ def print_submission(result: dict, dry_run: bool, names: tuple[str, str]) -> Non
 @command(slurm_app, "extract", context_settings=EXTRA)
 def slurm_extract(
     ctx: typer.Context,
-    backbone: Annotated[str, typer.Option(help="Backbone to extract.")] = "resnet50",
+    backbone: Annotated[
+        str, names_option(BACKBONES, "--backbone", "Backbone to extract, or several separated by commas", True)
+    ] = "resnet50",
     split: Annotated[str, typer.Option(help="train, validation, test or a CSV.")] = "train",
     shards: Annotated[int, typer.Option(help="Array tasks N (each extracts shard I/N).")] = 4,
     partition: PartitionOpt = None,
@@ -166,7 +171,7 @@ def slurm_prepare(
 @command(slurm_app, "finetune", context_settings=EXTRA)
 def slurm_finetune(
     ctx: typer.Context,
-    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
+    head: HeadArg,
     name: Annotated[str, typer.Option("--name", help="Run name under runs/ (the job resumes under it).")],
     nodes: Annotated[int, typer.Option(help="Nodes of the allocation.")] = 1,
     nproc_per_node: Annotated[int, typer.Option(help="Processes per node (one per GPU).")] = 1,

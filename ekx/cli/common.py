@@ -11,30 +11,102 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ekx import EkxError, __version__
 from ekx import config as wsconfig
+from ekx.extract.config import BACKBONES, DEVICE, SOURCES
+from ekx.heads.config import HEADS
+from ekx.options import Names, Valid
 
+# Help texts are plain text (no Rich markup: "[optuna]" and "ekx[torchcodec]" stay as written)
 app = typer.Typer(
     help="ekx: EPIC-KITCHENS-100 action recognition on cached backbone features.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,
 )
-cache_app = typer.Typer(help="Inspect, check and join feature caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, check and join feature caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
-slurm_app = typer.Typer(help="Submit sharded extraction or sweeps to a SLURM cluster.", no_args_is_help=True)
+slurm_app = typer.Typer(
+    help="Submit sharded extraction or sweeps to a SLURM cluster.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(slurm_app, name="slurm")
 
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("EKX_DEBUG"))}
 
+
+def refuse(message: str) -> NoReturn:
+    """A user error: one red line and exit code 1."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def check_with(valid: Valid, flag: str):
+    """A parse-time callback: the value against what it admits (a name comes back in its
+    registry's spelling); a mistake is refused before the command starts."""
+
+    def callback(ctx: typer.Context, value):
+        if ctx.resilient_parsing or value is None:  # shell completion parses leniently
+            return value
+        try:
+            return valid.check(value, flag)
+        except EkxError as e:
+            refuse(str(e))
+
+    return callback
+
+
+def names_option(names: Names, flag: str, help: str, several: bool = False) -> typer.models.OptionInfo:
+    """An option naming registry entries: checked at parse time, its names in --help and completed."""
+    valid = Valid(choices=names, several=several)
+    return typer.Option(
+        flag, help=f"{help} ({valid.describe()}).", callback=check_with(valid, flag), autocompletion=names.complete
+    )
+
+
+def completer(choices: tuple[str, ...] | Names):
+    """Shell completion of a flag's choices."""
+    if isinstance(choices, Names):
+        return choices.complete
+
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
+def at_least(low: int, flag: str):
+    return check_with(Valid(ge=low), flag)
+
+
 # Options shared by several commands, defined once.
+HeadArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="HEAD",
+        help=f"The temporal head: {HEADS} (also spelt cross_attention).",
+        callback=check_with(Valid(choices=HEADS), ""),
+        autocompletion=HEADS.complete,
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file of hyperparameters (top level or a [train] table; flags win).", show_default=False
+    ),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run --name from its last.pt (only --epochs may change).")
+]
+BackboneOpt = Annotated[str | None, names_option(BACKBONES, "--backbone", "Backbone of every configuration")]
 AnnotationsOpt = Annotated[
     Path | None,
     typer.Option("--annotations", help="Annotation directory (default from ekx config).", show_default=False),
@@ -55,7 +127,9 @@ SourceOpt = Annotated[
     typer.Option(
         "--source",
         help="Frame source: decord, torchcodec (pip install 'ekx[torchcodec]'), frames (the official JPEGs), "
-        "or auto: the videos where present, else the frames.",
+        f"or auto: the videos where present, else the frames ({SOURCES}).",
+        callback=check_with(Valid(choices=SOURCES), "--source"),
+        autocompletion=SOURCES.complete,
     ),
 ]
 DecodeDeviceOpt = Annotated[
@@ -90,9 +164,9 @@ def command_body(fn):
         except Exception as e:
             if _state["debug"]:
                 raise
-            msg = str(e) if isinstance(e, EkxError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
-            err_console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            if isinstance(e, EkxError):
+                refuse(str(e))
+            refuse(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
 
     return run
 
@@ -112,7 +186,16 @@ def median(values: list[float]) -> float:
 
 
 def workspace(**flags) -> wsconfig.Workspace:
-    return wsconfig.resolve(flags)
+    ws = wsconfig.resolve(flags)
+    source = ws.sources["device"]
+    Valid(**DEVICE).check(ws.device, "--device" if source == "flag" else f"device (from {source})")
+    return ws
+
+
+def existing(flag: str, path: Path | None, kind: str = "directory") -> None:
+    """A path the user gave by flag must be there: said now, not after the heavy imports."""
+    if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
+        raise EkxError(f"{flag} {path}: no such {kind}")
 
 
 def check_metric_annotations(flag: Path | None, resolved: Path | None) -> None:
@@ -145,19 +228,29 @@ def main_callback(
 
 def dataclass_options(cls, exclude: tuple[str, ...] = ()):
     """Give a command one --flag per dataclass field (default None = not given), so a new
-    hyperparameter is a flag the moment it is a field; help comes from field metadata."""
+    hyperparameter is a flag the moment it is a field; help and what it admits (checked at
+    parse time) come from the field's declaration."""
 
     def wrap(fn):
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn, eval_str=True)  # the command's own parameters keep their Annotated help
         params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
         for f in dataclasses.fields(cls):
             if f.name in exclude:
                 continue
             kind = type(f.default)
             flag = f"--{f.name.replace('_', '-')}"
+            valid: Valid | None = f.metadata.get("valid")
             if kind is bool:  # an on and an off switch
                 flag = f"{flag}/--no-{flag[2:]}"
-            opt = typer.Option(flag, help=f"{f.metadata.get('help', '')} (default: {f.default!r})", show_default=False)
+            notes = [f"default: {f.default!r}"] if f.default != "" else []
+            notes += [valid.describe()] if valid else []
+            opt = typer.Option(
+                flag,
+                help=f"{f.metadata.get('help', '')}" + (f" ({'; '.join(notes)})" if notes else ""),
+                show_default=False,
+                callback=check_with(valid, flag) if valid else None,
+                autocompletion=completer(valid.choices) if valid and valid.choices else None,
+            )
             params.append(
                 inspect.Parameter(
                     f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, opt]

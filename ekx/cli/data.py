@@ -92,7 +92,8 @@ def split(
     seed: Annotated[int, typer.Option(help="Same seed, same split.")] = 0,
     annotations: AnnotationsOpt = None,
 ):
-    """Hold out part of the training annotations by video (the seed's true validation set).
+    """Hold out part of the training annotations by video: a true validation set (videos no
+    model trained on) to choose models on, as the architecture document asks.
 
     Example: ekx split data/annotations-holdout --fraction 0.15 && ekx extract --annotations data/annotations-holdout
     """

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ekx import EkxError
@@ -22,16 +23,19 @@ from ekx.cli.common import (
     command,
     console,
     err_console,
+    existing,
+    names_option,
     workspace,
 )
+from ekx.extract.config import BACKBONES
 
 
 @command()
 def extract(
     backbone: Annotated[
         str,
-        typer.Option(
-            help="resnet50, efficientnet_b3, r2plus1d_18, or several separated by commas (one decode, one cache each)."
+        names_option(
+            BACKBONES, "--backbone", "Backbone, or several separated by commas (one decode, one cache each)", True
         ),
     ] = "resnet50",
     split: Annotated[str, typer.Option(help="train, validation, test, or a path to an annotation CSV.")] = "train",
@@ -88,37 +92,40 @@ def extract(
     Example: ekx extract --backbone resnet50 --split validation --limit 100
     (several backbones, each segment decoded once: ekx extract --backbone resnet50,efficientnet_b3,r2plus1d_18)
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from ekx.extract.pipeline import ExtractConfig, extract_many, parse_shard
+    from ekx import options
+    from ekx.extract.config import ExtractConfig, parse_shard
 
     ws = workspace(annotations=annotations, videos=videos, frames=frames_root, features=features, device=device)
-    cfg = ExtractConfig(
-        backbone=backbone,
-        split=split,
-        weights=weights,
-        frames=frames,
-        views=views,
-        batch_size=batch_size,
-        workers=workers,
-        device=ws.device,
-        precision=precision,
-        limit=limit,
-        shard=parse_shard(shard) if shard else None,
-        seed=seed,
-        recalibrate=recalibrate,
-        out=out,
-        source=source,
-        decode_device=decode_device,
-        decode_timeout=decode_timeout,
-        resize=resize,
+    cfg = options.checked(
+        ExtractConfig(
+            backbone=backbone,
+            split=split,
+            weights=weights,
+            frames=frames,
+            views=views,
+            batch_size=batch_size,
+            workers=workers,
+            device=ws.device,
+            precision=precision,
+            limit=limit,
+            shard=parse_shard(shard) if shard else None,
+            seed=seed,
+            recalibrate=recalibrate,
+            out=out,
+            source=source,
+            decode_device=decode_device,
+            decode_timeout=decode_timeout,
+            resize=resize,
+        )
     )
+    existing("--annotations", annotations)
+    existing("--videos", videos)
+    existing("--frames-root", frames_root)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ekx.extract.pipeline import extract_many  # torch and the decoders: only once the arguments hold
+
     columns = [
         TextColumn("[bold]extract[/bold]"),
         BarColumn(),
@@ -126,18 +133,20 @@ def extract(
         TextColumn("segments {task.fields[fps]:>6.1f} frames/s"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console) as bar:
-        task = bar.add_task("extract", total=None, fps=0.0)
-        clock: dict[str, float] = {}
+    bar = Progress(*columns, console=err_console)  # shown once the work starts, not before
+    task = bar.add_task("extract", total=None, fps=0.0)
+    clock: dict[str, float] = {}
 
-        def on_start(total, done):
-            bar.update(task, total=total, completed=done)
-            clock.update(t=time.perf_counter(), frames=0)
+    def on_start(total, done):
+        bar.start()
+        bar.update(task, total=total, completed=done)
+        clock.update(t=time.perf_counter(), frames=0)
 
-        def on_progress(segments, nframes):
-            clock["frames"] += nframes
-            bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
+    def on_progress(segments, nframes):
+        clock["frames"] += nframes
+        bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
 
+    try:
         summaries = extract_many(
             cfg,
             ws.annotations,
@@ -145,9 +154,11 @@ def extract(
             ws.features,
             on_start,
             on_progress,
-            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}"),
+            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}"),
             frames_root=ws.frames,
         )
+    finally:
+        bar.stop()
     failed = 0
     for summary in summaries:
         console.print(
@@ -265,7 +276,7 @@ def prepare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ekx import prepare as pp
-    from ekx.extract.pipeline import parse_shard
+    from ekx.extract.config import parse_shard
 
     ws = workspace(annotations=annotations)
     settings = pp.Settings(

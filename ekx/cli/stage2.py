@@ -6,20 +6,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ekx import EkxError
 from ekx.cli.common import (
     AnnotationsOpt,
+    BackboneOpt,
+    ConfigOpt,
     DeviceOpt,
     FeaturesOpt,
+    HeadArg,
+    ResumeOpt,
     RunsOpt,
     VideosOpt,
+    at_least,
     check_metric_annotations,
     command,
     console,
     dataclass_options,
     err_console,
+    existing,
     print_row,
     workspace,
 )
@@ -29,9 +36,9 @@ from ekx.heads.config import TrainConfig
 @command(name="train-head")
 @dataclass_options(TrainConfig, exclude=("head",))
 def train_head(
-    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
+    head: HeadArg,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
     features: FeaturesOpt = None,
     runs: RunsOpt = None,
     annotations: AnnotationsOpt = None,
@@ -41,36 +48,40 @@ def train_head(
 
     Example: ekx train-head lstm --epochs 30 --lr 1e-4 --name lstm-a
     """
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    from ekx.heads import train as tr
     from ekx.heads.config import given_keys, resolve_config
 
-    ws = workspace(features=features, runs=runs, annotations=annotations)
-    check_metric_annotations(annotations, ws.annotations)
     cfg = resolve_config(config, {"head": head, **overrides}, TrainConfig)
     given = given_keys(config, {"head": head, **overrides})
+    ws = workspace(features=features, runs=runs, annotations=annotations)
+    check_metric_annotations(annotations, ws.annotations)
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from ekx.heads import train as tr  # torch: only once the arguments hold
+
     columns = [
         TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}"),
     ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=1, name=cfg.head, epoch=0, epochs=cfg.epochs, loss=0.0, best=0.0)
-        state = {"best": 0.0}
+    bar = Progress(*columns, console=console, transient=False)  # shown from the first step, not before
+    task = bar.add_task("train", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0, best=0.0)
+    state = {"best": 0.0}
 
-        def on_step(step, steps, loss):
-            bar.update(task, completed=step, total=steps, loss=loss)
+    def on_step(step, steps, loss):
+        bar.start()
+        bar.update(task, completed=step, total=steps, loss=loss)
 
-        def on_epoch(row):
-            state["best"] = max(state["best"], row["val_action_top1"])
-            bar.update(task, epoch=row["epoch"], best=state["best"])
-            bar.console.print(end="")
-            print_row(row)
+    def on_epoch(row):
+        bar.start()
+        state["best"] = max(state["best"], row["val_action_top1"])
+        bar.update(task, epoch=row["epoch"], best=state["best"])
+        bar.console.print(end="")
+        print_row(row)
 
-        bar.update(task, epoch=1)
+    try:
         run_dir, best = tr.main(
             cfg,
             ws.features,
@@ -80,8 +91,10 @@ def train_head(
             on_epoch,
             on_step,
             given,
-            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False),
+            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}", highlight=False),
         )
+    finally:
+        bar.stop()
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
@@ -203,11 +216,22 @@ def score(
 def sweep(
     file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
     jobs: Annotated[
-        int, typer.Option(help="Configurations (or search workers) at once, in processes that die with this one.")
+        int,
+        typer.Option(
+            help="Configurations (or search workers) at once, in processes that die with this one.",
+            callback=at_least(1, "--jobs"),
+        ),
     ] = 1,
-    index: Annotated[int | None, typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    index: Annotated[
+        int | None,
+        typer.Option(help="Run only configuration I (0-based; one SLURM array task).", callback=at_least(0, "--index")),
+    ] = None,
     worker: Annotated[
-        int, typer.Option(help="[optuna] files: this process is worker I of the shared study (seeds its sampler).")
+        int,
+        typer.Option(
+            help="[optuna] files: this process is worker I of the shared study (seeds its sampler).",
+            callback=at_least(0, "--worker"),
+        ),
     ] = 0,
     select: Annotated[
         str | None,
@@ -218,9 +242,7 @@ def sweep(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Sweep directory under runs/ (default: the file's stem).")] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help="Backbone of every configuration (default: each one's own).", show_default=False)
-    ] = None,
+    backbone: BackboneOpt = None,
     train_features: Annotated[
         Path | None, typer.Option(help="Train cache (default <features>/<backbone>/train.h5).")
     ] = None,
@@ -243,19 +265,22 @@ def sweep(
     Example: ekx sweep configs/sweeps/phase2.toml --jobs 2
     """
     from ekx.epic import subsets
-    from ekx.heads import sweep as sw
+    from ekx.heads import sweep as sw  # torch-free: the file is checked whole before anything runs
 
     ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
+    existing("--annotations", annotations)
     settings = [*(set_ or []), *([f"backbone={backbone}"] if backbone else [])]
     if select and select.endswith(".h5"):
         val_features, select = Path(select), None
+    existing("--train-features", train_features, "file")
+    existing("--val-features", val_features, "file")
     sweep_dir = ws.runs / (name or file.stem)
-    tails, unseen = subsets(ws.annotations, "validation")
     if sw.is_search(file):
         from ekx.heads import search as se
 
         spec = se.load(file)
         spec.overrides = sw.parse_settings(settings)
+        TrainConfig.from_dict({**spec.base, **spec.overrides}, "--set")  # what every trial shares
         if train_features:
             spec.overrides["train_features"] = str(train_features)
         if val_features:
@@ -264,11 +289,13 @@ def sweep(
             spec.objective = select
         if list_only or index is not None:
             raise EkxError(f"{file} is an [optuna] search: trials are sampled as it runs (no --list, no --index)")
+        tails, unseen = subsets(ws.annotations, "validation")
         _search(spec, sweep_dir, ws, jobs, tails, unseen, worker)
         return
     if select:
         raise EkxError("--select applies to [optuna] files (the grid/random runner trains every configuration)")
     configs = sw.apply_overrides(sw.load(file), settings)
+    tails, unseen = subsets(ws.annotations, "validation")
     if list_only:
         for sc in configs:
             over = {k: v for k, v in sc.overrides.items() if k != "name"}
@@ -362,7 +389,8 @@ def compare(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
 ):
-    """The seed's model-comparison table, sorted by validation action top-1; Markdown and CSV.
+    """The model-comparison table (the architecture document's), sorted by validation action top-1;
+    Markdown and CSV.
 
     Example: ekx compare runs/phase2 --plot phase2.png
     """

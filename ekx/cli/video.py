@@ -8,18 +8,23 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ekx import EkxError
 from ekx.cli.common import (
     AnnotationsOpt,
+    ConfigOpt,
     DeviceOpt,
+    HeadArg,
+    ResumeOpt,
     RunsOpt,
     VideosOpt,
     command,
     console,
     dataclass_options,
     err_console,
+    existing,
     median,
     print_row,
     workspace,
@@ -30,9 +35,9 @@ from ekx.finetune.config import FinetuneConfig
 @command()
 @dataclass_options(FinetuneConfig, exclude=("head", "train_features", "val_features"))
 def finetune(
-    head: Annotated[str, typer.Argument(help="pooling, lstm, transformer or cross-attention.")],
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of hyperparameters (flags win).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue runs/<name> from its last.pt.")] = False,
+    head: HeadArg,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
     runs: RunsOpt = None,
@@ -43,18 +48,25 @@ def finetune(
     Example: ekx finetune lstm --init-head lstm-a --epochs 5 --accumulate 4
     (several GPUs: torchrun --nproc-per-node 4 -m ekx finetune lstm --init-head lstm-a)
     """
-    from ekx.finetune import run as ft
     from ekx.heads.config import given_keys, resolve_config
 
+    tables = ("finetune", "train")
+    cfg = resolve_config(config, {"head": head, **overrides}, FinetuneConfig, tables)
+    given = given_keys(config, {"head": head, **overrides}, tables)
+    existing("--annotations", annotations)
+    existing("--videos", videos)
     ws = workspace(runs=runs, annotations=annotations, videos=videos)
-    cfg = resolve_config(config, {"head": head, **overrides}, FinetuneConfig, ("finetune", "train"))
-    given = given_keys(config, {"head": head, **overrides}, ("finetune", "train"))
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
+
+    from ekx.finetune import run as ft  # torch: only once the arguments hold
+
     rank0 = os.environ.get("RANK", "0") == "0"
     out = console if rank0 else Console(quiet=True)
     warn = (
-        (lambda m: err_console.print(f"[yellow]warning:[/yellow] {m}", highlight=False)) if rank0 else (lambda m: None)
+        (lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}", highlight=False))
+        if rank0
+        else (lambda m: None)
     )
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -63,31 +75,29 @@ def finetune(
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
     ]
-    with Progress(*columns, console=out, disable=not rank0) as bar:
-        task = bar.add_task("finetune", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0)
+    bar = Progress(*columns, console=out, disable=not rank0)  # shown from the first step, not before
+    task = bar.add_task("finetune", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0)
 
-        def on_epoch(row):
-            bar.update(task, epoch=min(row["epoch"] + 1, cfg.epochs))
-            if row["epoch"] == 0:
-                out.print(
-                    f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
-                    f"action {row['val_action_top1']:5.1f}",
-                    highlight=False,
-                )
-            else:
-                print_row(row)
+    def on_epoch(row):
+        bar.start()
+        bar.update(task, epoch=min(row["epoch"] + 1, cfg.epochs))
+        if row["epoch"] == 0:
+            out.print(
+                f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
+                f"action {row['val_action_top1']:5.1f}",
+                highlight=False,
+            )
+        else:
+            print_row(row)
 
-        run_dir, best = ft.main(
-            cfg,
-            ws.annotations,
-            ws.videos,
-            ws.runs,
-            resume,
-            on_epoch,
-            lambda step, steps, loss: bar.update(task, completed=step, total=steps, loss=loss),
-            warn,
-            given,
-        )
+    def on_step(step, steps, loss):
+        bar.start()
+        bar.update(task, completed=step, total=steps, loss=loss)
+
+    try:
+        run_dir, best = ft.main(cfg, ws.annotations, ws.videos, ws.runs, resume, on_epoch, on_step, warn, given)
+    finally:
+        bar.stop()
     out.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"

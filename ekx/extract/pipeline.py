@@ -15,17 +15,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ekx import EkxError, epic
+from ekx import EkxError, epic, options
 from ekx.cache import identity, lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.extract import backbones, sources
+from ekx.extract.config import ExtractConfig
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, segment_inputs
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
@@ -33,44 +33,7 @@ from ekx.extract.video import Request, Result
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
-
-@dataclass
-class ExtractConfig:
-    backbone: str = "resnet50"
-    split: str = "train"
-    weights: str = "DEFAULT"
-    frames: int = 16
-    views: int = 1
-    batch_size: int | None = None  # None: 16 on CPU (cache-friendly there), 64 on a GPU
-    workers: int = 2
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    limit: int | None = None
-    shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
-    seed: int = 0  # random weights (--weights none) and augmented views
-    calibration_segments: int = 8
-    recalibrate: bool = False  # an existing cache whose BatchNorm calibration differs is redone, not refused
-    out: Path | None = None
-    # frame source (ekx.extract.sources): auto = the videos where present, else the RGB frames
-    source: str = "auto"
-    decode_device: str = "cpu"
-    # decoder: the source's scaler resizes at decode (fast; features ~0.98 cosine to torchvision's
-    # on random weights); torchvision: full-size frames, the weights' own resize (exact, slower)
-    resize: str = "decoder"
-    decode_timeout: float = 600.0  # seconds without a decoded segment before a video's decoder is killed
-
-
 # ---------------------------------------------------------------- planning
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise EkxError(f"--shard {text!r}: expected I/N, e.g. 0/4 (I counts from 0)") from None
-    if not 0 <= i < n:
-        raise EkxError(f"--shard {text!r}: I must be in 0..N-1")
-    return i, n
 
 
 def shard_videos(segments: list[epic.Segment], count: int) -> list[set[str]]:
@@ -188,10 +151,9 @@ def extract_many(
     Each cache resumes on its own: a segment is decoded if any cache lacks it, and run
     only through the backbones whose cache lacks it."""
     check_resize(cfg.resize)
+    cfg = options.checked(cfg)  # every setting against what ExtractConfig declares it admits
     t0 = time.perf_counter()
     names = backbone_names(cfg.backbone)
-    if cfg.frames < 1 or cfg.views < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
-        raise EkxError("--frames, --views and --batch-size must be >= 1")
     if cfg.out is not None and len(names) > 1:
         raise EkxError("--out names one cache file; with several backbones the caches go to --features")
     ann = epic.Annotations(annotations)

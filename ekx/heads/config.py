@@ -4,48 +4,52 @@ without importing the trainer."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ekx import EkxError
 from ekx.config import load_toml
+from ekx.extract.config import BACKBONES, DEVICE, PRECISIONS
+from ekx.options import Names, label, opt
 
+__all__ = ["DISTRIBUTIONS", "HEADS", "TrainConfig", "check_space", "opt"]
 
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
+# the head registry's names (ekx.heads.models), torch-free for the CLI; a test keeps them equal
+HEADS = Names("head", ("pooling", "lstm", "transformer", "cross-attention"))
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")  # of [random] and [optuna] spaces
 
 T = TypeVar("T", bound="TrainConfig")
 
 
 @dataclass
 class TrainConfig:
-    """Every hyperparameter of the seed's phase-2 table is here (lr, batch_size, dropout,
-    label_smoothing, drop_path), each a flag and a key of a --config TOML file."""
+    """Every hyperparameter of the architecture document's phase-2 table is here (lr,
+    batch_size, dropout, label_smoothing, drop_path), each a flag and a key of a --config TOML
+    file, with what it admits declared beside its default."""
 
-    head: str = opt("lstm", "head: pooling, lstm, transformer, cross-attention")
-    backbone: str = opt("resnet50", "backbone whose cache to train on")
+    head: str = opt("lstm", "temporal head", choices=HEADS)
+    backbone: str = opt("resnet50", "backbone whose cache to train on", choices=BACKBONES)
     train_features: str = opt("", "train cache (default <features>/<backbone>/train.h5)")
     val_features: str = opt("", "validation cache (default <features>/<backbone>/validation.h5)")
     name: str = opt("", "run directory name under runs/ (default <head>-<backbone>-<time>)")
-    epochs: int = opt(20, "epochs")
-    batch_size: int = opt(24, "batch size (seed phase 2: 16-32)")
-    lr: float = opt(3e-4, "peak learning rate (AdamW)")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    dropout: float = opt(0.5, "dropout (seed phase 2: 0.3-0.6)")
-    drop_path: float = opt(0.1, "stochastic depth rate (transformer heads)")
-    label_smoothing: float = opt(0.1, "label smoothing of both losses")
-    warmup_epochs: float = opt(1.0, "linear warm-up epochs")
-    restart_epochs: int = opt(10, "cosine warm restarts: first cycle, epochs")
-    restart_mult: int = opt(1, "cosine warm restarts: cycle growth factor")
-    min_lr_ratio: float = opt(0.01, "lowest lr as a fraction of --lr")
-    grad_clip: float = opt(1.0, "gradient clipping max-norm")
-    frames: int = opt(0, "frames T per sample (0: all K cached)")
-    seed: int = opt(0, "random seed (same seed and device, same metrics)")
-    device: str = opt("auto", "auto, cpu or cuda[:N]")
-    precision: str = opt("auto", "auto, fp32, bf16 or fp16")
-    eval_batch_size: int = opt(1024, "batch size of evaluation")
+    epochs: int = opt(20, "epochs", ge=1)
+    batch_size: int = opt(24, "batch size (16-32 in the phase-2 configurations, configs/sweeps/phase2.toml)", ge=1)
+    lr: float = opt(3e-4, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", ge=0)
+    dropout: float = opt(0.5, "dropout (0.3-0.6 in the phase-2 configurations)", ge=0, lt=1)
+    drop_path: float = opt(0.1, "stochastic depth rate (transformer heads)", ge=0, lt=1)
+    label_smoothing: float = opt(0.1, "label smoothing of both losses", ge=0, lt=1)
+    warmup_epochs: float = opt(1.0, "linear warm-up epochs", ge=0)
+    restart_epochs: int = opt(10, "cosine warm restarts: first cycle, epochs", ge=1)
+    restart_mult: int = opt(1, "cosine warm restarts: cycle growth factor", ge=1)
+    min_lr_ratio: float = opt(0.01, "lowest lr as a fraction of --lr", ge=0, le=1)
+    grad_clip: float = opt(1.0, "gradient clipping max-norm", gt=0)
+    frames: int = opt(0, "frames T per sample (0: all K cached)", ge=0)
+    seed: int = opt(0, "random seed (same seed and device, same metrics)", ge=0)
+    device: str = opt("auto", "device to train on", **DEVICE)
+    precision: str = opt("auto", "autocast precision", choices=PRECISIONS)
+    eval_batch_size: int = opt(1024, "batch size of evaluation", ge=1)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -61,9 +65,10 @@ class TrainConfig:
             kind = type(getattr(cfg, k))
             if kind is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            if not isinstance(v, kind):
+            if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
                 raise EkxError(f"{origin}: '{k}' must be {kind.__name__}, got {v!r}")
-            setattr(cfg, k, v)
+            valid = next(f for f in fields(cls) if f.name == k).metadata.get("valid")
+            setattr(cfg, k, valid.check(v, label(origin, k)) if valid else v)
         return cfg
 
 
@@ -118,3 +123,33 @@ def given_keys(config_file: Path | None, flags: dict[str, Any], tables: tuple[st
         data = load_toml(config_file, "config file")
         keys |= set(next((data[t] for t in tables if t in data), data))
     return keys
+
+
+def check_space(space: dict[str, Any], where: str, cls: type[TrainConfig] = TrainConfig) -> None:
+    """A [random] or [optuna] search space, before anything is drawn: each key a distribution
+    of values its field admits - a range [low, high] with low not above high, a log range above
+    0, integers drawn for an integer field, every choice valid. A range's ends decide: what a
+    field admits is an interval."""
+    for k, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise EkxError(
+                f"{where}: '{k}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, got {spec!r}"
+            )
+        kind, args = next(iter(spec.items()))
+        shown = f"{where}: '{k}' = {{ {kind} = {args!r} }}"
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise EkxError(f"{shown}: choose from a non-empty list")
+        else:
+            numbers = isinstance(args, list) and len(args) == 2
+            if not numbers or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+                raise EkxError(f"{shown}: a range is [low, high], two numbers")
+            low, high = args
+            if low > high:
+                raise EkxError(f"{shown}: low {low} is above high {high}")
+            if kind == "log_uniform" and low <= 0:
+                raise EkxError(f"{shown}: a log range must lie above 0")
+            if kind != "int_uniform" and type(getattr(cls(), k, None)) is int:
+                raise EkxError(f"{shown}: '{k}' takes integers; use int_uniform")
+        for v in args:
+            cls.from_dict({k: v}, where)  # the type and what the field admits

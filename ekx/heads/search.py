@@ -32,15 +32,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ekx import EkxError
 from ekx.config import load_toml
 from ekx.heads import runlock
-from ekx.heads.config import TrainConfig
-from ekx.heads.sweep import DISTRIBUTIONS, SEARCH, with_caches
+from ekx.heads.config import TrainConfig, check_space
+from ekx.heads.sweep import SEARCH, with_caches
+from ekx.options import check_values, opt
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("successive-halving", "hyperband", "none")
@@ -51,13 +52,13 @@ OPTIONS = ("trials", "seed", "sampler", "pruner", "objective", "min_epochs", "re
 class Search:
     base: dict[str, Any]
     space: dict[str, dict]
-    trials: int
-    seed: int = 0
-    sampler: str = "tpe"
-    pruner: str = "successive-halving"
-    objective: str = "val_action_top1"
-    min_epochs: int = 1
-    reduction_factor: int = 3
+    trials: int = opt(MISSING, "finished trials (complete, pruned or failed)", ge=1)
+    seed: int = opt(0, "the sampler's random seed", ge=0)
+    sampler: str = opt("tpe", "how parameters are proposed", choices=SAMPLERS)
+    pruner: str = opt("successive-halving", "how trials are stopped early", choices=PRUNERS)
+    objective: str = opt("val_action_top1", "a metrics.jsonl column; *_loss is minimised")
+    min_epochs: int = opt(1, "pruner: epochs before the first decision", ge=1)
+    reduction_factor: int = opt(3, "pruner: keep 1/reduction_factor at each rung", ge=2)
     overrides: dict[str, Any] = field(default_factory=dict)  # --set, applied last
 
     @property
@@ -73,25 +74,21 @@ def parse(data: dict, where: str = "sweep file") -> Search:
     TrainConfig.from_dict(base, f"{where} [base]")  # unknown keys and wrong types, named
     section = dict(data[SEARCH])
     opts = {k: section.pop(k) for k in OPTIONS if k in section}
-    search = Search(base, section, **opts)
+    search = Search(base, section, **{"trials": None, **opts})  # no trials: said below, not a TypeError
     if not isinstance(search.trials, int) or search.trials < 1:
         raise EkxError(f"{where} [{SEARCH}]: 'trials' must be a positive integer")
     if search.sampler not in SAMPLERS:
         raise EkxError(f"{where} [{SEARCH}]: sampler {search.sampler!r}; use one of {', '.join(SAMPLERS)}")
     if search.pruner not in PRUNERS:
         raise EkxError(f"{where} [{SEARCH}]: pruner {search.pruner!r}; use one of {', '.join(PRUNERS)}")
+    check_values(Search, opts, f"{where} [{SEARCH}]")
     unknown = sorted(set(section) - set(TrainConfig.keys()))
     if unknown:
         raise EkxError(
             f"{where} [{SEARCH}]: unknown key(s) {', '.join(unknown)}; options: {', '.join(OPTIONS)}; "
             f"searchable: {', '.join(TrainConfig.keys())}"
         )
-    for k, spec in section.items():
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise EkxError(
-                f"{where} [{SEARCH}]: '{k}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, "
-                f"got {spec!r}"
-            )
+    check_space(section, f"{where} [{SEARCH}]")
     return search
 
 

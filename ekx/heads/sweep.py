@@ -43,15 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from ekx import EkxError, runtime
+from ekx import EkxError
 from ekx.config import load_toml, tomllib
 from ekx.heads import runlock
-from ekx.heads.config import TrainConfig
+from ekx.heads.config import TrainConfig, check_space
 from ekx.heads.runlog import write_atomic
 
 SECTIONS = ("base", "config", "grid", "random")
 SEARCH = "optuna"  # the section that makes a file an Optuna search (heads.search)
-DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 
 
 @dataclass
@@ -68,12 +67,8 @@ def _check_keys(values: dict, where: str, extra: tuple[str, ...] = ()) -> None:
         raise EkxError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.keys())}")
 
 
-def _sample(spec: Any, key: str, rng: np.random.Generator, where: str) -> Any:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise EkxError(
-            f"{where}: '{key}' must be one of {{uniform|log_uniform|int_uniform|choice = [...]}}, got {spec!r}"
-        )
-    kind, args = next(iter(spec.items()))
+def _sample(spec: dict, rng: np.random.Generator) -> Any:
+    kind, args = next(iter(spec.items()))  # checked by check_space
     if kind == "choice":
         return args[int(rng.integers(len(args)))]
     lo, hi = args
@@ -98,6 +93,7 @@ def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
         raise EkxError(f"{where}: unknown section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
     base = dict(data.get("base", {}))
     _check_keys(base, f"{where} [base]")
+    TrainConfig.from_dict(base, f"{where} [base]")  # its values, named by section before any configuration
     overrides: list[dict] = []
     for j, c in enumerate(data.get("config", [])):
         _check_keys(c, f"{where} [[config]] #{j + 1}", ("name",))
@@ -116,12 +112,10 @@ def expand(data: dict, where: str = "sweep file") -> list[SweepConfig]:
         if not isinstance(trials, int) or trials < 1:
             raise EkxError(f"{where} [random]: 'trials' must be a positive integer")
         _check_keys(rand, f"{where} [random]")
+        check_space(rand, f"{where} [random]")
         rng = np.random.default_rng(seed)
         overrides += [
-            {
-                "name": f"{len(overrides) + t:03d}-random{t:02d}",
-                **{k: _sample(spec, k, rng, f"{where} [random]") for k, spec in rand.items()},
-            }
+            {"name": f"{len(overrides) + t:03d}-random{t:02d}", **{k: _sample(spec, rng) for k, spec in rand.items()}}
             for t in range(trials)
         ]
     if not overrides:
@@ -336,6 +330,7 @@ def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, pare
     die_with_parent(parent)
     import torch
 
+    from ekx import runtime
     from ekx.heads import train as tr
     from ekx.heads.data import feature_stats, load_split
 

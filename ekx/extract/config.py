@@ -1,0 +1,60 @@
+"""ExtractConfig: the settings of a stage-1 run, each with what it admits, and the names of
+the backbone and frame-source registries. Torch-free, so the CLI checks an extraction's
+arguments before the pipeline (torch, the decoders) loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ekx import EkxError
+from ekx.options import Names, opt
+
+# the registries' names (ekx.extract.backbones, ekx.extract.sources), torch-free for the CLI;
+# a test keeps them equal. Backbone names will include families (`timm:<model>`): add the
+# family to `families` and the part before the colon is what is checked.
+BACKBONES = Names("backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"))
+SOURCES = Names("frame source", ("auto", "decord", "torchcodec", "frames"))
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESIZES = ("decoder", "torchvision")
+DEVICE: dict[str, Any] = {"pattern": r"auto|cpu|cuda(:\d+)?", "shown": "auto, cpu or cuda[:N]"}
+DECODE_DEVICE: dict[str, Any] = {"pattern": r"cpu|cuda(:\d+)?", "shown": "cpu or cuda[:N]"}
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = opt("resnet50", "backbones, separated by commas", choices=BACKBONES, several=True)
+    split: str = opt("train", "train, validation, test, or an annotation CSV")
+    weights: str = opt("DEFAULT", "DEFAULT, a torchvision weights name, a state-dict path, or none")
+    frames: int = opt(16, "frames K sampled per segment", ge=1)
+    views: int = opt(1, "views per segment: view 0 clean, the others augmented", ge=1)
+    # None: 16 on CPU (cache-friendly there), 64 on a GPU
+    batch_size: int | None = opt(None, "backbone batch size in images (clips for 3D)", ge=1)
+    workers: int = opt(2, "decoding worker processes (0: decode in this process)", ge=0)
+    device: str = opt("auto", "device the backbone runs on", **DEVICE)
+    precision: str = opt("auto", "autocast precision", choices=PRECISIONS)
+    limit: int | None = opt(None, "only the first N segments", ge=1)
+    shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1 (parse_shard checks it)
+    seed: int = opt(0, "seed of random weights (--weights none) and augmented views", ge=0)
+    calibration_segments: int = opt(8, "segments calibrating BatchNorm of random weights", ge=1)
+    recalibrate: bool = False  # an existing cache whose BatchNorm calibration differs is redone, not refused
+    out: Path | None = None
+    # frame source (ekx.extract.sources): auto = the videos where present, else the RGB frames
+    source: str = opt("auto", "frame source", choices=SOURCES)
+    decode_device: str = opt("cpu", "device decoding runs on", **DECODE_DEVICE)
+    # decoder: the source's scaler resizes at decode (fast; features ~0.98 cosine to torchvision's
+    # on random weights); torchvision: full-size frames, the weights' own resize (exact, slower)
+    resize: str = opt("decoder", "where frames are resized", choices=RESIZES)
+    # seconds without a decoded segment before a video's decoder is killed (0: no watchdog)
+    decode_timeout: float = opt(600.0, "decoder watchdog, seconds", ge=0)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise EkxError(f"--shard {text!r}: expected I/N, e.g. 0/4 (I counts from 0)") from None
+    if not 0 <= i < n:
+        raise EkxError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
