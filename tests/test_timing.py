@@ -24,19 +24,34 @@ TIME_BASE = Fraction(1, 1000)
 VIDEO_SOURCES = ("decord", "torchcodec")
 
 
-def write_pts_video(path: Path, pts_ms: list[int], audio_from_0: bool = False, size=(192, 256)) -> Path:
-    """H.264 frames shown at ``pts_ms`` (ms on the file's timeline; frame i stamped i);
-    ``audio_from_0``: a silent audio track from 0 s, so the file's timeline starts at 0
-    even though the first frame's pts does not."""
+def write_pts_video(
+    path: Path,
+    pts_ms: list[int],
+    audio_from_0: bool = False,
+    size=(192, 256),
+    codec: str = "libx264",
+    gop: int = 10,
+    bframes: int = 0,
+    time_base: Fraction = TIME_BASE,
+) -> Path:
+    """H.264 (or ``codec``) frames shown at ``pts_ms`` (ms on the file's timeline, stored in
+    ``time_base`` units; frame i stamped i), a keyframe every ``gop`` frames, up to
+    ``bframes`` B-frames in a row; the container from the suffix (.ts: MPEG-TS, .mpg:
+    MPEG-PS); ``audio_from_0``: a silent audio track from 0 s, so the file's timeline starts
+    at 0 even though the first frame's pts does not."""
     import av
 
     h, w = size
     with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264", rate=30)
+        v = c.add_stream(codec, rate=30)
         v.width, v.height, v.pix_fmt = w, h, "yuv420p"
-        v.time_base = TIME_BASE
-        v.codec_context.time_base = TIME_BASE
-        v.options = {"crf": "12", "g": "10", "bf": "0"}
+        v.time_base = time_base
+        v.codec_context.time_base = time_base
+        if codec == "libx264":
+            v.options = {"crf": "12", "g": str(gop), "bf": str(bframes)}
+        else:
+            v.codec_context.bit_rate, v.codec_context.gop_size = 4_000_000, gop
+            v.codec_context.max_b_frames = bframes
         if audio_from_0:
             a = c.add_stream("aac", rate=16000)
             a.layout = "mono"
@@ -51,7 +66,7 @@ def write_pts_video(path: Path, pts_ms: list[int], audio_from_0: bool = False, s
             img = np.full((h, w, 3), 90, np.uint8)
             _stamp(img, i)
             f = av.VideoFrame.from_ndarray(img, format="rgb24")
-            f.pts, f.time_base = int(p), TIME_BASE
+            f.pts, f.time_base = round(Fraction(p, 1000) / time_base), time_base
             for pk in v.encode(f):
                 c.mux(pk)
         for pk in v.encode():
@@ -187,3 +202,72 @@ def test_prepared_copy_keeps_every_frames_time(vfr, late, tmp_path):
         a, b = decode("decord", src, reqs, 6), decode("decord", copy, reqs, 6)
         for r in reqs:
             assert stamps(a[r.row]) == stamps(b[r.row]), (src.name, r)
+
+
+# frame i at i / 30 s; keyframes every 30 frames - a GOP as the issue's stamped video had
+GOP30_PTS = [round(1000 * i / 30) for i in range(120)]
+TS_PS = {  # container, codec, B-frames: what decord got for frames [33, 41, 48, 56] (measured)
+    "h264-bframes.ts": ("libx264", 2),  # [63, 71, 78, 86]: one GOP late
+    "mpeg2.ts": ("mpeg2video", 0),  # [63, 71, 78, 86]
+    "mpeg2-bframes.mpg": ("mpeg2video", 2),  # [5, 13, 20, 28]
+    "h264.mpg": ("libx264", 0),  # [28, 44, 51, 59]
+}
+
+
+@pytest.mark.parametrize("name", sorted(TS_PS))
+def test_decord_refuses_mpeg_ts_and_ps_instead_of_returning_other_frames(name, tmp_path):
+    """decord on MPEG-TS/PS returned other frames than asked, with no error: one GOP late on
+    H.264 with B-frames in MPEG-TS (the issue's stamped video: [63, 71, 78, 86] for
+    [33, 41, 48, 56]), and likewise MPEG-2 in TS or PS with or without B-frames and H.264 in
+    PS (the shared kivy_cityCC0.mpg: frame i + 12, its GOP). Each segment now fails in one
+    line naming the file and the ways out."""
+    codec, bframes = TS_PS[name]
+    path = write_pts_video(tmp_path / name, GOP30_PTS, codec=codec, gop=30, bframes=bframes, time_base=Fraction(1, 30))
+    res = decode("decord", path, [Request(0, 1.0, 2.0)], 4)[0]
+    got = None if res.error else stamps(res)
+    assert got is None, f"decord read {got} (displayed: {displayed_at(GOP30_PTS, centres(Request(0, 1.0, 2.0), 4))})"
+    assert name in res.error and "MPEG-TS/PS" in res.error, res.error
+    assert "--source torchcodec" in res.error and "ekx prepare" in res.error, res.error
+    assert "\n" not in res.error
+
+
+TS_REQUESTS = [Request(0, 1.0, 2.0), Request(1, 0.0, 0.5), Request(2, 2.5, 3.9)]
+
+
+def test_prepared_copy_of_mpeg_ts_with_b_frames_reads_right_with_decord(tmp_path):
+    """A way out the refusal names: `ekx prepare`'s MP4 copy, read by decord, gives the frames
+    displayed at the sampled times (the original gave [63, 71, 78, 86] for [33, 41, 48, 56])."""
+    from ekx.prepare import Settings, transcode
+
+    path = write_pts_video(tmp_path / "b.ts", GOP30_PTS, gop=30, bframes=2)
+    copy = tmp_path / "b.mp4"
+    transcode(path, copy, Settings(short_side=192))
+    got = decode("decord", copy, TS_REQUESTS, 4)
+    for r in TS_REQUESTS:
+        assert stamps(got[r.row]) == displayed_at(GOP30_PTS, centres(r, 4)).tolist(), r
+    assert stamps(got[0]) == [33, 41, 48, 56]
+
+
+def test_torchcodec_reads_mpeg_ts_with_b_frames_right(tmp_path):
+    """The other way out: torchcodec on the MPEG-TS file itself (where it can load FFmpeg)."""
+    path = write_pts_video(tmp_path / "b.ts", GOP30_PTS, gop=30, bframes=2)
+    got = decode("torchcodec", path, TS_REQUESTS, 4)
+    for r in TS_REQUESTS:
+        assert stamps(got[r.row]) == displayed_at(GOP30_PTS, centres(r, 4)).tolist(), r
+
+
+@pytest.mark.parametrize("name", VIDEO_SOURCES)
+def test_frame_times_are_the_containers_pts_in_float64(name, tmp_path):
+    """An hour into a video, decord's own timestamps (float32) are off by up to 1.2e-4 s, and
+    a time just after a frame's pts took the frame before it (here 16 of 40; on a 60-min
+    59.94 fps video 0.3% of sampled times). Every reader takes the pts from the container
+    (PyAV), in float64."""
+    pts = [0] + [3_600_000 + round(k * 1001 / 60) for k in range(40)]  # 59.94 fps from 1 h
+    path = write_pts_video(tmp_path / "hour.mp4", pts, size=(96, 256))
+    reqs = [Request(k, pts[k] / 1000 + 2e-5, pts[k] / 1000 + 2e-5) for k in range(1, len(pts))]
+    got = decode(name, path, reqs, 1)
+    assert [stamps(got[r.row])[0] for r in reqs] == [r.row for r in reqs]
+    reader = sources.get(name).open(path)
+    assert reader.timestamps().dtype == np.float64
+    assert np.abs(reader.timestamps() - np.asarray(pts) / 1000).max() < 1e-9
+    reader.close()

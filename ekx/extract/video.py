@@ -13,21 +13,29 @@ backbone reading clips (R(2+1)D) gets ``clip_len`` frames 1 / CLIP_RATE s apart 
 each centre - the same duration on a 50 and a 60 fps video; the centre frame is the
 clip's position ``clip_len // 2``, so a per-frame backbone sharing the decode takes it.
 
+Frame times are the container's pts, read by PyAV in float64 (`scan`: one demux pass, no
+decoding), for every video source: decord's own timestamps are float32, which an hour into
+a video are off by up to 1.2e-4 s and pick the neighbouring frame for some sampled times.
+
 Reading (decord): each video is opened once, at the size the backbone's preprocessing
 resizes to where the decoder's scaler is asked for (~2x cheaper than converting 1080p to
 RGB and resizing after; the cache records which resize ran). Frames are read in
 increasing order; for each one the reader either decodes forward from where it is
 (skip_frames: no colour conversion) or seeks, whichever decodes fewer frames - it seeks
-only when a keyframe lies between the current position and the target.
+only when a keyframe lies between the current position and the target. decord is refused
+MPEG-TS/PS files (`decord_refuses`): there it returns other frames than asked, silently.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ekx import EkxError
 
 # decord is imported lazily inside workers: importing it early in the main process
 # is harmless, but keeping it out of module import keeps `ekx --help` fast.
@@ -93,40 +101,72 @@ def timeline_origin(container) -> float:
     return container.start_time / 1e6
 
 
-def probe(path: Path) -> tuple[tuple[int, int] | None, float]:
-    """((height, width) or None, where the video stream starts on the file's timeline in s)
-    from the container's header in one PyAV open (no decoding, no index scan). The size lets
-    a decoder that scans the whole file on open (decord, torchcodec's exact mode) open once,
-    already at the decode size; the start places decord's frame times, which it numbers from
-    the stream's own first frame, where players show them (`timeline_origin`)."""
+@dataclass
+class Scan:
+    """What one PyAV pass over a video's container tells its reader (`scan`)."""
+
+    shape: tuple[int, int] | None  # (height, width) from the header; None where PyAV cannot say
+    start: float  # where the video stream starts on the file's timeline (s)
+    times: np.ndarray  # [n] float64 pts (s, file timeline) in display order; empty where unreadable
+    container: str  # PyAV's format name ("mov,mp4,...", "mpegts", "mpeg"); "" where unreadable
+
+
+def scan(path: Path, refuse: Callable[[Path, str], str | None] | None = None) -> Scan:
+    """The header's frame size and stream start, and every frame's presentation time from
+    the packets, in one PyAV open (demuxing reads the file; nothing is decoded). The size
+    lets a decoder that scans the whole file on open (decord, torchcodec's exact mode) open
+    once, already at the decode size; the start places a decoder's own clock, which counts
+    from the stream's first frame, where players show it (`timeline_origin`). ``refuse``
+    (path, format name) -> a reason: raised as EkxError before the packets are read."""
+    empty = np.zeros(0)
     try:
         import av
 
-        with av.open(str(path)) as c:
+        c = av.open(str(path))
+    except Exception:  # not readable by PyAV: the decoder's own probe and clock decide
+        return Scan(None, 0.0, empty, "")
+    with c:
+        container = c.format.name or ""
+        why = refuse(path, container) if refuse is not None else None
+        if why:
+            raise EkxError(why)
+        try:
             v = c.streams.video[0]
             cc = v.codec_context
             shape = (cc.height, cc.width) if cc.height and cc.width else None
-            start = 0.0
+            origin, start = timeline_origin(c), 0.0
             if v.start_time is not None and v.time_base is not None:
-                start = max(0.0, float(v.start_time * v.time_base) - timeline_origin(c))
-            return shape, start
-    except Exception:  # not readable by PyAV: the decoder's own probe and clock decide
-        return None, 0.0
+                start = max(0.0, float(v.start_time * v.time_base) - origin)
+        except Exception:
+            return Scan(None, 0.0, empty, container)
+        try:
+            if v.time_base is None:
+                return Scan(shape, start, empty, container)
+            tb = float(v.time_base)  # float64: pts x time base is exact to ~1e-16 relative
+            pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
+            times = np.asarray(pts, dtype=np.float64) * tb - origin
+        except Exception:  # a damaged file: the decoder's clock, else a constant rate
+            times = empty
+    return Scan(shape, start, times, container)
 
 
-def packet_times(path: Path) -> np.ndarray:
-    """[n] presentation times (s, file timeline) of the video stream's frames, in display
-    order, from its packets (PyAV demuxing: reads the file, decodes nothing)."""
-    import av
+# MPEG system streams (PyAV's format names): program and transport streams
+MPEG_SYSTEMS = ("mpeg", "mpegts", "mpegtsraw")
 
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        if v.time_base is None:
-            raise ValueError("the video stream has no time base")
-        tb = float(v.time_base)
-        pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
-        origin = timeline_origin(c)
-    return np.asarray(pts, dtype=np.float64) * tb - origin
+
+def decord_refuses(path: Path, container: str) -> str | None:
+    """Why decord cannot read this file, or None. On MPEG-TS/PS decord returns other frames
+    than asked, with no error (measured on stamped videos: one GOP late for H.264 with
+    B-frames and for MPEG-2 in TS, one GOP late on the shared MPEG-2 program stream, other
+    frames again for MPEG-2 and H.264 in PS; its forward reading loses the first GOP of a TS).
+    Only H.264 without B-frames in TS read right there, which nothing in decord promises: the
+    whole container family is refused."""
+    if set(container.split(",")) & set(MPEG_SYSTEMS):
+        return (
+            f"{Path(path).name}: decord returns wrong frames from MPEG-TS/PS files ({container}); "
+            "use --source torchcodec, or an MP4 copy made by `ekx prepare`"
+        )
+    return None
 
 
 def display_end(times: np.ndarray) -> float:
@@ -134,12 +174,17 @@ def display_end(times: np.ndarray) -> float:
     return float(times[-1]) + frame_period(times)
 
 
-def times_or_nominal(times: np.ndarray, n: int, fps: float, start: float = 0.0) -> np.ndarray:
-    """``times`` where they are usable (n increasing finite values), else a constant rate
-    from ``start`` (a stream without timestamps)."""
+def usable_times(times: np.ndarray, n: int) -> bool:
+    """Whether ``times`` are n increasing finite values (one per frame of the decoder)."""
     times = np.asarray(times, dtype=np.float64)
-    if len(times) == n and n and np.isfinite(times).all() and (np.diff(times) > 0).all():
-        return times
+    return bool(len(times) == n and n and np.isfinite(times).all() and (np.diff(times) > 0).all())
+
+
+def times_or_nominal(times: np.ndarray, n: int, fps: float, start: float = 0.0) -> np.ndarray:
+    """``times`` where they are usable (`usable_times`), else a constant rate from
+    ``start`` (a stream without timestamps)."""
+    if usable_times(times, n):
+        return np.asarray(times, dtype=np.float64)
     return start + np.arange(n) / fps
 
 
@@ -162,7 +207,7 @@ class Result:
 
 def open_reader(path: Path, size_fn=None, shape: tuple[int, int] | None = None):
     """A decord VideoReader, at the size ``size_fn(h, w) -> (h, w)`` asks for; ``shape``:
-    the frame size from `probe` (decord scans the whole file on every open, so knowing the
+    the frame size from `scan` (decord scans the whole file on every open, so knowing the
     size first opens it once, already at the decode size)."""
     import decord
 
@@ -213,11 +258,14 @@ class ForwardReader:
         return frame
 
 
-def decord_times(vr, start: float) -> np.ndarray:
-    """[n] presentation time (s, file timeline) of every frame of a decord reader, whose
-    stream starts at ``start`` (`probe`; decord numbers them from the stream's first frame;
-    a stream without usable pts: constant rate)."""
+def decord_times(vr, start: float, pts: np.ndarray | None = None) -> np.ndarray:
+    """[n] presentation time (s, file timeline) of every frame of a decord reader: the
+    container's pts (`scan`, float64) where there is one per frame, else decord's own
+    float32 timestamps placed at the stream's ``start`` (decord counts from the stream's
+    first frame), else a constant rate."""
     n = len(vr)
+    if pts is not None and usable_times(pts, n):
+        return np.asarray(pts, dtype=np.float64)
     try:
         ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
     except Exception:

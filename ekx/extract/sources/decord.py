@@ -1,5 +1,7 @@
 """The default source: decord, through `ekx.extract.video`'s reader (opened once per
-video at the decode size, reading forward and seeking only past a keyframe)."""
+video at the decode size, reading forward and seeking only past a keyframe). Frame times
+are the container's pts (PyAV, float64); MPEG-TS/PS files are refused, naming the ways out
+(`video.decord_refuses`): decord returns other frames than asked there."""
 
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ from ekx.extract.sources import Request, SizeFn, Source, register, time_position
 
 class DecordReader:
     def __init__(self, path: Path, size_fn: SizeFn):
-        shape, start = video.probe(path)
-        self.vr = video.open_reader(path, size_fn, shape)
+        info = video.scan(path, refuse=video.decord_refuses)
+        self.vr = video.open_reader(path, size_fn, info.shape)
         self.forward = video.ForwardReader(self.vr)
         self.num_frames = len(self.vr)
         self.fps = float(self.vr.get_avg_fps())
-        self.times = video.decord_times(self.vr, start)
+        self.times = video.decord_times(self.vr, info.start, info.times)
         self.end = video.display_end(self.times)
 
     def timestamps(self) -> np.ndarray:

@@ -37,8 +37,11 @@ class TorchcodecReader:
                 transforms=[Resize(list(size))] if size is not None else [],
             )
 
-        shape, start = video.probe(path)  # the header's size: one scan, already at the decode size
-        dec = None
+        # the header's size (one exact-mode scan, already at the decode size) and the frames'
+        # pts (float64), in one PyAV pass: torchcodec keeps the pts from its scan but does not
+        # expose them
+        info = video.scan(path)
+        shape, dec = info.shape, None
         if shape is None:  # not readable by PyAV: torchcodec's own metadata (then a rescan to resize)
             dec = decoder()
             shape = (int(dec.metadata.height or 0), int(dec.metadata.width or 0))
@@ -48,13 +51,7 @@ class TorchcodecReader:
         self.dec, self.device = dec, device
         self.num_frames = len(dec)
         self.fps = float(dec.metadata.average_fps or 0.0)
-        # the frames' pts from the packets (PyAV demuxing, no decoding): torchcodec keeps
-        # them from its scan but does not expose them
-        try:
-            times = video.packet_times(path)
-        except Exception:
-            times = np.zeros(0)
-        self.times = video.times_or_nominal(times, self.num_frames, self.fps, start)
+        self.times = video.times_or_nominal(info.times, self.num_frames, self.fps, info.start)
         self.end = video.display_end(self.times)
 
     def timestamps(self) -> np.ndarray:
@@ -76,6 +73,20 @@ class Torchcodec(Source):
     name = "torchcodec"
     library = "torchcodec"
     devices = ("cpu", "cuda")
+
+    def missing(self) -> str | None:
+        why = super().missing()
+        if why is None:
+            import torchcodec
+
+            # `import torchcodec` succeeds without the FFmpeg libraries (its image decoders need
+            # none); then every video decoder raises, so every segment would fail: say it once
+            if getattr(torchcodec, "ffmpeg_major_version", 0) is None:
+                return (
+                    f"--source {self.name}: {self.library} cannot load the system FFmpeg libraries; "
+                    "install them (Debian: apt-get install ffmpeg)"
+                )
+        return why
 
     def resolve_device(self, want: str, probe: Path | None = None) -> tuple[str, str | None]:
         if not want.startswith("cuda"):
