@@ -155,15 +155,15 @@ MPEG_SYSTEMS = ("mpeg", "mpegts", "mpegtsraw")
 
 
 def decord_refuses(path: Path, container: str) -> str | None:
-    """Why decord cannot read this file, or None. On MPEG-TS/PS decord returns other frames
-    than asked, with no error (measured on stamped videos: one GOP late for H.264 with
-    B-frames and for MPEG-2 in TS, one GOP late on the shared MPEG-2 program stream, other
-    frames again for MPEG-2 and H.264 in PS; its forward reading loses the first GOP of a TS).
-    Only H.264 without B-frames in TS read right there, which nothing in decord promises: the
-    whole container family is refused."""
+    """Why decord cannot read this file, or None (its callers name the file). On MPEG-TS/PS
+    decord returns other frames than asked, with no error (measured on stamped videos: one
+    GOP late for H.264 with B-frames and for MPEG-2 in TS, one GOP late on the shared MPEG-2
+    program stream, other frames again for MPEG-2 and H.264 in PS; its forward reading loses
+    the first GOP of a TS). Only H.264 without B-frames in TS read right there, which nothing
+    in decord promises: the whole container family is refused."""
     if set(container.split(",")) & set(MPEG_SYSTEMS):
         return (
-            f"{Path(path).name}: decord returns wrong frames from MPEG-TS/PS files ({container}); "
+            f"decord returns wrong frames from MPEG-TS/PS files ({container}); "
             "use --source torchcodec, or an MP4 copy made by `ekx prepare`"
         )
     return None
