@@ -291,3 +291,119 @@ def test_phase1_sweep_runs_on_three_backbones_and_compare_prints_its_table(tmp_p
     for name in sw.load(PHASE1):
         line = next(x for x in table.splitlines() if x.startswith(f"| {name.name} |"))
         assert f"| {name.cfg.head} | {name.cfg.backbone} | done |" in line
+
+
+# ---------------------------------------------------------------- issue 23 points 6-8
+
+
+def test_best_pt_follows_the_searchs_objective(tmp_path, monkeypatch):
+    """Objective val_loss: best.pt, the trial's value, done.json and compare's row are all the
+    epoch of the lowest validation loss - not the epoch of the best action top-1."""
+    from ekx.heads import compare
+    from ekx.heads import train as tr
+    from ekx.heads.runlog import best_epoch
+
+    loss, action = [3.0, 2.0, 1.0, 1.5], [10.0, 20.0, 30.0, 40.0]  # lowest loss at 3, best action at 4
+    real, calls = tr.score, iter(range(len(loss)))
+
+    def scripted(*args, **kwargs):
+        i = next(calls)
+        return {**real(*args, **kwargs), "val_loss": loss[i], "val_action_top1": action[i]}
+
+    monkeypatch.setattr(tr, "score", scripted)
+    feats = caches(tmp_path / "features")
+    spec = se.parse(
+        {
+            "base": {"head": "pooling", "epochs": 4, "frames": 4},
+            "optuna": {"trials": 1, "pruner": "none", "objective": "val_loss", "lr": {"log_uniform": [1e-4, 1e-3]}},
+        }
+    )
+    sweep_dir = tmp_path / "runs" / "s"
+    out = se.run_search(spec, sweep_dir, feats, "cpu")
+    assert out["trial-0000"] == {"status": "done", "value": 1.0}
+    run = se.trial_dir(sweep_dir, 0)
+    assert best_epoch(run) == 3
+    assert json.loads((run / "done.json").read_text())["best"]["epoch"] == 3
+    (row,) = compare.collect([sweep_dir])
+    assert row["best_epoch"] == 3 and row["val_loss"] == 1.0
+
+
+@pytest.mark.slow
+def test_two_searches_on_one_study_with_the_same_worker_get_distinct_seeds(tmp_path, capsys):
+    """`ekx sweep` twice at once on one directory, both worker 0: the second becomes worker 1,
+    with its own sampler seed (it used to propose the first's parameters, trial for trial)."""
+    feats = caches(tmp_path / "features", n=400)
+    space = 'trials = 3\nseed = 0\nsampler = "random"\npruner = "none"\nlr = { log_uniform = [1e-5, 1e-2] }\n'
+    slow = search_file(tmp_path / "slow.toml", space, 'head = "lstm"\nepochs = 1000\nframes = 8\n')
+    runs, sweep_dir = tmp_path / "runs", tmp_path / "runs" / "s"
+    args = ["sweep", str(slow), "--name", "s", "--features", str(feats), "--runs", str(runs), "--device", "cpu"]
+    first = subprocess.Popen([sys.executable, "-m", "ekx", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (se.trial_dir(sweep_dir, 0) / "metrics.jsonl").exists():
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.time() < deadline, "the first search did not start its trial"
+            time.sleep(0.1)
+        # the same study, objective and space; a quick base: the second takes trials 1 and 2
+        quick = search_file(tmp_path / "quick.toml", space)
+        out = se.run_search(se.load(quick), sweep_dir, feats, "cpu", worker=0)
+        assert first.poll() is None  # both ran at once
+    finally:
+        first.kill()
+        first.wait()
+    assert sorted(out) == ["trial-0001", "trial-0002"]
+    study = se.open_study(sweep_dir, create=False)
+    lrs = [t.params["lr"] for t in study.get_trials()]
+    assert len(lrs) == 3 and len(set(lrs)) == 3, lrs
+    assert f"worker 0 of {sweep_dir} is held by another live process: this one is worker 1" in capsys.readouterr().err
+
+
+def test_a_worker_slot_is_freed_when_its_holder_ends(tmp_path):
+    with runlock.slot(tmp_path / ".worker", 0) as a, runlock.slot(tmp_path / ".worker", 0) as b:
+        with runlock.slot(tmp_path / ".worker", 1) as c:
+            assert (a, b, c) == (0, 1, 2)
+    with runlock.slot(tmp_path / ".worker", 0) as again:
+        assert again == 0
+
+
+def _study_of_two(sweep_dir: Path):
+    spec = se.parse({"optuna": {"trials": 5, "sampler": "random", "lr": {"log_uniform": [1e-5, 1e-2]}}})
+    study = se.open_study(sweep_dir, spec)
+    for _ in range(2):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+        study.tell(trial, 1.0)
+    return spec
+
+
+def test_a_torn_last_journal_record_is_dropped_before_the_next_append(tmp_path, capsys):
+    sweep_dir = tmp_path / "runs" / "s"
+    spec = _study_of_two(sweep_dir)
+    journal = se.journal_path(sweep_dir)
+    lines = journal.read_bytes().count(b"\n")
+    with journal.open("ab") as f:  # a kill -9 (or a full disk) mid-append: half a record, no newline
+        f.write(b'{"op_code":5,"worker_id":"0-x","trial_id":2,"sta')
+    study = se.open_study(sweep_dir, spec)  # Optuna's reader ignores the torn last line
+    trial = study.ask()  # the next append cuts it off first
+    trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+    study.tell(trial, 2.0)
+    assert f"{journal}: line {lines + 1}, its last record, was cut short" in capsys.readouterr().err
+    assert all(json.loads(line) for line in journal.read_bytes().splitlines())  # nothing after a torn line
+    again = se.open_study(sweep_dir, create=False)  # readable by a fresh process, every trial there
+    assert [t.state.name for t in again.get_trials()] == ["COMPLETE"] * 3
+    # a torn record that ends in a newline (a full disk mid-line, then one more byte) is cut too
+    with journal.open("ab") as f:
+        f.write(b'{"op_code":5,"wor\n')
+    se.open_study(sweep_dir, spec).ask()
+    assert len(se.open_study(sweep_dir, create=False).get_trials()) == 4
+
+
+def test_a_damaged_line_inside_the_journal_is_named(tmp_path):
+    sweep_dir = tmp_path / "runs" / "s"
+    spec = _study_of_two(sweep_dir)
+    journal = se.journal_path(sweep_dir)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join([*lines[:3], b'{"op_code":5,"wor' + lines[3], *lines[4:]]))  # written after a tear
+    for call in (lambda: se.open_study(sweep_dir, spec), lambda: se.open_study(sweep_dir, create=False)):
+        with pytest.raises(EkxError, match=rf"^{journal} line 4 is not a whole record .*head -n 3"):
+            call()

@@ -45,25 +45,31 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _params(run_dir: Path) -> int:
+def _best_pt(run_dir: Path) -> tuple[int, int | None]:
+    """(parameters, epoch) of the run's best.pt; (0, None) without one."""
     import torch
 
+    if not (run_dir / "best.pt").is_file():
+        return 0, None
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     # a fine-tuned run trains its backbone too: count it
     tensors = [*ckpt["model"].values(), *ckpt.get("backbone", {}).values()]
-    return sum(t.numel() for t in tensors if t.is_floating_point())
+    return sum(t.numel() for t in tensors if t.is_floating_point()), int(ckpt["epoch"])
 
 
 def collect(paths: list[Path]) -> list[dict]:
     from ekx.config import load_toml
-    from ekx.heads.runlog import read_metrics
+    from ekx.heads.runlog import best_row, read_metrics
 
     rows = []
     for d in run_dirs(paths):
         metrics = read_metrics(d)
         if not metrics:
             continue
-        best = max(metrics, key=lambda r: r["val_action_top1"])
+        # the epoch best.pt holds (chosen by the run's objective: a search may select on
+        # val_loss), so the row, the checkpoint and the search's best trial agree
+        params, epoch = _best_pt(d)
+        best = next((r for r in metrics if r["epoch"] == epoch), None) or best_row(metrics)
         # read as plain TOML: a fine-tuned run's config has keys TrainConfig does not know
         cfg = load_toml(d / "config.toml", "run configuration") if (d / "config.toml").is_file() else {}
         rows.append(
@@ -74,7 +80,7 @@ def collect(paths: list[Path]) -> list[dict]:
                 "backbone": cfg.get("backbone", "?"),
                 "state": "pruned" if (d / "pruned.json").is_file() else "done" if (d / "done.json").is_file() else "",
                 "command": "finetune" if "freeze_blocks" in cfg else "train-head",
-                "params": _params(d) if (d / "best.pt").is_file() else 0,
+                "params": params,
                 **best,
                 "best_epoch": best["epoch"],
                 "epochs": len(metrics),

@@ -5,19 +5,55 @@ them - then every metric is over the whole split and each missing segment counts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from ekx import EkxError
 from ekx.heads import metrics
 
+FIX_CACHE = "Re-run `ekx extract` to retry failed and finish pending segments (`ekx cache info` lists them)"
 
-def refuse_unless_allowed(where: str, missing_ids: list[str], total: int, allow: bool, how_to_fix: str) -> None:
+
+def refuse_unless_allowed(
+    where: str, missing_ids: list[str], total: int, allow: bool, how_to_fix: str, what: str = "scores"
+) -> None:
     if missing_ids and not allow:
         raise EkxError(
-            f"{where}: {len(missing_ids)} of {total} segments have no scores (e.g. {missing_ids[0]}); metrics "
+            f"{where}: {len(missing_ids)} of {total} segments have no {what} (e.g. {missing_ids[0]}); metrics "
             f"over the rest would be over a smaller split. {how_to_fix}, or pass --allow-missing to count "
             "them as wrong"
         )
+
+
+def check_validation(path: Path | str, narration_ids: Sequence[str], done: Sequence[bool], allow: bool) -> str | None:
+    """Stage 2's validation cache under the same policy: failed or pending rows are refused
+    before training, unless allowed; then the line to log (None: every row is done). Training
+    then scores every row, the missing ones wrong (train.cached_task), so the figures that
+    pick best.pt, fill `ekx compare` and drive a search are `ekx evaluate --allow-missing`'s."""
+    ids = [nid for nid, ok in zip(narration_ids, done, strict=True) if not ok]
+    where = f"{path} (validation cache)"
+    refuse_unless_allowed(where, ids, len(done), allow, FIX_CACHE, "features (failed or pending)")
+    if not ids:
+        return None
+    return (
+        f"{where}: {len(ids)} of {len(done)} validation segments have no features and count as wrong "
+        "in every validation metric (--allow-missing)"
+    )
+
+
+def check_validation_file(path: Path | str, allow: bool) -> str | None:
+    """`check_validation` from a cache's status column alone (no features read): a sweep or
+    search checks its validation caches before its first run. A missing or unreadable file
+    is left to the loader, which names it (and fails only the runs that need it)."""
+    from ekx.cache.reader import open_cache
+
+    try:
+        cache = open_cache(Path(path))
+    except EkxError:
+        return None
+    return check_validation(path, cache.narration_id, cache.done.tolist(), allow)
 
 
 def compute(

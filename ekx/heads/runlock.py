@@ -80,6 +80,28 @@ def mutex(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def slot(prefix: Path, wanted: int) -> Iterator[int]:
+    """The lowest number from ``wanted`` up that no other live process holds, held until exit:
+    an flock on ``<prefix>-<n>.lock``, which the kernel frees when its holder dies (kill -9
+    too). Two searches started on one study with the same --worker thus get distinct worker
+    numbers, and so distinct sampler seeds, instead of proposing the same trials in lockstep."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    n = wanted
+    while True:
+        fh = open(prefix.with_name(f"{prefix.name}-{n}.lock"), "a")  # held until exit: the flock lives with it
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            fh.close()
+            n += 1
+    try:
+        yield n
+    finally:
+        fh.close()  # closing the descriptor drops the flock
+
+
 def _write(run_dir: Path, record: dict) -> None:
     tmp = run_dir / f".{RECORD}.{os.getpid()}"
     tmp.write_text(json.dumps(record))

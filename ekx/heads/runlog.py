@@ -51,11 +51,40 @@ def append_line(path: Path, line: str) -> None:
         raise write_error(path, e, "its complete lines stay readable (a torn last line is skipped)") from None
 
 
-def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    lines = ["# resolved configuration of this run (usable as --config)"]
+def write_config(run_dir: Path, cfg: TrainConfig, notes: tuple[str, ...] = ()) -> None:
+    """config.toml; ``notes`` become comments (what the run's figures mean, e.g. validation
+    segments counted as wrong), so the file stays usable as --config."""
+    lines = ["# resolved configuration of this run (usable as --config)", *(f"# {n}" for n in notes)]
     for k, v in asdict(cfg).items():
         lines.append(f"{k} = {json.dumps(v)}")
     write_atomic(run_dir / "config.toml", "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- the objective: which epoch is best
+
+OBJECTIVE = "val_action_top1"  # what train-head and grid sweeps select on; a search may choose another
+
+
+def minimised(objective: str) -> bool:
+    """Losses are minimised, accuracies maximised."""
+    return objective.endswith("loss")
+
+
+def improves(objective: str, value: float, best: float | None) -> bool:
+    """Strictly better than ``best`` (None: nothing yet), so ties keep the earlier epoch."""
+    if best is None:
+        return True
+    return value < best if minimised(objective) else value > best
+
+
+def best_row(rows: list[dict], objective: str = OBJECTIVE) -> dict:
+    """The row of the best epoch by ``objective`` (the first of equals), as best.pt holds it;
+    {} when no row has the column."""
+    best: dict = {}
+    for r in rows:
+        if objective in r and improves(objective, float(r[objective]), best.get(objective)):
+            best = r
+    return best
 
 
 def row_of(line: str) -> dict | None:

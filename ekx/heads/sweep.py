@@ -35,6 +35,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ import numpy as np
 
 from ekx import EkxError
 from ekx.config import load_toml, tomllib
-from ekx.heads import runlock
+from ekx.heads import missing, runlock
 from ekx.heads.config import TrainConfig, check_space
 from ekx.heads.runlog import write_atomic
 
@@ -227,6 +228,8 @@ def run_sweep(
     unseen=None,
     on_event: Callable[[str, SweepConfig, dict], None] | None = None,
     features_root: Path = Path("features"),
+    allow_missing: bool = False,
+    warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
 ) -> dict[str, dict]:
     """Run every unfinished configuration; returns {name: {"status": ..., "best"/"error": ...}}.
 
@@ -234,6 +237,8 @@ def run_sweep(
     configuration's own paths or its backbone's caches under features_root); each group's
     caches are loaded once. With jobs == 1 in this process; with jobs > 1 by worker
     processes that each memory-map the cache (the OS shares the pages) and die with us.
+    A validation cache with failed or pending rows refuses the whole sweep before its first
+    run, unless ``allow_missing`` (then they count as wrong, see heads.missing).
     """
     results: dict[str, dict] = {}
     groups: dict[tuple[str, str], list[SweepConfig]] = {}
@@ -253,20 +258,25 @@ def run_sweep(
             cfg = TrainConfig.from_dict({**asdict(cfg), "val_features": str(val_path)}, sc.name)
         cfg = with_caches(cfg, features_root)
         groups.setdefault(cache_key(cfg), []).append(SweepConfig(sc.index, sc.name, cfg, sc.overrides))
+    for _, val_p in groups:  # every validation cache, before the first run of any
+        note = missing.check_validation_file(val_p, allow_missing)
+        if note:
+            warn(note)
     for (train_p, val_p), todo in groups.items():
+        where = (sweep_dir, Path(train_p), Path(val_p), device)
         if jobs <= 1:
-            results |= _run_serial(todo, sweep_dir, Path(train_p), Path(val_p), device, tails, unseen, on_event)
+            results |= _run_serial(todo, *where, tails, unseen, on_event, allow_missing)
         else:
-            results |= _run_pool(todo, sweep_dir, Path(train_p), Path(val_p), device, jobs, tails, unseen, on_event)
+            results |= _run_pool(todo, *where, jobs, tails, unseen, on_event, allow_missing)
     return results
 
 
-def _run_serial(todo, sweep_dir, train_path, val_path, device, tails, unseen, on_event) -> dict[str, dict]:
+def _run_serial(todo, sweep_dir, train_path, val_path, device, tails, unseen, on_event, allow) -> dict[str, dict]:
     from ekx.heads import train as tr
 
     results: dict[str, dict] = {}
     try:
-        data = tr.load_data(train_path, val_path, device, tails, unseen)
+        data = tr.load_data(train_path, val_path, device, tails, unseen, allow)
     except EkxError as e:  # a missing cache fails its configurations, not the other groups
         for sc in todo:
             results[sc.name] = {"status": "failed", "error": str(e)}
@@ -295,12 +305,12 @@ def _run_serial(todo, sweep_dir, train_path, val_path, device, tails, unseen, on
     return results
 
 
-def _run_pool(todo, sweep_dir, train_path, val_path, device, jobs, tails, unseen, on_event) -> dict[str, dict]:
+def _run_pool(todo, sweep_dir, train_path, val_path, device, jobs, tails, unseen, on_event, allow) -> dict[str, dict]:
     results: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
     events = ctx.Queue()  # a plain queue, not a Manager: no extra process to outlive us
     jobs = min(jobs, len(todo))
-    initargs = (str(train_path), str(val_path), device, tails, unseen, events, jobs, os.getpid())
+    initargs = (str(train_path), str(val_path), device, tails, unseen, events, jobs, os.getpid(), allow)
     with ctx.Pool(jobs, initializer=_worker_init, initargs=initargs) as pool:
         pending = {sc.name: pool.apply_async(_worker_run, (sc, str(sweep_dir / sc.name))) for sc in todo}
         by_name = {sc.name: sc for sc in todo}
@@ -326,7 +336,7 @@ def _drain(events, by_name, on_event) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, parent) -> None:
+def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, parent, allow) -> None:
     die_with_parent(parent)
     import torch
 
@@ -339,11 +349,13 @@ def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, pare
     try:
         train = load_split(Path(train_path), dev, mmap=True)
         val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
+        note = tr.validation_note(val, allow)  # as tr.load_data: the same refusal, the same scoring
     except EkxError as e:
         _WORKER.update(error=str(e), events=events)
         return
     mean, std = feature_stats(train)
-    _WORKER.update(data=tr.Loaded(train, val, (mean.to(dev), std.to(dev)), dev, tails, unseen), events=events)
+    data = tr.Loaded(train, val, (mean.to(dev), std.to(dev)), dev, tails, unseen, note)
+    _WORKER.update(data=data, events=events)
 
 
 def _worker_run(sc: SweepConfig, run_dir: str) -> dict:

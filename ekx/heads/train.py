@@ -34,7 +34,18 @@ from ekx.heads.checkpoint import (
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
-from ekx.heads.runlog import append_line, curves_title, plot_curves, read_metrics, row_of, write_atomic, write_config
+from ekx.heads.runlog import (
+    OBJECTIVE,
+    append_line,
+    best_row,
+    curves_title,
+    improves,
+    plot_curves,
+    read_metrics,
+    row_of,
+    write_atomic,
+    write_config,
+)
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -97,7 +108,9 @@ def score(
 ) -> dict:
     """Validation figures; ``val_loss`` is the training loss (with the run's label smoothing),
     so the train and validation curves measure the same thing. ``present`` [N] bool: rows
-    that have logits (decoded video may fail); the others count as wrong (heads.missing)."""
+    that have logits (a failed or pending cache row, an undecodable video); the others count
+    as wrong in every accuracy (heads.missing) and ``val_missing`` says how many. A missing
+    row has no loss: ``val_loss`` is over the present rows."""
     if present is not None and not bool(present.all()):
         verb, noun = verb[present], noun[present]
     else:
@@ -105,15 +118,8 @@ def score(
     result = {"val_loss": float(loss_fn({"verb": verb, "noun": noun}, yv[present], yn[present], smoothing))}
     tail_verbs, tail_nouns = tails or (None, None)
     m = missing.compute(verb, noun, present, yv, yn, tail_verbs, tail_nouns, unseen=unseen_mask)
-    return {**result, **{f"val_{k}": v for k, v in m.items()}}
-
-
-def evaluate(model, split: Split, norm, cfg: TrainConfig, device, precision, tails=None, unseen=None) -> dict:
-    verb, noun = predict(model, split, norm, cfg, device, precision)
-    rows = split.rows
-    return score(
-        verb, noun, split.verbs[rows], split.nouns[rows], tails, split.from_participants(unseen), cfg.label_smoothing
-    )
+    lacking = int((~present).sum())
+    return {**result, **{f"val_{k}": v for k, v in m.items()}, **({"val_missing": lacking} if lacking else {})}
 
 
 # ---------------------------------------------------------------- the loop, for either input source
@@ -136,6 +142,7 @@ class Task:
     accumulate: int = 1
     rank0: bool = True  # only rank 0 of a distributed run writes checkpoints and logs
     initial_eval: bool = False  # log an epoch-0 evaluation (a warm start's starting point)
+    notes: tuple[str, ...] = ()  # what the figures mean, kept in config.toml (validation rows counted wrong)
 
 
 def fit(
@@ -149,12 +156,15 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     barrier: Callable[[], None] = lambda: None,
+    objective: str = OBJECTIVE,
 ) -> dict:
-    """Epochs of train -> evaluate -> log -> checkpoint; resumes from last.pt when asked."""
+    """Epochs of train -> evaluate -> log -> checkpoint; resumes from last.pt when asked.
+    best.pt is the best epoch by ``objective`` (a metrics column; *_loss is minimised), the
+    one the run returns and a search selects on - never another epoch than theirs."""
     gen = torch.Generator().manual_seed(cfg.seed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = run_dir / "metrics.jsonl"
-    start, best = 0, -1.0
+    start, best = 0, None  # best: the objective's best value so far (None: no epoch yet)
     if task.rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "last.pt").is_file():
@@ -165,6 +175,8 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt["rng"], gen)
         start, best = ckpt["epoch"], ckpt["best"]
+        if ckpt.get("objective", OBJECTIVE) != objective:  # best.pt was chosen on another column
+            best = best_row([r for r in read_metrics(run_dir) if 0 < r["epoch"] <= start], objective).get(objective)
         if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
             lines = [
                 line
@@ -179,7 +191,7 @@ def fit(
     elif task.rank0:
         write_atomic(log, "")
     if task.rank0:
-        write_config(run_dir, cfg)
+        write_config(run_dir, cfg, task.notes)
 
     def parts() -> dict:
         return {**task.parts(), "scaler": scaler.state_dict()}
@@ -217,9 +229,13 @@ def fit(
                 "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
                 "seconds": time.perf_counter() - t0,
             }
-            saved = {**parts(), "row": json.dumps(row)}  # a checkpoint and its metrics row, one atomic step
-            if row["val_action_top1"] > best:
-                best = row["val_action_top1"]
+            # a checkpoint and its metrics row, one atomic step; the objective that chose best.pt
+            saved = {**parts(), "row": json.dumps(row), "objective": objective}
+            if objective not in row:
+                raise EkxError(f"objective {objective!r} is not a column of {log}; e.g. {OBJECTIVE}, val_loss")
+            value = float(row[objective])
+            if best is None or improves(objective, value, best):
+                best = value
                 save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen, resumable=False)
             save_checkpoint(run_dir / "last.pt", saved, opt, cfg, epoch + 1, best, gen)
             append_line(log, json.dumps(row))
@@ -230,7 +246,7 @@ def fit(
         return {}
     rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
     plot_curves(run_dir, rows, curves_title(cfg, run_dir))
-    return max(rows, key=lambda r: r["val_action_top1"]) if rows else {}
+    return best_row(rows, objective)
 
 
 # ---------------------------------------------------------------- cached features
@@ -246,9 +262,15 @@ class Loaded:
     device: torch.device
     tails: tuple | None = None
     unseen: set | None = None
+    val_note: str | None = None  # validation rows without features, counted wrong (heads.missing)
 
 
-def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, unseen=None) -> Loaded:
+def load_data(
+    train_path: Path, val_path: Path, device_name: str, tails=None, unseen=None, allow_missing: bool = False
+) -> Loaded:
+    """Both caches, checked to belong together. A validation cache with failed or pending rows
+    is refused (before any training) unless ``allow_missing``: then its every row is scored,
+    the missing ones wrong, as `ekx evaluate --allow-missing` scores them."""
     device = resolve_device(device_name)
     train = load_split(train_path, device)
     val = train if Path(val_path) == Path(train_path) else load_split(val_path, device)
@@ -260,14 +282,25 @@ def load_data(train_path: Path, val_path: Path, device_name: str, tails=None, un
         )
     if not train.labelled or not val.labelled:
         raise EkxError("training needs labelled train and validation caches (the test split has no labels)")
+    note = validation_note(val, allow_missing)
     mean, std = feature_stats(train)
-    return Loaded(train, val, (mean.to(device), std.to(device)), device, tails, unseen)
+    return Loaded(train, val, (mean.to(device), std.to(device)), device, tails, unseen, note)
+
+
+def validation_note(val: Split, allow_missing: bool) -> str | None:
+    done = torch.zeros(len(val.narration_id), dtype=torch.bool)
+    done[val.rows] = True
+    return missing.check_validation(val.path, val.narration_id, done.tolist(), allow_missing)
 
 
 def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
     model, head_kwargs = build_model(cfg, data.train)
     model.to(data.device)
     train, val, norm, device = data.train, data.val, data.norm, data.device
+    # every validation row is scored: a failed or pending one (allowed by load_data) as wrong
+    present = torch.zeros(len(val.narration_id), dtype=torch.bool)
+    present[val.rows] = True
+    unseen = None if data.unseen is None else torch.tensor([v.split("_")[0] in data.unseen for v in val.video_id])
 
     def parts() -> dict:
         return {
@@ -287,15 +320,26 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
         check_compatible(ckpt, train, "the checkpoint being resumed")
         model.load_state_dict(ckpt["model"])
 
+    def val_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits of every row ([N, C], as decoded video gives them; zeros where ``present``
+        is False - score() drops those rows and counts them wrong)."""
+        verb, noun = predict(model, val, norm, cfg, device, precision)
+        if len(verb) == len(present):
+            return verb, noun, present
+        all_verb, all_noun = verb.new_zeros(len(present), verb.shape[1]), noun.new_zeros(len(present), noun.shape[1])
+        all_verb[present], all_noun[present] = verb, noun  # val.rows ascending, as present's True entries
+        return all_verb, all_noun, present
+
     return Task(
         model,
         lambda epoch, gen: cached_batches(train, norm, cfg, gen, device),
-        lambda: predict(model, val, norm, cfg, device, precision),
-        (val.verbs[val.rows], val.nouns[val.rows]),
+        val_logits,
+        (val.verbs, val.nouns),
         parts,
         load,
         data.tails,
-        val.from_participants(data.unseen),
+        unseen,
+        notes=(data.val_note,) if data.val_note else (),
     )
 
 
@@ -306,15 +350,17 @@ def run(
     resume: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    objective: str = OBJECTIVE,
 ) -> dict:
-    """Train one head on cached features; returns the best epoch's metrics. A resumed run
-    keeps its own configuration (``cfg`` may only extend epochs, see resume_config)."""
+    """Train one head on cached features; returns the best epoch's metrics by ``objective``
+    (best.pt's epoch). A resumed run keeps its own configuration (``cfg`` may only extend
+    epochs, see resume_config)."""
     if resume and (run_dir / "last.pt").is_file():
         cfg = resume_config(run_dir, cfg, None)
     precision = resolve_precision(cfg.precision, data.device)
     task = cached_task(cfg, data, precision)
     opt = torch.optim.AdamW(task.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step)
+    return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step, objective=objective)
 
 
 # ---------------------------------------------------------------- entry point
@@ -344,10 +390,12 @@ def main(
     on_step=None,
     given: set[str] | None = None,
     warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
+    allow_missing: bool = False,
 ) -> tuple[Path, dict]:
     """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row).
     ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
-    compared with the run's configuration, the rest comes from the run."""
+    compared with the run's configuration, the rest comes from the run. ``allow_missing``:
+    see load_data."""
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume and not cfg.name:
         raise EkxError("--resume needs --name of the run to continue")
@@ -364,6 +412,8 @@ def main(
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
     tails, unseen = epic.subsets(annotations, "validation")
-    data = load_data(train_path, val_path, cfg.device, tails, unseen)
+    data = load_data(train_path, val_path, cfg.device, tails, unseen, allow_missing)
+    if data.val_note:
+        warn(data.val_note)
     best = run(cfg, run_dir, data, resume, on_epoch, on_step)
     return run_dir, best
