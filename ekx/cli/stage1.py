@@ -119,8 +119,10 @@ def extract(
         )
     )
     existing("--annotations", annotations)
-    existing("--videos", videos)
-    existing("--frames-root", frames_root)
+    if cfg.source == "frames":
+        existing("--frames-root", frames_root)
+    elif cfg.source != "auto" or not Path(ws.frames).is_dir():  # auto falls back on the frames where they are
+        existing("--videos", videos)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

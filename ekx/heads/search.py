@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from ekx import EkxError
 from ekx.config import load_toml
-from ekx.heads import missing, runlock
+from ekx.heads import runlock
 from ekx.heads.config import TrainConfig, check_space
 from ekx.heads.runlog import best_row, minimised
 from ekx.heads.sweep import SEARCH, with_caches
@@ -473,6 +473,8 @@ def run_search(
     Before the first trial: the search itself (`check`) and every validation cache a trial
     may use (failed or pending rows refused unless ``allow_missing``). After: an error when
     no trial of the study completed, a warning saying how many failed."""
+    from ekx.heads import missing  # torch: a search file is checked without it
+
     check(search, tails=tails is not None, unseen=unseen is not None)
     for val in sorted(_val_caches(search, features_root)):
         note = missing.check_validation_file(val, allow_missing)

@@ -46,7 +46,7 @@ import numpy as np
 
 from ekx import EkxError
 from ekx.config import load_toml, tomllib
-from ekx.heads import missing, runlock
+from ekx.heads import runlock
 from ekx.heads.config import TrainConfig, check_space
 from ekx.heads.runlog import write_atomic
 
@@ -258,6 +258,8 @@ def run_sweep(
             cfg = TrainConfig.from_dict({**asdict(cfg), "val_features": str(val_path)}, sc.name)
         cfg = with_caches(cfg, features_root)
         groups.setdefault(cache_key(cfg), []).append(SweepConfig(sc.index, sc.name, cfg, sc.overrides))
+    from ekx.heads import missing  # torch: a sweep file is checked without it
+
     for _, val_p in groups:  # every validation cache, before the first run of any
         note = missing.check_validation_file(val_p, allow_missing)
         if note:
