@@ -300,11 +300,15 @@ NO_TORCH = (
         (["extract", "--shard", "4/4"], "--shard '4/4': I must be in 0..N-1"),
         (["sweep", "nope.toml"], "nope.toml: sweep file not found"),
         (["sweep", "bad.toml", "--list"], "bad.toml configuration 1 (001-lr=-1): 'lr' must be > 0, got -1.0"),
+        (["sweep", "search.toml", "--set", "batch_size=0"], "'batch_size' must be >= 1, got 0"),
+        (["sweep", "space.toml"], "space.toml [optuna]: 'lr' = { log_uniform = [0.0, 0.001] }: a log range"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
 def test_mistakes_are_reported_without_loading_torch(argv, message, tmp_path):
     (tmp_path / "bad.toml").write_text("[grid]\nlr = [1e-4, -1.0]\n")
+    (tmp_path / "search.toml").write_text("[optuna]\ntrials = 2\nlr = { log_uniform = [1e-5, 1e-3] }\n")
+    (tmp_path / "space.toml").write_text("[optuna]\ntrials = 2\nlr = { log_uniform = [0.0, 1e-3] }\n")
     result = subprocess.run(
         [sys.executable, "-c", NO_TORCH, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

@@ -280,7 +280,6 @@ def sweep(
 
         spec = se.load(file)
         spec.overrides = sw.parse_settings(settings)
-        TrainConfig.from_dict({**spec.base, **spec.overrides}, "--set")  # what every trial shares
         if train_features:
             spec.overrides["train_features"] = str(train_features)
         if val_features:

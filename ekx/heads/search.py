@@ -473,9 +473,9 @@ def run_search(
     Before the first trial: the search itself (`check`) and every validation cache a trial
     may use (failed or pending rows refused unless ``allow_missing``). After: an error when
     no trial of the study completed, a warning saying how many failed."""
-    from ekx.heads import missing  # torch: a search file is checked without it
-
     check(search, tails=tails is not None, unseen=unseen is not None)
+    from ekx.heads import missing  # torch: only once the search holds
+
     for val in sorted(_val_caches(search, features_root)):
         note = missing.check_validation_file(val, allow_missing)
         if note:
