@@ -1,6 +1,6 @@
 """`ekx demo`: the whole pipeline on built-in synthetic data, in a fresh workspace:
 synthesise -> extract resnet50 features (random weights) -> train all four heads ->
-the seed's model-comparison table."""
+the architecture document's model-comparison table."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DEMO_EPOCHS = 20
 
 
 def head_config(head: str, run_name: str, seed: int = 0) -> hc.TrainConfig:
-    """Settings that learn the small synthetic set in seconds (the seed's phase-2 values
+    """Settings that learn the small synthetic set in seconds (the phase-2 values
     are for 67k real segments: see configs/sweeps/phase2.toml)."""
     return hc.TrainConfig(
         head=head,
@@ -88,7 +88,7 @@ def comparison_table(rows: list[dict], title: str) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
-        caption="train/val = action top-1 (the seed's acc); "
+        caption="train/val = action top-1 (the architecture document's acc); "
         "verb/noun/action = val top-1; order = direction right on time-reversed verbs",
     )
     for col in table.columns:

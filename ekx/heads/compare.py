@@ -1,4 +1,4 @@
-"""`ekx compare`: the seed's model-comparison table over run directories."""
+"""`ekx compare`: the architecture document's model-comparison table over run directories."""
 
 from __future__ import annotations
 
