@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 
 from ekx import EkxError, __version__
 from ekx import config as wsconfig
@@ -80,10 +81,6 @@ def completer(choices: tuple[str, ...] | Names):
         return [c for c in choices if c.startswith(incomplete)]
 
     return complete
-
-
-def at_least(low: int, flag: str):
-    return check_with(Valid(ge=low), flag)
 
 
 # Options shared by several commands, defined once.
@@ -178,6 +175,18 @@ def command(target: typer.Typer = app, name: str | None = None, **settings):
         return target.command(name=name, **settings)(command_body(fn))
 
     return wrap
+
+
+class LateProgress(Progress):
+    """A progress display drawn from its first update on: never above an error that comes
+    before the work starts (a bad path, a missing cache)."""
+
+    def __enter__(self) -> LateProgress:
+        return self  # not started: `update` starts it; `__exit__` stops it if it did
+
+    def update(self, *args, **kwargs) -> None:
+        self.start()  # once: a started display returns at once
+        super().update(*args, **kwargs)
 
 
 def median(values: list[float]) -> float:

@@ -17,6 +17,7 @@ from ekx.cli.common import (
     DeviceOpt,
     FeaturesOpt,
     FramesRootOpt,
+    LateProgress,
     SourceOpt,
     VideosOpt,
     cache_app,
@@ -124,7 +125,7 @@ def extract(
     elif cfg.source != "auto" or not Path(ws.frames).is_dir():  # auto falls back on the frames where they are
         existing("--videos", videos)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from ekx.extract.pipeline import extract_many  # torch and the decoders: only once the arguments hold
 
@@ -135,20 +136,18 @@ def extract(
         TextColumn("segments {task.fields[fps]:>6.1f} frames/s"),
         TimeRemainingColumn(),
     ]
-    bar = Progress(*columns, console=err_console)  # shown once the work starts, not before
-    task = bar.add_task("extract", total=None, fps=0.0)
-    clock: dict[str, float] = {}
+    with LateProgress(*columns, console=err_console) as bar:
+        task = bar.add_task("extract", total=None, fps=0.0)
+        clock: dict[str, float] = {}
 
-    def on_start(total, done):
-        bar.start()
-        bar.update(task, total=total, completed=done)
-        clock.update(t=time.perf_counter(), frames=0)
+        def on_start(total, done):
+            bar.update(task, total=total, completed=done)
+            clock.update(t=time.perf_counter(), frames=0)
 
-    def on_progress(segments, nframes):
-        clock["frames"] += nframes
-        bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
+        def on_progress(segments, nframes):
+            clock["frames"] += nframes
+            bar.update(task, advance=segments, fps=clock["frames"] / max(time.perf_counter() - clock["t"], 1e-9))
 
-    try:
         summaries = extract_many(
             cfg,
             ws.annotations,
@@ -159,8 +158,6 @@ def extract(
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}"),
             frames_root=ws.frames,
         )
-    finally:
-        bar.stop()
     failed = 0
     for summary in summaries:
         console.print(
@@ -275,7 +272,7 @@ def prepare(
 
     Example: ekx prepare data/videos data/videos-320 --workers 8 --verify
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from ekx import prepare as pp
     from ekx.extract.config import parse_shard
@@ -298,7 +295,7 @@ def prepare(
     ]
     failed: list[pp.Outcome] = []
     frames, t0 = 0, time.perf_counter()
-    with Progress(*columns, console=err_console) as bar:
+    with LateProgress(*columns, console=err_console) as bar:
         task = bar.add_task("prepare", total=None, fps=0.0)
 
         def on_done(o: pp.Outcome) -> None:

@@ -17,10 +17,10 @@ from ekx.cli.common import (
     DeviceOpt,
     FeaturesOpt,
     HeadArg,
+    LateProgress,
     ResumeOpt,
     RunsOpt,
     VideosOpt,
-    at_least,
     check_metric_annotations,
     command,
     console,
@@ -57,44 +57,32 @@ def train_head(
     if cfg.device == "auto" and ws.device != "auto":
         cfg.device = ws.device
 
-    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.progress import BarColumn, TextColumn
 
     from ekx.heads import train as tr  # torch: only once the arguments hold
+
+    def warn(message: str) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
     columns = [
         TextColumn("[bold]{task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  best val action {task.fields[best]:.1f}"),
     ]
-    bar = Progress(*columns, console=console, transient=False)  # shown from the first step, not before
-    task = bar.add_task("train", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0, best=0.0)
-    state = {"best": 0.0}
+    with LateProgress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0, best=0.0)
+        state = {"best": 0.0}
 
-    def on_step(step, steps, loss):
-        bar.start()
-        bar.update(task, completed=step, total=steps, loss=loss)
+        def on_step(step, steps, loss):
+            bar.update(task, completed=step, total=steps, loss=loss)
 
-    def on_epoch(row):
-        bar.start()
-        state["best"] = max(state["best"], row["val_action_top1"])
-        bar.update(task, epoch=row["epoch"], best=state["best"])
-        bar.console.print(end="")
-        print_row(row)
+        def on_epoch(row):
+            state["best"] = max(state["best"], row["val_action_top1"])
+            bar.update(task, epoch=row["epoch"], best=state["best"])
+            bar.console.print(end="")
+            print_row(row)
 
-    try:
-        run_dir, best = tr.main(
-            cfg,
-            ws.features,
-            ws.runs,
-            ws.annotations,
-            resume,
-            on_epoch,
-            on_step,
-            given,
-            warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}", highlight=False),
-        )
-    finally:
-        bar.stop()
+        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given, warn)
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
@@ -216,22 +204,11 @@ def score(
 def sweep(
     file: Annotated[Path, typer.Argument(help="A sweep TOML file (see configs/sweeps/).")],
     jobs: Annotated[
-        int,
-        typer.Option(
-            help="Configurations (or search workers) at once, in processes that die with this one.",
-            callback=at_least(1, "--jobs"),
-        ),
+        int, typer.Option(help="Configurations (or search workers) at once, in processes that die with this one.")
     ] = 1,
-    index: Annotated[
-        int | None,
-        typer.Option(help="Run only configuration I (0-based; one SLURM array task).", callback=at_least(0, "--index")),
-    ] = None,
+    index: Annotated[int | None, typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
     worker: Annotated[
-        int,
-        typer.Option(
-            help="[optuna] files: this process is worker I of the shared study (seeds its sampler).",
-            callback=at_least(0, "--worker"),
-        ),
+        int, typer.Option(help="[optuna] files: this process is worker I of the shared study (seeds its sampler).")
     ] = 0,
     select: Annotated[
         str | None,

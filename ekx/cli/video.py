@@ -17,6 +17,7 @@ from ekx.cli.common import (
     ConfigOpt,
     DeviceOpt,
     HeadArg,
+    LateProgress,
     ResumeOpt,
     RunsOpt,
     VideosOpt,
@@ -68,36 +69,31 @@ def finetune(
         if rank0
         else (lambda m: None)
     )
-    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.progress import BarColumn, TextColumn
 
     columns = [
         TextColumn("[bold]finetune {task.fields[name]}[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
     ]
-    bar = Progress(*columns, console=out, disable=not rank0)  # shown from the first step, not before
-    task = bar.add_task("finetune", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0)
+    with LateProgress(*columns, console=out, disable=not rank0) as bar:
+        task = bar.add_task("finetune", total=1, name=cfg.head, epoch=1, epochs=cfg.epochs, loss=0.0)
 
-    def on_epoch(row):
-        bar.start()
-        bar.update(task, epoch=min(row["epoch"] + 1, cfg.epochs))
-        if row["epoch"] == 0:
-            out.print(
-                f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
-                f"action {row['val_action_top1']:5.1f}",
-                highlight=False,
-            )
-        else:
-            print_row(row)
+        def on_epoch(row):
+            bar.update(task, epoch=min(row["epoch"] + 1, cfg.epochs))
+            if row["epoch"] == 0:
+                out.print(
+                    f"epoch   0  (start) val verb {row['val_verb_top1']:5.1f} noun {row['val_noun_top1']:5.1f} "
+                    f"action {row['val_action_top1']:5.1f}",
+                    highlight=False,
+                )
+            else:
+                print_row(row)
 
-    def on_step(step, steps, loss):
-        bar.start()
-        bar.update(task, completed=step, total=steps, loss=loss)
+        def on_step(step, steps, loss):
+            bar.update(task, completed=step, total=steps, loss=loss)
 
-    try:
         run_dir, best = ft.main(cfg, ws.annotations, ws.videos, ws.runs, resume, on_epoch, on_step, warn, given)
-    finally:
-        bar.stop()
     out.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
