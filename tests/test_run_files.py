@@ -56,3 +56,24 @@ def test_curves_png_is_titled_marks_the_best_epoch_and_counts_whole_epochs(tmp_p
     assert seen["title"].startswith("curvy: pooling head on ") and "train.h5" in seen["title"]
     assert f"best.pt (epoch {best})" in seen["labels"]
     assert all(float(t).is_integer() for t in seen["ticks"])
+
+
+def test_train_head_cli_refuses_missing_validation_rows_unless_allow_missing(tmp_path):
+    import h5py
+    from typer.testing import CliRunner
+
+    from ekx.cache import store
+    from ekx.cli import app
+
+    train = make_cache(tmp_path / "train.h5", n=32)
+    val = make_cache(tmp_path / "val.h5", n=8, seed=1, split="validation")
+    with h5py.File(val, "r+") as f:
+        f["status"][2] = store.FAILED
+    args = ["train-head", "pooling", "--train-features", str(train), "--val-features", str(val)]
+    args += ["--epochs", "1", "--device", "cpu", "--runs", str(tmp_path / "runs")]
+    refused = CliRunner().invoke(app, [*args, "--name", "a"], terminal_width=300)
+    assert refused.exit_code == 1 and "--allow-missing" in refused.output, refused.output
+    assert not (tmp_path / "runs" / "a").exists()
+    allowed = CliRunner().invoke(app, [*args, "--name", "b", "--allow-missing"], terminal_width=300)
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "runs" / "b" / "best.pt").is_file()

@@ -42,6 +42,14 @@ def train_head(
     features: FeaturesOpt = None,
     runs: RunsOpt = None,
     annotations: AnnotationsOpt = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Train although the validation cache has failed/pending segments: they count as "
+            "wrong in every validation figure (as ekx evaluate --allow-missing); refused otherwise.",
+        ),
+    ] = False,
     **overrides,
 ):
     """Stage 2: train a temporal head on cached features -> runs/<name>/.
@@ -82,7 +90,9 @@ def train_head(
             bar.console.print(end="")
             print_row(row)
 
-        run_dir, best = tr.main(cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given, warn)
+        run_dir, best = tr.main(
+            cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given, warn, allow_missing
+        )
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
         f"(verb {best.get('val_verb_top1', 0):.1f}, noun {best.get('val_noun_top1', 0):.1f}) -> {run_dir}"
