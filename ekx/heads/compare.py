@@ -54,7 +54,8 @@ def _best_pt(run_dir: Path) -> tuple[int, int | None]:
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     # a fine-tuned run trains its backbone too: count it
     tensors = [*ckpt["model"].values(), *ckpt.get("backbone", {}).values()]
-    return sum(t.numel() for t in tensors if t.is_floating_point()), int(ckpt["epoch"])
+    epoch = ckpt.get("epoch")  # every ekx checkpoint has it; a hand-made file may not
+    return sum(t.numel() for t in tensors if t.is_floating_point()), None if epoch is None else int(epoch)
 
 
 def collect(paths: list[Path]) -> list[dict]:

@@ -34,7 +34,7 @@ def check_validation(path: Path | str, narration_ids: Sequence[str], done: Seque
     pick best.pt, fill `ekx compare` and drive a search are `ekx evaluate --allow-missing`'s."""
     ids = [nid for nid, ok in zip(narration_ids, done, strict=True) if not ok]
     where = f"{path} (validation cache)"
-    refuse_unless_allowed(where, ids, len(done), allow, FIX_CACHE, "features (failed or pending)")
+    refuse_unless_allowed(where, ids, len(done), allow, FIX_CACHE, "features")
     if not ids:
         return None
     return (
