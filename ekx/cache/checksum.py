@@ -12,8 +12,6 @@ version 1 caches have no checksums at all.
 
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -26,48 +24,8 @@ SCAN_BYTES = 64 << 20  # one sequential read per 64 MiB: verify runs at disk spe
 SHOW = 10  # narration ids named in a verify message
 
 
-WHOLE_ROW = 3  # the format version from which a checksum covers the whole row
-
-
-@dataclass
-class RowMeta:
-    """What a cache stores for each row besides its features (bulk-read once)."""
-
-    narration_id: list[str]
-    video_id: list[str]
-    verb_class: np.ndarray
-    noun_class: np.ndarray
-    plan_index: np.ndarray
-    frame_index: np.ndarray
-
-    @classmethod
-    def read(cls, f: h5py.File) -> RowMeta:
-        return cls(
-            store.decode_strings(f["narration_id"][...]),
-            store.decode_strings(f["video_id"][...]),
-            f["verb_class"][...],
-            f["noun_class"][...],
-            f["plan_index"][...],
-            f["frame_index"][...],
-        )
-
-
-def row_crc(feats: np.ndarray, row: int | None = None, meta: RowMeta | None = None, src: int | None = None) -> int:
-    """crc32 of one row as stored: its float16 features and, with ``meta`` (format 3), its
-    row number, labels, plan index, frame indices and ids. ``src``: the row's index in
-    ``meta`` when that differs from ``row`` (a merge writes row ``row`` from another file)."""
-    crc = zlib.crc32(np.ascontiguousarray(feats, dtype=np.float16).data)
-    if meta is None or row is None:
-        return crc
-    i = row if src is None else src
-    numbers = np.array([row, meta.verb_class[i], meta.noun_class[i], meta.plan_index[i]], np.int64)
-    crc = zlib.crc32(numbers.tobytes(), crc)
-    crc = zlib.crc32(np.ascontiguousarray(meta.frame_index[i], np.int64).tobytes(), crc)
-    return zlib.crc32(f"{meta.narration_id[i]}\0{meta.video_id[i]}".encode(), crc)
-
-
-def whole_row(f: h5py.File) -> bool:
-    return int(f.attrs.get("format_version", 0)) >= WHOLE_ROW
+# the row format lives with the store (its writer seals each row); checksum.py scans files
+from ekx.cache.store import WHOLE_ROW, RowMeta, row_crc, whole_row  # noqa: E402 - re-exported
 
 
 def _chunk_offsets(dset: h5py.Dataset) -> np.ndarray | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,11 +172,8 @@ class Writer:
         self.status = self.f["status"]
         self.failure = self.f["failure"]
         self.checksum = self.f.get("checksum")  # None in a version-1 cache: resumes without them
-        from ekx.cache import checksum  # (it reads this module's constants)
-
-        self.crc = checksum.row_crc
         # a version-2 cache resumes with its own (features-only) checksums
-        self.meta = checksum.RowMeta.read(self.f) if checksum.whole_row(self.f) else None
+        self.meta = RowMeta.read(self.f) if whole_row(self.f) else None
 
     def status_array(self) -> np.ndarray:
         return self.status[...]
@@ -189,7 +187,7 @@ class Writer:
             if self.checksum is not None:
                 if self.meta is not None:
                     self.meta.frame_index[row] = index
-                self.checksum[row] = self.crc(feats, row, self.meta)
+                self.checksum[row] = row_crc(feats, row, self.meta)
         for row, reason in failed:
             self.failure[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
         self.f.flush()
@@ -221,3 +219,49 @@ def open_attrs(path: Path) -> dict:
 
 def decode_strings(values) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+# ---------------------------------------------------------------- the row checksum (see checksum.py)
+
+WHOLE_ROW = 3  # the format version from which a checksum covers the whole row
+
+
+@dataclass
+class RowMeta:
+    """What a cache stores for each row besides its features (bulk-read once)."""
+
+    narration_id: list[str]
+    video_id: list[str]
+    verb_class: np.ndarray
+    noun_class: np.ndarray
+    plan_index: np.ndarray
+    frame_index: np.ndarray
+
+    @classmethod
+    def read(cls, f: h5py.File) -> RowMeta:
+        return cls(
+            decode_strings(f["narration_id"][...]),
+            decode_strings(f["video_id"][...]),
+            f["verb_class"][...],
+            f["noun_class"][...],
+            f["plan_index"][...],
+            f["frame_index"][...],
+        )
+
+
+def row_crc(feats: np.ndarray, row: int | None = None, meta: RowMeta | None = None, src: int | None = None) -> int:
+    """crc32 of one row as stored: its float16 features and, with ``meta`` (format 3), its
+    row number, labels, plan index, frame indices and ids. ``src``: the row's index in
+    ``meta`` when that differs from ``row`` (a merge writes row ``row`` from another file)."""
+    crc = zlib.crc32(np.ascontiguousarray(feats, dtype=np.float16).data)
+    if meta is None or row is None:
+        return crc
+    i = row if src is None else src
+    numbers = np.array([row, meta.verb_class[i], meta.noun_class[i], meta.plan_index[i]], np.int64)
+    crc = zlib.crc32(numbers.tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(meta.frame_index[i], np.int64).tobytes(), crc)
+    return zlib.crc32(f"{meta.narration_id[i]}\0{meta.video_id[i]}".encode(), crc)
+
+
+def whole_row(f: h5py.File) -> bool:
+    return int(f.attrs.get("format_version", 0)) >= WHOLE_ROW

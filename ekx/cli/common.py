@@ -295,3 +295,14 @@ LogsOpt = Annotated[
     typer.Option(help="Folder for the jobs' output files (default: the submit directory).", show_default=False),
 ]
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+# failed/pending (or undecodable) segments: refused unless asked, then wrong in every figure
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing",
+        help="Count failed/pending (or undecodable) segments as wrong in every figure instead of refusing "
+        "(a submission still needs every segment).",
+    ),
+]

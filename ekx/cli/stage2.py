@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ekx import EkxError
 from ekx.cli.common import (
+    AllowMissingOpt,
     AnnotationsOpt,
     BackboneOpt,
     ConfigOpt,
@@ -42,14 +43,7 @@ def train_head(
     features: FeaturesOpt = None,
     runs: RunsOpt = None,
     annotations: AnnotationsOpt = None,
-    allow_missing: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing",
-            help="Train although the validation cache has failed/pending segments: they count as "
-            "wrong in every validation figure (as ekx evaluate --allow-missing); refused otherwise.",
-        ),
-    ] = False,
+    allow_missing: AllowMissingOpt = False,
     **overrides,
 ):
     """Stage 2: train a temporal head on cached features -> runs/<name>/.
@@ -113,14 +107,7 @@ def evaluate(
     split_name: Annotated[
         str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")
     ] = "validation",
-    allow_missing: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing",
-            help="Score failed/pending (or undecodable) segments as wrong instead of refusing; "
-            "a submission still needs every segment.",
-        ),
-    ] = False,
+    allow_missing: AllowMissingOpt = False,
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
     device: DeviceOpt = None,

@@ -339,8 +339,7 @@ def check_input(cfg: FinetuneConfig, start: Start, videos: Path) -> None:
         prepared.describe() if prepared else identity.ORIGINAL_VIDEOS,
         identity.decode_size_of(bb, [], cfg.resize),
     )
-    mine = {k: v for k, v in mine.items() if k not in identity.PROVENANCE}
-    keys = [k for k in mine if start.whole or k in start.cache]
+    keys = [k for k in mine if k not in identity.PROVENANCE and (start.whole or k in start.cache)]
     bad = identity.mismatch(start.cache, mine, ("its cache", "this run"), keys)
     if bad:
         raise EkxError(
