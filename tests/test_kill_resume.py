@@ -45,8 +45,8 @@ CHILD = textwrap.dedent(
         tr.make_batch = make_batch
     else:
         real_save = tr.save_checkpoint
-        def save_checkpoint(path, parts, opt, cfg, epoch, *a):
-            real_save(path, parts, opt, cfg, epoch, *a)
+        def save_checkpoint(path, parts, opt, cfg, epoch, *a, **k):
+            real_save(path, parts, opt, cfg, epoch, *a, **k)
             if path.name == "last.pt" and epoch == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
         tr.save_checkpoint = save_checkpoint
