@@ -204,6 +204,7 @@ def sweep(
         int, typer.Option(help="Configurations (or search workers) at once, in processes that die with this one.")
     ] = 1,
     index: Annotated[int | None, typer.Option(help="Run only configuration I (0-based; one SLURM array task).")] = None,
+    allow_missing: AllowMissingOpt = False,
     worker: Annotated[
         int, typer.Option(help="[optuna] files: this process is worker I of the shared study (seeds its sampler).")
     ] = 0,
@@ -263,7 +264,7 @@ def sweep(
         if list_only or index is not None:
             raise EkxError(f"{file} is an [optuna] search: trials are sampled as it runs (no --list, no --index)")
         tails, unseen = subsets(ws.annotations, "validation")
-        _search(spec, sweep_dir, ws, jobs, tails, unseen, worker)
+        _search(spec, sweep_dir, ws, jobs, tails, unseen, worker, allow_missing)
         return
     if select:
         raise EkxError("--select applies to [optuna] files (the grid/random runner trains every configuration)")
@@ -278,10 +279,10 @@ def sweep(
         if not 0 <= index < len(configs):
             raise EkxError(f"--index {index}: {file} has configurations 0..{len(configs) - 1}")
         configs = [configs[index]]
-    _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen)
+    _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen, allow_missing)
 
 
-def _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen) -> None:
+def _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, unseen, allow_missing) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ekx.heads import sweep as sw
@@ -313,9 +314,8 @@ def _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, uns
                 bar.update(t, status=f"[red]failed[/red]: {row['error'][:60]}")
                 bar.advance(overall)
 
-        results = sw.run_sweep(
-            configs, sweep_dir, train_features, val_features, ws.device, jobs, tails, unseen, on_event, ws.features
-        )
+        where = (train_features, val_features, ws.device, jobs, tails, unseen, on_event, ws.features)
+        results = sw.run_sweep(configs, sweep_dir, *where, allow_missing=allow_missing)
     failed = {n: r for n, r in results.items() if r["status"] == "failed"}
     console.print(
         f"{len(results) - len(failed)}/{len(results)} configurations finished -> {sweep_dir}  "
@@ -327,7 +327,7 @@ def _grid(configs, sweep_dir, ws, jobs, train_features, val_features, tails, uns
         raise typer.Exit(1)
 
 
-def _search(spec, sweep_dir, ws, jobs, tails, unseen, worker) -> None:
+def _search(spec, sweep_dir, ws, jobs, tails, unseen, worker, allow_missing) -> None:
     from ekx.heads import search as se
 
     def on_event(kind, name, row):
@@ -344,7 +344,7 @@ def _search(spec, sweep_dir, ws, jobs, tails, unseen, worker) -> None:
             text = f"[red]{name} failed[/red]: {row['error'][:200]}"
         console.print(text, highlight=False, soft_wrap=True)
 
-    se.run_search(spec, sweep_dir, ws.features, ws.device, jobs, tails, unseen, worker, on_event)
+    se.run_search(spec, sweep_dir, ws.features, ws.device, jobs, tails, unseen, worker, on_event, allow_missing)
     counts = se.summary(sweep_dir)
     console.print(
         f"study {se.journal_path(sweep_dir)}: "
