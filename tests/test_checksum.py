@@ -130,8 +130,13 @@ def test_verify_with_the_annotation_file_compares_every_stored_label(tmp_path):
     path = make_cache(tmp_path / "c.h5", n=6, num_verbs=5)
     c = open_cache(path)
     csv = tmp_path / "ann.csv"
-    lines = ["narration_id,video_id,verb_class,noun_class"]
-    lines += [f"{c.narration_id[i]},{c.video_id[i]},{c.verb_class[i]},{c.noun_class[i]}" for i in range(6)]
+    head = "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,"
+    head += "start_frame,stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes"
+    lines = [head]  # the official format, as the annotation loader reads it
+    for i in range(6):
+        vid, v, n = c.video_id[i], c.verb_class[i], c.noun_class[i]
+        times = "00:00:01.00,00:00:01.00,00:00:02.00,60,120"
+        lines.append(f"{c.narration_id[i]},{vid.split('_')[0]},{vid},{times},x,v{v},{v},n{n},{n},n{n},[{n}]")
     csv.write_text("\n".join(lines) + "\n")
     assert not [p for p in tools.verify(path, csv)[0] if "disagree" in p]
     with h5py.File(path, "r+") as f:

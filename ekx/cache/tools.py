@@ -103,25 +103,23 @@ def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False)
     if annotation_csv is not None:
         from ekx.extract.backbones import sha256_file
 
+        labels = check_labels(c, Path(annotation_csv))  # first: it names a missing or malformed file
         if sha256_file(annotation_csv) != a.get("annotation_sha256"):
             problems.append(
                 f"{annotation_csv} is not the annotation file this cache was made from "
                 f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)"
             )
-        problems += check_labels(c, Path(annotation_csv))
+        problems += labels
     return problems, warnings
 
 
 def check_labels(c, csv_path: Path) -> list[str]:
     """Every stored narration id, video id and label against the annotation file's row
-    (the file's hash alone says nothing of what the cache holds)."""
-    import csv
+    (the file's hash alone says nothing of what the cache holds). Read with the annotation
+    loader, which names a missing file, column or bad line itself."""
+    from ekx import epic
 
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        truth = {
-            r["narration_id"]: (r["video_id"], int(r.get("verb_class") or -1), int(r.get("noun_class") or -1))
-            for r in csv.DictReader(fh)
-        }
+    truth = {seg.narration_id: (seg.video_id, seg.verb_class, seg.noun_class) for seg in epic.load_segments(csv_path)}
     seen: set[str] = set()
     wrong: list[str] = []
     for i, nid in enumerate(c.narration_id):
