@@ -36,7 +36,6 @@ import h5py
 import numpy as np
 
 from ekx import EkxError
-from ekx.cache import identity
 
 FORMAT = "ekx-features"
 VERSION = 3  # 2: per-row feature checksums; 3: the checksum covers the whole row
@@ -69,10 +68,6 @@ def _attr(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
         return np.array(value, dtype=h5py.string_dtype())
     return list(value) if isinstance(value, tuple) else value
-
-
-# kept for the modules that name it here
-ORIGINAL_VIDEOS = identity.ORIGINAL_VIDEOS
 
 
 def create(

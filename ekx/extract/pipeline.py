@@ -193,7 +193,7 @@ def extract_many(
         plan_index,
     )
     prepared = read_manifest(videos) if src.reads == "videos" else None  # never mixed with the originals'
-    video_input = prepared.describe() if prepared else store.ORIGINAL_VIDEOS
+    video_input = prepared.describe() if prepared else identity.ORIGINAL_VIDEOS
     if src.reads == "frames":
         video_input = sources.RGB_FRAMES
     missing_msg = src.missing_message(missing, len({s.video_id for s in plan}), root) if missing else None

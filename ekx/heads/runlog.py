@@ -101,10 +101,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if r]
 
 
-def plot_curves(run_dir: Path, rows: list[dict], title: str = "") -> Path | None:
+def plot_curves(run_dir: Path, rows: list[dict], title: str = "", best: int | None = None) -> Path | None:
     """curves.png: losses and validation accuracies per epoch (needs matplotlib, the plot
-    extra), titled (a copied-out picture still says which run it is), the epoch of best.pt
-    marked, whole epochs on the axis."""
+    extra), titled (a copied-out picture still says which run it is), ``best`` (best.pt's
+    epoch) marked, whole epochs on the axis."""
     try:
         import matplotlib
 
@@ -116,7 +116,6 @@ def plot_curves(run_dir: Path, rows: list[dict], title: str = "") -> Path | None
     if not rows:
         return None
     ep = [r["epoch"] for r in rows]
-    best = best_epoch(Path(run_dir))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4))
     a.plot(ep, [r["train_loss"] for r in rows], label="train")
     a.plot(ep, [r["val_loss"] for r in rows], label="validation")
@@ -139,19 +138,6 @@ def plot_curves(run_dir: Path, rows: list[dict], title: str = "") -> Path | None
     plt.close(fig)
     write_atomic(out, buf.getvalue())
     return out
-
-
-def best_epoch(run_dir: Path) -> int | None:
-    """The epoch best.pt was saved at (whatever objective chose it), or None."""
-    import torch
-
-    path = Path(run_dir) / "best.pt"
-    if not path.is_file():
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:  # a damaged best.pt is reported where it is loaded, not here
-        return None
 
 
 def curves_title(cfg, run_dir: Path) -> str:

@@ -245,8 +245,9 @@ def fit(
     if not task.rank0:
         return {}
     rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
-    plot_curves(run_dir, rows, curves_title(cfg, run_dir))
-    return best_row(rows, objective)
+    best_of_run = best_row(rows, objective)  # the epoch best.pt was saved at
+    plot_curves(run_dir, rows, curves_title(cfg, run_dir), best_of_run.get("epoch"))
+    return best_of_run
 
 
 # ---------------------------------------------------------------- cached features
