@@ -92,6 +92,18 @@ def make_cache(
     return path
 
 
+def fail_rows(path: Path, rows) -> None:
+    """Mark rows of a cache failed, as an extraction whose segments did not decode leaves them."""
+    import h5py
+
+    from ekx.cache import store
+
+    with h5py.File(path, "r+") as f:
+        status = f["status"][...]
+        status[rows] = store.FAILED
+        f["status"][...] = status
+
+
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory, request):
     """`ekx demo` run once through the CLI: (workdir, CLI result). Its synthetic data,

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_cache
+from conftest import fail_rows, make_cache
 from typer.testing import CliRunner
 
 from ekx import EkxError
-from ekx.cache import store
 from ekx.cache.reader import open_cache
 from ekx.cli import app
 from ekx.heads import config as hc
@@ -47,13 +45,6 @@ def test_missing_rows_count_as_wrong_in_every_metric_and_subset():
     assert got["verb_top1"] < metrics.compute(verb[present], noun[present], verbs[present], nouns[present])["verb_top1"]
 
 
-def _fail_rows(path, rows):
-    with h5py.File(path, "r+") as f:
-        status = f["status"][...]
-        status[rows] = store.FAILED
-        f["status"][...] = status
-
-
 @pytest.fixture()
 def run_and_caches(tmp_path):
     train = make_cache(tmp_path / "train.h5", n=40, num_verbs=97, num_nouns=300, seed=0)
@@ -67,7 +58,7 @@ def run_and_caches(tmp_path):
 def test_evaluate_refuses_failed_rows_unless_allowed_then_counts_them_wrong(run_and_caches, tmp_path):
     run, val = run_and_caches
     whole = evaluate_run(run, val)["metrics"]
-    _fail_rows(val, [3, 7])
+    fail_rows(val, [3, 7])
     with pytest.raises(EkxError, match=r"2 of 20 segments have no scores \(e.g. P01_01_3\).*--allow-missing"):
         evaluate_run(run, val)
     result = evaluate_run(run, val, allow_missing=True)
@@ -97,7 +88,7 @@ def test_evaluate_refuses_failed_rows_unless_allowed_then_counts_them_wrong(run_
 def test_a_test_split_submission_with_a_failed_segment_is_refused(run_and_caches, tmp_path):
     run, _ = run_and_caches
     test = make_cache(tmp_path / "test.h5", n=30, num_verbs=97, num_nouns=300, seed=2, labelled=False, split="test")
-    _fail_rows(test, [29])
+    fail_rows(test, [29])
     out = tmp_path / "sub.json"
     cli = runner.invoke(app, ["evaluate", str(run), "--features", str(test), "--submission", str(out)])
     assert cli.exit_code == 1 and "1 of 30 segments have no scores" in cli.output, cli.output

@@ -4,12 +4,10 @@ allow_missing count them wrong in every metric and record how many (issue 23 poi
 
 from __future__ import annotations
 
-import h5py
 import pytest
-from conftest import make_cache
+from conftest import fail_rows, make_cache
 
 from ekx import EkxError
-from ekx.cache import store
 from ekx.heads import search as se
 from ekx.heads import sweep as sw
 from ekx.heads import train as tr
@@ -20,20 +18,13 @@ from ekx.heads.runlog import read_metrics
 FAILED = [0, 2, 4, 6]  # 4 of the 8 validation rows
 
 
-def _fail_rows(path, rows):
-    with h5py.File(path, "r+") as f:
-        status = f["status"][...]
-        status[rows] = store.FAILED
-        f["status"][...] = status
-
-
 @pytest.fixture()
 def caches(tmp_path):
     """features/resnet50/{train,validation}.h5, half the validation rows failed."""
     root = tmp_path / "features"
     make_cache(root / "resnet50" / "train.h5", n=40, seed=0)
     val = make_cache(root / "resnet50" / "validation.h5", n=8, seed=1, split="validation")
-    _fail_rows(val, FAILED)
+    fail_rows(val, FAILED)
     return root
 
 
