@@ -29,21 +29,29 @@ def _key(name: str) -> str:
 @dataclass(frozen=True)
 class Names:
     """A registry's names, kept torch-free beside its config (a test holds them equal to the
-    registry). A name is accepted in any case and with ``_`` for ``-`` (``cross_attention``);
-    ``families`` are the ``family:`` prefixes of open-ended names (``timm:<model>``)."""
+    registry's built-in ones). A name is accepted in any case and with ``_`` for ``-``
+    (``cross_attention``); ``families`` are the ``family:`` prefixes of open-ended names
+    (``timm:<model>``); ``plugins`` are names registered at run time by the user's own code
+    (the registry's ``register`` adds them), accepted from then on."""
 
     what: str
     known: tuple[str, ...]
     families: tuple[str, ...] = ()
+    plugins: set[str] = field(default_factory=set, compare=False)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.known)
+        return iter((*self.known, *sorted(self.plugins)))
 
     def __str__(self) -> str:
-        return ", ".join(self.known)
+        return ", ".join(self)
+
+    def add(self, name: str) -> None:
+        """A registry's ``register``: a name beyond the built-in ones becomes valid."""
+        if name not in self.known:
+            self.plugins.add(name)
 
     def canonical(self, name: str) -> str:
-        spelt = {_key(n): n for n in self.known}
+        spelt = {_key(n): n for n in self}
         if _key(name) in spelt:
             return spelt[_key(name)]
         family, colon, _ = name.partition(":")
@@ -59,7 +67,7 @@ class Names:
     def complete(self, incomplete: str) -> list[str]:
         """Shell completion; in a comma list (``resnet50,eff``), of its last name."""
         head, comma, last = incomplete.rpartition(",")
-        return [head + comma + n for n in self.known if n.startswith(last)]
+        return [head + comma + n for n in self if n.startswith(last)]
 
 
 @dataclass(frozen=True)

@@ -124,15 +124,21 @@ def test_cache_frame_index_matches_timestamps(synth_data, tmp_path):
 
 @pytest.mark.slow
 def test_real_clips_all_extract(clips, tmp_path):
-    """MPEG-2, 4:4:4 H.264, 50/60 fps 1080p, audio tracks: every clip decodes and extracts."""
+    """MPEG-2, 4:4:4 H.264, 50/60 fps 1080p, audio tracks: every MP4 clip decodes and
+    extracts; the MPEG-2 program stream fails in one line naming `ekx prepare` (both video
+    sources return other frames there), and its prepared MP4 copy extracts."""
+    from ekx.prepare import Settings, transcode
+
     videos = tmp_path / "videos"
     videos.mkdir()
-    rows = []
+    mpg = clips / "kivy_cityCC0.mpg"
+    transcode(mpg, videos / "P90_09.mp4", Settings(short_side=256))
+    rows = [["P90_09_0", "P90", "P90_09", "00:00:01.000", "00:00:01.00", "00:00:03.00", 0, 0]]
     for i, clip in enumerate(sorted(p for p in clips.iterdir() if p.suffix in (".mp4", ".mpg"))):
         vid = f"P90_{i:02d}"
         (videos / f"{vid}{clip.suffix}").symlink_to(clip)
         rows.append([f"{vid}_0", "P90", vid, "00:00:01.000", "00:00:01.00", "00:00:03.00", 0, 0])
-    assert len(rows) == 5
+    assert len(rows) == 6
     ann = tmp_path / "annotations"
     ann.mkdir()
     with open(ann / "EPIC_100_test_timestamps.csv", "w", newline="") as fh:
@@ -141,7 +147,9 @@ def test_real_clips_all_extract(clips, tmp_path):
         (ann / name).write_text("id,key,instances,category\n0,x,['x'],x\n")
     cfg = ExtractConfig(split="test", weights="none", frames=4, workers=2, out=tmp_path / "f.h5")
     summary = extract(cfg, ann, videos, tmp_path, warn=lambda m: None)
-    assert (summary.done, summary.failed) == (5, 0), summary.failures
+    assert (summary.done, summary.failed) == (5, 1), summary.failures
+    [(nid, why)] = summary.failures
+    assert nid == "P90_04_0" and "P90_04.mpg" in why and "ekx prepare" in why, why
     cache = open_cache(tmp_path / "f.h5")
     assert (cache.verb_class == -1).all()
     assert np.isfinite(cache.features()).all()

@@ -184,9 +184,29 @@ def test_the_torch_free_name_lists_match_the_registries():
     from ekx.heads import models
     from ekx.heads.config import HEADS
 
-    assert sorted(HEADS) == sorted(models.REGISTRY)
-    assert sorted(BACKBONES.known) == sorted(backbones.REGISTRY)
-    assert sorted(SOURCES.known) == sorted(["auto", *sources.names()])
+    # the built-in names; a test's own registration (a plugin) adds to `plugins`, not `known`
+    assert sorted(HEADS.known) == sorted(set(models.REGISTRY) - HEADS.plugins)
+    assert sorted(BACKBONES.known) == sorted(set(backbones.REGISTRY) - BACKBONES.plugins)
+    assert sorted(SOURCES.known) == sorted(["auto", *sources.BUILTIN])
+    assert set(sources.names()) - SOURCES.plugins == set(sources.BUILTIN)
+
+
+def test_a_registered_plugin_source_is_accepted_by_the_config_check():
+    """A user's own `@register` source (the frame-source docs' "one file") passes ExtractConfig's
+    name check, which is torch-free and lists only the built-in names."""
+    from ekx.extract import sources
+    from ekx.extract.config import SOURCES, ExtractConfig
+    from ekx.options import checked as check
+
+    with pytest.raises(EkxError, match="unknown frame source 'my-reader'"):
+        check(ExtractConfig(source="my-reader"))
+    sources.register(type("Mine", (sources.Source,), {"name": "my-reader"}))
+    try:
+        check(ExtractConfig(source="my-reader"))
+        assert "my-reader" in str(SOURCES)
+    finally:
+        del sources.REGISTRY["my-reader"]
+        SOURCES.plugins.discard("my-reader")
 
 
 # ---------------------------------------------------------------- 3. no progress display before an error

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_cache
 from typer.testing import CliRunner
 
@@ -301,7 +302,6 @@ def test_best_pt_follows_the_searchs_objective(tmp_path, monkeypatch):
     epoch of the lowest validation loss - not the epoch of the best action top-1."""
     from ekx.heads import compare
     from ekx.heads import train as tr
-    from ekx.heads.runlog import best_epoch
 
     loss, action = [3.0, 2.0, 1.0, 1.5], [10.0, 20.0, 30.0, 40.0]  # lowest loss at 3, best action at 4
     real, calls = tr.score, iter(range(len(loss)))
@@ -322,7 +322,7 @@ def test_best_pt_follows_the_searchs_objective(tmp_path, monkeypatch):
     out = se.run_search(spec, sweep_dir, feats, "cpu")
     assert out["trial-0000"] == {"status": "done", "value": 1.0}
     run = se.trial_dir(sweep_dir, 0)
-    assert best_epoch(run) == 3
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 3
     assert json.loads((run / "done.json").read_text())["best"]["epoch"] == 3
     (row,) = compare.collect([sweep_dir])
     assert row["best_epoch"] == 3 and row["val_loss"] == 1.0

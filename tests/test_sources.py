@@ -19,7 +19,7 @@ from ekx.synth import read_stamp
 K = 5
 VIDEO_SOURCES = ("decord", "torchcodec")
 # every registered source, the frames source once per layout
-CASES = [n for n in sources.names() if n != "frames"] + ["frames-folder", "frames-tar"]
+CASES = [n for n in sources.BUILTIN if n != "frames"] + ["frames-folder", "frames-tar"]  # not a test's own
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +174,29 @@ def test_auto_picks_videos_else_frames(synth_data, rgb_frames, tmp_path):
     assert sources.choose("auto", vids, tmp_path / "none", tmp_path / "none").name == "decord"
 
 
-def test_decord_refuses_the_shared_mpeg_program_stream(clips):
+@pytest.mark.parametrize("name", ["decord", "torchcodec"])
+def test_video_sources_refuse_the_shared_mpeg_program_stream(clips, name):
     """kivy_cityCC0.mpg (MPEG-2 in MPEG-PS, no B-frames): decord's frame i was PyAV's frame
     i + 12, the GOP (mean abs difference 0.3-1.3 to that frame, 22-46 to frame i, on 5
-    indices). Each segment now fails in one line naming the file and the ways out."""
+    indices); torchcodec's frames 0, 5 and 10 were all PyAV's frame 12, its frame 40 frame 48.
+    Each segment now fails in one line naming the file and the way out."""
+    src = sources.get(name)
+    if src.missing():
+        pytest.skip(src.missing())
     path = clips / "kivy_cityCC0.mpg"
-    res = list(sources.get("decord").decode(path, [Request(0, 1.0, 2.0), Request(1, 3.0, 4.0)], 4, 1))
+    res = list(src.decode(path, [Request(0, 1.0, 2.0), Request(1, 3.0, 4.0)], 4, 1))
     assert [r.frames for r in res] == [None, None]
     for r in res:
         assert r.error is not None and "kivy_cityCC0.mpg" in r.error and "MPEG-TS/PS" in r.error, r.error
-        assert "--source torchcodec" in r.error and "ekx prepare" in r.error
+        assert "ekx prepare" in r.error
     with pytest.raises(EkxError, match="MPEG-TS/PS"):
-        sources.get("decord").open(path)
+        src.open(path)
 
 
 def test_decord_and_torchcodec_agree_on_the_shared_clips(clips):
     """Same frame indices everywhere; on the H.264 clips (EPIC's codec) the same pixels up to
     colour-conversion rounding (measured: bit-identical). The MPEG-2 program stream is left
-    out: decord refuses it (it returned frame i + 12 there)."""
+    out: both refuse it (decord returned frame i + 12 there)."""
     tc = sources.get("torchcodec")
     if tc.missing():
         pytest.skip(tc.missing())

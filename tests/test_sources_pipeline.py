@@ -21,7 +21,6 @@ from ekx.extract.video import Request, Result
 HUNG = {"video": ""}  # the video the hanging source never finishes (set by the test)
 
 
-@sources.register
 class Hanging(sources.Source):
     """decord, except that one video hangs forever inside decode (as decord's get_batch can)."""
 
@@ -32,6 +31,17 @@ class Hanging(sources.Source):
         if Path(path).stem == HUNG["video"]:
             time.sleep(3600)
         return sources.get("decord").decode(path, requests, k, clip_len, size_fn, device)
+
+
+@pytest.fixture
+def hanging_source():
+    """The test's own source, registered for one test only (a plugin, as a user's would be)."""
+    from ekx.extract.config import SOURCES
+
+    sources.register(Hanging)
+    yield Hanging.name
+    del sources.REGISTRY[Hanging.name]
+    SOURCES.plugins.discard(Hanging.name)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +85,13 @@ def test_frames_source_needs_its_root(synth_data, tmp_path):
     assert "no RGB frames under" in msg and "rgb_frames/<video_id>.tar" in msg
 
 
-def test_watchdog_fails_a_hung_videos_segments_and_the_run_goes_on(synth_data, tmp_path):
+def test_watchdog_fails_a_hung_videos_segments_and_the_run_goes_on(synth_data, tmp_path, hanging_source):
     ann = epic.Annotations(synth_data / "annotations")
     train = ann.segments("train")
     videos = sorted({s.video_id for s in train})
     HUNG["video"] = videos[-1]  # not among the first segments, which calibrate BatchNorm
     cfg = ExtractConfig(
-        split="train", weights="none", frames=4, workers=1, source="test-hang", decode_timeout=1.0,
+        split="train", weights="none", frames=4, workers=1, source=hanging_source, decode_timeout=1.0,
         out=tmp_path / "t.h5",
     )  # fmt: skip
     s = extract(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)

@@ -214,20 +214,21 @@ TS_PS = {  # container, codec, B-frames: what decord got for frames [33, 41, 48,
 }
 
 
+@pytest.mark.parametrize("source", VIDEO_SOURCES)
 @pytest.mark.parametrize("name", sorted(TS_PS))
-def test_decord_refuses_mpeg_ts_and_ps_instead_of_returning_other_frames(name, tmp_path):
+def test_video_sources_refuse_mpeg_ts_and_ps_instead_of_returning_other_frames(source, name, tmp_path):
     """decord on MPEG-TS/PS returned other frames than asked, with no error: one GOP late on
     H.264 with B-frames in MPEG-TS (the issue's stamped video: [63, 71, 78, 86] for
     [33, 41, 48, 56]), and likewise MPEG-2 in TS or PS with or without B-frames and H.264 in
-    PS (the shared kivy_cityCC0.mpg: frame i + 12, its GOP). Each segment now fails in one
-    line naming the file and the ways out."""
+    PS (the shared kivy_cityCC0.mpg: frame i + 12, its GOP). torchcodec too: frame 30 for
+    frames [1, 5, 9, 13] of the H.264 TS, then a decode error; frame 0 throughout the H.264
+    PS. Each segment now fails in one line naming the file and the way out."""
     codec, bframes = TS_PS[name]
     path = write_pts_video(tmp_path / name, GOP30_PTS, codec=codec, gop=30, bframes=bframes, time_base=Fraction(1, 30))
-    res = decode("decord", path, [Request(0, 1.0, 2.0)], 4)[0]
+    res = decode(source, path, [Request(0, 1.0, 2.0)], 4)[0]
     got = None if res.error else stamps(res)
-    assert got is None, f"decord read {got} (displayed: {displayed_at(GOP30_PTS, centres(Request(0, 1.0, 2.0), 4))})"
-    assert name in res.error and "MPEG-TS/PS" in res.error, res.error
-    assert "--source torchcodec" in res.error and "ekx prepare" in res.error, res.error
+    assert got is None, f"{source} read {got} (displayed: {displayed_at(GOP30_PTS, centres(Request(0, 1.0, 2.0), 4))})"
+    assert name in res.error and "MPEG-TS/PS" in res.error and "ekx prepare" in res.error, res.error
     assert "\n" not in res.error
 
 
@@ -246,14 +247,6 @@ def test_prepared_copy_of_mpeg_ts_with_b_frames_reads_right_with_decord(tmp_path
     for r in TS_REQUESTS:
         assert stamps(got[r.row]) == displayed_at(GOP30_PTS, centres(r, 4)).tolist(), r
     assert stamps(got[0]) == [33, 41, 48, 56]
-
-
-def test_torchcodec_reads_mpeg_ts_with_b_frames_right(tmp_path):
-    """The other way out: torchcodec on the MPEG-TS file itself (where it can load FFmpeg)."""
-    path = write_pts_video(tmp_path / "b.ts", GOP30_PTS, gop=30, bframes=2)
-    got = decode("torchcodec", path, TS_REQUESTS, 4)
-    for r in TS_REQUESTS:
-        assert stamps(got[r.row]) == displayed_at(GOP30_PTS, centres(r, 4)).tolist(), r
 
 
 @pytest.mark.parametrize("name", VIDEO_SOURCES)

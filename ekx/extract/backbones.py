@@ -23,6 +23,7 @@ from torchvision import models
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
 from ekx import EkxError
+from ekx.extract import config
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def register(backbone: Backbone) -> Backbone:
     if backbone.name in REGISTRY:
         raise ValueError(f"backbone {backbone.name!r} is already registered")
     REGISTRY[backbone.name] = backbone
+    config.BACKBONES.add(backbone.name)  # the CLI's and ExtractConfig's check accepts it from now on
     return backbone
 
 

@@ -22,8 +22,8 @@ resizes to where the decoder's scaler is asked for (~2x cheaper than converting 
 RGB and resizing after; the cache records which resize ran). Frames are read in
 increasing order; for each one the reader either decodes forward from where it is
 (skip_frames: no colour conversion) or seeks, whichever decodes fewer frames - it seeks
-only when a keyframe lies between the current position and the target. decord is refused
-MPEG-TS/PS files (`decord_refuses`): there it returns other frames than asked, silently.
+only when a keyframe lies between the current position and the target. MPEG-TS/PS files
+are refused (`refuses_mpeg_systems`): decord and torchcodec return other frames there, silently.
 """
 
 from __future__ import annotations
@@ -154,17 +154,20 @@ def scan(path: Path, refuse: Callable[[Path, str], str | None] | None = None) ->
 MPEG_SYSTEMS = ("mpeg", "mpegts", "mpegtsraw")
 
 
-def decord_refuses(path: Path, container: str) -> str | None:
-    """Why decord cannot read this file, or None (its callers name the file). On MPEG-TS/PS
-    decord returns other frames than asked, with no error (measured on stamped videos: one
-    GOP late for H.264 with B-frames and for MPEG-2 in TS, one GOP late on the shared MPEG-2
-    program stream, other frames again for MPEG-2 and H.264 in PS; its forward reading loses
-    the first GOP of a TS). Only H.264 without B-frames in TS read right there, which nothing
-    in decord promises: the whole container family is refused."""
+def refuses_mpeg_systems(path: Path, container: str) -> str | None:
+    """Why neither decord nor torchcodec may read this file, or None (callers name the file).
+    On MPEG-TS/PS both return other frames than asked, with no error. decord (measured on
+    stamped videos): one GOP late for H.264 with B-frames and for MPEG-2 in TS, one GOP late
+    on the shared MPEG-2 program stream, other frames again for MPEG-2 and H.264 in PS.
+    torchcodec 0.17 (exact mode): the first frames of an H.264 TS all read as frame 30, the
+    rest of the file then fails; an H.264 PS reads as frame 0 throughout; the shared MPEG-2
+    program stream's frames 0-10 read as frame 12. Only some codec/container pairs read
+    right, which neither library promises: the whole container family is refused, and
+    `ekx prepare` (PyAV, decoding in order) makes the MP4 copy both read right."""
     if set(container.split(",")) & set(MPEG_SYSTEMS):
         return (
-            f"decord returns wrong frames from MPEG-TS/PS files ({container}); "
-            "use --source torchcodec, or an MP4 copy made by `ekx prepare`"
+            f"decord and torchcodec return wrong frames from MPEG-TS/PS files ({container}); "
+            "make an MP4 copy with `ekx prepare` and extract from that"
         )
     return None
 

@@ -28,6 +28,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ekx import EkxError, epic
+from ekx.extract import config
 from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at
 
 BUILTIN = ("decord", "torchcodec", "frames")  # modules of ekx.extract.sources, imported on first use
@@ -127,6 +128,7 @@ def register(cls: type[Source]) -> type[Source]:
     if cls.name in REGISTRY:
         raise ValueError(f"frame source {cls.name!r} is already registered")
     REGISTRY[cls.name] = cls()
+    config.SOURCES.add(cls.name)  # the CLI's and ExtractConfig's check accepts it from now on
     return cls
 
 

@@ -1,7 +1,7 @@
 """The default source: decord, through `ekx.extract.video`'s reader (opened once per
 video at the decode size, reading forward and seeking only past a keyframe). Frame times
-are the container's pts (PyAV, float64); MPEG-TS/PS files are refused, naming the ways out
-(`video.decord_refuses`): decord returns other frames than asked there."""
+are the container's pts (PyAV, float64); MPEG-TS/PS files are refused, naming the way out
+(`video.refuses_mpeg_systems`): decord returns other frames than asked there."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ekx.extract.sources import Request, SizeFn, Source, register, time_position
 
 class DecordReader:
     def __init__(self, path: Path, size_fn: SizeFn):
-        info = video.scan(path, refuse=video.decord_refuses)
+        info = video.scan(path, refuse=video.refuses_mpeg_systems)
         self.vr = video.open_reader(path, size_fn, info.shape)
         self.forward = video.ForwardReader(self.vr)
         self.num_frames = len(self.vr)

@@ -6,7 +6,8 @@ the header's frame count is wrong - decord's `get_batch` can loop forever there)
 the preprocessing size runs inside the decoder (bilinear, antialiased), as decord's does.
 On ``cuda`` the frames are decoded by NVDEC and stay on the GPU (a torch tensor), so the
 backbone gets them without a host copy; the one-line note of `resolve_device` says when
-CUDA or NVDEC is missing and decoding falls back to the CPU.
+CUDA or NVDEC is missing and decoding falls back to the CPU. MPEG-TS/PS files are refused
+as decord's are (`video.refuses_mpeg_systems`): torchcodec returns other frames there too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class TorchcodecReader:
         # the header's size (one exact-mode scan, already at the decode size) and the frames'
         # pts (float64), in one PyAV pass: torchcodec keeps the pts from its scan but does not
         # expose them
-        info = video.scan(path)
+        info = video.scan(path, refuse=video.refuses_mpeg_systems)  # wrong frames there too
         shape, dec = info.shape, None
         if shape is None:  # not readable by PyAV: torchcodec's own metadata (then a rescan to resize)
             dec = decoder()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ekx import EkxError
+from ekx.heads.config import HEADS
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -23,6 +24,7 @@ def register(name: str):
         if name in REGISTRY:
             raise ValueError(f"head {name!r} is already registered")
         REGISTRY[name] = cls
+        HEADS.add(name)  # TrainConfig's check accepts it from now on
         return cls
 
     return wrap
