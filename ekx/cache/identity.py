@@ -132,6 +132,7 @@ def input_attrs(bb, source_attrs: Mapping[str, str], video_input: str, decode_si
         "clip_len": bb.clip_len,
         "sampling": video.sampling_rule(),
         **bb.preprocess.to_attrs(),
+        **bb.attrs,  # a family's model: family, library version, pooling
         **{k: v for k, v in source_attrs.items()},
         "decode_size": decode_size,
         "video_input": video_input,

@@ -32,6 +32,46 @@ from ekx.extract.config import BACKBONES
 
 
 @command()
+def backbones(
+    name: Annotated[
+        str | None, typer.Argument(help="A backbone or family model (timm:convnext_tiny) to describe.")
+    ] = None,
+):
+    """List the built-in backbones and the families, or describe one model: feature dim,
+    clip length, input size and preprocessing.
+
+    Example: ekx backbones timm:vit_small_patch14_dinov2.lvd142m
+    """
+    from ekx.extract import backbones as bbs
+    from ekx.extract import families
+
+    if name is None:
+        table = Table("backbone", "dim", "clip", "input", "preprocessing", title="built-in backbones (torchvision)")
+        for b in bbs.REGISTRY.values():
+            p = b.preprocess
+            table.add_row(b.name, str(b.dim), str(b.clip_len), f"{p.crop_size[0]}x{p.crop_size[1]}", _pre_text(p))
+        console.print(table)
+        fams = Table("family", "example", "what", "extra", title="families (any model of the library, by name)")
+        for f in families.FAMILIES.values():
+            fams.add_row(f"{f.prefix}:", f.example, f.what, escape(f"pip install 'ekx[{f.extra}]'"))
+        console.print(fams)
+        return
+    b = bbs.get(BACKBONES.canonical(name))
+    p = b.preprocess
+    console.print(f"[bold]{escape(b.name)}[/bold]: {b.dim}-d features, " + (
+        "per frame" if b.clip_len == 1 else f"clips of {b.clip_len} frames"
+    ) + f", input {p.crop_size[0]}x{p.crop_size[1]}")  # fmt: skip
+    console.print(f"preprocessing: {_pre_text(p)}; mean {list(p.mean)}, std {list(p.std)}")
+    for k, v in b.attrs.items():
+        console.print(f"{k}: {escape(str(v))}")
+
+
+def _pre_text(p) -> str:
+    resize = f"short side {p.resize_size[0]}" if len(p.resize_size) == 1 else f"{p.resize_size[0]}x{p.resize_size[1]}"
+    return f"resize {resize} ({p.interpolation}), centre crop {p.crop_size[0]}x{p.crop_size[1]}"
+
+
+@command()
 def extract(
     backbone: Annotated[
         str,
@@ -41,7 +81,11 @@ def extract(
     ] = "resnet50",
     split: Annotated[str, typer.Option(help="train, validation, test, or a path to an annotation CSV.")] = "train",
     weights: Annotated[
-        str, typer.Option(help="DEFAULT (torchvision pretrained), a state-dict path, or none.")
+        str,
+        typer.Option(
+            help="DEFAULT (the pretrained weights: torchvision's, or a family's library's), a weights file "
+            "(state dict or .safetensors), or none (random)."
+        ),
     ] = "DEFAULT",
     frames: Annotated[int, typer.Option(help="Frames K sampled per segment.")] = 16,
     views: Annotated[int, typer.Option(help="Views per segment: view 0 clean, the others augmented.")] = 1,

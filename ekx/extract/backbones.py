@@ -4,7 +4,9 @@ feature dim, per-frame or per-clip.
 A new backbone is one `register(...)` call. Preprocessing is read from the torchvision
 weights' `transforms()` (resize, crop, mean/std, interpolation), never from a shared
 constants module: R(2+1)D uses Kinetics statistics and a 128x171 resize, EfficientNet-B3
-a 320 -> 300 bicubic pipeline.
+a 320 -> 300 bicubic pipeline. Open-ended families (`timm:<model>`, `open_clip:<arch>/<tag>`,
+`hf:<repo or dir>`) are resolved by `ekx.extract.families` on first use of the name, with
+their library's own preprocessing and weights.
 """
 
 from __future__ import annotations
@@ -91,9 +93,17 @@ class Backbone:
     # freezes the stem and the first N stages
     stages: Callable[[Any], list[list[nn.Module]]] = lambda m: [[m]]
     weights_name: str = "DEFAULT"  # the weights whose own transforms `preprocess` follows
+    # a family's model (`ekx.extract.families`): its library's preprocessing, its pretrained
+    # weights (-> model, weights identity), and the identity fields it adds to a cache
+    family: str = "torchvision"
+    own_preprocess: Preprocess | None = None
+    pretrained: Callable[[], tuple[nn.Module, str]] | None = None
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def preprocess(self) -> Preprocess:
+        if self.own_preprocess is not None:
+            return self.own_preprocess
         enum = self.weights.DEFAULT if self.weights_name == "DEFAULT" else self.weights[self.weights_name]
         return _preprocess_of(enum)
 
@@ -104,6 +114,8 @@ def with_weights(backbone: Backbone, weights: str) -> Backbone:
     its own transforms (V1 resizes to 256, V2 to 232); DEFAULT, ``none`` and local files use
     DEFAULT's, which is what a state dict fine-tuned from DEFAULT expects."""
     name = weights.rsplit(".", 1)[-1] if weights.startswith("torchvision:") else weights
+    if backbone.weights is None:  # a family's model: its library's preprocessing, whatever the weights
+        return backbone
     if name != "DEFAULT" and name in {w.name for w in backbone.weights}:
         return dataclasses.replace(backbone, weights_name=name)
     return backbone
@@ -122,6 +134,10 @@ def register(backbone: Backbone) -> Backbone:
 
 def get(name: str) -> Backbone:
     if name not in REGISTRY:
+        if ":" in name:  # a family's model: resolved (and cached) by its library
+            from ekx.extract import families
+
+            return families.resolve(name)
         raise EkxError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
@@ -175,14 +191,62 @@ def _strip_classifier(state: dict, model: nn.Module) -> dict:
     return {k: v for k, v in state.items() if k in keys}
 
 
+def read_state_file(path: Path) -> dict:
+    """A local weights file as a state dict of tensors: safetensors, or a torch file loaded
+    with weights_only=True (never pickled code); the usual wrappers are unwrapped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message would advise weights_only=False: never repeat it
+        raise EkxError(
+            f"{path}: not a safe tensor file ({type(e).__name__}): --weights takes a state dict of "
+            f"plain tensors (torch.save(model.state_dict(), ...)), a .safetensors file or an ekx "
+            "finetune checkpoint"
+        ) from None
+    if not isinstance(state, dict):
+        raise EkxError(f"{path}: not a state dict (a {type(state).__name__})")
+    for key in ("backbone", "state_dict", "model"):  # ekx finetune, timm/Lightning, DeiT-style
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return state
+
+
+# prefixes a checkpoint of a larger model puts before the backbone's own keys: DDP, a whole
+# CLIP model (its image tower), a Hugging Face task model (its encoder)
+PREFIXES = ("module.", "visual.", "videomae.", "model.", "backbone.")
+
+
+def fit_state(state: dict, model: nn.Module, path: Path, name: str) -> dict:
+    """The file's tensors under the model's own key names (known prefixes stripped, the
+    classifier dropped); every key of the model must be there."""
+    keys = set(model.state_dict())
+    best = {k: v for k, v in state.items() if k in keys}
+    for prefix in PREFIXES:
+        cut = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in keys}
+        if len(cut) > len(best):
+            best = cut
+    missing = keys - set(best)
+    if missing:
+        raise EkxError(f"{path}: not a {name} state dict ({len(missing)} missing keys, e.g. {sorted(missing)[0]})")
+    return best
+
+
 def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Module, str]:
     """Build the model and load weights; returns (model in eval mode, weights identity).
 
     ``DEFAULT`` (or an enum name like ``IMAGENET1K_V2``): torchvision's pretrained weights,
-    from the torch cache or downloaded to it; a path: a local state dict, loaded with
-    weights_only=True; ``none``: random init from ``seed`` (see `calibrate_batchnorm`), the
-    same in every process, so shards and resumed runs agree.
+    from the torch cache or downloaded to it (a family's model: its library's pretrained
+    weights, from that library's cache or hub); a path: a local state dict (torch file
+    loaded with weights_only=True, or safetensors); ``none``: random init from ``seed``
+    (see `calibrate_batchnorm`), the same in every process, so shards and resumed runs agree.
     """
+    if weights == "DEFAULT" and backbone.pretrained is not None:
+        model, ident = backbone.pretrained()
+        return model.eval(), ident
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = backbone.build()
@@ -190,25 +254,12 @@ def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Mo
         return model.eval(), "none"
     path = Path(weights)
     if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch's message would advise weights_only=False: never repeat it
-            raise EkxError(
-                f"{path}: not a safe tensor file ({type(e).__name__}): --weights takes a state dict of "
-                f"plain tensors (torch.save(model.state_dict(), ...)) or an ekx finetune checkpoint"
-            ) from None
-        if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
-            state = state["backbone"]  # an ekx fine-tuning checkpoint
-        state = _strip_classifier(state, model)
-        missing = set(model.state_dict()) - set(state)
-        if missing:
-            raise EkxError(
-                f"{path}: not a {backbone.name} state dict ({len(missing)} missing keys, e.g. {sorted(missing)[0]})"
-            )
-        model.load_state_dict(state)
+        model.load_state_dict(fit_state(read_state_file(path), model, path, backbone.name), strict=False)
         return model.eval(), f"sha256:{sha256_file(path)}"
-    if "/" in weights or weights.endswith((".pt", ".pth")):
+    if "/" in weights or weights.endswith((".pt", ".pth", ".safetensors", ".bin")):
         raise EkxError(f"--weights {weights}: file not found")
+    if backbone.weights is None:
+        raise EkxError(f"--weights {weights}: {backbone.name} takes DEFAULT (its library's weights), a file, or none")
     try:
         enum = backbone.weights[weights] if weights != "DEFAULT" else backbone.weights.DEFAULT
     except KeyError:
@@ -309,6 +360,8 @@ def build_extractor(spec: dict) -> nn.Module:
         return model.eval()
     if weights.startswith("torchvision:"):
         return load_weights(bb, weights.split(".")[-1])[0]
+    if weights.startswith("pretrained:"):  # a family's library weights
+        return load_weights(bb, "DEFAULT")[0]
     if weights.startswith("sha256:"):
         path = Path(spec.get("weights_path", ""))
         if not path.is_file():

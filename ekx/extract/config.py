@@ -12,9 +12,9 @@ from ekx import EkxError
 from ekx.options import Names, opt
 
 # the registries' names (ekx.extract.backbones, ekx.extract.sources), torch-free for the CLI;
-# a test keeps them equal. Backbone names will include families (`timm:<model>`): add the
-# family to `families` and the part before the colon is what is checked.
-BACKBONES = Names("backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"))
+# a test keeps them equal. Backbone names include families (`timm:<model>`, see
+# ekx.extract.families): the part before the colon is what is checked here.
+BACKBONES = Names("backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"), families=("timm", "open_clip", "hf"))
 SOURCES = Names("frame source", ("auto", "decord", "torchcodec", "frames"))
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZES = ("decoder", "torchvision")

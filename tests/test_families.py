@@ -1,0 +1,258 @@
+"""Backbone families (timm, OpenCLIP, Hugging Face): a real clip's features equal the
+library's own transform + forward on frames chosen by hand; a weights file is what runs;
+one decode pass serves a torchvision, a timm and a Hugging Face model; stage 2 and
+fine-tuning take a family's model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ekx import EkxError, epic
+from ekx.cache.reader import open_cache
+from ekx.extract import backbones
+from ekx.extract.pipeline import ExtractConfig, extract, extract_many
+
+CLIP = "epic55_wall_04x04_h264_720p60.mp4"
+SEGMENTS = [(1.0, 2.0), (2.5, 4.0)]
+K = 4
+
+
+def need(module: str):
+    pytest.importorskip(module, reason=f"{module} is not installed (pip install 'ekx[timm,clip,hf]')")
+
+
+@pytest.fixture(scope="module")
+def tiny_videomae(tmp_path_factory) -> Path:
+    """A local VideoMAE directory as save_pretrained writes it (config, processor, weights):
+    4 frames, 64 px, 2 layers of width 48 - the shape of videomae-base, made tiny."""
+    need("transformers")
+    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
+
+    out = tmp_path_factory.mktemp("tiny-videomae")
+    torch.manual_seed(7)
+    cfg = VideoMAEConfig(
+        image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=96,
+    )  # fmt: skip
+    VideoMAEModel(cfg).save_pretrained(out)
+    VideoMAEImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out)  # fmt: skip
+    return out
+
+
+def workspace(clips: Path, root: Path) -> tuple[Path, Path]:
+    """One real clip as a video of a test CSV with two segments."""
+    videos, ann = root / "videos", root / "annotations"
+    videos.mkdir(parents=True)
+    ann.mkdir()
+    (videos / "P90_01.mp4").symlink_to(clips / CLIP)
+    rows = [
+        [f"P90_01_{i}", "P90", "P90_01", "00:00:00.000", f"00:00:{a:05.2f}", f"00:00:{b:05.2f}", 0, 0]
+        for i, (a, b) in enumerate(SEGMENTS)
+    ]
+    with open(ann / "EPIC_100_test_timestamps.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([epic.TEST_COLUMNS, *rows])
+    for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
+        (ann / name).write_text("id,key,instances,category\n0,x,['x'],x\n")
+    return videos, ann
+
+
+def frames_by_hand(path: Path, clip_len: int) -> list[np.ndarray]:
+    """Per segment, the RGB frames displayed at its K centre times (a clip model: clip_len
+    frames 1/15 s apart around each), decoded in order by PyAV: the last frame whose pts is
+    at or before each time."""
+    import av
+
+    with av.open(str(path)) as c:
+        decoded = [(float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)][:300]
+    pts = np.array([p for p, _ in decoded])
+    out = []
+    for a, b in SEGMENTS:
+        t = a + (np.arange(K) + 0.5) * (b - a) / K
+        t = (t[:, None] + (np.arange(clip_len) - clip_len // 2)[None, :] / 15.0).reshape(-1)
+        idx = np.searchsorted(pts, t + 1e-9, side="right") - 1
+        out.append(np.stack([decoded[i][1] for i in idx]))
+    return out
+
+
+def own_forward(name: str, model: torch.nn.Module, frames: np.ndarray, tiny_dir: Path | None) -> torch.Tensor:
+    """The library's own eval transform and forward, on PIL images / numpy frames."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    with torch.inference_mode():
+        if name.startswith("timm:"):
+            from timm.data import create_transform, resolve_data_config
+
+            t = create_transform(**resolve_data_config({}, model=model))
+            return model(torch.stack([t(im) for im in images]))
+        if name.startswith("open_clip:"):
+            import open_clip
+
+            _, _, t = open_clip.create_model_and_transforms(name.split(":")[1].split("/")[0], pretrained=None)
+            return model(torch.stack([t(im) for im in images]))
+        from transformers import VideoMAEImageProcessor
+
+        proc = VideoMAEImageProcessor.from_pretrained(tiny_dir)
+        clips = frames.reshape(-1, model.model.config.num_frames, *frames.shape[1:])
+        x = proc([list(c) for c in clips], return_tensors="pt")["pixel_values"]
+        return model.model(pixel_values=x).last_hidden_state.mean(1)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+FAMILY_MODELS = {"timm": "timm:vit_tiny_patch16_224", "open_clip": "open_clip:ViT-B-32", "hf": None}
+MODULES = {"timm": "timm", "open_clip": "open_clip", "hf": "transformers"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", sorted(FAMILY_MODELS))
+def test_family_features_equal_the_librarys_own_transform_and_forward(fam, clips, tiny_videomae, tmp_path):
+    """A real 720p60 clip, ``--resize torchvision``, weights from a file (a state dict of
+    seed-123 random weights): every cached feature is within cosine 0.999 of the library's
+    own transform + forward on the frames chosen by hand, and far from ``--weights none``'s
+    features (seed 0): the file is what ran."""
+    need(MODULES[fam])
+    name = FAMILY_MODELS[fam] or f"hf:{tiny_videomae}"
+    bb = backbones.get(name)
+    torch.manual_seed(123)
+    model = bb.build().eval()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    videos, ann = workspace(clips, tmp_path / "ws")
+    common = dict(split="test", frames=K, workers=0, precision="fp32", resize="torchvision", backbone=name)
+    for w, out in ((str(weights), "file.h5"), ("none", "none.h5")):
+        cfg = ExtractConfig(**common, weights=w, out=tmp_path / out)
+        s = extract(cfg, ann, videos, tmp_path, warn=lambda m: None)
+        assert (s.done, s.failed) == (2, 0), s.failures
+    got = open_cache(tmp_path / "file.h5")
+    assert got.attrs["backbone"] == name and got.attrs["backbone_family"] == fam
+    assert got.attrs["weights"].startswith("sha256:")
+    feats = got.features()[:, 0]  # [2, K, D]: view 0
+    for row, frames in enumerate(frames_by_hand(clips / CLIP, bb.clip_len)):
+        mine = own_forward(name, model, frames, tiny_videomae).numpy()
+        assert mine.shape == feats[row].shape
+        c = cosine(feats[row], mine)
+        assert c.min() >= 0.999, (name, row, c)
+    rand = open_cache(tmp_path / "none.h5").features()[:, 0]
+    assert cosine(feats.reshape(-1, feats.shape[-1]), rand.reshape(-1, rand.shape[-1])).max() < 0.99
+
+
+def test_a_family_name_is_checked_and_its_library_named(monkeypatch):
+    from ekx.extract import families
+    from ekx.extract.config import BACKBONES
+
+    assert BACKBONES.canonical("timm:anything") == "timm:anything"  # the CLI's torch-free check
+    with pytest.raises(EkxError, match="unknown backbone family 'tim'"):
+        BACKBONES.canonical("tim:resnet18")
+    with pytest.raises(EkxError, match="name a model after the colon"):
+        families.resolve("timm:")
+    need("timm")
+    with pytest.raises(EkxError, match="timm cannot build it"):
+        backbones.get("timm:no_such_model_xyz")
+    monkeypatch.setitem(__import__("sys").modules, "open_clip", None)  # as if not installed
+    families.resolve.cache_clear()
+    with pytest.raises(EkxError, match=r"pip install 'ekx\[clip\]'"):
+        backbones.get("open_clip:ViT-B-32")
+    families.resolve.cache_clear()
+
+
+def test_a_file_of_another_model_is_refused_naming_a_missing_key(tmp_path):
+    need("timm")
+    bb = backbones.get("timm:vit_tiny_patch16_224")
+    path = tmp_path / "resnet.pt"
+    torch.save(backbones.get("resnet50").build().state_dict(), path)
+    with pytest.raises(EkxError, match=r"resnet.pt: not a timm:vit_tiny_patch16_224 state dict \(\d+ missing keys"):
+        backbones.load_weights(bb, str(path))
+
+
+def test_pretrained_weights_come_from_the_librarys_own_cache(tmp_path, monkeypatch):
+    """--weights DEFAULT: timm's pretrained weights, where timm finds them (the Hugging Face
+    cache on users' machines); here timm's loader is pointed at a local file, as its
+    `pretrained_cfg_overlay=dict(file=...)` does, and the identity names the tag."""
+    need("timm")
+    import timm
+
+    torch.manual_seed(5)
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = tmp_path / "pretrained.pth"
+    torch.save(ref.state_dict(), path)
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            kw["pretrained_cfg_overlay"] = {"file": str(path), "num_classes": 0}
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    from ekx.extract import families
+
+    families.resolve.cache_clear()
+    model, ident = backbones.load_weights(backbones.get("timm:vit_tiny_patch16_224"), "DEFAULT")
+    families.resolve.cache_clear()
+    assert ident.startswith("pretrained:timm vit_tiny_patch16_224.")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_one_decode_pass_serves_torchvision_timm_and_hugging_face(clips, tiny_videomae, tmp_path):
+    """`--backbone resnet50,timm:<vit>,hf:<tiny VideoMAE dir>` writes three caches, each
+    within cosine 0.999 of its own single-backbone run."""
+    need("timm")
+    names = ["resnet50", "timm:vit_tiny_patch16_224", f"hf:{tiny_videomae}"]
+    videos, ann = workspace(clips, tmp_path / "ws")
+    common = dict(split="test", frames=K, workers=1, precision="fp32", resize="torchvision", weights="none")
+    multi = extract_many(
+        ExtractConfig(**common, backbone=",".join(names)), ann, videos, tmp_path / "multi", warn=lambda m: None
+    )
+    assert [(s.done, s.failed) for s in multi] == [(2, 0)] * 3
+    for name, s in zip(names, multi, strict=True):
+        single = extract(
+            ExtractConfig(**common, backbone=name, out=tmp_path / "single" / f"{len(name)}.h5"),
+            ann, videos, tmp_path, warn=lambda m: None,
+        )  # fmt: skip
+        a, b = open_cache(s.path).features(), open_cache(single.path).features()
+        c = cosine(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+        assert c.min() >= 0.999, (name, c)
+
+
+@pytest.mark.slow
+def test_train_head_and_finetune_take_a_timm_model(synth_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from ekx.cli import app
+
+    need("timm")
+    name = "timm:vit_tiny_patch16_224"
+    feats = tmp_path / "features"
+    for split in ("train", "validation"):
+        cfg = ExtractConfig(split=split, weights="none", frames=4, workers=0, backbone=name)
+        s = extract(cfg, synth_data / "annotations", synth_data / "videos", feats, warn=lambda m: None)
+        assert s.failed == 0
+    cache = open_cache(s.path)
+    assert cache.attrs["backbone"] == name and cache.features().shape[-1] == 192
+    run = CliRunner().invoke(
+        app,
+        ["train-head", "pooling", "--features", str(feats), "--backbone", name, "--epochs", "2", "--frames", "4",
+         "--runs", str(tmp_path / "runs"), "--name", "p", "--device", "cpu"],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    ft = CliRunner().invoke(
+        app,
+        ["finetune", "pooling", "--backbone", name, "--weights", "none", "--epochs", "1", "--frames", "2",
+         "--batch-size", "4", "--freeze-blocks", "10", "--annotations", str(synth_data / "annotations"),
+         "--videos", str(synth_data / "videos"), "--runs", str(tmp_path / "runs"), "--name", "ft", "--device", "cpu"],
+    )  # fmt: skip
+    assert ft.exit_code == 0, ft.output
+    assert (tmp_path / "runs" / "ft" / "best.pt").is_file()
