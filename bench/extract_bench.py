@@ -53,7 +53,8 @@ def make_sources(out: Path) -> dict[str, Path]:
         (data / "videos").mkdir(parents=True, exist_ok=True)
         (data / "annotations").mkdir(exist_ok=True)
         rows = []
-        for i, clip in enumerate(sorted(p for p in clips.iterdir() if p.suffix in (".mp4", ".mpg"))):
+        # MP4 only: both video sources refuse the MPEG-2 program stream (wrong frames there)
+        for i, clip in enumerate(sorted(clips.glob("*.mp4"))):
             vid = f"P90_{i:02d}"
             link = data / "videos" / f"{vid}{clip.suffix}"
             if not link.exists():
@@ -84,7 +85,7 @@ def make_sources(out: Path) -> dict[str, Path]:
             csv.writer(fh).writerows([epic.LABELLED_COLUMNS, *rows])
         for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
             (data / "annotations" / name).write_text("id,key,instances,category\n0,x,['x'],x\n")
-        sources["EPIC clips (5 real files)"] = data
+        sources["EPIC clips (4 real MP4 files)"] = data
     else:
         print(f"note: {clips} absent, real-clip rows skipped", file=sys.stderr)
     return sources

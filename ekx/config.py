@@ -37,7 +37,16 @@ class Workspace:
 
     def cache_path(self, backbone: str, split: str) -> Path:
         """The cache contract's location: features/<backbone>/<split>.h5."""
-        return self.features / backbone / f"{split}.h5"
+        return self.features / backbone_folder(backbone) / f"{split}.h5"
+
+
+def backbone_folder(backbone: str) -> str:
+    """The folder of a backbone's caches under the features root: its name, with the slashes
+    of a family's model (OpenCLIP tags, Hugging Face repos and local directories) as ``--``,
+    as the Hugging Face cache names repos: ``hf:MCG-NJU/videomae-base`` ->
+    ``hf:MCG-NJU--videomae-base``, ``hf:/models/vmae`` -> ``hf:models--vmae``."""
+    family, colon, model = backbone.partition(":")
+    return family + colon + model.strip("/").replace("/", "--") if colon else backbone
 
 
 def _keys() -> list[str]:

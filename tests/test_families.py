@@ -14,6 +14,7 @@ import torch
 
 from ekx import EkxError, epic
 from ekx.cache.reader import open_cache
+from ekx.config import backbone_folder
 from ekx.extract import backbones
 from ekx.extract.pipeline import ExtractConfig, extract, extract_many
 
@@ -167,6 +168,13 @@ def test_a_family_name_is_checked_and_its_library_named(monkeypatch):
     families.resolve.cache_clear()
 
 
+def test_backbone_folders_fold_a_models_slashes():
+    assert backbone_folder("resnet50") == "resnet50"
+    assert backbone_folder("hf:MCG-NJU/videomae-base") == "hf:MCG-NJU--videomae-base"
+    assert backbone_folder("hf:/models/vmae/") == "hf:models--vmae"
+    assert backbone_folder("open_clip:ViT-B-16/openai") == "open_clip:ViT-B-16--openai"
+
+
 def test_a_file_of_another_model_is_refused_naming_a_missing_key(tmp_path):
     need("timm")
     bb = backbones.get("timm:vit_tiny_patch16_224")
@@ -217,6 +225,9 @@ def test_one_decode_pass_serves_torchvision_timm_and_hugging_face(clips, tiny_vi
         ExtractConfig(**common, backbone=",".join(names)), ann, videos, tmp_path / "multi", warn=lambda m: None
     )
     assert [(s.done, s.failed) for s in multi] == [(2, 0)] * 3
+    # each cache in its own folder right under the features root, a directory's slashes folded
+    assert [s.path.parent for s in multi] == [tmp_path / "multi" / backbone_folder(n) for n in names]
+    assert multi[2].path.parent.parent == tmp_path / "multi"
     for name, s in zip(names, multi, strict=True):
         single = extract(
             ExtractConfig(**common, backbone=name, out=tmp_path / "single" / f"{len(name)}.h5"),

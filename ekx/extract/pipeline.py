@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ekx import EkxError, epic, options
 from ekx.cache import identity, lock, store
 from ekx.cache.reader import failures, open_cache
+from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
 from ekx.extract.config import ExtractConfig
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, segment_inputs
@@ -64,7 +65,7 @@ def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
     name = Path(cfg.split).stem if cfg.split.endswith(".csv") else cfg.split
     if cfg.shard:
         name += f".shard{cfg.shard[0]}of{cfg.shard[1]}"
-    return features_root / cfg.backbone / f"{name}.h5"
+    return features_root / backbone_folder(cfg.backbone) / f"{name}.h5"
 
 
 # ---------------------------------------------------------------- decoding workers

@@ -23,6 +23,7 @@ import torch
 
 from ekx import EkxError, epic
 from ekx.cache import identity
+from ekx.config import backbone_folder
 from ekx.heads import metrics, missing
 from ekx.heads.checkpoint import (
     build_model,
@@ -375,8 +376,9 @@ def resume_config(run_dir: Path, cfg: TrainConfig, given: set[str] | None):
 
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
-    train = Path(cfg.train_features) if cfg.train_features else features_root / cfg.backbone / "train.h5"
-    val = Path(cfg.val_features) if cfg.val_features else features_root / cfg.backbone / "validation.h5"
+    folder = features_root / backbone_folder(cfg.backbone)
+    train = Path(cfg.train_features) if cfg.train_features else folder / "train.h5"
+    val = Path(cfg.val_features) if cfg.val_features else folder / "validation.h5"
     name = cfg.name or f"{cfg.head}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     return train, val, runs_root / name
 
