@@ -259,6 +259,9 @@ def test_train_head_and_finetune_take_a_timm_model(synth_data, tmp_path):
          "--runs", str(tmp_path / "runs"), "--name", "p", "--device", "cpu"],
     )  # fmt: skip
     assert run.exit_code == 0, run.output
+    video = sorted(epic.index_videos(synth_data / "videos").values())[0]
+    pred = CliRunner().invoke(app, ["predict", str(video), "--run", str(tmp_path / "runs" / "p"), "--device", "cpu"])
+    assert pred.exit_code == 0 and "windows of 2 s" in pred.output, pred.output  # the ViT rebuilt from its seed
     ft = CliRunner().invoke(
         app,
         ["finetune", "pooling", "--backbone", name, "--weights", "none", "--epochs", "1", "--frames", "2",

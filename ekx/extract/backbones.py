@@ -280,6 +280,10 @@ def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Mo
     return model.eval(), f"torchvision:{type(enum).__name__}.{enum.name}"
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Re-estimate BatchNorm running statistics on real (preprocessed) inputs.
@@ -347,12 +351,14 @@ def build_extractor(spec: dict) -> nn.Module:
     bb = get(spec["backbone"])
     weights = spec["weights"]
     if weights == "none":
+        model, _ = load_weights(bb, "none", spec["seed"])
+        if not has_batchnorm(model):  # a ViT: the seed alone rebuilds it
+            return model.eval()
         if not spec.get("bn_state"):
             raise EkxError(
                 "this run's cache was extracted with --weights none but holds no BatchNorm "
                 "statistics (made by an older ekx): re-extract it, then retrain the head"
             )
-        model, _ = load_weights(bb, "none", spec["seed"])
         missing = set(batchnorm_state(model)) - set(spec["bn_state"])
         if missing:
             raise EkxError(f"stored BatchNorm statistics do not fit {bb.name} (e.g. {sorted(missing)[0]})")

@@ -121,6 +121,8 @@ def calibration_plan(ann: epic.Annotations, plan_all: list[epic.Segment], cfg: E
 def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     """BatchNorm statistics for random weights, from the first decodable segments of
     ``plan_all`` (see `calibration_plan`)."""
+    if not backbones.has_batchnorm(model):  # nothing to measure (ViTs: LayerNorm only)
+        return "none needed: no BatchNorm"
     calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
