@@ -148,7 +148,7 @@ def test_cross_attention_is_accepted_with_an_underscore(tmp_path, monkeypatch):
             ["extract", "--backbone", "resnet50,efficientnet-b3,r2plus1d_81"],
             "--backbone: unknown backbone 'r2plus1d_81'; did you mean 'r2plus1d_18'?",
         ),
-        (["extract", "--backbone", "timm:vit_small"], "--backbone: unknown backbone family 'timm'"),
+        (["extract", "--backbone", "tim:vit_small"], "--backbone: unknown backbone family 'tim'"),
         (["extract", "--source", "torchcodex"], "--source: unknown frame source 'torchcodex'; did you mean"),
         (["train-head", "lstm", "--backbone", "resnet5"], "--backbone: unknown backbone 'resnet5'; did you mean"),
         (["sweep", "s.toml", "--backbone", "resnet51"], "--backbone: unknown backbone 'resnet51'; did you mean"),
