@@ -178,6 +178,10 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
         f"ekx precision on this CPU: {precision}; resnet50 @224, K={K}, weights: random (speed is the same)"
     )
+    from ekx.runtime import cpu_bf16_units
+
+    if not cpu_bf16_units():  # the auto precision's bf16 speed-up needs AMX: say so, time no bf16 row
+        print("no AMX here: --precision auto is fp32 on this CPU (bf16 would measure the slow emulated path)")
     rows = []
     for name, data in make_sources(ROOT / "out").items():
         jobs, segs = jobs_of(data)

@@ -32,7 +32,7 @@ from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
 from ekx.extract.video import Request, Result
 from ekx.prepare import read_manifest
-from ekx.runtime import autocast, resolve_device, resolve_precision
+from ekx.runtime import autocast, precision_note, resolve_device, resolve_precision
 
 # ---------------------------------------------------------------- planning
 
@@ -174,6 +174,8 @@ def extract_many(
     missing = [v for v in missing if v in {s.video_id for s in plan}]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if note := precision_note(cfg.precision, device, precision):
+        warn(note)
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=64 if device.type == "cuda" else 16)
     decode_device, note = src.resolve_device(cfg.decode_device, next(iter(found.values()), None))

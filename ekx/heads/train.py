@@ -47,7 +47,7 @@ from ekx.heads.runlog import (
     write_atomic,
     write_config,
 )
-from ekx.runtime import autocast, resolve_device, resolve_precision
+from ekx.runtime import autocast, precision_note, resolve_device, resolve_precision
 
 
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
@@ -418,5 +418,7 @@ def main(
     data = load_data(train_path, val_path, cfg.device, tails, unseen, allow_missing)
     if data.val_note:
         warn(data.val_note)
+    if note := precision_note(cfg.precision, data.device, resolve_precision(cfg.precision, data.device)):
+        warn(note)
     best = run(cfg, run_dir, data, resume, on_epoch, on_step)
     return run_dir, best

@@ -1,0 +1,53 @@
+"""`--precision auto` on a CPU: bf16 exactly where the CPU has bf16 matrix units (AMX-BF16,
+read from the kernel's flags), fp32 elsewhere; a cache keeps the precision it was started
+in (part of its identity)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ekx import EkxError, runtime
+from ekx.extract.pipeline import ExtractConfig, extract
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_flags_are_read_from_the_kernels_list(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile\nbugs\t: x\n")
+    assert {"amx_bf16", "avx2"} <= runtime.cpu_flags(info)
+    assert runtime.cpu_flags(tmp_path / "absent") == set()
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"), [({"avx2", "amx_bf16", "amx_tile"}, "bf16"), ({"avx2", "avx512_bf16"}, "fp32")]
+)
+def test_auto_is_bf16_exactly_where_the_cpu_has_amx(flags, want, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *a: flags)
+    runtime.cpu_bf16_units.cache_clear()
+    try:
+        assert runtime.resolve_precision("auto", CPU) == want
+        assert runtime.resolve_precision("fp32", CPU) == "fp32"  # forcing fp32 always works
+        note = runtime.precision_note("auto", CPU, want)
+        assert (note is not None) == (want == "bf16")
+        if note:
+            assert "AMX-BF16" in note and "--precision fp32" in note
+    finally:
+        runtime.cpu_bf16_units.cache_clear()
+
+
+def test_a_bf16_cache_is_not_resumed_in_fp32(synth_data, tmp_path):
+    """The rule: precision is part of a cache's identity, so rows of two precisions never mix;
+    a cache started by `auto` on an AMX CPU continues elsewhere with --precision bf16."""
+    common = dict(split="validation", weights="none", frames=2, workers=0, limit=2, out=tmp_path / "c.h5")
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    extract(ExtractConfig(**common, precision="bf16"), ann, videos, tmp_path, warn=lambda m: None)
+    with pytest.raises(EkxError, match=r"precision.*bf16.*fp32|precision.*fp32.*bf16"):
+        extract(
+            ExtractConfig(**common, precision="fp32"),
+            ann,
+            videos,
+            tmp_path,
+            warn=lambda m: None,
+        )
