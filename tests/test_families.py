@@ -265,8 +265,33 @@ def test_train_head_and_finetune_take_a_timm_model(synth_data, tmp_path):
     ft = CliRunner().invoke(
         app,
         ["finetune", "pooling", "--backbone", name, "--weights", "none", "--epochs", "1", "--frames", "2",
-         "--batch-size", "4", "--freeze-blocks", "10", "--annotations", str(synth_data / "annotations"),
-         "--videos", str(synth_data / "videos"), "--runs", str(tmp_path / "runs"), "--name", "ft", "--device", "cpu"],
+         "--batch-size", "4", "--freeze-blocks", "10", "--grad-checkpoint",
+         "--annotations", str(synth_data / "annotations"), "--videos", str(synth_data / "videos"),
+         "--runs", str(tmp_path / "runs"), "--name", "ft", "--device", "cpu"],
     )  # fmt: skip
     assert ft.exit_code == 0, ft.output
     assert (tmp_path / "runs" / "ft" / "best.pt").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_videomae):
+    """--grad-checkpoint turns on the library's own checkpointing (timm; Hugging Face), the
+    gradients stay the same, and a backbone without it is refused, named."""
+    need("timm")
+    from ekx.finetune.model import grad_checkpointing
+
+    for name, shape in (("timm:vit_tiny_patch16_224", (2, 3, 224, 224)), (f"hf:{tiny_videomae}", (2, 3, 4, 64, 64))):
+        bb = backbones.get(name)
+        torch.manual_seed(0)
+        model = bb.build().train()
+        x = torch.randn(shape)
+        model(x).square().sum().backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        grad_checkpointing(bb, model)
+        inner = getattr(model, "model", model)
+        assert getattr(inner, "grad_checkpointing", None) or getattr(inner, "is_activation_checkpointing", None), name
+        model(x).square().sum().backward()
+        for n, g in plain.items():
+            assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-5), (name, n)
+    with pytest.raises(EkxError, match="--grad-checkpoint: resnet50 has no gradient checkpointing"):
+        grad_checkpointing(backbones.get("resnet50"), backbones.get("resnet50").build())

@@ -32,6 +32,9 @@ class FinetuneConfig(TrainConfig):
         2, "frozen stages after the stem (the architecture document: the first 2); -1: nothing frozen", ge=-1
     )
     accumulate: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
+    grad_checkpoint: bool = opt(
+        False, "recompute the backbone's blocks in the backward pass (timm, OpenCLIP, Hugging Face models): less memory"
+    )
     augment: bool = opt(True, "clip-consistent augmentation at training (flip, rotation, colour, grayscale, erasing)")
     train_bn: bool = opt(False, "update BatchNorm statistics of the trained stages (default: frozen, see README)")
     workers: int = opt(2, "decoding worker processes (per process under torchrun; 0: decode in this one)", ge=0)

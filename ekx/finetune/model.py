@@ -183,4 +183,22 @@ def build_model(start: Start, cfg: FinetuneConfig, device) -> VideoModel:
     ).to(device)
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
     model.backbone.to(memory_format=fmt)
+    if getattr(cfg, "grad_checkpoint", False):
+        grad_checkpointing(bb, model.backbone)
     return model
+
+
+def grad_checkpointing(bb: backbones.Backbone, backbone: nn.Module) -> None:
+    """Turn on the library's own gradient checkpointing (large ViTs fit a GPU's memory with
+    it: activations of a block are recomputed in the backward pass instead of kept)."""
+    inner = getattr(backbone, "model", backbone)  # ekx's wrapper of a Hugging Face model
+    if hasattr(inner, "set_grad_checkpointing"):  # timm models, OpenCLIP towers
+        inner.set_grad_checkpointing(True)
+    elif hasattr(inner, "activation_checkpointing_enable"):  # Hugging Face (transformers >= 5)
+        inner.activation_checkpointing_enable()
+    elif hasattr(inner, "gradient_checkpointing_enable"):  # Hugging Face, older
+        inner.gradient_checkpointing_enable()
+    else:
+        raise EkxError(
+            f"--grad-checkpoint: {bb.name} has no gradient checkpointing (timm, OpenCLIP and Hugging Face models have)"
+        )
