@@ -191,7 +191,7 @@ def build_model(start: Start, cfg: FinetuneConfig, device) -> VideoModel:
 def grad_checkpointing(bb: backbones.Backbone, backbone: nn.Module) -> None:
     """Turn on the library's own gradient checkpointing (large ViTs fit a GPU's memory with
     it: activations of a block are recomputed in the backward pass instead of kept)."""
-    inner = getattr(backbone, "model", backbone)  # ekx's wrapper of a Hugging Face model
+    inner: Any = getattr(backbone, "model", backbone)  # ekx's wrapper of a Hugging Face model
     if hasattr(inner, "set_grad_checkpointing"):  # timm models, OpenCLIP towers
         inner.set_grad_checkpointing(True)
     elif hasattr(inner, "activation_checkpointing_enable"):  # Hugging Face (transformers >= 5)
