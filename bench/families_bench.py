@@ -84,7 +84,7 @@ def gflops(bb: backbones.Backbone) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(name: str, k: int, workers: int, batch: int, precision: str, out: Path) -> dict:
+def measure(name: str, k: int, workers: int, batch: int, precision: str, out: Path, device: str) -> dict:
     bb = backbones.get(name)
     videos, ann = workspace(out)
     segs = epic.Annotations(ann).segments("test")
@@ -101,22 +101,25 @@ def measure(name: str, k: int, workers: int, batch: int, precision: str, out: Pa
     torch.manual_seed(0)
     model = backbones.fuse_for_inference(bb.build().eval())
     fmt = torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d
-    model = model.to(memory_format=fmt)
-    frames = torch.cat([torch.from_numpy(r.frames).permute(0, 3, 1, 2) for r in results])
+    dev = torch.device(device)
+    model = model.to(dev).to(memory_format=fmt)
+    frames = torch.cat([torch.from_numpy(r.frames).permute(0, 3, 1, 2) for r in results]).to(dev)
     t0 = time.perf_counter()
-    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
+    with torch.inference_mode(), autocast(dev, precision):
         x = bb.preprocess(frames)
         if bb.clip_len > 1:
             x = x.reshape(-1, bb.clip_len, *x.shape[1:]).transpose(1, 2)
         step = max(1, batch // bb.clip_len)
         for i in range(0, len(x), step):
             model(x[i : i + step].contiguous(memory_format=fmt))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     b = len(frames) / (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         clock: dict[str, float] = {}
         cfg = ExtractConfig(
             split="test", weights="none", frames=k, workers=workers, batch_size=batch, backbone=name,
-            precision=precision, out=Path(tmp) / "f.h5",
+            precision=precision, device=device, out=Path(tmp) / "f.h5",
         )  # fmt: skip
         s = extract(
             cfg, ann, videos, Path(tmp), warn=lambda m: None,
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8, help="K positions per segment")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="where the backbones run (cuda on a GPU machine)")
     args = ap.parse_args()
     if not CLIP.is_file():
         sys.exit(f"{CLIP} is absent: this bench reads the shared 1080p50 EPIC clip")
@@ -140,14 +144,14 @@ def main() -> None:
         names.append(f"hf:{videomae_base(out)}")
     except ImportError:
         print("note: transformers absent (pip install 'ekx[hf]'): the VideoMAE row is skipped", file=sys.stderr)
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision("auto", torch.device(args.device))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
-        f"precision {precision}; {CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
+        f"device {args.device}, precision {precision}; {CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
     )
     rows = []
     for name in names:
-        r = measure(name, args.frames, args.workers, args.batch_size, precision, out)
+        r = measure(name, args.frames, args.workers, args.batch_size, precision, out, args.device)
         rows.append(r)
         print(f"{name}: a={r['a']:.1f} b={r['b']:.1f} c={r['c']:.1f} frames/s, {r['gflops']:.1f} GFLOPs", flush=True)
     print()

@@ -7,6 +7,7 @@
 #      decoding vs torchcodec NVDEC decoding, resnet50 on 1080p synthetic video
 #   4. a full-scale head epoch (bench/heads_bench.py, EPIC-train-sized cache)
 #   5. the phase-2 sweep (bench/sweep_bench.py, 8 configurations)
+#   6. the backbone families' rows (bench/families_bench.py --device cuda)
 # Needs the installed project with the torchcodec extra and FFmpeg (`apt-get install ffmpeg`,
 # `make install`). Run from the repository root: bash bench/gpu_check.sh
 set -uo pipefail
@@ -55,5 +56,8 @@ limit 150 "$PY" bench/heads_bench.py --transformer-samples 12000
 
 step "5. the phase-2 sweep (8 configurations)"
 limit 120 "$PY" bench/sweep_bench.py --segments 5000 --epochs 1
+
+step "6. backbone families on the GPU (timm, OpenCLIP, VideoMAE-B; random weights, 1080p50 clip)"
+limit 150 "$PY" bench/families_bench.py --device cuda --workers 4
 
 step "done"
