@@ -146,8 +146,8 @@ def main() -> None:
         print("note: transformers absent (pip install 'ekx[hf]'): the VideoMAE row is skipped", file=sys.stderr)
     precision = resolve_precision("auto", torch.device(args.device))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
-        f"device {args.device}, precision {precision}; {CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, device {args.device}, precision {precision}; {CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
     )
     rows = []
     for name in names:
