@@ -147,7 +147,8 @@ def main() -> None:
     precision = resolve_precision("auto", torch.device(args.device))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU {torch.backends.cpu.get_cpu_capability()}, device {args.device}, precision {precision}; {CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, device {args.device}, precision {precision}; "
+        f"{CLIP.name}, {len(SEGMENTS)} segments, K={args.frames}, random weights"
     )
     rows = []
     for name in names:
