@@ -40,6 +40,12 @@ class Workspace:
         return self.features / backbone_folder(backbone) / f"{split}.h5"
 
 
+def default_cache(features: Path, backbone: str, split: str) -> str:
+    """A backbone's cache of a split under the features root; a fused ``a+b`` names each
+    part's cache, joined by ``+`` (stage 2 reads them as one, features concatenated)."""
+    return "+".join(str(Path(features) / backbone_folder(b) / f"{split}.h5") for b in backbone.split("+"))
+
+
 def backbone_folder(backbone: str) -> str:
     """The folder of a backbone's caches under the features root: its name, with the slashes
     of a family's model (OpenCLIP tags, Hugging Face repos and local directories) as ``--``,

@@ -82,7 +82,7 @@ class Valid:
     le: float | None = None
     lt: float | None = None
     choices: tuple[str, ...] | Names | None = None
-    several: bool = False
+    several: bool | str = False  # True: separated by commas; a string: that separator ("+": fused)
     pattern: str | None = None
     shown: str = ""
 
@@ -115,14 +115,15 @@ class Valid:
             return value
         if isinstance(self.choices, Names):
             names = self.choices
-            parts = [n.strip() for n in str(value).split(",")] if self.several else [str(value)]
+            sep = "," if self.several is True else str(self.several or "")
+            parts = [n.strip() for n in str(value).split(sep)] if sep else [str(value)]
             try:
                 canonical = [names.canonical(n) for n in parts if n]
             except EkxError as e:
                 raise EkxError(f"{label}: {e}" if label else str(e)) from None
             if not canonical or len(set(canonical)) != len(canonical):
-                raise EkxError(f"{label} {value!r}: name one or more {names.what}s, each once, separated by commas")
-            return ",".join(canonical)
+                raise EkxError(f"{label} {value!r}: name one or more {names.what}s, each once, separated by {sep!r}")
+            return sep.join(canonical)
         if not self.admits(value):
             raise EkxError(f"{label} must be {self.describe()}, got {value!r}")
         return value

@@ -98,6 +98,8 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
             f"{path}: the run does not say which backbone made its features "
             "(trained by an older ekx); retrain the head on a cache made by this ekx"
         )
+    if "fused" in spec:
+        raise EkxError(f"{path}: a fused run (features of several backbones joined); ekx predict runs one backbone")
     bb = backbones.with_weights(backbones.get(spec["backbone"]), spec.get("preprocess_weights", spec["weights"]))
     backbone = backbones.run_backbone(ckpt)
     device = resolve_device(device_name)

@@ -202,9 +202,13 @@ def workspace(**flags) -> wsconfig.Workspace:
 
 
 def existing(flag: str, path: Path | None, kind: str = "directory") -> None:
-    """A path the user gave by flag must be there: said now, not after the heavy imports."""
-    if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
-        raise EkxError(f"{flag} {path}: no such {kind}")
+    """A path the user gave by flag must be there: said now, not after the heavy imports.
+    Caches fused with ``+`` (``a.h5+b.h5``): each part."""
+    if path is None:
+        return
+    for part in str(path).split("+") if kind == "file" else [str(path)]:
+        if not (Path(part).is_dir() if kind == "directory" else Path(part).is_file()):
+            raise EkxError(f"{flag} {part}: no such {kind}")
 
 
 def check_metric_annotations(flag: Path | None, resolved: Path | None) -> None:

@@ -14,98 +14,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torchvision.transforms.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
 from ekx import EkxError
-from ekx.extract import config
+from ekx.extract import config, families
+from ekx.extract.backbone_spec import Backbone, Preprocess, resnet_stages
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The weights' own preprocessing, as plain values (written into the cache attributes)."""
-
-    resize_size: tuple[int, ...]  # one value: shorter side; two: exact (h, w)
-    crop_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    antialias: bool
-
-    def decode_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) the decoder should output so the resize step is already done."""
-        if len(self.resize_size) == 2:
-            return self.resize_size[0], self.resize_size[1]
-        s = self.resize_size[0]
-        # torchvision's rule for a single size: the shorter side becomes s
-        if height <= width:
-            return s, int(s * width / height)
-        return int(s * height / width), s
-
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
-        same order, as torchvision's ImageClassification / VideoClassification presets
-        (`torchvision.transforms.functional`, theirs: v2's uint8 resize differs by 1 LSB,
-        which moves random-weight features to 0.994 cosine)."""
-        frames = F.resize(
-            frames,
-            list(self.resize_size),
-            interpolation=F.InterpolationMode(self.interpolation),
-            antialias=self.antialias,
-        )
-        frames = F.center_crop(frames, list(self.crop_size))
-        frames = F.convert_image_dtype(frames, torch.float32)
-        return F.normalize(frames, mean=list(self.mean), std=list(self.std))
-
-    def to_attrs(self) -> dict:
-        return {f"preprocess_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-
-def _preprocess_of(weights) -> Preprocess:
-    t = weights.transforms()
-    sides = list(t.crop_size)
-    crop = (sides[0], sides[-1])
-    return Preprocess(
-        tuple(t.resize_size),
-        crop,
-        tuple(t.mean),
-        tuple(t.std),
-        t.interpolation.value,
-        bool(getattr(t, "antialias", False)),
-    )
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    build: Callable[[], nn.Module]  # random init, classifier removed
-    weights: Any  # torchvision WeightsEnum class (mypy cannot see its members)
-    dim: int
-    clip_len: int = 1  # 1: per-frame 2D model; >1: consecutive frames per clip (3D model)
-    # the network from the input on: [stem, stage 1, stage 2, ...]; `finetune --freeze-blocks N`
-    # freezes the stem and the first N stages
-    stages: Callable[[Any], list[list[nn.Module]]] = lambda m: [[m]]
-    weights_name: str = "DEFAULT"  # the weights whose own transforms `preprocess` follows
-    # a family's model (`ekx.extract.families`): its library's preprocessing, its pretrained
-    # weights (-> model, weights identity), and the identity fields it adds to a cache
-    family: str = "torchvision"
-    own_preprocess: Preprocess | None = None
-    pretrained: Callable[[], tuple[nn.Module, str]] | None = None
-    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        if self.own_preprocess is not None:
-            return self.own_preprocess
-        enum = self.weights.DEFAULT if self.weights_name == "DEFAULT" else self.weights[self.weights_name]
-        return _preprocess_of(enum)
+__all__ = ["REGISTRY", "Backbone", "Preprocess", "get", "load_weights", "register", "resnet_stages"]
 
 
 def with_weights(backbone: Backbone, weights: str) -> Backbone:
@@ -135,8 +55,6 @@ def register(backbone: Backbone) -> Backbone:
 def get(name: str) -> Backbone:
     if name not in REGISTRY:
         if ":" in name:  # a family's model: resolved (and cached) by its library
-            from ekx.extract import families
-
             return families.resolve(name)
         raise EkxError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
@@ -151,12 +69,7 @@ def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Mod
     return make
 
 
-def _resnet_stages(m: Any) -> list[list[nn.Module]]:
-    stem = [m.stem] if hasattr(m, "stem") else [m.conv1, m.bn1]  # video ResNets have a stem block
-    return [stem, [m.layer1], [m.layer2], [m.layer3], [m.layer4]]
-
-
-register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048, stages=_resnet_stages))
+register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048, stages=resnet_stages))
 # features[0] is the stem, features[1..7] the MBConv stages, features[8] the last 1x1 conv
 register(
     Backbone(
@@ -170,7 +83,7 @@ register(
 # 8 consecutive frames per sampled position: half the Kinetics clip, a quarter of the cost;
 # the network pools time adaptively, so any clip length runs.
 register(
-    Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8, stages=_resnet_stages)
+    Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8, stages=resnet_stages)
 )
 
 

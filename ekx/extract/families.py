@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ekx import EkxError
-from ekx.extract.backbones import Backbone, Preprocess, _resnet_stages
+from ekx.extract.backbone_spec import Backbone, Preprocess, resnet_stages
 
 # PIL's resampling numbers (Hugging Face image processors store these) -> torchvision's names
 PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
@@ -134,7 +134,7 @@ def _timm_stages(m: Any) -> list[list[nn.Module]]:
     if hasattr(m, "stages") and hasattr(m, "stem"):  # ConvNeXt, RegNet, EfficientFormer...
         return [[m.stem], *[[s] for s in m.stages]]
     if hasattr(m, "layer1"):  # ResNets
-        return _resnet_stages(m)
+        return resnet_stages(m)
     return [[m]]
 
 

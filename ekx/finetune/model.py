@@ -95,6 +95,8 @@ def start_from_checkpoint(cfg: FinetuneConfig, ckpt: dict, run: Path) -> Start:
     spec = ckpt.get("extractor")
     if not spec:
         raise EkxError(f"--init-head {run}: the run does not record its backbone (trained by an older ekx)")
+    if "fused" in spec:
+        raise EkxError(f"--init-head {run}: a fused run (several backbones' features joined); fine-tuning takes one")
     if spec["backbone"] != cfg.backbone:
         raise EkxError(
             f"--init-head {run} was trained on {spec['backbone']} features; pass --backbone {spec['backbone']}"

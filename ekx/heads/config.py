@@ -29,7 +29,9 @@ class TrainConfig:
     file, with what it admits declared beside its default."""
 
     head: str = opt("lstm", "temporal head", choices=HEADS)
-    backbone: str = opt("resnet50", "backbone whose cache to train on", choices=BACKBONES)
+    backbone: str = opt(
+        "resnet50", "backbone whose cache to train on; several joined by + are fused", choices=BACKBONES, several="+"
+    )
     train_features: str = opt("", "train cache (default <features>/<backbone>/train.h5)")
     val_features: str = opt("", "validation cache (default <features>/<backbone>/validation.h5)")
     name: str = opt("", "run directory name under runs/ (default <head>-<backbone>-<time>)")

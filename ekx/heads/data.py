@@ -36,6 +36,7 @@ class Split:
     video_id: list[str]
     attrs: dict
     extractor: dict  # rebuilds the backbone that made the features (see backbones.extractor_spec)
+    parts: list[dict] | None = None  # a fused split: each part's attributes, in order
 
     @property
     def labelled(self) -> bool:
@@ -49,8 +50,14 @@ class Split:
 
     def identity(self) -> dict:
         """What its features mean (`ekx.cache.identity.identity`): equal for any two caches
-        a head may be trained, validated and evaluated on together."""
-        return identity.identity(self.attrs)
+        a head may be trained, validated and evaluated on together. A fused split: every
+        part's identity, its keys prefixed ``part1.``, ``part2.``... (a refusal names the part)."""
+        if self.parts is None:
+            return identity.identity(self.attrs)
+        out: dict = {"fusion": FUSE.join(str(p["backbone"]) for p in self.parts)}
+        for i, attrs in enumerate(self.parts, 1):
+            out.update({f"part{i}.{k}": v for k, v in identity.identity(attrs).items()})
+        return out
 
 
 def _fits_on(device: torch.device, nbytes: int) -> bool:
@@ -60,7 +67,19 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return nbytes < 0.7 * free
 
 
+# several caches joined: features concatenated per position (`--features a.h5+b.h5`)
+FUSE = "+"
+
+
 def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
+    """A cache, or several joined with ``+`` (`fuse`)."""
+    names = str(path).split(FUSE)
+    if len(names) > 1:
+        return fuse([_load_one(Path(n), torch.device("cpu"), mmap) for n in names], Path(path), device)
+    return _load_one(Path(path), device, mmap)
+
+
+def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
     cache = open_cache(path)
     missing = [k for k in REQUIRED if k not in cache.attrs]
     if missing:
@@ -84,6 +103,62 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
         cache.video_id,
         cache.attrs,
         extractor_spec(cache.attrs, read_backbone_state(path)),
+    )
+
+
+def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
+    """Several caches of the same segments as one: features concatenated per view and
+    position ([N, V, K, D1 + D2 + ...]), rows aligned by narration id (the first part's
+    order), a row done only where it is done in every part. The parts must hold the same
+    segments, labels, K and views; each keeps its own identity (`Split.identity`)."""
+    first = parts[0]
+    order = {nid: i for i, nid in enumerate(first.narration_id)}
+    feats, done = [first.feats], np.zeros(len(order), dtype=bool)
+    done[first.rows.numpy()] = True
+    for p in parts[1:]:
+        if set(p.narration_id) != set(order):
+            extra = len(set(p.narration_id) - set(order))
+            lacking = len(set(order) - set(p.narration_id))
+            raise EkxError(
+                f"{p.path} and {first.path} hold different segments ({lacking} of the first missing, {extra} "
+                "others): fuse caches extracted from the same annotation file"
+            )
+        if p.feats.shape[1:3] != first.feats.shape[1:3]:
+            raise EkxError(
+                f"{p.path} has {p.feats.shape[2]} frames x {p.feats.shape[1]} views per segment, {first.path} "
+                f"{first.feats.shape[2]} x {first.feats.shape[1]}: fused caches need the same K and views"
+            )
+        idx = torch.tensor([order[n] for n in p.narration_id])  # p's row i is the first's row idx[i]
+        inv = torch.empty_like(idx)
+        inv[idx] = torch.arange(len(idx))
+        if not (torch.equal(p.verbs[inv], first.verbs) and torch.equal(p.nouns[inv], first.nouns)):
+            raise EkxError(f"{p.path} and {first.path} label the same segments differently")
+        feats.append(p.feats[inv])
+        mine = np.zeros(len(order), dtype=bool)
+        mine[idx[p.rows].numpy()] = True
+        done &= mine
+    rows = np.flatnonzero(done)
+    if len(rows) == 0:
+        raise EkxError(f"{path}: no segment is done in every part")
+    joined = torch.cat([f.to(torch.float16) for f in feats], dim=-1)
+    if _fits_on(device, joined.numel() * 2):
+        joined = joined.to(device)
+    attrs = dict(first.attrs)
+    attrs.update(
+        backbone=FUSE.join(str(p.attrs["backbone"]) for p in parts),
+        feature_dim=int(joined.shape[-1]),
+    )
+    return Split(
+        path,
+        joined,
+        torch.from_numpy(rows),
+        first.verbs,
+        first.nouns,
+        first.narration_id,
+        first.video_id,
+        attrs,
+        {"fused": [p.extractor for p in parts]},
+        parts=[p.attrs for p in parts],
     )
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ekx import EkxError
-from ekx.config import backbone_folder, load_toml, tomllib
+from ekx.config import default_cache, load_toml, tomllib
 from ekx.heads import runlock
 from ekx.heads.config import TrainConfig, check_space
 from ekx.heads.runlog import write_atomic
@@ -172,8 +172,8 @@ def with_caches(cfg: TrainConfig, features_root: Path) -> TrainConfig:
     return TrainConfig.from_dict(
         {
             **asdict(cfg),
-            "train_features": cfg.train_features or str(root / backbone_folder(cfg.backbone) / "train.h5"),
-            "val_features": cfg.val_features or str(root / backbone_folder(cfg.backbone) / "validation.h5"),
+            "train_features": cfg.train_features or default_cache(root, cfg.backbone, "train"),
+            "val_features": cfg.val_features or default_cache(root, cfg.backbone, "validation"),
         },
         cfg.name,
     )

@@ -23,15 +23,9 @@ import torch
 
 from ekx import EkxError, epic
 from ekx.cache import identity
-from ekx.config import backbone_folder
+from ekx.config import backbone_folder, default_cache
 from ekx.heads import metrics, missing
-from ekx.heads.checkpoint import (
-    build_model,
-    check_compatible,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
@@ -376,10 +370,9 @@ def resume_config(run_dir: Path, cfg: TrainConfig, given: set[str] | None):
 
 
 def paths(cfg: TrainConfig, features_root: Path, runs_root: Path) -> tuple[Path, Path, Path]:
-    folder = features_root / backbone_folder(cfg.backbone)
-    train = Path(cfg.train_features) if cfg.train_features else folder / "train.h5"
-    val = Path(cfg.val_features) if cfg.val_features else folder / "validation.h5"
-    name = cfg.name or f"{cfg.head}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train = Path(cfg.train_features or default_cache(features_root, cfg.backbone, "train"))
+    val = Path(cfg.val_features or default_cache(features_root, cfg.backbone, "validation"))
+    name = cfg.name or f"{cfg.head}-{backbone_folder(cfg.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
     return train, val, runs_root / name
 
 
