@@ -213,6 +213,20 @@ def test_pretrained_weights_come_from_the_librarys_own_cache(tmp_path, monkeypat
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_a_hugging_face_directorys_own_weights_are_its_default(tiny_videomae):
+    """--weights DEFAULT with a local directory: the weights save_pretrained wrote (seed 7),
+    not a random build; the identity names the files by sha256."""
+    from transformers import VideoMAEModel
+
+    model, ident = backbones.load_weights(backbones.get(f"hf:{tiny_videomae}"), "DEFAULT")
+    assert ident.startswith(f"pretrained:hf {tiny_videomae} model.safetensors:")
+    saved = VideoMAEModel.from_pretrained(tiny_videomae).state_dict()
+    for k, v in saved.items():
+        assert torch.equal(model.model.state_dict()[k], v), k
+    rand, _ = backbones.load_weights(backbones.get(f"hf:{tiny_videomae}"), "none")
+    assert not all(torch.equal(rand.model.state_dict()[k], v) for k, v in saved.items())
+
+
 @pytest.mark.slow
 def test_one_decode_pass_serves_torchvision_timm_and_hugging_face(clips, tiny_videomae, tmp_path):
     """`--backbone resnet50,timm:<vit>,hf:<tiny VideoMAE dir>` writes three caches, each
