@@ -75,23 +75,27 @@ def _done_count(path: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_resumes_to_the_same_features(sig, synth_data, reference, tmp_path):
-    out = tmp_path / "f.h5"
     env = dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE")
-    log = tmp_path / "log.txt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ekx", *cli_args(synth_data, out)],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 120
-    while _done_count(out) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    output = log.read_text()
-    done = _done_count(out)
-    assert 2 <= done < 6, f"the kill should land mid-run (done={done}): {output}"
+    # the signal must land mid-run; on a loaded machine the 6 segments can all finish between
+    # two polls (the file being written is unreadable for a moment): then start over, at most 3x
+    for attempt in range(3):
+        out, log = tmp_path / f"f{attempt}.h5", tmp_path / f"log{attempt}.txt"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ekx", *cli_args(synth_data, out)],
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 120
+        while _done_count(out) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        output = log.read_text()
+        done = _done_count(out)
+        if done < 6:
+            break
+    assert 2 <= done < 6, f"the kill should land mid-run (done={done}, 3 attempts): {output}"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output
     summary = run(synth_data, out)
