@@ -93,9 +93,8 @@ def preprocess_of_transform(transform: Any, where: str) -> Preprocess:
         if isinstance(t, T.Resize):
             size = t.size
             resize = (int(size),) if isinstance(size, int) else tuple(int(x) for x in size)
-            if len(resize) == 1 or len(resize) == 2:
-                interp = t.interpolation.value
-                antialias = bool(t.antialias) if t.antialias is not None else True
+            interp = t.interpolation.value
+            antialias = bool(t.antialias) if t.antialias is not None else True
             if t.max_size is not None:
                 raise EkxError(f"{where}: a Resize with max_size is not reproduced by ekx")
         elif isinstance(t, T.CenterCrop):
