@@ -41,7 +41,20 @@ PROVENANCE = frozenset(
     }
 )
 # which segments a file holds: the train and validation caches of one model differ here
-PLAN = frozenset({"split", "annotation_file", "annotation_sha256", "shard", "merged_from"})
+# (a dense store: which part of each video it covers, and in stage 2 the largest gap between a
+# segment's sampled time and the dense time read for it, which depends on the segments)
+PLAN = frozenset(
+    {
+        "split",
+        "annotation_file",
+        "annotation_sha256",
+        "annotation_path",
+        "shard",
+        "merged_from",
+        "dense_span",
+        "dense_max_gap",
+    }
+)
 # how many augmented copies a row holds and how they were drawn: view 0 is always the clean
 # one, so a validation cache of view 0 only pairs with a training cache of several views
 VIEWS = frozenset({"views", "augmentation"})

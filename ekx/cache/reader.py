@@ -31,6 +31,11 @@ class Cache:
     status: np.ndarray
     frame_index: np.ndarray
     shape: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))
+    time: np.ndarray | None = None  # [N, K] s: a dense store's position times (ekx.cache.dense)
+
+    @property
+    def dense(self) -> bool:
+        return self.attrs.get("kind") == "dense"
 
     @property
     def done(self) -> np.ndarray:
@@ -104,6 +109,7 @@ def open_cache(path: Path) -> Cache:
             f["status"][...],
             f["frame_index"][...],
             tuple(f["features"].shape),
+            f["time"][...] if "time" in f else None,
         )
 
 

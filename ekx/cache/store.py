@@ -12,6 +12,8 @@ one row per planned segment:
                                      version 2: features only; see checksum.py), written
                                      before the status
     status        [N] uint8          0 pending, 1 done, 2 failed
+    time          [N, K] float64     (dense stores only, see dense.py) each position's
+                                     time in seconds, NaN past the video's end
     failure       [N] bytes(240)     the reason, for failed rows
     backbone_state/<key>             (--weights none only) the BatchNorm statistics the
                                      random backbone was calibrated with: with the seed,
@@ -78,14 +80,16 @@ def create(
     k: int,
     dim: int,
     backbone_state: dict[str, np.ndarray] | None = None,
+    times: np.ndarray | None = None,
 ) -> None:
-    """Write a new cache with every row pending; atomic (a temp file renamed into place)."""
+    """Write a new cache with every row pending; atomic (a temp file renamed into place).
+    ``times`` [N, K]: a dense store's position times (`ekx.cache.dense`), known at planning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
     n = len(rows.narration_id)
     check_space(path, n * views * k * dim * 2 + n * (8 * k + REASON_BYTES + 64))
     try:
-        _write_new(tmp, attrs, rows, views, k, dim, backbone_state)
+        _write_new(tmp, attrs, rows, views, k, dim, backbone_state, times)
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # never leave a half-made file behind
         if isinstance(e, OSError) and (e.errno == 28 or "No space" in str(e)):
@@ -111,7 +115,14 @@ def check_space(path: Path, nbytes: int) -> None:
 
 
 def _write_new(
-    tmp: Path, attrs: dict, rows: Rows, views: int, k: int, dim: int, backbone_state: dict[str, np.ndarray] | None
+    tmp: Path,
+    attrs: dict,
+    rows: Rows,
+    views: int,
+    k: int,
+    dim: int,
+    backbone_state: dict[str, np.ndarray] | None,
+    times: np.ndarray | None = None,
 ) -> None:
     n = len(rows.narration_id)
     with h5py.File(tmp, "w") as f:
@@ -130,6 +141,8 @@ def _write_new(
         f.create_dataset("status", (n,), np.uint8, dcpl=_early_dcpl((min(m, 65536),)))
         f.create_dataset("failure", (n,), f"S{REASON_BYTES}", dcpl=_early_dcpl((min(m, 4096),)))
         f["status"][...] = PENDING
+        if times is not None:
+            f.create_dataset("time", data=np.asarray(times, np.float64).reshape(n, k))
         if backbone_state:
             group = f.create_group("backbone_state")
             for key, value in backbone_state.items():

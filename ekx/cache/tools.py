@@ -218,7 +218,10 @@ def merge(out: Path, shards: list[Path]) -> dict:
     # the merged file is of this ekx's format: whole-row checksums, computed for its own rows
     attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches], format_version=store.VERSION)
     _, V, K, D = caches[0].shape
-    store.create(Path(out), attrs, rows, V, K, D, store.read_backbone_state(caches[0].path))
+    times = None
+    if caches[0].time is not None:  # a dense store's position times (planned, so merged like the ids)
+        times = np.concatenate([c.time for c in caches])[order]
+    store.create(Path(out), attrs, rows, V, K, D, store.read_backbone_state(caches[0].path), times)
     dest_of = np.empty(len(order), np.int64)
     dest_of[order] = np.arange(len(order))
     small = {

@@ -126,6 +126,21 @@ def extract(
             "marked failed (0: no watchdog)."
         ),
     ] = 600.0,
+    dense: Annotated[
+        str,
+        typer.Option(
+            help="Write a dense store instead: features at RATE positions per second over each video "
+            "(e.g. 4), or every:N (one per N frames), usable with any annotation file in stage 2 "
+            "(features/<backbone>/<split>.dense-<rate>.h5; see docs/dense.md)."
+        ),
+    ] = "",
+    dense_span: Annotated[
+        str,
+        typer.Option(help="--dense over whole videos, or only around the split's segments (annotated)."),
+    ] = "video",
+    dense_margin: Annotated[
+        float, typer.Option(help="Seconds kept before and after each segment with --dense-span annotated.")
+    ] = 2.0,
     annotations: AnnotationsOpt = None,
     videos: VideosOpt = None,
     frames_root: FramesRootOpt = None,
@@ -161,8 +176,15 @@ def extract(
             decode_device=decode_device,
             decode_timeout=decode_timeout,
             resize=resize,
+            dense=dense,
+            dense_span=dense_span,
+            dense_margin=dense_margin,
         )
     )
+    if cfg.dense:
+        from ekx.cache.dense import Rate
+
+        Rate.parse(cfg.dense)  # a bad rate is said before anything loads
     existing("--annotations", annotations)
     if cfg.source == "frames":
         existing("--frames-root", frames_root)

@@ -27,7 +27,7 @@ class ExtractConfig:
     backbone: str = opt("resnet50", "backbones, separated by commas", choices=BACKBONES, several=True)
     split: str = opt("train", "train, validation, test, or an annotation CSV")
     weights: str = opt("DEFAULT", "DEFAULT, a torchvision weights name, a state-dict path, or none")
-    frames: int = opt(16, "frames K sampled per segment", ge=1)
+    frames: int = opt(16, "frames K sampled per segment (with --dense: positions per stored row)", ge=1)
     views: int = opt(1, "views per segment: view 0 clean, the others augmented", ge=1)
     # None: 16 on CPU (cache-friendly there), 64 on a GPU
     batch_size: int | None = opt(None, "backbone batch size in images (clips for 3D)", ge=1)
@@ -48,6 +48,14 @@ class ExtractConfig:
     resize: str = opt("decoder", "where frames are resized", choices=RESIZES)
     # seconds without a decoded segment before a video's decoder is killed (0: no watchdog)
     decode_timeout: float = opt(600.0, "decoder watchdog, seconds", ge=0)
+    # a dense store (ekx.cache.dense): features at fixed times over each video, for any annotation
+    dense: str = opt("", "dense store: RATE positions per second (e.g. 4) or every:N frames; '' = per segment")
+    dense_span: str = opt(
+        "video",
+        "dense store over whole videos, or the split's segments +- --dense-margin",
+        choices=("video", "annotated"),
+    )
+    dense_margin: float = opt(2.0, "seconds kept around each segment with --dense-span annotated", ge=0)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

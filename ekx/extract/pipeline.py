@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ekx import EkxError, epic, options
-from ekx.cache import identity, lock, store
+from ekx.cache import dense, identity, lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
@@ -63,6 +63,8 @@ def plan_rows(segments: list[epic.Segment], cfg: ExtractConfig) -> tuple[list[ep
 
 def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
     name = Path(cfg.split).stem if cfg.split.endswith(".csv") else cfg.split
+    if cfg.dense:  # train.dense-4fps.h5, train.dense-every2-annotated.h5
+        name += f".dense-{dense.Rate.parse(cfg.dense).tag()}" + ("-annotated" if cfg.dense_span == "annotated" else "")
     if cfg.shard:
         name += f".shard{cfg.shard[0]}of{cfg.shard[1]}"
     return features_root / backbone_folder(cfg.backbone) / f"{name}.h5"
@@ -159,12 +161,16 @@ def extract_many(
         raise EkxError("--out names one cache file; with several backbones the caches go to --features")
     ann = epic.Annotations(annotations)
     ann_path = ann.split_path(cfg.split)
-    plan_all = ann.segments(cfg.split)
+    segments = ann.segments(cfg.split)
+    plan_all, times_all = segments, None
+    if cfg.dense:  # runs of K positions over each video (ekx.cache.dense), extracted as segments
+        plan_all, times_all = dense_runs(cfg, segments, videos, frames_root)
     plan, plan_index = plan_rows(plan_all, cfg)
     if not plan:
         raise EkxError(f"{ann_path}: no segments to extract (check --limit / --shard)")
-    calib_plan = calibration_plan(ann, plan_all, cfg) if cfg.weights.lower() == "none" else []
-    own = plan_all[: 4 * cfg.calibration_segments] if calib_plan else []
+    times = times_all[plan_index] if times_all is not None else None
+    calib_plan = calibration_plan(ann, segments, cfg) if cfg.weights.lower() == "none" else []
+    own = segments[: 4 * cfg.calibration_segments] if calib_plan else []
     src, root = resolve_source(cfg, plan, videos, frames_root)
     if not Path(root).is_dir():  # else every segment fails with "not found", the root unnamed
         what = "videos" if src.reads == "videos" else "frames"
@@ -224,6 +230,7 @@ def extract_many(
                     held,
                     src.identity(decode_device, cfg.resize),
                     identity.decode_size_of(bbs[name], [bbs[o] for o in names if o != name], cfg.resize),
+                    times,
                 )
             except BaseException:
                 held.release()
@@ -232,7 +239,7 @@ def extract_many(
             targets.append(t)
         if on_start:
             on_start(len(plan), min(t.summary.done for t in targets))
-        _run(cfg, targets, device, precision, plan, found, on_progress)
+        _run(cfg, targets, device, precision, plan, found, on_progress, times)
     finally:
         for t in targets:
             try:
@@ -246,6 +253,27 @@ def extract_many(
         t.summary.failures = failures(t.summary.path) if t.summary.failed else []
         t.summary.seconds = time.perf_counter() - t0
     return [t.summary for t in targets]
+
+
+def dense_runs(
+    cfg: ExtractConfig, segments: list[epic.Segment], videos: Path, frames_root: Path | None
+) -> tuple[list[epic.Segment], np.ndarray]:
+    """A dense extraction's plan: every video of the split, its length from its header.
+    A video that is not here cannot be planned (its length is unknown), so it is refused
+    before anything is written rather than left out of the store silently."""
+    src, root = resolve_source(cfg, segments, videos, frames_root)
+    if src.reads != "videos":
+        raise EkxError(f"--dense reads videos; --source {src.name} reads the RGB frames (use decord or torchcodec)")
+    found, missing = sources.locate(src, segments, root)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise EkxError(
+            f"--dense: {len(missing)} of {len(found) + len(missing)} videos of the split are not under {root} "
+            f"({shown}); a dense store plans each video from its length. Put them there, or extract an "
+            "annotation CSV that lists only the videos you have"
+        )
+    lengths = {v: dense.video_length(p) for v, p in found.items()}
+    return dense.plan(segments, lengths, dense.Rate.parse(cfg.dense), cfg.frames, cfg.dense_span, cfg.dense_margin)
 
 
 def resolve_source(
@@ -269,6 +297,7 @@ def _run(
     plan: list[epic.Segment],
     found: dict[str, Path],
     on_progress: Callable[[int, int], None] | None,
+    times: np.ndarray | None = None,
 ) -> None:
     todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
     by_video: dict[str, list[Request]] = {}
@@ -279,7 +308,11 @@ def _run(
                 if t.todo[row]:
                     t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
             continue
-        by_video.setdefault(s.video_id, []).append(Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame))
+        req = Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame)
+        if times is not None:  # a dense run: its own times, the padding past the end on the last one
+            t = times[row]
+            req.times = np.where(np.isfinite(t), t, np.nanmax(t))
+        by_video.setdefault(s.video_id, []).append(req)
     # biggest videos first, so the last worker does not finish long after the others
     jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
     if not jobs:

@@ -88,6 +88,7 @@ def open_target(
     held: lock.CacheLock,
     source_attrs: dict,
     decode_size: str = identity.OWN_SIZE,
+    times: np.ndarray | None = None,
 ) -> Target:
     """Load one backbone (calibrating random weights), open or create its cache (whose lock
     ``held`` the caller took first), start its writer."""
@@ -118,7 +119,7 @@ def open_target(
         raise EkxError(mismatch_message(out, bad))
     if not out.exists() or recalibrated:
         # --recalibrate: a new cache (every row pending) replaces the old one in one rename
-        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state)
+        store.create(out, attrs, rows, cfg.views, cfg.frames, bb.dim, bn_state, times)
     with h5py.File(out, "r") as f:
         store.check_rows(out, f, rows)
     writer = store.Writer(out)

@@ -198,6 +198,9 @@ class Request:
     stop: float
     start_frame: int = -1  # the CSV's frame numbers (1-based, inclusive): the frames source's
     stop_frame: int = -1  # sampling; video sources use the timestamps
+    # a dense store's run: its K positions' times (s), which are not a segment's centres
+    # at the video's end (the positions past it repeat the last one; ekx.cache.dense)
+    times: np.ndarray | None = None
 
 
 @dataclass

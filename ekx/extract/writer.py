@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ekx import EkxError, __version__, epic
-from ekx.cache import store
+from ekx.cache import dense, store
 from ekx.extract import backbones
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def cache_attrs(
         "precision": precision,
         "dtype": "float16",
         "annotation_file": ann_path.name,
+        "annotation_path": str(Path(ann_path).resolve()),  # where stage 2 finds a dense store's segments
         "annotation_sha256": backbones.sha256_file(ann_path),
         "bn_calibration": calibration,
         # the class lists travel with the cache: stage 2 needs no annotation directory
@@ -113,4 +114,5 @@ def cache_attrs(
         "decord_version": decord.__version__,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         **inputs,
+        **(dense.describe(dense.Rate.parse(cfg.dense), cfg.dense_span, cfg.dense_margin) if cfg.dense else {}),
     }

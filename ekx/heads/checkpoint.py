@@ -108,10 +108,10 @@ def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, 
 def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
     kwargs = head_kwargs_for(
         cfg,
-        int(split.feats.shape[3]),
+        split.dim,
         int(split.attrs["num_verbs"]),
         int(split.attrs["num_nouns"]),
-        split.feats.shape[2],
+        split.k,
         str(split.path),
     )
     seed_everything(cfg.seed)

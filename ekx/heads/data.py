@@ -4,6 +4,10 @@ A split is read once with one bulk read (`Cache.features`) into a float16 tensor
 the GPU when it fits - and every batch is `feats[rows, view]` plus a gather over time:
 no Dataset, no DataLoader, no per-item HDF5 reads. Pending/failed rows are skipped by
 index, never by copying the array.
+
+A dense store (`ekx.cache.dense`) is held as one [positions, V, D] tensor with an index
+[segments, K] into it (each segment's positions, from an annotation file): a batch is the
+same one indexing op through the index, so an epoch costs what it costs on a cache.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ekx import EkxError
-from ekx.cache import identity
+from ekx import EkxError, epic
+from ekx.cache import dense, identity
 from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
+from ekx.heads import missing
 
 # what stage 2 cannot work without (the identity as a whole is compared by `ekx.cache.identity`)
 REQUIRED = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
@@ -37,6 +42,28 @@ class Split:
     attrs: dict
     extractor: dict  # rebuilds the backbone that made the features (see backbones.extractor_spec)
     parts: list[dict] | None = None  # a fused split: each part's attributes, in order
+    # a dense store: feats is [P, V, D] (every stored position) and index [N, K] the
+    # positions of each segment; None: feats is [N, V, K, D]
+    index: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        """Positions per segment."""
+        return int(self.index.shape[1] if self.index is not None else self.feats.shape[2])
+
+    @property
+    def views(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[-1])
+
+    def per_segment(self) -> torch.Tensor:
+        """[N, V, K, D]: a dense split's features gathered per segment (fusion needs them so)."""
+        if self.index is None:
+            return self.feats
+        return self.feats[self.index.to(self.feats.device)].permute(0, 2, 1, 3)
 
     @property
     def labelled(self) -> bool:
@@ -80,7 +107,12 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
 
 
 def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
-    cache = open_cache(path)
+    store_path, segments_csv = dense.split_spec(path)
+    cache = open_cache(store_path)
+    if cache.dense:
+        return _load_dense(cache, segments_csv, device)
+    if segments_csv is not None:
+        raise EkxError(f"{path}: {store_path} is a per-segment cache; only a dense store takes @<segments.csv>")
     missing = [k for k in REQUIRED if k not in cache.attrs]
     if missing:
         raise EkxError(f"{path}: cache lacks attribute(s) {', '.join(missing)}; re-extract it with this ekx")
@@ -106,6 +138,51 @@ def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
     )
 
 
+def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split:
+    """A dense store read through an annotation file's segments (`dense.gather`)."""
+    path = cache.path
+    missing = [k for k in REQUIRED if k not in cache.attrs]
+    if missing or cache.time is None:
+        raise EkxError(f"{path}: dense store lacks {', '.join(missing) or 'its time dataset'}; re-make it")
+    csv = dense.segments_file(path, cache.attrs, segments_csv)
+    a = cache.attrs
+    verbs = epic.ClassList(tuple(a["verb_classes"]), tuple(a["verb_classes"]))
+    nouns = epic.ClassList(tuple(a["noun_classes"]), tuple(a["noun_classes"]))
+    segments = epic.load_segments(csv, verbs, nouns)
+    k = dense.SEGMENT_POSITIONS
+    g = dense.gather(cache.time, cache.video_id, cache.done, segments, k)
+    rows = np.flatnonzero(g.present)
+    if len(rows) == 0:
+        raise EkxError(f"{path}: none of the {len(segments)} segments of {csv} has dense features (other videos?)")
+    array = cache.features()  # [runs, V, K, D] -> one [positions, V, D] tensor (no copy for V = 1)
+    n, v, kk, d = array.shape
+    feats = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 2, 1, 3)).reshape(n * kk, v, d))
+    if _fits_on(device, feats.numel() * 2):
+        feats = feats.to(device)
+    from ekx.extract.backbones import sha256_file
+
+    attrs = dict(
+        a,
+        frames_per_segment=k,
+        dense_gather=dense.GATHER_RULE.format(k=k),
+        dense_max_gap=round(g.max_gap, 6),
+        annotation_file=csv.name,
+        annotation_sha256=sha256_file(csv),
+    )
+    return Split(
+        Path(f"{path}{dense.SEGMENTS}{csv}" if segments_csv is not None else path),
+        feats,
+        torch.from_numpy(rows),
+        torch.tensor([s.verb_class for s in segments], dtype=torch.long),
+        torch.tensor([s.noun_class for s in segments], dtype=torch.long),
+        [s.narration_id for s in segments],
+        [s.video_id for s in segments],
+        attrs,
+        extractor_spec(a, read_backbone_state(path)),
+        index=torch.from_numpy(g.index).to(feats.device),
+    )
+
+
 def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     """Several caches of the same segments as one: features concatenated per view and
     position ([N, V, K, D1 + D2 + ...]), rows aligned by narration id (the first part's
@@ -113,7 +190,9 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     segments, labels, K and views; each keeps its own identity (`Split.identity`)."""
     first = parts[0]
     order = {nid: i for i, nid in enumerate(first.narration_id)}
-    feats, done = [first.feats], np.zeros(len(order), dtype=bool)
+    # a dense part is gathered per segment first: parts align by narration id, each dense
+    # one having mapped the segments' times to its own positions (alignment by time)
+    feats, done = [first.per_segment()], np.zeros(len(order), dtype=bool)
     done[first.rows.numpy()] = True
     for p in parts[1:]:
         if set(p.narration_id) != set(order):
@@ -123,24 +202,24 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
                 f"{p.path} and {first.path} hold different segments ({lacking} of the first missing, {extra} "
                 "others): fuse caches extracted from the same annotation file"
             )
-        if p.feats.shape[1:3] != first.feats.shape[1:3]:
+        if (p.k, p.views) != (first.k, first.views):
             raise EkxError(
-                f"{p.path} has {p.feats.shape[2]} frames x {p.feats.shape[1]} views per segment, {first.path} "
-                f"{first.feats.shape[2]} x {first.feats.shape[1]}: fused caches need the same K and views"
+                f"{p.path} has {p.k} frames x {p.views} views per segment, {first.path} "
+                f"{first.k} x {first.views}: fused caches need the same K and views"
             )
         idx = torch.tensor([order[n] for n in p.narration_id])  # p's row i is the first's row idx[i]
         inv = torch.empty_like(idx)
         inv[idx] = torch.arange(len(idx))
         if not (torch.equal(p.verbs[inv], first.verbs) and torch.equal(p.nouns[inv], first.nouns)):
             raise EkxError(f"{p.path} and {first.path} label the same segments differently")
-        feats.append(p.feats[inv])
+        feats.append(p.per_segment()[inv.to(p.feats.device)])
         mine = np.zeros(len(order), dtype=bool)
         mine[idx[p.rows].numpy()] = True
         done &= mine
     rows = np.flatnonzero(done)
     if len(rows) == 0:
         raise EkxError(f"{path}: no segment is done in every part")
-    joined = torch.cat([f.to(torch.float16) for f in feats], dim=-1)
+    joined = torch.cat([f.to(torch.float16).cpu() for f in feats], dim=-1)
     if _fits_on(device, joined.numel() * 2):
         joined = joined.to(device)
     attrs = dict(first.attrs)
@@ -162,16 +241,36 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     )
 
 
+def validation_note(val: Split, allow_missing: bool, train: Split | None = None) -> str | None:
+    """What the run's figures rest on beyond the features themselves, kept with the run: the
+    validation rows without features (`missing.check_validation`, which refuses them unless
+    allowed) and, for a dense store, how its segments were read and the largest time gap."""
+    done = torch.zeros(len(val.narration_id), dtype=torch.bool)
+    done[val.rows] = True
+    notes = [missing.check_validation(val.path, val.narration_id, done.tolist(), allow_missing)]
+    for name, s in (("train", train), ("validation", val)):
+        if s is not None and s.index is not None and not (name == "train" and s is val):
+            absent = len(s.narration_id) - len(s.rows)
+            notes.append(
+                f"{name} features from dense store {s.path} ({s.attrs['dense_rate']} per s): "
+                f"{s.attrs['dense_gather']}; largest gap {s.attrs['dense_max_gap']:.3f} s; "
+                f"{absent} of {len(s.narration_id)} segments missing"
+            )
+    return "; ".join(n for n in notes if n) or None
+
+
 def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the split (all views and frames) in float64 sums.
 
     Beyond ``max_rows`` segments an evenly spaced subset is used: 16k segments x K frames
     pin every dimension's statistics far below their spread, and the full 67k x 16 x 2048
     pass would cost more than an epoch of batches (measured in bench/heads_bench.py)."""
-    d = split.feats.shape[-1]
+    d = split.dim
     rows = split.rows
     if len(rows) > max_rows:
         rows = rows[torch.linspace(0, len(rows) - 1, max_rows).long()]
+    if split.index is not None:  # a dense split: the positions its segments read
+        rows = torch.unique(split.index[rows.to(split.index.device)].reshape(-1)).cpu()
     s = torch.zeros(d, dtype=torch.float64, device=split.feats.device)
     ss = torch.zeros_like(s)
     n = 0
@@ -201,7 +300,7 @@ def draw(split: Split, n: int, t: int, train: bool, gen: torch.Generator | None)
     """(view [n, 1], positions [n, T]) for n samples - drawn for a whole epoch at once, so a
     training step only slices them: random view and jittered positions at training, view 0
     and centre positions at evaluation."""
-    _, v, k, _ = split.feats.shape
+    v, k = split.views, split.k
     view = torch.randint(v, (n, 1), generator=gen) if train and v > 1 else torch.zeros(n, 1, dtype=torch.long)
     return view, positions(k, t, n, train, gen)
 
@@ -218,5 +317,8 @@ def make_batch(
     """Standardised float32 [B, T, D] on the device for rows ``idx``: one gather of exactly
     the B x T frames needed (view and time picked in the same indexing op), then in place."""
     dev = split.feats.device
-    x = split.feats[idx.to(dev)[:, None], view.to(dev), pos.to(dev)]  # [B, T, D] float16
+    if split.index is not None:  # a dense split: each segment's positions, then the same gather
+        x = split.feats[split.index[idx.to(dev)[:, None], pos.to(dev)], view.to(dev)]
+    else:
+        x = split.feats[idx.to(dev)[:, None], view.to(dev), pos.to(dev)]  # [B, T, D] float16
     return x.to(device, non_blocking=True).float().sub_(mean).div_(std)

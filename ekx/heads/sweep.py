@@ -351,7 +351,7 @@ def _worker_init(train_path, val_path, device, tails, unseen, events, jobs, pare
     try:
         train = load_split(Path(train_path), dev, mmap=True)
         val = train if val_path == train_path else load_split(Path(val_path), dev, mmap=True)
-        note = tr.validation_note(val, allow)  # as tr.load_data: the same refusal, the same scoring
+        note = tr.validation_note(val, allow, train)  # as tr.load_data: the same refusal, the same scoring
     except EkxError as e:
         _WORKER.update(error=str(e), events=events)
         return

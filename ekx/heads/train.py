@@ -27,7 +27,7 @@ from ekx.config import backbone_folder, default_cache
 from ekx.heads import metrics, missing
 from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from ekx.heads.config import TrainConfig, resumed_config
-from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch
+from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch, validation_note
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
 from ekx.heads.runlog import (
     OBJECTIVE,
@@ -47,7 +47,7 @@ from ekx.runtime import autocast, precision_note, resolve_device, resolve_precis
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
     """A training epoch over cached features: a permutation, views and jittered positions
     drawn at once, each batch one gather (see data.make_batch)."""
-    t_frames = cfg.frames or split.feats.shape[2]
+    t_frames = cfg.frames or split.k
     perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
     views, pos = draw(split, len(perm), t_frames, True, gen)
     steps = math.ceil(len(perm) / cfg.batch_size)
@@ -80,7 +80,7 @@ def predict_inputs(model, inputs: Iterable[torch.Tensor], device, precision) -> 
 
 def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits for every done row of a cache: view 0, T uniform positions."""
-    t_frames = cfg.frames or split.feats.shape[2]
+    t_frames = cfg.frames or split.k
     views, pos = draw(split, cfg.eval_batch_size, t_frames, False, None)
 
     def inputs():
@@ -278,15 +278,9 @@ def load_data(
         )
     if not train.labelled or not val.labelled:
         raise EkxError("training needs labelled train and validation caches (the test split has no labels)")
-    note = validation_note(val, allow_missing)
+    note = validation_note(val, allow_missing, train)
     mean, std = feature_stats(train)
     return Loaded(train, val, (mean.to(device), std.to(device)), device, tails, unseen, note)
-
-
-def validation_note(val: Split, allow_missing: bool) -> str | None:
-    done = torch.zeros(len(val.narration_id), dtype=torch.bool)
-    done[val.rows] = True
-    return missing.check_validation(val.path, val.narration_id, done.tolist(), allow_missing)
 
 
 def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:

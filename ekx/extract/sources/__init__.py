@@ -183,7 +183,7 @@ def time_positions(req: Request, k: int, clip_len: int, times: np.ndarray, end: 
     """Video sources: the frames displayed at the segment's K centre times (and at their
     clips' times, `video.clip_times`), through the stream's frame times; ``end``: when the
     last frame stops showing (`video.display_end`, computed once per reader)."""
-    t = centre_times(req.start, req.stop, k)
+    t = centre_times(req.start, req.stop, k) if req.times is None else req.times
     if t[-1] > end + 0.5 * (end - float(times[-1])):  # half a frame of slack at the very end
         raise SegmentError(
             f"segment {req.start:.2f}-{req.stop:.2f} s is beyond the video's end ({end:.2f} s, {len(times)} frames)"
