@@ -38,6 +38,8 @@ PROVENANCE = frozenset(
         "device",  # the precision used is `precision`
         "weights_path",  # where a weights file lay; its sha256 is `weights`
         "resize_method",  # the words for `resize` + `decode_size`
+        "source_path",  # where imported features lay; their sha256 is `source_sha256`
+        "describe",  # an imported store's description, in the user's words
     }
 )
 # which segments a file holds: the train and validation caches of one model differ here
@@ -53,6 +55,7 @@ PLAN = frozenset(
         "merged_from",
         "dense_span",
         "dense_max_gap",
+        "source_sha256",  # an imported store's source files: each split's are others
     }
 )
 # how many augmented copies a row holds and how they were drawn: view 0 is always the clean

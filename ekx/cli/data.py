@@ -1,4 +1,4 @@
-"""Workspace and data commands: config, synth, split, demo."""
+"""Workspace and data commands: config, synth, split, demo, import."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ekx.cli.common import (
     DeviceOpt,
     FeaturesOpt,
     FramesRootOpt,
+    LateProgress,
     RunsOpt,
     VideosOpt,
     command,
@@ -121,3 +122,70 @@ def demo(
 
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ekx-demo-"))
     demo_mod.run(workdir, videos=videos, segments=segments, console=console)
+
+
+@command(name="import")
+def import_(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle or lmdb.")],
+    src: Annotated[Path, typer.Argument(help="The published features: a folder (npy-dir, lmdb) or a file (pickle).")],
+    split: Annotated[str, typer.Option(help="train, validation, test, or an annotation CSV: the videos to import.")] = (
+        "train"
+    ),
+    name: Annotated[
+        str, typer.Option(help="What the features are (e.g. rulstm-tsn-rgb); the store's backbone is imported:NAME.")
+    ] = "",
+    out: Annotated[
+        Path | None, typer.Option(help="Dense store to write (default features/imported:NAME/<split>.dense.h5).")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="npy-dir without timestamps, pickle: features per second (row j at (j+0.5)/rate s)."),
+    ] = None,
+    fps: Annotated[
+        float | None,
+        typer.Option(help="lmdb: the frames' rate for every video (default: EPIC_100_video_info.csv's per video)."),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="npy-dir in video_features' layout: which <video>_<KEY>.npy to read.")
+    ] = None,
+    describe: Annotated[str, typer.Option(help="A description kept in the store (where the features came from).")] = "",
+    annotations: AnnotationsOpt = None,
+    features: FeaturesOpt = None,
+):
+    """Turn published per-video features into a dense store that stage 2 reads like a cache.
+
+    Example: ekx import lmdb rulstm/rgb --name rulstm-tsn-rgb --split validation
+    """
+    from ekx.cache.imports import FORMATS
+
+    if fmt not in FORMATS:
+        raise EkxError(f"unknown import format {fmt!r}; choose {', '.join(FORMATS)}")
+    if rate is not None and not rate > 0:
+        raise EkxError(f"--rate {rate}: give features per second above 0")
+    if fps is not None and not fps > 0:
+        raise EkxError(f"--fps {fps}: give frames per second above 0")
+    if not src.exists():
+        raise EkxError(f"{src}: no such file or folder")
+    ws = workspace(annotations=annotations, features=features)
+    label = name or Path(src).stem
+    if not label or any(c in label for c in "/\\\0") or ".." in label:
+        raise EkxError(f"--name {label!r}: a plain name, it names a folder")
+    split_name = Path(split).stem if split.endswith(".csv") else split
+    dest = out or Path(ws.features) / f"imported:{label}" / f"{split_name}.dense.h5"
+
+    from rich.progress import BarColumn, TextColumn
+
+    from ekx.cache.imports import import_features
+
+    with LateProgress(TextColumn("[bold]import[/bold]"), BarColumn(), TextColumn("{task.completed:,} vectors"),
+                      console=err_console) as bar:  # fmt: skip
+        task = bar.add_task("import", total=None)
+        summary = import_features(
+            fmt, src, Path(ws.annotations), split, dest, label, rate, fps, key, describe,
+            on_progress=lambda n: bar.update(task, advance=n),
+        )  # fmt: skip
+    console.print(
+        f"{dest}: {summary['videos']} videos, {summary['vectors']:,} vectors of {summary['dim']} "
+        f"({summary['rows']} rows); train on it with --train-features/--val-features {dest}",
+        soft_wrap=True,
+    )

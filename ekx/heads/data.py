@@ -269,13 +269,13 @@ def feature_stats(split: Split, max_rows: int = 16384, chunk: int = 1024) -> tup
     rows = split.rows
     if len(rows) > max_rows:
         rows = rows[torch.linspace(0, len(rows) - 1, max_rows).long()]
-    if split.index is not None:  # a dense split: the positions its segments read
-        rows = torch.unique(split.index[rows.to(split.index.device)].reshape(-1)).cpu()
     s = torch.zeros(d, dtype=torch.float64, device=split.feats.device)
     ss = torch.zeros_like(s)
     n = 0
     for i in range(0, len(rows), chunk):
-        x = split.feats[rows[i : i + chunk].to(split.feats.device)].reshape(-1, d).float()
+        r = rows[i : i + chunk].to(split.feats.device)
+        # a dense split: the positions its segments read, each as often as a segment reads it
+        x = (split.feats[split.index[r]] if split.index is not None else split.feats[r]).reshape(-1, d).float()
         s += x.sum(0, dtype=torch.float64)
         ss += (x * x).sum(0, dtype=torch.float64)
         n += len(x)
