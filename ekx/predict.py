@@ -100,6 +100,11 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
         )
     if "fused" in spec:
         raise EkxError(f"{path}: a fused run (features of several backbones joined); ekx predict runs one backbone")
+    if str(spec.get("backbone", "")).startswith("imported:"):
+        raise EkxError(
+            f"{path}: trained on imported features ({spec['backbone']}); ekx predict runs the backbone that "
+            "made a run's features, and imported ones came from elsewhere"
+        )
     bb = backbones.with_weights(backbones.get(spec["backbone"]), spec.get("preprocess_weights", spec["weights"]))
     backbone = backbones.run_backbone(ckpt)
     device = resolve_device(device_name)

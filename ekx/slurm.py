@@ -69,6 +69,18 @@ def sbatch(argv: list[str], dry_run: bool, name: str) -> str:
     return res.stdout.strip().split(";")[0]
 
 
+def _flag(extra: list[str], flag: str, default: str) -> str:
+    """The value of ``flag`` among the extra `ekx extract` flags (``--flag V`` or ``--flag=V``;
+    the last one wins, as in typer): a dense extraction's files are named by its rate."""
+    value = default
+    for i, arg in enumerate(extra):
+        if arg == flag and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def submit_extract(
     backbone: str,
     split: str,
@@ -110,11 +122,15 @@ def submit_extract(
     ]
     array_id = sbatch(array, dry_run, "extract")
     commands, merge_ids, merged_paths = [array], [], []
+    dense, span = _flag(extra, "--dense", ""), _flag(extra, "--dense-span", "video")
     for name in names:
         outs = [
-            default_out(ExtractConfig(backbone=name, split=split, shard=(i, shards)), features) for i in range(shards)
+            default_out(
+                ExtractConfig(backbone=name, split=split, shard=(i, shards), dense=dense, dense_span=span), features
+            )
+            for i in range(shards)
         ]
-        merged = default_out(ExtractConfig(backbone=name, split=split), features)
+        merged = default_out(ExtractConfig(backbone=name, split=split, dense=dense, dense_span=span), features)
         merge = [
             "sbatch",
             "--parsable",

@@ -13,6 +13,7 @@ import torch
 
 from ekx import epic
 from ekx.cache.reader import open_cache
+from ekx.cache.store import sha256_file
 from ekx.extract import backbones
 from ekx.extract.pipeline import ExtractConfig, extract
 from ekx.extract.sources import decode_video
@@ -78,7 +79,7 @@ def test_features_equal_torchvision_by_hand(name, synth_data, tmp_path):
     )
     assert summary.done == limit
     cache = open_cache(tmp_path / "f.h5")
-    assert cache.attrs["weights"] == f"sha256:{backbones.sha256_file(weights)}"
+    assert cache.attrs["weights"] == f"sha256:{sha256_file(weights)}"
     feats = cache.features()
     assert feats.shape == (limit, 1, 4, bb.dim)
     assert cache.attrs["resize"] == "torchvision" and "full-size" in cache.attrs["resize_method"]

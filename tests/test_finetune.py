@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ekx.cache.store import sha256_file
 from ekx.extract import backbones
 from ekx.finetune.clips import clip_augmentation, clip_inputs
 from ekx.finetune.config import FinetuneConfig
@@ -267,7 +268,7 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     from ekx.cache.reader import open_cache
 
     orig, tuned = open_cache(caches["orig"]), open_cache(caches["tuned"])
-    assert tuned.attrs["weights"] == f"sha256:{backbones.sha256_file(run / 'best.pt')}"
+    assert tuned.attrs["weights"] == f"sha256:{sha256_file(run / 'best.pt')}"
     assert tuned.attrs["weights_path"] == str((run / "best.pt").resolve())
     a, b = orig.features().astype(np.float32), tuned.features().astype(np.float32)
     assert a.shape == b.shape and not np.allclose(a, b, atol=1e-2)

@@ -236,3 +236,17 @@ def test_search_workers_share_one_study(slurm_cluster, tmp_path):
         done = json.loads((tmp_path / "runs" / "mini" / f"trial-{i:04d}" / "done.json").read_text())
         assert done["epochs"] == 2
     assert (tmp_path / "runs" / "mini" / "comparison.md").is_file()
+
+
+def test_a_dense_extraction_merges_its_own_files(tmp_path):
+    """`ekx slurm extract ... --dense 4`: the merge job names the dense shards and store."""
+    result = runner.invoke(
+        app,
+        ["slurm", "extract", "--shards", "2", "--dry-run", "--features", str(tmp_path), "--dense", "4",
+         "--dense-span=annotated"],
+        terminal_width=400,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    merge = [line for line in result.output.splitlines() if line.startswith("sbatch")][1]
+    assert f"{tmp_path}/resnet50/train.dense-4fps-annotated.h5 " in merge
+    assert f"{tmp_path}/resnet50/train.dense-4fps-annotated.shard1of2.h5" in merge

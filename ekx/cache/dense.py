@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ekx import EkxError, epic
+from ekx.cache import store
 
 KIND = "dense"
 # positions gathered per segment from a dense store (the architecture document's 16 frames);
@@ -153,27 +154,25 @@ def describe(rate: Rate, span: str, margin: float) -> dict:
 def split_spec(path: str | Path) -> tuple[Path, Path | None]:
     """``store.h5@segments.csv`` -> (store, segments file); a plain path -> (path, None)."""
     text = str(path)
-    store, at, csv = text.rpartition(SEGMENTS)
+    head, at, csv = text.rpartition(SEGMENTS)
     if not at or not csv.endswith(".csv"):
         return Path(text), None
-    return Path(store), Path(csv)
+    return Path(head), Path(csv)
 
 
-def segments_file(store: Path, attrs: dict, given: Path | None) -> Path:
+def segments_file(path: Path, attrs: dict, given: Path | None) -> Path:
     """The annotation file whose segments stage 2 reads from a dense store: the one named
     after ``@``, else the one the store was made for (if it is still there, unchanged)."""
-    from ekx.extract.backbones import sha256_file
-
     if given is not None:
         if not given.is_file():
-            raise EkxError(f"{store}{SEGMENTS}{given}: no annotation file {given}")
+            raise EkxError(f"{path}{SEGMENTS}{given}: no annotation file {given}")
         return given
     recorded = Path(str(attrs.get("annotation_path", "")))
-    way_out = f"name the annotation CSV whose segments to read: {store}{SEGMENTS}<file.csv>"
+    way_out = f"name the annotation CSV whose segments to read: {path}{SEGMENTS}<file.csv>"
     if not str(attrs.get("annotation_path", "")) or not recorded.is_file():
-        raise EkxError(f"{store} is a dense store made for {attrs.get('annotation_file')!r}, not found here; {way_out}")
-    if sha256_file(recorded) != attrs.get("annotation_sha256"):
-        raise EkxError(f"{store}: {recorded} changed since the store was made; {way_out}")
+        raise EkxError(f"{path} is a dense store made for {attrs.get('annotation_file')!r}, not found here; {way_out}")
+    if store.sha256_file(recorded) != attrs.get("annotation_sha256"):
+        raise EkxError(f"{path}: {recorded} changed since the store was made; {way_out}")
     return recorded
 
 

@@ -301,6 +301,9 @@ def import_features(
             "import a source that has them, or an annotation CSV of the videos it has"
         )
     videos = [found[v] for v in wanted]
+    empty = next((v for v in videos if v.length == 0), None)
+    if empty is not None:
+        raise EkxError(f"{empty.where}: no features for {empty.video_id} (an empty array)")
     dims = {v.dim for v in videos}
     if len(dims) != 1:
         odd = next(v for v in videos if v.dim != videos[0].dim)
@@ -308,8 +311,6 @@ def import_features(
     dim = dims.pop()
     nids, vids, times, where = runs_of(videos, k)
     verbs, nouns = ann.verbs(), ann.nouns()
-    from ekx.extract.backbones import sha256_file
-
     attrs = {
         "format": store.FORMAT,
         "format_version": store.VERSION,
@@ -333,7 +334,7 @@ def import_features(
         "dtype": "float16",
         "precision": "imported",
         "annotation_file": ann_path.name,
-        "annotation_sha256": sha256_file(ann_path),
+        "annotation_sha256": store.sha256_file(ann_path),
         "annotation_path": str(ann_path.resolve()),
         "num_verbs": len(verbs),
         "num_nouns": len(nouns),
@@ -361,16 +362,14 @@ def import_features(
                     f"{v.where}: {int(bad.sum())} feature rows hold NaN, Inf or values beyond float16's "
                     f"+-{F16_MAX:.0f} (first: row {j}); fix the source"
                 )
-            done = []
+            first = row
             while row < len(where) and where[row][0] == i:
-                _, lo, n = where[row]
-                f = np.zeros((1, k, dim), np.float16)
-                f[0, :n] = x[lo : lo + n]
-                f[0, n:] = x[lo + n - 1]  # padding repeats the last position (its time is NaN: never read)
-                index = np.full(k, -1, np.int64)
-                done.append((row, f, index))
                 row += 1
-            writer.write(done, [])
+            # the video's rows [first, row) as one block: position p of run c is x[c * k + p];
+            # padding repeats the last vector (its time is NaN: never read)
+            pad = np.concatenate([x, np.repeat(x[-1:], (row - first) * k - v.length, axis=0)])
+            block = pad.reshape(row - first, 1, k, dim)
+            writer.write_block(first, block, np.full((row - first, k), -1, np.int64))
             if on_progress:
                 on_progress(v.length)
         writer.close()

@@ -27,6 +27,7 @@ leaves a file that opens, with rows either done (and complete) or pending.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import zlib
@@ -149,6 +150,15 @@ def _write_new(
                 group.create_dataset(key, data=np.asarray(value))
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (annotation files, weights): torch-free, for `ekx import` too."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_backbone_state(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         group = f.get("backbone_state")
@@ -203,6 +213,21 @@ class Writer:
             self.status[row] = DONE
         for row, _ in failed:
             self.status[row] = FAILED
+        self.f.flush()
+
+    def write_block(self, start: int, feats: np.ndarray, index: np.ndarray) -> None:
+        """Rows start .. start + n, all done, in one bulk write per dataset (`ekx import`, which
+        owns its new file): features and checksums, flush, then the status, as `write`."""
+        n = len(feats)
+        feats = np.ascontiguousarray(feats, dtype=np.float16)
+        self.features[start : start + n] = feats
+        self.frame_index[start : start + n] = index
+        if self.checksum is not None:
+            if self.meta is not None:
+                self.meta.frame_index[start : start + n] = index
+            self.checksum[start : start + n] = [row_crc(feats[i], start + i, self.meta) for i in range(n)]
+        self.f.flush()
+        self.status[start : start + n] = DONE
         self.f.flush()
 
     def close(self) -> None:

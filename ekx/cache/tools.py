@@ -101,10 +101,8 @@ def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False)
                 f"features are constant across segments (relative spread {spread:.1e}): a degenerate backbone"
             )
     if annotation_csv is not None:
-        from ekx.extract.backbones import sha256_file
-
         labels = check_labels(c, Path(annotation_csv))  # first: it names a missing or malformed file
-        if sha256_file(annotation_csv) != a.get("annotation_sha256"):
+        if store.sha256_file(annotation_csv) != a.get("annotation_sha256"):
             problems.append(
                 f"{annotation_csv} is not the annotation file this cache was made from "
                 f"({a.get('annotation_file')}, sha256 {str(a.get('annotation_sha256'))[:12]}...)"

@@ -12,7 +12,6 @@ their library's own preprocessing and weights.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torchvision import models
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
 from ekx import EkxError
+from ekx.cache.store import sha256_file
 from ekx.extract import config, families
 from ekx.extract.backbone_spec import Backbone, Preprocess, resnet_stages
 
@@ -88,14 +88,6 @@ register(
 
 
 # ---------------------------------------------------------------- weights
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _strip_classifier(state: dict, model: nn.Module) -> dict:

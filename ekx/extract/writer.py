@@ -99,7 +99,7 @@ def cache_attrs(
         "dtype": "float16",
         "annotation_file": ann_path.name,
         "annotation_path": str(Path(ann_path).resolve()),  # where stage 2 finds a dense store's segments
-        "annotation_sha256": backbones.sha256_file(ann_path),
+        "annotation_sha256": store.sha256_file(ann_path),
         "bn_calibration": calibration,
         # the class lists travel with the cache: stage 2 needs no annotation directory
         "num_verbs": len(verbs),

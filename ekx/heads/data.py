@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ekx import EkxError, epic
-from ekx.cache import dense, identity
+from ekx.cache import dense, identity, store
 from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
@@ -159,15 +159,13 @@ def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split
     feats = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 2, 1, 3)).reshape(n * kk, v, d))
     if _fits_on(device, feats.numel() * 2):
         feats = feats.to(device)
-    from ekx.extract.backbones import sha256_file
-
     attrs = dict(
         a,
         frames_per_segment=k,
         dense_gather=dense.GATHER_RULE.format(k=k),
         dense_max_gap=round(g.max_gap, 6),
         annotation_file=csv.name,
-        annotation_sha256=sha256_file(csv),
+        annotation_sha256=store.sha256_file(csv),
     )
     return Split(
         Path(f"{path}{dense.SEGMENTS}{csv}" if segments_csv is not None else path),
@@ -178,7 +176,7 @@ def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split
         [s.narration_id for s in segments],
         [s.video_id for s in segments],
         attrs,
-        extractor_spec(a, read_backbone_state(path)),
+        extractor_spec(attrs, read_backbone_state(path)),
         index=torch.from_numpy(g.index).to(feats.device),
     )
 

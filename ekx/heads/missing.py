@@ -53,6 +53,8 @@ def check_validation_file(path: Path | str, allow: bool) -> str | None:
         cache = open_cache(Path(path))
     except EkxError:
         return None
+    if cache.dense:  # its rows are runs of positions: which segments lack features, the loader says
+        return None
     return check_validation(path, cache.narration_id, cache.done.tolist(), allow)
 
 
