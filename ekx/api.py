@@ -29,7 +29,7 @@ from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.data import positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
-__all__ = ["Cache", "Run", "create_head", "heads", "load_run", "metrics", "open_cache"]
+__all__ = ["Cache", "Run", "Segments", "create_head", "heads", "load_run", "metrics", "open_cache", "segments"]
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -37,6 +37,37 @@ def open_cache(path: str | Path) -> Cache:
     extracted), ``.narration_id``, ``.verb_class`` / ``.noun_class`` (-1: unlabelled),
     ``.attrs`` (its whole identity: backbone, weights, K, preprocessing, versions)."""
     return _open_cache(Path(path))
+
+
+@dataclass
+class Segments:
+    """Features per segment: a cache's rows, or a dense store read through an annotation file."""
+
+    features: np.ndarray  # [N, V, K, D] float16 (rows where present is False: zeros)
+    present: np.ndarray  # [N] bool: the segment has features (done in a cache, covered by a store)
+    narration_id: list[str]
+    video_id: list[str]
+    verb_class: np.ndarray  # [N] (-1: unlabelled)
+    noun_class: np.ndarray
+    attrs: dict  # the identity stage 2 checks (a dense store: plus its gather rule and largest gap)
+
+
+def segments(path: str | Path, annotations: str | Path | None = None) -> Segments:
+    """The features of every segment as stage 2 reads them, from a cache, a dense store (its
+    segments from the annotation file it was made for, or ``annotations``: any CSV in the
+    official format; each segment's 16 positions by the per-segment rule, nearest dense time)
+    or several joined with ``+``."""
+    from ekx.heads.data import load_split
+
+    spec = f"{path}@{annotations}" if annotations is not None else str(path)
+    split = load_split(Path(spec), torch.device("cpu"))
+    present = np.zeros(len(split.narration_id), bool)
+    present[split.rows.numpy()] = True
+    feats = split.per_segment().numpy()
+    feats[~present] = 0
+    return Segments(
+        feats, present, split.narration_id, split.video_id, split.verbs.numpy(), split.nouns.numpy(), split.attrs
+    )
 
 
 def heads() -> list[str]:

@@ -407,3 +407,28 @@ def test_the_import_command_writes_a_store_train_head_reads(tmp_path):
     assert r.exit_code == 0, r.output
     ckpt = torch.load(tmp_path / "runs" / "r" / "best.pt", weights_only=True)
     assert ckpt["cache"]["kind"] == "dense" and ckpt["cache"]["backbone"] == "imported:mine"
+    # the Python API reads the store per segment, as stage 2 does, and the run scores it
+    from ekx import api
+
+    other = write_split(tmp_path / "two.csv", segs[:2])
+    got = api.segments(path, other)
+    assert got.features.shape == (2, 1, 16, 6) and got.present.all() and got.verb_class.tolist() == [0, 1]
+    assert got.attrs["annotation_file"] == "two.csv"
+    verb, noun = api.load_run(tmp_path / "runs" / "r", device="cpu").predict(got.features)
+    assert verb.shape == (2, V) and noun.shape == (2, N)
+
+
+def test_dense_stores_of_other_rates_fuse_by_time(tmp_path):
+    """Two stores whose features are their times, at 4 and 3 positions per second, joined with
+    `+`: each segment's position p holds, side by side, each store's dense time nearest the
+    same sampled time - the parts align by time, whatever their grids."""
+    segs = [("P01_01", 1.0, 3.3, 1, 2), ("P01_01", 6.0, 6.9, 0, 1)]
+    a, _ = time_store(tmp_path / "a", {"P01_01": 40}, 4.0, segs, "a")
+    b, _ = time_store(tmp_path / "b", {"P01_01": 30}, 3.0, segs, "b")
+    f = load_split(Path(f"{a}+{b}"), torch.device("cpu"))
+    assert f.feats.shape == (2, 1, 16, 16) and f.identity()["fusion"] == "imported:a+imported:b"
+    for i, (_, start, stop, _, _) in enumerate(segs):
+        want = centre_times(start, stop, 16)
+        got_a, got_b = f.feats[i, 0, :, 0].float().numpy(), f.feats[i, 0, :, 8].float().numpy()
+        assert np.abs(got_a - want).max() <= 0.125 + 2e-3 and np.abs(got_b - want).max() <= 1 / 6 + 2e-3
+        assert not np.allclose(got_a, got_b)  # two grids, each read on its own
