@@ -199,7 +199,8 @@ def extract(
         TextColumn("[bold]extract[/bold]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("segments {task.fields[fps]:>6.1f} frames/s"),
+        # a dense store's rows are runs of --frames positions of a video (docs/dense.md)
+        TextColumn(("runs" if cfg.dense else "segments") + " {task.fields[fps]:>6.1f} frames/s"),
         TimeRemainingColumn(),
     ]
     with LateProgress(*columns, console=err_console) as bar:
@@ -227,7 +228,8 @@ def extract(
     failed = 0
     for summary in summaries:
         console.print(
-            f"{summary.path}: {summary.done}/{summary.total} segments done, {summary.failed} failed "
+            f"{summary.path}: {summary.done}/{summary.total} {'runs' if cfg.dense else 'segments'} done, "
+            f"{summary.failed} failed "
             f"({summary.processed} this run, {summary.frames} frames, {summary.seconds:.1f} s)",
             soft_wrap=True,
         )
