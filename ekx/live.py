@@ -208,6 +208,8 @@ def run_live(
             "ekx live runs per-frame backbones (resnet50, efficientnet_b3); for a clip backbone "
             "use `ekx predict` on a recorded video"
         )
+    if model.context:
+        raise EkxError("ekx live runs segment heads; a context head reads the video around a window: use `ekx predict`")
     cap = open_source(camera, video)
     spacing = window / model.k  # the head was trained on K frames spread over a segment
     stride_samples = max(1, round(stride / spacing))

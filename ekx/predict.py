@@ -18,15 +18,18 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from ekx import EkxError
+from ekx.cache.dense import Rate
 from ekx.extract import backbones, sources
 from ekx.extract.video import CLIP_RATE, clip_times, display_end, frame_at
 from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
+from ekx.heads.context import Timeline, reads_context, windows
 from ekx.heads.data import positions
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
@@ -50,6 +53,9 @@ class RunModel:
     precision: str
     size_fn: Callable[[int, int], tuple[int, int]] | None = None  # the decoder's scaler, as the cache's
     source: str = "decord"  # the frame source its cache was read with (a video source)
+    # the context head: its window W (s) and the rate of the dense store it was trained on
+    context: float = 0.0
+    dense_rate: str = ""
 
     @torch.inference_mode()
     def features(self, frames: torch.Tensor) -> torch.Tensor:
@@ -129,6 +135,8 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
         precision,
         bb.preprocess.decode_size if spec.get("resize", "decoder") == "decoder" else None,
         spec["source"] if spec.get("source") in ("decord", "torchcodec") else "decord",
+        float(ckpt["config"].get("window", 0.0)) if reads_context(ckpt["config"]["head"]) else 0.0,
+        str(ckpt["cache"].get("dense_rate", "")),
     )
 
 
@@ -296,7 +304,10 @@ def predict_video(
     try:
         # the grid on the file's timeline, each time's displayed frame (variable rate included)
         duration = display_end(times)
-        spacing, n_grid, starts = plan_windows(duration, window, stride, model.k)
+        k = model.k
+        if model.context:  # the dense store's grid: K positions per query window at its rate
+            k = max(1, round(window * Rate.parse(model.dense_rate or "4").of(float(reader.fps))))
+        spacing, n_grid, starts = plan_windows(duration, window, stride, k)
         grid_t = (np.arange(n_grid) + 0.5) * spacing
         clips = frame_at(times, clip_times(grid_t, model.clip_len, CLIP_RATE)).reshape(n_grid, model.clip_len)
         if on_start:
@@ -307,11 +318,32 @@ def predict_video(
     fps = float(reader.fps)
     out = []
     for lo in range(0, len(starts), 256):  # windows are built a block at a time: views of one grid
-        pv, pn = model.classify(torch.stack([feats[g : g + model.k] for g in starts[lo : lo + 256]]))
+        block = starts[lo : lo + 256]
+        if model.context:
+            pv, pn = context_classify(model, feats, spacing, block, k)
+        else:
+            pv, pn = model.classify(torch.stack([feats[g : g + k] for g in block]))
         for j in range(len(pv)):
-            g = starts[lo + j]
-            out.append(Window(g * spacing, (g + model.k) * spacing, top_actions(pv[j], pn[j], top)))
+            g = block[j]
+            out.append(Window(g * spacing, (g + k) * spacing, top_actions(pv[j], pn[j], top)))
     return Prediction(path, fps, duration, spacing, n_grid, out)
+
+
+@torch.inference_mode()
+def context_classify(model: RunModel, feats: torch.Tensor, spacing: float, starts: list[int], k: int):
+    """The context head over a video's grid: each window [g, g + k) a query, in the W seconds
+    of grid features around it, built as `heads.context` builds a dense store's windows."""
+    n = len(feats)
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) * spacing
+    start = torch.tensor(starts, dtype=torch.float64) * spacing
+    one = torch.tensor([spacing], dtype=torch.float64)
+    tl = Timeline(grid, torch.arange(n), one, torch.zeros(len(starts), dtype=torch.long), start, start + k * spacing)
+    grid_split = SimpleNamespace(feats=feats[:, None, :], timeline=tl)
+    view = torch.zeros(len(starts), 1, dtype=torch.long)
+    x = windows(grid_split, torch.arange(len(starts)), model.context, None, view, model.mean, model.std, model.device)
+    with autocast(model.device, model.precision):
+        out = model.head(x)
+    return out["verb"].float().softmax(1).cpu(), out["noun"].float().softmax(1).cpu()
 
 
 def iter_rows(pred: Prediction, verbs: list[str], nouns: list[str]) -> Iterator[dict]:

@@ -13,6 +13,11 @@ the whole pipeline.
 - Segment lengths 0.5-6 s, gaps between segments, videos alternate 30 and 60 fps.
 - Every frame carries its own index as a 16-bit barcode in a thin top band, so tests
   can check that decoding returns the frames it claims (`read_stamp`).
+- With ``context=True``, a pair that only the video around a segment tells apart
+  (`CONTEXT_PAIR`, class category "context"): rinse and wipe look the same inside the
+  segment (a static object, as hold), and differ in the second before it - a white band
+  across the frame's lower third before a rinse, nothing before a wipe. A segment-only
+  head is at chance between them; a head that sees the window around the segment is not.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from ekx import epic
 
 VERBS = ("open", "close", "turn-on", "turn-off", "put", "take", "shake", "hold")
 REVERSED_PAIRS = (("open", "close"), ("turn-on", "turn-off"), ("put", "take"))
+CONTEXT_PAIR = ("rinse", "wipe")  # told apart only by the second before the segment (cue: rinse)
+ALL_VERBS = VERBS + CONTEXT_PAIR
+CUE_SECONDS = 1.0  # the cue shows during this long before a rinse segment
+CUE_GAP = 1.3  # at least this gap before a context-pair segment, so the cue never overlaps one
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 210, 40)}
 NOUNS = tuple(f"{shape}:{colour}" for shape in SHAPES for colour in COLOURS)
@@ -48,6 +57,11 @@ class SynthConfig:
     participants: int = 4
     workers: int = 2
     crf: int = 18
+    context: bool = False  # add CONTEXT_PAIR (a task that needs the video around the segment)
+
+    @property
+    def verbs(self) -> tuple[str, ...]:
+        return ALL_VERBS if self.context else VERBS
 
 
 @dataclass
@@ -59,6 +73,7 @@ class _Segment:
     noun: int
     cx: float = 0.5
     cy: float = 0.55
+    cue: bool = False  # a white band shows during the CUE_SECONDS before it (rinse)
 
 
 @dataclass
@@ -71,33 +86,35 @@ class _Video:
     segments: list[_Segment] = field(default_factory=list)
 
 
-def allowed_nouns(seed: int) -> np.ndarray:
+def allowed_nouns(seed: int, verbs: tuple[str, ...] = VERBS) -> np.ndarray:
     """[verbs, nouns] bool mask; the two verbs of a time-reversed pair share a row."""
     rng = np.random.default_rng([seed, 1])
-    groups = {v: i // 2 for i, v in enumerate(VERBS)}  # consecutive verbs form pairs
+    groups = {v: i // 2 for i, v in enumerate(verbs)}  # consecutive verbs form pairs
     rows = []
     for _ in range(max(groups.values()) + 1):
         row = np.zeros(len(NOUNS), bool)
         row[rng.choice(len(NOUNS), size=8, replace=False)] = True
         rows.append(row)
-    return np.stack([rows[groups[v]] for v in VERBS])
+    return np.stack([rows[groups[v]] for v in verbs])
 
 
 def plan(cfg: SynthConfig) -> list[_Video]:
     """Decide every video, segment, label and time; deterministic for cfg.seed."""
     rng = np.random.default_rng(cfg.seed)
-    mask = allowed_nouns(cfg.seed)
+    mask = allowed_nouns(cfg.seed, cfg.verbs)
     videos = []
     participants = _participants(cfg)
     for i in range(cfg.videos):
         pid = f"P{i % participants + 1:02d}"
         vid = f"{pid}_{i // participants + 1:02d}"
         t = round(float(rng.uniform(0.3, 1.0)), 2)
-        segs = []
+        segs: list[_Segment] = []
         for j in range(cfg.segments):
             length = round(float(rng.uniform(cfg.min_length, cfg.max_length)), 2)
-            verb = int(rng.integers(len(VERBS)))
+            verb = int(rng.integers(len(cfg.verbs)))
             noun = int(rng.choice(np.flatnonzero(mask[verb])))
+            if cfg.verbs[verb] in CONTEXT_PAIR:  # room for the cue, after the previous segment
+                t = round(max(t, (segs[-1].stop if segs else 0.0) + CUE_GAP), 2)
             segs.append(
                 _Segment(
                     f"{vid}_{j}",
@@ -107,6 +124,7 @@ def plan(cfg: SynthConfig) -> list[_Video]:
                     noun,
                     float(rng.uniform(0.4, 0.6)),
                     float(rng.uniform(0.45, 0.6)),
+                    cue=cfg.verbs[verb] == CONTEXT_PAIR[0],
                 )
             )
             t = round(t + length + float(rng.uniform(0.2, 1.0)), 2)
@@ -186,9 +204,11 @@ def render_frame(video: _Video, index: int, width: int, height: int, background:
     frame = background.copy()
     t = index / video.fps
     seg = next((s for s in video.segments if s.start <= t < s.stop), None)
+    if seg is None and any(s.cue and s.start - CUE_SECONDS <= t < s.start for s in video.segments):
+        frame[2 * height // 3 :] = 245  # the cue before a rinse
     if seg is not None:
         p = (t - seg.start) / (seg.stop - seg.start)
-        scale, bright, count = _state(VERBS[seg.verb], p)
+        scale, bright, count = _state(ALL_VERBS[seg.verb], p)
         shape, colour = NOUNS[seg.noun].split(":")
         rgb = np.array(COLOURS[colour], np.float32) * bright
         r = 0.3 * height * scale
@@ -242,7 +262,7 @@ def _write_csv(path: Path, header, rows) -> None:
 
 def _annotation_rows(video: _Video, labelled: bool):
     for s in video.segments:
-        verb, noun = VERBS[s.verb], NOUNS[s.noun]
+        verb, noun = ALL_VERBS[s.verb], NOUNS[s.noun]
         start = epic.format_timestamp(s.start)
         # narration_timestamp has millisecond precision in the official files
         row = [
@@ -274,10 +294,7 @@ def write_annotations(videos: list[_Video], cfg: SynthConfig, out: Path) -> None
     _write_csv(
         out / epic.VERB_CLASSES,
         epic.CLASS_COLUMNS,
-        [
-            [i, v, f"['{v}']", "reversible" if any(v in p for p in REVERSED_PAIRS) else "other"]
-            for i, v in enumerate(VERBS)
-        ],
+        [[i, v, f"['{v}']", _category(v)] for i, v in enumerate(cfg.verbs)],
     )
     _write_csv(
         out / epic.NOUN_CLASSES, epic.CLASS_COLUMNS, [[i, n, f"['{n}']", n.split(":")[0]] for i, n in enumerate(NOUNS)]
@@ -289,13 +306,19 @@ def write_annotations(videos: list[_Video], cfg: SynthConfig, out: Path) -> None
     )
     # Tail classes: those rarer than the median in train, as a stand-in for EPIC's long tail.
     for fname, col, n, attr in (
-        (epic.TAIL_VERBS, "verb", len(VERBS), "verb"),
+        (epic.TAIL_VERBS, "verb", len(cfg.verbs), "verb"),
         (epic.TAIL_NOUNS, "noun", len(NOUNS), "noun"),
     ):
         counts = np.bincount([getattr(s, attr) for v in train_v for s in v.segments], minlength=n)
         _write_csv(out / fname, (col,), [[c] for c in np.flatnonzero(counts < np.median(counts))])
     unseen = sorted({v.participant_id for v in val_v} - {v.participant_id for v in train_v})
     _write_csv(out / epic.UNSEEN.format(split="validation"), ("participant_id",), [[p] for p in unseen])
+
+
+def _category(verb: str) -> str:
+    if any(verb in p for p in REVERSED_PAIRS):
+        return "reversible"
+    return "context" if verb in CONTEXT_PAIR else "other"
 
 
 def _encode_job(args) -> int:

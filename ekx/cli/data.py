@@ -57,6 +57,10 @@ def synth(
     fps: Annotated[str, typer.Option(help="Frame rates cycled over videos, comma-separated.")] = "30,60",
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same dataset.")] = 0,
     workers: Annotated[int, typer.Option(help="Parallel encoder processes.")] = 2,
+    context: Annotated[
+        bool,
+        typer.Option(help="Add rinse/wipe: a verb pair only the second before the segment tells apart."),
+    ] = False,
 ):
     """Write a synthetic dataset in the official EPIC-100 formats (H.264 videos + CSVs).
 
@@ -75,8 +79,9 @@ def synth(
             "--videos must be >= 2 (train and validation), --segments >= 1, --width/--height >= 64, --fps >= 1"
         )
     cfg = SynthConfig(
-        videos=videos, segments=segments, width=width, height=height, fps=rates, seed=seed, workers=workers
-    )
+        videos=videos, segments=segments, width=width, height=height, fps=rates, seed=seed, workers=workers,
+        context=context,
+    )  # fmt: skip
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("encoding videos", total=videos)
         summary = synthesize(out, cfg, progress=lambda: bar.advance(task))

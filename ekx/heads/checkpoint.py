@@ -3,6 +3,7 @@ each records the identity of the cache it was trained on."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,14 +96,23 @@ def check_compatible(ckpt: dict, split: Split, what: str) -> None:
 def head_kwargs_for(cfg: TrainConfig, dim: int, num_verbs: int, num_nouns: int, k: int, where: str) -> dict:
     if cfg.frames > k:
         raise EkxError(f"--frames {cfg.frames} exceeds the {k} frames per segment in {where}")
-    return {
-        "dim": dim,
+    from ekx.heads.context import EXTRA, reads_context
+
+    kwargs = {
+        # the context head also reads each token's time and the query interval (heads.context)
+        "dim": dim + EXTRA if reads_context(cfg.head) else dim,
         "num_verbs": num_verbs,
         "num_nouns": num_nouns,
         "frames": cfg.frames or k,
         "dropout": cfg.dropout,
         "drop_path": cfg.drop_path,
     }
+    # depth and width where the head has them (transformer, context) and the run sets them
+    takes = inspect.signature(models.REGISTRY[cfg.head]).parameters if cfg.head in models.REGISTRY else {}
+    for key, name in (("layers", "layers"), ("width", "d_model")):
+        if getattr(cfg, key, 0) and name in takes:
+            kwargs[name] = getattr(cfg, key)
+    return kwargs
 
 
 def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:

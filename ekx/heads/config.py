@@ -16,7 +16,7 @@ from ekx.options import Names, label, opt
 __all__ = ["DISTRIBUTIONS", "HEADS", "TrainConfig", "check_space", "opt"]
 
 # the head registry's names (ekx.heads.models), torch-free for the CLI; a test keeps them equal
-HEADS = Names("head", ("pooling", "lstm", "transformer", "cross-attention"))
+HEADS = Names("head", ("pooling", "lstm", "transformer", "cross-attention", "context"))
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")  # of [random] and [optuna] spaces
 
 T = TypeVar("T", bound="TrainConfig")
@@ -52,6 +52,10 @@ class TrainConfig:
     device: str = opt("auto", "device to train on", **DEVICE)
     precision: str = opt("auto", "autocast precision", choices=PRECISIONS)
     eval_batch_size: int = opt(1024, "batch size of evaluation", ge=1)
+    # the context head (dense stores only): W s of video around each segment, TIM's 30 s
+    window: float = opt(30.0, "context head: seconds of dense features around each segment", gt=0)
+    layers: int = opt(0, "encoder layers of the transformer and context heads (0: the head's own)", ge=0)
+    width: int = opt(0, "model width (d_model) of the transformer and context heads (0: the head's own)", ge=0)
 
     @classmethod
     def keys(cls) -> list[str]:

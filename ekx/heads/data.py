@@ -25,6 +25,7 @@ from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
 from ekx.heads import missing
+from ekx.heads.context import Timeline, timeline
 
 # what stage 2 cannot work without (the identity as a whole is compared by `ekx.cache.identity`)
 REQUIRED = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
@@ -45,6 +46,8 @@ class Split:
     # a dense store: feats is [P, V, D] (every stored position) and index [N, K] the
     # positions of each segment; None: feats is [N, V, K, D]
     index: torch.Tensor | None = None
+    # a dense split: every position's time and each segment's interval (the context head's windows)
+    timeline: Timeline | None = None
 
     @property
     def k(self) -> int:
@@ -178,6 +181,7 @@ def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split
         attrs,
         extractor_spec(attrs, read_backbone_state(path)),
         index=torch.from_numpy(g.index).to(feats.device),
+        timeline=timeline(cache.time, cache.video_id, cache.done, segments).to(feats.device),
     )
 
 

@@ -24,7 +24,7 @@ import torch
 from ekx import EkxError, epic
 from ekx.cache import identity
 from ekx.config import backbone_folder, default_cache
-from ekx.heads import metrics, missing
+from ekx.heads import context, metrics, missing
 from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch, validation_note
@@ -46,7 +46,9 @@ from ekx.runtime import autocast, precision_note, resolve_device, resolve_precis
 
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
     """A training epoch over cached features: a permutation, views and jittered positions
-    drawn at once, each batch one gather (see data.make_batch)."""
+    drawn at once, each batch one gather (see data.make_batch); the context head's windows."""
+    if context.reads_context(cfg.head):
+        return context.batches(split, norm, cfg, gen, device)
     t_frames = cfg.frames or split.k
     perm = split.rows[torch.randperm(len(split.rows), generator=gen)]
     views, pos = draw(split, len(perm), t_frames, True, gen)
@@ -88,7 +90,10 @@ def predict(model, split: Split, norm, cfg: TrainConfig, device, precision) -> t
             idx = split.rows[i : i + cfg.eval_batch_size]
             yield make_batch(split, idx, views[: len(idx)], pos[: len(idx)], norm[0], norm[1], device)
 
-    return predict_inputs(model, inputs(), device, precision)
+    windows = context.reads_context(cfg.head)
+    return predict_inputs(
+        model, context.eval_inputs(split, norm, cfg, device) if windows else inputs(), device, precision
+    )
 
 
 def score(
