@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import pickle
 import shutil
 import sys
@@ -27,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heads_bench import train_speed  # the same timing as the full-scale stage-2 bench
@@ -35,9 +33,6 @@ from heads_bench import train_speed  # the same timing as the full-scale stage-2
 from ekx import epic, runtime
 from ekx.cache import store
 from ekx.cache.imports import import_features
-from ekx.heads import checkpoint as ck
-from ekx.heads import config as hc
-from ekx.heads import epoch as ep
 from ekx.heads import train as tr
 from ekx.heads.data import feature_stats, load_split
 
@@ -93,35 +88,6 @@ def sources(root: Path, feats: dict[str, np.ndarray]) -> dict[str, tuple[str, Pa
     env.close()
     out["lmdb (RULSTM keys)"] = ("lmdb", mdb, {"fps": RATE})
     return out
-
-
-def context_speed(data: tr.Loaded, samples: int, batch: int) -> tuple[float, float]:
-    """(ekx samples/s, pure-compute samples/s) of the context head, as train_speed times the others."""
-    cfg = hc.TrainConfig(head="context", batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision="auto")
-    device, precision = data.device, runtime.resolve_precision("auto", data.device)
-    sub = dataclasses.replace(data.train, rows=data.train.rows[:samples])
-    model, _ = ck.build_model(cfg, sub)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(0)
-    warm = dataclasses.replace(sub, rows=sub.rows[: batch * 3])
-    steps, batches = tr.cached_batches(warm, data.norm, cfg, gen, device)
-    ep.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)  # warm-up
-    t0 = time.perf_counter()
-    steps, batches = tr.cached_batches(sub, data.norm, cfg, gen, device)
-    ep.train_one_epoch(model, opt, batches, steps, cfg, 0, device, precision)
-    ekx = samples / (time.perf_counter() - t0)
-    x, yv, yn = next(iter(tr.cached_batches(sub, data.norm, cfg, gen, device)[1]))  # one window batch, reused
-    model.train()
-    t0 = time.perf_counter()
-    for _ in range(samples // batch):
-        with runtime.autocast(device, precision):
-            out = model(x)
-        loss = ep.loss_fn(out, yv, yn, 0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return ekx, (samples // batch) * batch / (time.perf_counter() - t0)
 
 
 def per_segment_copy(split, path: Path) -> None:
@@ -218,7 +184,7 @@ def main() -> None:
     print(f"dense / per-segment epoch time: {per / rates['dense store']:.3f} (target <= 1.1)")
     mean, std = feature_stats(dense_split)
     data = tr.Loaded(dense_split, dense_split, (mean.to(device), std.to(device)), device)
-    ekx, pure = context_speed(data, min(args.samples, len(dense_split.rows)), 24)
+    ekx, pure = train_speed("context", data, min(args.samples, len(dense_split.rows)), 24)
     print(f"| context head, dense store (30 s, 50 tokens) | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} |", flush=True)
     if not args.skip_extract:
         extraction(OUT)

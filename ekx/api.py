@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ekx import EkxError
 from ekx.cache.reader import Cache
 from ekx.cache.reader import open_cache as _open_cache
 from ekx.heads import metrics as _metrics
@@ -113,6 +114,13 @@ class Run:
     def predict(self, features: np.ndarray | torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """Verb and noun logits (float32, CPU) for features [N, K, D] or [N, V, K, D] (view 0),
         read exactly as `ekx evaluate` reads a cache: T centred positions of the K frames."""
+        from ekx.heads.context import reads_context
+
+        if reads_context(str(self.config.get("head"))):
+            raise EkxError(
+                f"{self.path}: a context head reads windows of a dense store, not segment features; "
+                "score it with `ekx evaluate RUN --features STORE` (or `ekx predict` on a video)"
+            )
         x = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
         if x.ndim == 4:
             x = x[:, 0]
