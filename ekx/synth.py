@@ -15,7 +15,9 @@ the whole pipeline.
   can check that decoding returns the frames it claims (`read_stamp`).
 - With ``context=True``, a pair that only the video around a segment tells apart
   (`CONTEXT_PAIR`, class category "context"): rinse and wipe look the same inside the
-  segment (a static object, as hold), and differ in the second before it - a white band
+  segment (a static object, as hold; one noun, place and length for all of them, so no
+  segment of the pair can be told from another by what is inside it), and differ in the
+  second before it - a white band
   across the frame's lower third before a rinse, nothing before a wipe. A segment-only
   head is at chance between them; a head that sees the window around the segment is not.
 """
@@ -38,6 +40,7 @@ CONTEXT_PAIR = ("rinse", "wipe")  # told apart only by the second before the seg
 ALL_VERBS = VERBS + CONTEXT_PAIR
 CUE_SECONDS = 1.0  # the cue shows during this long before a rinse segment
 CUE_GAP = 1.3  # at least this gap before a context-pair segment, so the cue never overlaps one
+PAIR_LENGTH = 2.0  # seconds: every context-pair segment is the same inside
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 210, 40)}
 NOUNS = tuple(f"{shape}:{colour}" for shape in SHAPES for colour in COLOURS)
@@ -113,7 +116,11 @@ def plan(cfg: SynthConfig) -> list[_Video]:
             length = round(float(rng.uniform(cfg.min_length, cfg.max_length)), 2)
             verb = int(rng.integers(len(cfg.verbs)))
             noun = int(rng.choice(np.flatnonzero(mask[verb])))
-            if cfg.verbs[verb] in CONTEXT_PAIR:  # room for the cue, after the previous segment
+            cx, cy = float(rng.uniform(0.4, 0.6)), float(rng.uniform(0.45, 0.6))
+            if cfg.verbs[verb] in CONTEXT_PAIR:
+                # identical inside the segment (one object, place and length), so only the
+                # second before it tells the pair apart; room for the cue after the previous one
+                length, noun, cx, cy = PAIR_LENGTH, int(np.flatnonzero(mask[verb])[0]), 0.5, 0.55
                 t = round(max(t, (segs[-1].stop if segs else 0.0) + CUE_GAP), 2)
             segs.append(
                 _Segment(
@@ -122,8 +129,8 @@ def plan(cfg: SynthConfig) -> list[_Video]:
                     round(t + length, 2),
                     verb,
                     noun,
-                    float(rng.uniform(0.4, 0.6)),
-                    float(rng.uniform(0.45, 0.6)),
+                    cx,
+                    cy,
                     cue=cfg.verbs[verb] == CONTEXT_PAIR[0],
                 )
             )
