@@ -200,13 +200,16 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
         features / "resnet50" / f"train.{dense_name}.h5", features / "resnet50" / f"validation.{dense_name}.h5", "auto"
     )
     rows = []
-    for head in sorted(models.REGISTRY):
-        loaded = stores if reads_context(head) else cached
-        cfg = head_config(head, f"{head}-demo")
+    # every head on its input, and the transformer also on the dense stores: the segment
+    # head the context head is compared with on the same features
+    plan = [(h, f"{h}-demo", h, stores if reads_context(h) else cached) for h in sorted(models.REGISTRY)]
+    plan.append(("transformer", "transformer-dense-demo", f"transformer (dense {DEMO_DENSE}/s)", stores))
+    for head, name, label, loaded in plan:
+        cfg = head_config(head, name)
         cfg.train_features, cfg.val_features = str(loaded.train.path), str(loaded.val.path)
         run_dir = runs / cfg.name
         with _bar(console) as bar:
-            task = bar.add_task(f"    {head}", total=cfg.epochs)
+            task = bar.add_task(f"    {label}", total=cfg.epochs)
             best = tr.run(
                 cfg,
                 run_dir,
@@ -219,9 +222,9 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
         rev = reversal_scores(result["verb"], truth, keys)
         pair = pair_scores(result["verb"], truth, keys)
         params = sum(p.numel() for p in ck.build_model(cfg, loaded.train)[0].parameters())
-        rows.append({"head": head, "params": params, **best, **rev, **pair, "run_dir": run_dir})
+        rows.append({"head": label, "params": params, **best, **rev, **pair, "run_dir": run_dir})
         console.print(
-            f"    {head}: val verb {best['val_verb_top1']:.1f}, action {best['val_action_top1']:.1f}, "
+            f"    {label}: val verb {best['val_verb_top1']:.1f}, action {best['val_action_top1']:.1f}, "
             f"reversed-verb direction {rev['direction']:.0f}%, rinse/wipe {pair['cue']:.0f}% -> {run_dir}"
         )
     console.print(comparison_table(rows, "model comparison (validation, best epoch)"))

@@ -17,25 +17,28 @@ from typer.testing import CliRunner
 from ekx import EkxError
 from ekx.cache.imports import import_features
 from ekx.cli import app
+from ekx.extract.video import centre_times
 from ekx.heads import context
 from ekx.heads.data import load_split
 
 
 def test_a_window_holds_the_nearest_dense_times_and_masks_the_video_ends(tmp_path):
-    """Features are their own times (8 s at 4/s): each token holds the dense time nearest its
-    own, tokens before 0 s and after 8 s are masked, and the query channels place the
-    segment in the window."""
+    """Features are their own times (8 s at 4/s): each window token holds the dense time
+    nearest its own, tokens before 0 s and after 8 s are masked, the segment's own 16 tokens
+    follow (its positions by the per-segment rule), and the query channels place the segment
+    in the window."""
     segs = [("P01_01", 0.5, 1.5, 0, 0), ("P01_01", 3.0, 5.0, 1, 1)]
     store, _ = time_store(tmp_path, {"P01_01": 32}, 4.0, segs)
     split = load_split(store, torch.device("cpu"))
     zero, one = torch.zeros(8), torch.ones(8)
     idx = torch.tensor([0, 1])
     x = context.windows(split, idx, 4.0, None, torch.zeros(2, 1, dtype=torch.long), zero, one, torch.device("cpu"))
-    assert x.shape == (2, context.TOKENS, 8 + context.EXTRA)
+    assert x.shape == (2, context.TOKENS + context.SEGMENT_TOKENS, 8 + context.EXTRA)
     grid = (np.arange(32) + 0.5) / 4
     for i, (_, a, b, _, _) in enumerate(segs):
         c = (a + b) / 2
-        t = c - 2 + (np.arange(context.TOKENS) + 0.5) * 4 / context.TOKENS
+        window = c - 2 + (np.arange(context.TOKENS) + 0.5) * 4 / context.TOKENS
+        t = np.concatenate([window, centre_times(a, b, context.SEGMENT_TOKENS)])
         valid = x[i, :, -3].numpy() > 0.5
         inside = (t >= grid[0] - 0.125 - 1e-6) & (t <= grid[-1] + 0.125 + 1e-6)  # within half a period
         assert (valid == inside).all(), (i, valid, inside)

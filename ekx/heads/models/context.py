@@ -3,14 +3,19 @@
 After TIM (Chalk et al., "TIM: A Time Interval Machine for Audio-Visual Action
 Recognition", CVPR 2024): the input is a window of dense features around the segment
 (`ekx.heads.context` builds it from a dense store: by default 30 s in 50 tokens, TIM's
-recognition setting of 50 features 0.6 s apart), each feature token told its time in the
-window; one query token encodes the segment's [start, stop] in the window with a small MLP
-(TIM's Time Interval MLP); a transformer encoder runs over query + feature tokens, and the
-verb and noun logits come from the query's output. Tokens past the video's ends are masked.
+recognition setting of 50 features 0.6 s apart), each token told its time, and a query
+that encodes the segment's [start, stop] in the window with a small MLP (TIM's Time
+Interval MLP); the verb and noun logits come from the query's answer.
+
+Where it differs from TIM (see `ContextHead`): the segment's own 16 positions (the
+per-segment rule) come after the window's tokens and are read as the transformer head
+reads a segment; that reading is the query, together with the interval, and it attends to
+the window by cross-attention. Tokens past the video's ends are masked.
 
 Input [B, T, D + 4]: the standardised features, then per token its time in the window
-(-1 .. 1), whether it holds a feature (1) or lies past the video's end (0), and the query's
-start and stop in the window (-1 .. 1; the same on every token).
+(-1 .. 1 inside it), whether it holds a feature (1) or lies past the video's end (0), and
+the query's start and stop in the window (clipped to -1 .. 1; the same on every token).
+The last SEGMENT_TOKENS tokens are the segment's own.
 """
 
 from __future__ import annotations
