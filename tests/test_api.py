@@ -57,4 +57,4 @@ def test_create_head_and_registry():
     head = api.create_head("lstm", dim=16, frames=4, num_verbs=3, num_nouns=5)
     out = head(torch.randn(2, 4, 16))
     assert out["verb"].shape == (2, 3) and out["noun"].shape == (2, 5)
-    assert api.heads() == sorted(["pooling", "lstm", "transformer", "cross-attention"])
+    assert api.heads() == sorted(["pooling", "lstm", "transformer", "cross-attention", "context"])

@@ -97,7 +97,9 @@ class ContextHead(nn.Module):
         self.classifier = Classifier(d_model, num_verbs, num_nouns, dropout)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        n_own = min(SEGMENT_TOKENS, x.shape[1])
+        # the windows of heads.context hold 50 + 16 tokens; a shorter input (the registry's
+        # generic tests) is split in half, so both parts of the head always see tokens
+        n_own = max(1, min(SEGMENT_TOKENS, x.shape[1] // 2))
         own, window = x[:, -n_own:], x[:, :-n_own]
         q = x[:, 0, -2:]
         # the segment, as the transformer head reads it
@@ -117,7 +119,7 @@ class ContextHead(nn.Module):
         tokens = torch.cat(
             [self.null.expand(len(x), -1, -1), self.proj(window[..., :-EXTRA]) + self.token_time(when)], 1
         )
-        blocked = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)  # [B, 1 + T]
+        blocked = torch.cat([valid.new_zeros(len(x), 1), ~valid], dim=1)  # [B, 1 + T]: the null token is never blocked
         mask = blocked[:, None, :].repeat_interleave(self.heads, dim=0)  # [B * heads, 1, 1 + T]
         query = (seg + self.interval(torch.cat([q, length], dim=1)))[:, None]
         for block in self.context:
