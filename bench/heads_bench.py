@@ -11,7 +11,8 @@ written once to bench/out/full.h5. Then, in one run:
 
 Targets: ekx <= 1.1 x pure compute; ekx data path >= 20 x the naive one; peak memory
 <= cache size + 2 GiB. Run: `python bench/heads_bench.py` (~10 minutes here; the
-transformer and the naive loader are timed on a slice of the epoch and extrapolated).
+transformer and the naive loader are timed on a slice of the epoch and extrapolated);
+`--precision fp32,bf16` times each head in both precisions (rows side by side).
 """
 
 from __future__ import annotations
@@ -108,11 +109,11 @@ def naive_data_pass(path: Path, batch: int, items: int, workers: int) -> float:
     return items / (time.perf_counter() - t0)
 
 
-def train_speed(head: str, data: tr.Loaded, samples: int, batch: int) -> tuple[float, float]:
-    """(ekx samples/s, pure-compute samples/s) over the same number of steps."""
-    cfg = hc.TrainConfig(head=head, batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision="auto")
+def train_speed(head: str, data: tr.Loaded, samples: int, batch: int, want: str = "auto") -> tuple[float, float]:
+    """(ekx samples/s, pure-compute samples/s) over the same number of steps, at --precision ``want``."""
+    cfg = hc.TrainConfig(head=head, batch_size=batch, lr=1e-4, dropout=0.3, drop_path=0.1, precision=want)
     # (the context head: 30 s windows of 50 tokens, its defaults)
-    device, precision = data.device, runtime.resolve_precision("auto", data.device)
+    device, precision = data.device, runtime.resolve_precision(want, data.device)
     sub = dataclasses.replace(data.train, rows=data.train.rows[:samples])
     model, _ = ck.build_model(cfg, sub)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--transformer-samples", type=int, default=1_200)
     ap.add_argument("--naive-items", type=int, default=6_000)
     ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--precision", default="auto", help="auto, fp32, bf16, or several: fp32,bf16 (a row each)")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     path = OUT / "full.h5"
@@ -176,14 +178,16 @@ def main() -> None:
         f"(target >= 20x); epoch of batches: ekx {N / ekx_rate:.1f} s vs naive {N / naive_rate:.0f} s",
         flush=True,
     )
-    print("(i) training, samples/s (epoch time extrapolated to 67,217 samples):")
-    print("| head | samples timed | ekx | pure compute | ekx / pure time | ekx epoch |")
-    print("|---|---|---|---|---|---|")
+    auto = runtime.resolve_precision("auto", device)
+    print(f"(i) training, samples/s (epoch time extrapolated to 67,217 samples); --precision auto is {auto} here:")
+    print("| head | precision | samples timed | ekx | pure compute | ekx / pure time | ekx epoch |")
+    print("|---|---|---|---|---|---|---|")
     for head, samples in (("lstm", args.lstm_samples), ("transformer", args.transformer_samples)):
-        ekx, pure = train_speed(head, data, samples, args.batch_size)
-        print(
-            f"| {head} | {samples} | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} | {N / ekx / 60:.1f} min |", flush=True
-        )
+        for want in args.precision.split(","):
+            ekx, pure = train_speed(head, data, samples, args.batch_size, want)
+            shown = runtime.resolve_precision(want, device) + (" (auto)" if want == "auto" else "")
+            cells = f"{samples} | {ekx:.0f} | {pure:.0f} | {pure / ekx:.3f} | {N / ekx / 60:.1f} min"
+            print(f"| {head} | {shown} | {cells} |", flush=True)
     print(f"peak RSS over the whole run: {peak_gib():.2f} GiB")
 
 

@@ -232,6 +232,78 @@ def test_default_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
     assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
 
 
+def test_a_weights_file_fills_the_model_without_its_random_init(tmp_path):
+    """The model is built on the meta device and given the file's tensors (a float16 file's
+    cast to the model's float32, as a copy into built parameters would be); a model with a
+    tensor no state dict holds (a non-persistent buffer) is built for real. Either way it
+    equals the built model with the file loaded."""
+    import dataclasses
+
+    torch.manual_seed(3)
+    bb = backbones.get("resnet50")
+    ref = bb.build().eval()
+    path = tmp_path / "w.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in ref.state_dict().items()}, path)
+    assert all(p.is_meta for p in backbones._shell(bb).parameters())
+    model, _ = backbones.load_weights(bb, str(path))
+    got, want = model.state_dict(), ref.state_dict()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k].half().to(want[k].dtype)) for k in want)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=0.05, rtol=0.05)
+
+    class WithBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    odd = dataclasses.replace(bb, name="odd", build=WithBuffer, weights=None)
+    torch.save(WithBuffer().state_dict(), path)
+    model, _ = backbones.load_weights(odd, str(path))
+    assert torch.equal(model.scale, torch.full((4,), 2.0))
+    assert torch.equal(model.lin.weight, torch.load(path)["lin.weight"])
+
+
+def test_batchnorm_folds_in_place_to_the_bits_of_torch_fx_fuse():
+    """The BatchNorms go (folded where they lie, no copy of the model) and the features are
+    bit for bit those of torch.fx's `fuse`; a convolution whose output also feeds something
+    else keeps its BatchNorm."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    torch.manual_seed(0)
+    model = backbones.get("resnet50").build().eval()
+    for m in model.modules():  # statistics other than 0/1, so a missed fold would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = fuse(copy.deepcopy(model))(x)
+        weight = model.conv1.weight
+        folded = backbones.fuse_for_inference(model)
+        assert folded is model and folded.conv1.weight is weight  # in place
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.equal(folded(x), want)
+
+    class Branch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    branch = Branch().eval()
+    assert isinstance(backbones.fuse_for_inference(branch).bn, torch.nn.BatchNorm2d)
+
+
 def test_offline_without_cached_weights_names_both_ways_out(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

@@ -1,0 +1,188 @@
+"""ekx vs video_features (v-iashin/video_features), side by side on one clip, every frame.
+
+Both extract ResNet-50 features of every frame of the same clip with the same state dict:
+a seeded random ResNet-50 saved where torchvision keeps IMAGENET1K_V1
+($TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth), which video_features' ResNet
+extractor loads and `ekx extract --weights IMAGENET1K_V1` loads too. Each side runs in its
+own process, alternately (vf, ekx, then ekx, vf, ...), so the machine's drift hits both.
+Printed per run: wall seconds, CPU seconds (the process and the children it waited for),
+peak RSS of the largest process; then the median of the paired wall ratios, and the
+cosine per frame between the two sides' features (the same preprocessing: IMAGENET1K_V1's
+resize 256 / crop 224 through `--resize torchvision`).
+
+- video_features: `main.py feature_type=resnet model_name=resnet50 batch_size=1 device=cpu`
+  (its config's batch size; OpenCV decodes, PIL transforms, fp32).
+- ekx: `ekx extract --dense every:1 --weights IMAGENET1K_V1 --resize torchvision` (a dense
+  store with one position per frame), at `--precision auto` unless told (fp32 where the CPU
+  has no bf16 matrix units: the line above the table says which).
+
+Run: `python bench/vs_video_features.py --checkout PATH/TO/video_features [--pairs 3]`.
+The checkout needs its own requirements in this interpreter (`pip install omegaconf
+opencv-python-headless` beside ekx's); without a checkout, or without those, the bench
+says why and exits. About 5 minutes per pair on 2 CPU cores (the 14 s 1080p50 clip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared"
+CLIP = SHARED / "clips" / "epic55_wall_04x04_zoom2_h264_1080p50.mp4"
+OUT = HERE / "out" / "vs_video_features"
+V1_FILE = "resnet50-0676ba61.pth"  # torchvision's IMAGENET1K_V1 file name (both sides load it)
+
+
+def skip(reason: str) -> None:
+    print(f"skipped: {reason}")
+    sys.exit(0)
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB of the largest process) of one command, from wait4."""
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{cmd[0]} ... failed (exit {proc.returncode}); its output: {log}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+
+
+def ekx_workspace(root: Path, clip: Path) -> tuple[Path, Path]:
+    """A video root holding the clip as P90_01 and an annotation directory whose test split
+    has one segment over it (a dense store over the whole video needs only the video)."""
+    from ekx import epic
+
+    videos, ann = root / "videos", root / "annotations"
+    videos.mkdir(parents=True)
+    ann.mkdir()
+    (videos / "P90_01.mp4").symlink_to(clip.resolve())
+    for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
+        (ann / name).write_text("id,key,instances,category\n0,x,['x'],x\n")
+    with open(ann / epic.SPLIT_FILES["test"], "w", newline="") as fh:
+        row = ["P90_01_0", "P90", "P90_01", "00:00:00.00", "00:00:00.00", "00:00:01.00", 0, 0]
+        csv.writer(fh).writerows([epic.TEST_COLUMNS, row])
+    return videos, ann
+
+
+def cosines(vf_out: Path, store: Path, clip: Path) -> np.ndarray:
+    """Per-frame cosine, frames matched by index (video_features: row i = frame i)."""
+    import h5py
+
+    (path,) = vf_out.rglob(f"{clip.stem}_resnet.npy")  # <output_path>/resnet/resnet50/<stem>_resnet.npy
+    vf = np.load(path).astype(np.float64)
+    with h5py.File(store, "r") as f:
+        feats = f["features"][:, 0].reshape(-1, f["features"].shape[-1]).astype(np.float64)
+        index = f["frame_index"][:].reshape(-1)
+        time_ = f["time"][:].reshape(-1)
+    keep = np.isfinite(time_) & (index >= 0) & (index < len(vf))
+    a, b = feats[keep], vf[index[keep]]
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkout", type=Path, default=os.environ.get("VIDEO_FEATURES"), help="video_features checkout")
+    ap.add_argument("--clip", type=Path, default=CLIP)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--precision", default="auto", help="ekx's --precision (auto, fp32, bf16)")
+    args = ap.parse_args()
+    if args.checkout is None:
+        skip("no video_features checkout given (--checkout PATH or VIDEO_FEATURES=PATH)")
+    checkout = args.checkout.resolve()
+    if not (checkout / "main.py").is_file() or not (checkout / "models" / "resnet").is_dir():
+        skip(f"{checkout} is not a video_features checkout (no main.py / models/resnet)")
+    if not args.clip.is_file():
+        skip(f"{args.clip} not here (the shared clips sit beside the project)")
+    probe = subprocess.run([sys.executable, "-c", "import omegaconf, cv2"], capture_output=True, text=True)
+    if probe.returncode:
+        skip(f"video_features' requirements are missing here ({probe.stderr.strip().splitlines()[-1]}): "
+             "pip install omegaconf opencv-python-headless")  # fmt: skip
+
+    import torch
+    import torchvision
+
+    from ekx.runtime import cpu_bf16_units, resolve_precision
+
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    torch_home = OUT / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), torch_home / "hub" / "checkpoints" / V1_FILE)
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    videos, ann = ekx_workspace(OUT / "ekx", args.clip)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    units = cpu_bf16_units() or "no bf16 matrix units"
+    print(
+        f"clip {args.clip.name}; CPU {cpu_model()} ({units}), {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"ekx --precision {args.precision} -> {precision}; video_features {git_head(checkout)} batch_size=1 fp32"
+    )
+    ekx = Path(sys.executable).with_name("ekx")
+    ekx_cmd = [str(ekx), "extract", "--backbone", "resnet50", "--weights", "IMAGENET1K_V1", "--resize", "torchvision",
+               "--dense", "every:1", "--split", "test", "--annotations", str(ann), "--videos", str(videos),
+               "--precision", args.precision, "--out", str(OUT / "ekx" / "store.h5")]  # fmt: skip
+    vf_out = OUT / "vf"
+    vf_cmd = [sys.executable, "main.py", "feature_type=resnet", "model_name=resnet50", "device=cpu", "batch_size=1",
+              "on_extraction=save_numpy", f"output_path={vf_out}", f"tmp_path={OUT / 'vf_tmp'}",
+              f"video_paths=[{args.clip.resolve()}]"]  # fmt: skip
+    runs: dict[str, list[tuple[float, float, float]]] = {"video_features": [], "ekx": []}
+    for i in range(args.pairs):
+        order = ("video_features", "ekx") if i % 2 == 0 else ("ekx", "video_features")
+        for side in order:
+            if side == "ekx":
+                (OUT / "ekx" / "store.h5").unlink(missing_ok=True)
+                r = timed(ekx_cmd, OUT, env, OUT / "ekx.log")
+            else:
+                shutil.rmtree(vf_out, ignore_errors=True)
+                r = timed(vf_cmd, checkout, env, OUT / "vf.log")
+            runs[side].append(r)
+            print(f"pair {i + 1} {side}: wall {r[0]:.1f} s, CPU {r[1]:.1f} s, peak RSS {r[2]:.0f} MiB", flush=True)
+    cos = cosines(vf_out, OUT / "ekx" / "store.h5", args.clip)
+    ratios = [v[0] / e[0] for v, e in zip(runs["video_features"], runs["ekx"], strict=True)]
+    cpu = [v[1] / e[1] for v, e in zip(runs["video_features"], runs["ekx"], strict=True)]
+    print()
+    print("| side | wall s (median) | CPU s (median) | peak RSS MiB |")
+    print("|---|---|---|---|")
+    for side, rs in runs.items():
+        print(f"| {side} | {med(rs, 0):.1f} | {med(rs, 1):.1f} | {max(r[2] for r in rs):.0f} |")
+    print(
+        f"\nekx is {statistics.median(ratios):.2f}x faster (wall, median of {len(ratios)} paired ratios: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}; CPU time {statistics.median(cpu):.2f}x)"
+    )
+    print(
+        f"per-frame cosine, ekx vs video_features, {len(cos)} frames: min {cos.min():.6f}, median {np.median(cos):.6f}"
+    )
+
+
+def med(rs: list[tuple[float, float, float]], i: int) -> float:
+    return statistics.median(r[i] for r in rs)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown CPU"
+
+
+def git_head(checkout: Path) -> str:
+    r = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "(not a git checkout)"
+
+
+if __name__ == "__main__":
+    main()
