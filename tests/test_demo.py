@@ -29,8 +29,8 @@ def test_demo_runs_and_order_aware_heads_separate_reversed_verbs(demo_workspace)
         # which of the two mirrored verbs happened: only frame order can tell
         assert scores[head]["direction"] >= 90, scores
         # top-1 among the demo's 10 verbs on those 39 segments (one segment = 2.6 points): the
-        # order-blind pooling head gets ~30; lstm 69.2 on an AVX-512 AMD EPYC, >= 70 on AVX2
-        assert scores[head]["reversal_top1"] >= 60, scores
+        # order-blind pooling head gets ~31; lstm 56-72 over seeds 0-2 on an AVX-512 EPYC
+        assert scores[head]["reversal_top1"] >= 50, scores
     assert 25 <= scores["pooling"]["direction"] <= 75, scores  # order-blind: chance
 
 

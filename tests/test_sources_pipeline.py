@@ -120,7 +120,9 @@ def test_watchdog_passes_results_and_reports_a_crash(synth_data, tmp_path):
 def test_frames_source_trains_a_head_as_well_as_the_video_source(demo_workspace, tmp_path):
     """The demo's data, read as official RGB frames (per-video tars) instead of videos: the
     same extraction, the same LSTM training, and the order score (which of two time-reversed
-    verbs happened) within 5 points of the demo's video-source run."""
+    verbs happened) within three segments of the video source's (medians of three seeds)."""
+    import statistics
+
     import torch
 
     from ekx.demo import DEMO_FRAMES, head_config, reversal_scores
@@ -135,21 +137,23 @@ def test_frames_source_trains_a_head_as_well_as_the_video_source(demo_workspace,
     for vid, path in epic.index_videos(workdir / "data" / "videos").items():
         write_frames(path, frames_root / vid.split("_")[0] / "rgb_frames" / f"{vid}.tar")
     feats = tmp_path / "features"
-    for split in ("train", "validation"):
-        cfg = ExtractConfig(split=split, weights="none", frames=DEMO_FRAMES, workers=1, source="frames")
+    for part in ("train", "validation"):
+        cfg = ExtractConfig(split=part, weights="none", frames=DEMO_FRAMES, workers=1, source="frames")
         (s,) = extract_many(cfg, ann, tmp_path / "no-videos", feats, warn=lambda m: None, frames_root=frames_root)
         assert s.failed == 0 and s.done == s.total
-    train, val = feats / "resnet50" / "train.h5", feats / "resnet50" / "validation.h5"
-    cfg = head_config("lstm", "lstm-frames")
-    cfg.train_features, cfg.val_features = str(train), str(val)
-    tr.run(cfg, tmp_path / "runs" / "lstm-frames", tr.load_data(train, val, "cpu"))
-    scores = {}
-    for name, run, cache in (
-        ("frames", tmp_path / "runs" / "lstm-frames", val),
-        ("video", workdir / "runs" / "lstm-demo", workdir / "features" / "resnet50" / "validation.h5"),
-    ):
-        split = load_split(cache, torch.device("cpu"))
-        r = evaluate_run(run, cache)
-        scores[name] = reversal_scores(r["verb"], split.verbs[split.rows], split.attrs["verb_classes"])
-    assert abs(scores["frames"]["direction"] - scores["video"]["direction"]) <= 5, scores
-    assert scores["frames"]["direction"] >= 90, scores
+    # one LSTM training moves the order score by +-6 points between seeds (39 segments,
+    # 2.6 points each): compare the medians of three seeds per source
+    scores: dict[str, list[float]] = {"frames": [], "video": []}
+    for name, root in (("frames", feats), ("video", workdir / "features")):
+        train, val = root / "resnet50" / "train.h5", root / "resnet50" / "validation.h5"
+        data, split = tr.load_data(train, val, "cpu"), load_split(val, torch.device("cpu"))
+        for seed in (0, 1, 2):
+            head = head_config("lstm", f"lstm-{name}-{seed}")
+            head.train_features, head.val_features, head.seed = str(train), str(val), seed
+            tr.run(head, tmp_path / "runs" / head.name, data)
+            r = evaluate_run(tmp_path / "runs" / head.name, val)
+            verbs = split.verbs[split.rows]
+            scores[name].append(reversal_scores(r["verb"], verbs, split.attrs["verb_classes"])["direction"])
+    frames, video = statistics.median(scores["frames"]), statistics.median(scores["video"])
+    assert abs(frames - video) <= 8, scores  # three segments
+    assert frames >= 90, scores
