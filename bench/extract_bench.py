@@ -180,14 +180,19 @@ def main() -> None:
     )
     from ekx.runtime import cpu_bf16_units
 
-    if not cpu_bf16_units():  # the auto precision's bf16 speed-up needs AMX: say so, time no bf16 row
-        print("no AMX here: --precision auto is fp32 on this CPU (bf16 would measure the slow emulated path)")
+    if not cpu_bf16_units():  # the auto precision's bf16 speed-up needs bf16 units: say so, time no bf16 row
+        print("no AMX or AVX512-BF16 here: --precision auto is fp32 on this CPU (bf16 would time the emulated path)")
+    else:
+        print(f"{cpu_bf16_units()} here: --precision auto is bf16; (b) is also timed in fp32, side by side")
     rows = []
     for name, data in make_sources(ROOT / "out").items():
         jobs, segs = jobs_of(data)
         model = backbones.fuse_for_inference(bb.build().eval()).to(memory_format=torch.channels_last)
         a, results = decode_only(jobs, bb, args.workers)
         b, _ = backbone_only(model, bb, results, precision, args.batch_size)
+        if precision != "fp32":
+            b32, _ = backbone_only(model, bb, results, "fp32", args.batch_size)
+            print(f"{name}: (b) backbone {precision} {b:.1f} vs fp32 {b32:.1f} frames/s ({b / b32:.2f}x)", flush=True)
         c, _ = end_to_end(data, args.workers, args.batch_size)
         d = naive(jobs, segs, bb.build().eval(), args.naive_segments)
         ideal = 1 / (1 / a + 1 / b)

@@ -89,7 +89,7 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), OUT / "torch" / "hub" / "checkpoints" / V1_FILE)
+    torch.save(torchvision.models.resnet50().state_dict(), OUT / "torch" / "hub" / "checkpoints" / V1_FILE)  # random
     env = {**os.environ, "TORCH_HOME": str(OUT / "torch")}
     videos, ann = ekx_workspace(OUT / "ws", CLIP)
     trees = {"this checkout": HERE.parent}

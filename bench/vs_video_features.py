@@ -1,25 +1,28 @@
 """ekx vs video_features (v-iashin/video_features), side by side on one clip, every frame.
 
 Both extract ResNet-50 features of every frame of the same clip with the same state dict:
-a seeded random ResNet-50 saved where torchvision keeps IMAGENET1K_V1
+a seeded random ResNet-50 (BatchNorm statistics measured on the clip) saved where
+torchvision keeps IMAGENET1K_V1
 ($TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth), which video_features' ResNet
 extractor loads and `ekx extract --weights IMAGENET1K_V1` loads too. Each side runs in its
-own process, alternately (vf, ekx, then ekx, vf, ...), so the machine's drift hits both.
+own process, in rounds that rotate which side goes first, so the machine's drift hits all.
 Printed per run: wall seconds, CPU seconds (the process and the children it waited for),
-peak RSS of the largest process; then the median of the paired wall ratios, and the
-cosine per frame between the two sides' features (the same preprocessing: IMAGENET1K_V1's
-resize 256 / crop 224 through `--resize torchvision`).
+peak RSS of the largest process; then the median over rounds of video_features' wall time
+over each ekx variant's, and the cosine per frame between each variant's features and
+video_features'.
 
 - video_features: `main.py feature_type=resnet model_name=resnet50 batch_size=1 device=cpu`
   (its config's batch size; OpenCV decodes, PIL transforms, fp32).
-- ekx: `ekx extract --dense every:1 --weights IMAGENET1K_V1 --resize torchvision` (a dense
-  store with one position per frame), at `--precision auto` unless told (fp32 where the CPU
-  has no bf16 matrix units: the line above the table says which).
+- ekx: `ekx extract --dense every:1 --weights IMAGENET1K_V1` (a dense store with one
+  position per frame) as it runs by default (the decoder resizes), and with `--resize
+  torchvision` (IMAGENET1K_V1's own resize: the same preprocessing as video_features), at
+  `--precision auto` unless told (bf16 where the CPU has bf16 matrix math, else fp32: the
+  line above the table says which).
 
 Run: `python bench/vs_video_features.py --checkout PATH/TO/video_features [--pairs 3]`.
 The checkout needs its own requirements in this interpreter (`pip install omegaconf
 opencv-python-headless` beside ekx's); without a checkout, or without those, the bench
-says why and exits. About 5 minutes per pair on 2 CPU cores (the 14 s 1080p50 clip).
+says why and exits. About 2 minutes per round on 2 CPU cores (the 14 s 1080p50 clip).
 """
 
 from __future__ import annotations
@@ -49,16 +52,20 @@ def skip(reason: str) -> None:
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS MiB of the largest process) of one command, from wait4."""
+    """(wall s, CPU s, peak RSS MiB of the largest process) of one command: wall and CPU from
+    wait4, the peak from GNU time (a child forked from this process would report this
+    process's own RSS as its peak)."""
+    rss = log.with_suffix(".rss")
     with open(log, "w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], cwd=cwd, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT)  # fmt: skip
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{cmd[0]} ... failed (exit {proc.returncode}); its output: {log}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+    return wall, ru.ru_utime + ru.ru_stime, int(rss.read_text().split()[-1]) / 1024
 
 
 def ekx_workspace(root: Path, clip: Path) -> tuple[Path, Path]:
@@ -76,6 +83,25 @@ def ekx_workspace(root: Path, clip: Path) -> tuple[Path, Path]:
         row = ["P90_01_0", "P90", "P90_01", "00:00:00.00", "00:00:00.00", "00:00:01.00", 0, 0]
         csv.writer(fh).writerows([epic.TEST_COLUMNS, row])
     return videos, ann
+
+
+def calibrated_resnet50(clip: Path):
+    """A seeded random ResNet-50 whose BatchNorm statistics are measured on 32 frames of the
+    clip: with the default statistics (mean 0, var 1) a random network gives nearly the same
+    vector for every frame, and any two preprocessings would agree to cosine 0.99999."""
+    import decord
+    import torch
+    import torchvision
+
+    from ekx.extract.backbones import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    vr = decord.VideoReader(str(clip))
+    frames = torch.from_numpy(vr.get_batch(list(range(0, len(vr), max(1, len(vr) // 32)))).asnumpy())
+    x = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()(frames.permute(0, 3, 1, 2))
+    calibrate_batchnorm(model, [x])
+    return model
 
 
 def cosines(vf_out: Path, store: Path, clip: Path) -> np.ndarray:
@@ -97,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkout", type=Path, default=os.environ.get("VIDEO_FEATURES"), help="video_features checkout")
     ap.add_argument("--clip", type=Path, default=CLIP)
-    ap.add_argument("--pairs", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds (one run of each side per round)")
     ap.add_argument("--precision", default="auto", help="ekx's --precision (auto, fp32, bf16)")
     args = ap.parse_args()
     if args.checkout is None:
@@ -107,13 +133,14 @@ def main() -> None:
         skip(f"{checkout} is not a video_features checkout (no main.py / models/resnet)")
     if not args.clip.is_file():
         skip(f"{args.clip} not here (the shared clips sit beside the project)")
+    if not Path("/usr/bin/time").is_file():
+        skip("GNU time (/usr/bin/time) measures the peak memory: apt-get install time")
     probe = subprocess.run([sys.executable, "-c", "import omegaconf, cv2"], capture_output=True, text=True)
     if probe.returncode:
         skip(f"video_features' requirements are missing here ({probe.stderr.strip().splitlines()[-1]}): "
              "pip install omegaconf opencv-python-headless")  # fmt: skip
 
     import torch
-    import torchvision
 
     from ekx.runtime import cpu_bf16_units, resolve_precision
 
@@ -121,8 +148,7 @@ def main() -> None:
     OUT.mkdir(parents=True)
     torch_home = OUT / "torch"
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), torch_home / "hub" / "checkpoints" / V1_FILE)
+    torch.save(calibrated_resnet50(args.clip).state_dict(), torch_home / "hub" / "checkpoints" / V1_FILE)
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     videos, ann = ekx_workspace(OUT / "ekx", args.clip)
     precision = resolve_precision(args.precision, torch.device("cpu"))
@@ -132,40 +158,48 @@ def main() -> None:
         f"ekx --precision {args.precision} -> {precision}; video_features {git_head(checkout)} batch_size=1 fp32"
     )
     ekx = Path(sys.executable).with_name("ekx")
-    ekx_cmd = [str(ekx), "extract", "--backbone", "resnet50", "--weights", "IMAGENET1K_V1", "--resize", "torchvision",
-               "--dense", "every:1", "--split", "test", "--annotations", str(ann), "--videos", str(videos),
-               "--precision", args.precision, "--out", str(OUT / "ekx" / "store.h5")]  # fmt: skip
+    ekx_cmd = [str(ekx), "extract", "--backbone", "resnet50", "--weights", "IMAGENET1K_V1", "--dense", "every:1",
+               "--split", "test", "--annotations", str(ann), "--videos", str(videos),
+               "--precision", args.precision]  # fmt: skip
+    stores = {"ekx": OUT / "ekx" / "store.h5", "ekx --resize torchvision": OUT / "ekx" / "store-tv.h5"}
+    cmds = {
+        "ekx": [*ekx_cmd, "--out", str(stores["ekx"])],
+        "ekx --resize torchvision": [
+            *ekx_cmd,
+            "--resize",
+            "torchvision",
+            "--out",
+            str(stores["ekx --resize torchvision"]),
+        ],
+    }
     vf_out = OUT / "vf"
     vf_cmd = [sys.executable, "main.py", "feature_type=resnet", "model_name=resnet50", "device=cpu", "batch_size=1",
               "on_extraction=save_numpy", f"output_path={vf_out}", f"tmp_path={OUT / 'vf_tmp'}",
               f"video_paths=[{args.clip.resolve()}]"]  # fmt: skip
-    runs: dict[str, list[tuple[float, float, float]]] = {"video_features": [], "ekx": []}
+    sides = ["video_features", *cmds]
+    runs: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
     for i in range(args.pairs):
-        order = ("video_features", "ekx") if i % 2 == 0 else ("ekx", "video_features")
-        for side in order:
-            if side == "ekx":
-                (OUT / "ekx" / "store.h5").unlink(missing_ok=True)
-                r = timed(ekx_cmd, OUT, env, OUT / "ekx.log")
+        for side in sides[i % 3 :] + sides[: i % 3]:  # each side first in turn
+            if side in cmds:
+                stores[side].unlink(missing_ok=True)
+                r = timed(cmds[side], OUT, env, OUT / "ekx.log")
             else:
                 shutil.rmtree(vf_out, ignore_errors=True)
                 r = timed(vf_cmd, checkout, env, OUT / "vf.log")
             runs[side].append(r)
-            print(f"pair {i + 1} {side}: wall {r[0]:.1f} s, CPU {r[1]:.1f} s, peak RSS {r[2]:.0f} MiB", flush=True)
-    cos = cosines(vf_out, OUT / "ekx" / "store.h5", args.clip)
-    ratios = [v[0] / e[0] for v, e in zip(runs["video_features"], runs["ekx"], strict=True)]
-    cpu = [v[1] / e[1] for v, e in zip(runs["video_features"], runs["ekx"], strict=True)]
+            print(f"round {i + 1} {side}: wall {r[0]:.1f} s, CPU {r[1]:.1f} s, peak RSS {r[2]:.0f} MiB", flush=True)
     print()
-    print("| side | wall s (median) | CPU s (median) | peak RSS MiB |")
-    print("|---|---|---|---|")
+    print("| side | wall s (median) | CPU s (median) | peak RSS MiB | video_features / side, wall (median of rounds) "
+          "| per-frame cosine to video_features (min / median) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for side, rs in runs.items():
-        print(f"| {side} | {med(rs, 0):.1f} | {med(rs, 1):.1f} | {max(r[2] for r in rs):.0f} |")
-    print(
-        f"\nekx is {statistics.median(ratios):.2f}x faster (wall, median of {len(ratios)} paired ratios: "
-        f"{', '.join(f'{r:.2f}' for r in ratios)}; CPU time {statistics.median(cpu):.2f}x)"
-    )
-    print(
-        f"per-frame cosine, ekx vs video_features, {len(cos)} frames: min {cos.min():.6f}, median {np.median(cos):.6f}"
-    )
+        ratio, cos = "1", "1"
+        if side in cmds:
+            ratios = [v[0] / e[0] for v, e in zip(runs["video_features"], rs, strict=True)]
+            ratio = f"**{statistics.median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)})"
+            c = cosines(vf_out, stores[side], args.clip)
+            cos = f"{c.min():.6f} / {np.median(c):.6f} ({len(c)} frames)"
+        print(f"| {side} | {med(rs, 0):.1f} | {med(rs, 1):.1f} | {max(r[2] for r in rs):.0f} | {ratio} | {cos} |")
 
 
 def med(rs: list[tuple[float, float, float]], i: int) -> float:

@@ -37,12 +37,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 @functools.cache
 def cpu_bf16_units() -> str | None:
-    """The CPU's native bf16 matrix units, or None: AMX-BF16 (Intel Sapphire Rapids and
-    later), from the kernel's flags - no probe run, nothing to time. Measured on a 2-core
-    AMX Xeon: ResNet-50 bf16 autocast + channels_last 53.6 img/s vs fp32 21.3 (2.5x); on
-    this project's AMD EPYC without AMX bf16 was far slower than fp32. AVX512-BF16 alone
-    (Cooper Lake, AMD Zen 4) is not counted: not measured here."""
-    return "AMX-BF16" if "amx_bf16" in cpu_flags() else None
+    """The CPU's native bf16 matrix math, or None, from the kernel's flags (no probe run,
+    nothing to time, the same answer on every node of a partition): AMX-BF16 (Intel
+    Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake), where
+    oneDNN runs bf16 convolutions and matmuls natively. ResNet-50, batch 16, channels_last,
+    bf16 autocast vs fp32: 53.6 vs 21.3 img/s (2.5x) on a 2-core AMX Xeon; 44-49 vs 19-20
+    (2.3x) on a 2-core AVX512-BF16 AMD EPYC (Zen 5, no AMX). On CPUs with neither (AVX2
+    only) bf16 is emulated and was 6x slower than fp32."""
+    flags = cpu_flags()
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -51,7 +54,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
             raise EkxError(f"--precision {name}: use auto, fp32, bf16 or fp16")
         return name
     # GPUs: fp16 autocast keeps features within cosine 0.999 of fp32. CPUs: bf16 where the
-    # CPU has bf16 matrix units (2.5x there; features within cosine 0.995 of fp32, inside the
+    # CPU has bf16 matrix units (2.3-2.5x there; features within cosine 0.995 of fp32, inside the
     # input's own noise floor: a near-lossless re-encode moves them to 0.983-0.986), else fp32
     if device.type == "cuda":
         return "fp16"
@@ -62,7 +65,7 @@ def precision_note(name: str, device: torch.device, chosen: str) -> str | None:
     """The one line saying why ``--precision auto`` chose bf16 on a CPU (None otherwise)."""
     if name == "auto" and device.type == "cpu" and chosen == "bf16":
         return (
-            f"--precision auto: bf16 on this CPU ({cpu_bf16_units()}: ~2.5x fp32's speed, features within "
+            f"--precision auto: bf16 on this CPU ({cpu_bf16_units()}: ~2.3-2.5x fp32's speed, features within "
             "cosine 0.995 of fp32); --precision fp32 for fp32"
         )
     return None

@@ -1,5 +1,5 @@
-"""`--precision auto` on a CPU: bf16 exactly where the CPU has bf16 matrix units (AMX-BF16,
-read from the kernel's flags), fp32 elsewhere; a cache keeps the precision it was started
+"""`--precision auto` on a CPU: bf16 exactly where the CPU has bf16 matrix math (AMX-BF16 or
+AVX512-BF16, read from the kernel's flags), fp32 elsewhere; a cache keeps the precision it was started
 in (part of its identity)."""
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ def test_cpu_flags_are_read_from_the_kernels_list(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "want"), [({"avx2", "amx_bf16", "amx_tile"}, "bf16"), ({"avx2", "avx512_bf16"}, "fp32")]
+    ("flags", "want", "units"),
+    [
+        ({"avx2", "amx_bf16", "amx_tile", "avx512_bf16"}, "bf16", "AMX-BF16"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16", "AVX512-BF16"),
+        ({"avx2", "avx512f", "avx512_vnni"}, "fp32", None),
+        ({"avx2", "fma"}, "fp32", None),
+    ],
 )
-def test_auto_is_bf16_exactly_where_the_cpu_has_amx(flags, want, monkeypatch):
+def test_auto_is_bf16_exactly_where_the_cpu_has_bf16_matrix_math(flags, want, units, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_flags", lambda *a: flags)
     runtime.cpu_bf16_units.cache_clear()
     try:
@@ -31,8 +37,9 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_amx(flags, want, monkeypatch):
         assert runtime.resolve_precision("fp32", CPU) == "fp32"  # forcing fp32 always works
         note = runtime.precision_note("auto", CPU, want)
         assert (note is not None) == (want == "bf16")
+        assert runtime.cpu_bf16_units() == units
         if note:
-            assert "AMX-BF16" in note and "--precision fp32" in note
+            assert units in note and "--precision fp32" in note
     finally:
         runtime.cpu_bf16_units.cache_clear()
 
