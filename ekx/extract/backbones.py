@@ -272,12 +272,16 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 def _fold(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """torch's `fuse_conv_bn_weights`, the same arithmetic in the same order (so the same
     bits), with the weight scaled where it lies instead of copied."""
-    rsqrt = torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)  # tracked statistics (checked by caller)
+    weight, old = conv.weight, conv.bias
+    assert isinstance(weight, torch.Tensor)
+    rsqrt = torch.rsqrt(var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(rsqrt)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(rsqrt)
-    conv.weight.mul_((gamma * rsqrt).reshape(-1, *[1] * (conv.weight.dim() - 1)))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(rsqrt)
-    conv.bias = nn.Parameter((bias - bn.running_mean) * rsqrt * gamma + beta, requires_grad=False)
+    weight.mul_((gamma * rsqrt).reshape(-1, *[1] * (weight.dim() - 1)))
+    bias = old if isinstance(old, torch.Tensor) else torch.zeros_like(rsqrt)
+    conv.bias = nn.Parameter((bias - mean) * rsqrt * gamma + beta, requires_grad=False)
 
 
 # ---------------------------------------------------------------- the extractor of a cache, rebuilt
