@@ -58,3 +58,25 @@ def test_a_bf16_cache_is_not_resumed_in_fp32(synth_data, tmp_path):
             tmp_path,
             warn=lambda m: None,
         )
+
+
+def test_the_choice_is_said_once_as_information_not_as_a_warning(synth_data, tmp_path, monkeypatch):
+    """auto on a CPU with bf16 units: the line saying bf16 and why goes to ``info``; ``warn``
+    stays for what needs the user's attention (a test counting warnings failed on such a CPU)."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *a: {"avx2", "avx512_bf16"})
+    runtime.cpu_bf16_units.cache_clear()
+    said: dict[str, list[str]] = {"info": [], "warn": []}
+    try:
+        cfg = ExtractConfig(split="validation", weights="none", frames=2, workers=0, limit=1, out=tmp_path / "c.h5")
+        extract(
+            cfg,
+            synth_data / "annotations",
+            synth_data / "videos",
+            tmp_path,
+            warn=said["warn"].append,
+            info=said["info"].append,
+        )
+    finally:
+        runtime.cpu_bf16_units.cache_clear()
+    assert [m for m in said["info"] if "bf16" in m and "AVX512-BF16" in m], said
+    assert not [m for m in said["warn"] if "precision" in m], said

@@ -224,6 +224,7 @@ def extract(
             on_progress,
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}"),
             frames_root=ws.frames,
+            info=lambda m: err_console.print(escape(m), style="dim", highlight=False),
         )
     failed = 0
     for summary in summaries:

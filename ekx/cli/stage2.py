@@ -85,7 +85,17 @@ def train_head(
             print_row(row)
 
         run_dir, best = tr.main(
-            cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given, warn, allow_missing
+            cfg,
+            ws.features,
+            ws.runs,
+            ws.annotations,
+            resume,
+            on_epoch,
+            on_step,
+            given,
+            warn,
+            allow_missing,
+            info=lambda m: err_console.print(escape(m), style="dim", highlight=False),
         )
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "

@@ -131,11 +131,12 @@ def extract(
     on_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = print,
     frames_root: Path | None = None,
+    info: Callable[[str], None] = print,
 ) -> Summary:
     """Run stage 1 for one backbone; resumes an existing cache made with the same parameters."""
     if len(backbone_names(cfg.backbone)) != 1:
         raise EkxError("extract() takes one backbone; extract_many() takes several")
-    return extract_many(cfg, annotations, videos, features_root, on_start, on_progress, warn, frames_root)[0]
+    return extract_many(cfg, annotations, videos, features_root, on_start, on_progress, warn, frames_root, info)[0]
 
 
 def extract_many(
@@ -147,6 +148,7 @@ def extract_many(
     on_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = print,
     frames_root: Path | None = None,
+    info: Callable[[str], None] = print,
 ) -> list[Summary]:
     """Stage 1 for every backbone of ``cfg.backbone`` (comma-separated) in one pass: each
     segment is decoded once, at a size and clip length serving every backbone, and each
@@ -181,7 +183,7 @@ def extract_many(
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if note := precision_note(cfg.precision, device, precision):
-        warn(note)
+        info(note)  # a choice, said once; not a warning
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=64 if device.type == "cuda" else 16)
     decode_device, note = src.resolve_device(cfg.decode_device, next(iter(found.values()), None))

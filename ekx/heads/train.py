@@ -386,6 +386,7 @@ def main(
     given: set[str] | None = None,
     warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
     allow_missing: bool = False,
+    info: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> tuple[Path, dict]:
     """`ekx train-head`: resolve paths, load the caches once, train, return (run dir, best row).
     ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
@@ -411,6 +412,6 @@ def main(
     if data.val_note:
         warn(data.val_note)
     if note := precision_note(cfg.precision, data.device, resolve_precision(cfg.precision, data.device)):
-        warn(note)
+        info(note)  # a choice, said once; not a warning
     best = run(cfg, run_dir, data, resume, on_epoch, on_step)
     return run_dir, best
