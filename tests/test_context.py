@@ -136,3 +136,65 @@ def test_a_search_over_window_layers_and_width_runs(tmp_path):
     assert len(done) == 2, r.output
     kws = [torch.load(d.parent / "best.pt", weights_only=True)["head_kwargs"] for d in done]
     assert {k["d_model"] for k in kws} <= {16, 32} and {k["layers"] for k in kws} <= {1, 2}
+
+
+def test_fused_dense_stores_enter_as_separate_token_streams(tmp_path):
+    """Two stores at 4/s and 1/s whose features are their own times, joined with `+`: each
+    gives its own window tokens (its nearest times, in its own channels, zeros in the other's,
+    told apart by the stream channel), the segment's own tokens hold both side by side, and
+    the head's stream embedding learns from both streams."""
+    segs = [("P01_01", 3.0, 5.0, 0, 0), ("P01_01", 1.0, 2.0, 1, 1)]
+    a, _ = time_store(tmp_path / "a", {"P01_01": 40}, 4.0, segs, name="a")
+    b, _ = time_store(tmp_path / "b", {"P01_01": 10}, 1.0, segs, name="b")
+    split = load_split(Path(f"{a}+{b}"), torch.device("cpu"))
+    assert split.streams is not None and len(split.streams) == 2 and split.dim == 16
+    idx = torch.tensor([0, 1])
+    x = context.windows(split, idx, 4.0, None, torch.zeros(2, 1, dtype=torch.long), torch.zeros(16),
+                        torch.ones(16), torch.device("cpu"))  # fmt: skip
+    tok, own = context.TOKENS, context.SEGMENT_TOKENS
+    assert x.shape == (2, 2 * tok + own, 16 + context.EXTRA)
+    for i, (_, s0, s1, _, _) in enumerate(segs):
+        c = (s0 + s1) / 2
+        window = c - 2 + (np.arange(tok) + 0.5) * 4 / tok
+        mine = centre_times(s0, s1, own)
+        for stream, (rate, n, ch) in enumerate([(4.0, 40, slice(0, 8)), (1.0, 10, slice(8, 16))]):
+            grid = (np.arange(n) + 0.5) / rate
+            part = x[i, stream * tok : (stream + 1) * tok]
+            valid = part[:, -3].numpy() > 0.5
+            inside = (window >= grid[0] - 0.5 / rate - 1e-6) & (window <= grid[-1] + 0.5 / rate + 1e-6)
+            assert (valid == inside).all(), (i, stream)
+            nearest = grid[np.abs(grid[None] - window[:, None]).argmin(1)]
+            assert np.allclose(part[valid, ch][:, 0].numpy(), nearest[valid], atol=4e-3), (i, stream)
+            other = slice(8, 16) if stream == 0 else slice(0, 8)
+            assert (part[:, other] == 0).all() and (part[:, -5] == stream).all()
+            nearest_own = grid[np.abs(grid[None] - mine[:, None]).argmin(1)]
+            assert np.allclose(x[i, -own:, ch][:, 0].numpy(), nearest_own, atol=4e-3), (i, stream)
+    head = context.REGISTRY["context"](16 + context.EXTRA, V, N, 16, d_model=16, layers=1, heads=2, streams=2)
+    out = head(x)
+    (out["verb"].sum() + out["noun"].sum()).backward()
+    assert head.stream.weight.grad is not None and (head.stream.weight.grad.abs().sum(1) > 0).all()
+
+
+def test_a_context_head_trains_on_two_fused_dense_stores(tmp_path):
+    train, val, ann = stores(tmp_path)
+    # a second store: the same marks imported again under another name (its own identity)
+    other = {}
+    for split in ("train", "validation"):
+        other[split] = tmp_path / f"{split}.other.h5"
+        import_features("npy-dir", tmp_path / f"src-{split}", ann, split, other[split], "marks-2", rate=2.0)
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(
+        app,
+        ["train-head", "context", "--train-features", f"{train}+{other['train']}", "--val-features",
+         f"{val}+{other['validation']}", "--runs", str(runs), "--device", "cpu", "--window", "8", "--layers", "1",
+         "--width", "32", "--epochs", "2", "--name", "two"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ckpt = torch.load(runs / "two" / "best.pt", weights_only=True)
+    assert ckpt["head_kwargs"]["streams"] == 2 and ckpt["head_kwargs"]["dim"] == 24 + context.EXTRA
+    assert ckpt["model"]["stream.weight"].shape[0] == 2
+    r = CliRunner().invoke(app, ["evaluate", str(runs / "two"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    # a part swapped for one of another store is refused, as for any fused run
+    r = CliRunner().invoke(app, ["evaluate", str(runs / "two"), "--device", "cpu", "--features", f"{val}+{val}"])
+    assert r.exit_code == 1 and "incompatible" in r.output, r.output

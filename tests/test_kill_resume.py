@@ -35,14 +35,18 @@ CHILD = textwrap.dedent(
         return any(not (p.parent / "done.json").exists() for p in root.rglob("last.pt"))
 
     if mode == "mid-epoch":
-        real, seen = tr.make_batch, [0]
-        def make_batch(*a, **k):
-            if unfinished_with_ckpt():
-                seen[0] += 1
-                if seen[0] == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return real(*a, **k)
-        tr.make_batch = make_batch
+        from ekx.heads import context  # the context head's batches are windows
+        seen = [0]
+        def killing(real):
+            def build(*a, **k):
+                if unfinished_with_ckpt():
+                    seen[0] += 1
+                    if seen[0] == 2:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return real(*a, **k)
+            return build
+        tr.make_batch = killing(tr.make_batch)
+        context.windows = killing(context.windows)
     else:
         real_save = tr.save_checkpoint
         def save_checkpoint(path, parts, opt, cfg, epoch, *a, **k):
@@ -64,10 +68,12 @@ def caches(tmp_path):
     )
 
 
-def _args(caches, runs: Path, name: str) -> list[str]:
+def _args(caches, runs: Path, name: str, head: str = "lstm") -> list[str]:
+    shape = ["--window", "8", "--layers", "1", "--width", "32"] if head == "context" else ["--frames", "4"]
     return [
         "train-head",
-        "lstm",
+        head,
+        *shape,
         "--train-features",
         str(caches[0]),
         "--val-features",
@@ -80,8 +86,6 @@ def _args(caches, runs: Path, name: str) -> list[str]:
         str(EPOCHS),
         "--batch-size",
         "16",
-        "--frames",
-        "4",
         "--dropout",
         "0.1",
         "--device",
@@ -100,20 +104,25 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in runlog.read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("mode", ["mid-epoch", "after-last"])
-def test_train_head_killed_then_resumed_equals_an_uninterrupted_run(mode, caches, tmp_path):
-    """17.6 (mid-epoch) and 19.3 (kill between last.pt and its metrics row)."""
+@pytest.mark.parametrize(("mode", "head"), [("mid-epoch", "lstm"), ("after-last", "lstm"), ("mid-epoch", "context")])
+def test_train_head_killed_then_resumed_equals_an_uninterrupted_run(mode, head, caches, tmp_path):
+    """17.6 (mid-epoch) and 19.3 (kill between last.pt and its metrics row); the context head
+    on dense stores (its batches are windows, built by another function)."""
+    if head == "context":
+        from test_context import stores
+
+        caches = stores(tmp_path)[:2]
     runs = tmp_path / "runs"
-    full = runner.invoke(app, _args(caches, runs, "full"))
+    full = runner.invoke(app, _args(caches, runs, "full", head))
     assert full.exit_code == 0, full.output
     killed = runs / "killed"
-    _killed(killed, mode, _args(caches, runs, "killed"))
+    _killed(killed, mode, _args(caches, runs, "killed", head))
     assert ck.load_checkpoint(killed / "last.pt")["epoch"] in (1, 2)  # killed after a checkpoint
     # nothing looks finished: no curves, fewer rows than epochs, no temporary files left
     assert not (killed / "curves.png").exists()
     assert len(runlog.read_metrics(killed)) < EPOCHS
     assert not list(killed.glob(".*.tmp"))
-    result = runner.invoke(app, [*_args(caches, runs, "killed"), "--resume"])
+    result = runner.invoke(app, [*_args(caches, runs, "killed", head), "--resume"])
     assert result.exit_code == 0, result.output
     assert _metrics(killed) == _metrics(runs / "full")
     assert ck.load_checkpoint(killed / "last.pt")["epoch"] == EPOCHS

@@ -124,6 +124,8 @@ def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
         split.k,
         str(split.path),
     )
+    if split.streams and "streams" in inspect.signature(models.REGISTRY[cfg.head]).parameters:
+        kwargs["streams"] = len(split.streams)  # dense stores joined with `+`: one token stream each
     seed_everything(cfg.seed)
     return models.create(cfg.head, **kwargs), kwargs
 

@@ -11,7 +11,9 @@ of [start, stop)), the tokens a segment head reads. Without these, a short segme
 get one or two of the window's tokens, while its order is what a segment head reads from
 its 16 (measured on the demo: the context head then stayed 30 points of verb top-1 below
 the transformer head). A token with no dense feature within half a period (before the
-video's start, after its end) is masked.
+video's start, after its end) is masked. Dense stores joined with `+` enter as separate
+token streams (`Stream`), each with its own window tokens and its own timeline, told apart
+by a learned stream embedding in the head: a second modality needs no new head.
 
 Training queries each segment once per epoch in its own window; evaluation queries each
 segment once in the window centred on it. (TIM also supervises every other action that
@@ -86,6 +88,29 @@ def timeline(times: np.ndarray, video_id: list[str], done: np.ndarray, segments)
     )
 
 
+@dataclass
+class Stream:
+    """One dense store of a fused split, read as its own token stream: its [P, V, D] features
+    and its timeline (segments in the fused split's order)."""
+
+    feats: torch.Tensor
+    timeline: Timeline
+
+
+def _nearest(s, idx: torch.Tensor, t: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream ``s``'s features [B, T, D] at the dense times nearest ``t`` [B, T] of segments
+    ``idx``, and whether each lies within half a period of its time (else masked)."""
+    tl: Timeline = s.timeline
+    vid = tl.seg_video[idx]
+    want = vid[:, None].double() * OFFSET + t
+    j = torch.searchsorted(tl.key, want).clamp_(1, len(tl.key) - 1)
+    left, right = tl.key[j - 1], tl.key[j]
+    pick = torch.where((want - left).abs() <= (right - want).abs(), j - 1, j)
+    gap = (tl.key[pick] - want).abs()
+    valid = (gap <= tl.period[vid.clamp(min=0)][:, None] / 2 + 1e-6) & (vid[:, None] >= 0)
+    return s.feats[tl.flat[pick].to(s.feats.device), view.to(s.feats.device)], valid
+
+
 def windows(
     split,
     idx: torch.Tensor,
@@ -97,11 +122,17 @@ def windows(
     device: torch.device,
     tokens: int = TOKENS,
 ) -> torch.Tensor:
-    """[B, tokens + SEGMENT_TOKENS, D + 4] on the device for segments ``idx``: standardised features (zeros
-    where masked), then each token's time in the window, its validity, and the query's
-    start and stop in the window (see `models.context`). ``shift`` [B] in [-1, 1]: the
-    window's centre moves by shift * W / 4 (None: centred)."""
-    tl: Timeline = split.timeline
+    """[B, S * tokens + SEGMENT_TOKENS, D + EXTRA] on the device for segments ``idx``:
+    standardised features (zeros where masked), then each token's stream, its time in the
+    window, its validity, and the query's start and stop in the window (see
+    `models.context`). ``shift`` [B] in [-1, 1]: the window's centre moves by shift * W / 4
+    (None: centred). A fused split of S dense stores (``split.streams``) gives each store its
+    own ``tokens`` window tokens, its features in its own channels (D = D1 + D2 + ...) and
+    zeros in the others, so one linear layer projects each stream with its own weights; the
+    segment's own tokens hold every store's features side by side, as the segment heads read
+    a fused split."""
+    streams = getattr(split, "streams", None) or [split]
+    tl: Timeline = streams[0].timeline
     dev = tl.key.device
     idx = idx.to(dev)
     start, stop = tl.seg_start[idx], tl.seg_stop[idx]
@@ -111,31 +142,35 @@ def windows(
     half = window / 2
     offsets = (torch.arange(tokens, device=dev, dtype=torch.float64) + 0.5) * window / tokens - half
     parts = (torch.arange(SEGMENT_TOKENS, device=dev, dtype=torch.float64) + 0.5) / SEGMENT_TOKENS
-    own = start[:, None] + parts[None, :] * (stop - start)[:, None]  # the segment's own positions
-    t = torch.cat([centre[:, None] + offsets[None, :], own], dim=1)  # [B, T]
-    vid = tl.seg_video[idx]
-    want = vid[:, None].double() * OFFSET + t
-    j = torch.searchsorted(tl.key, want).clamp_(1, len(tl.key) - 1)
-    left, right = tl.key[j - 1], tl.key[j]
-    pick = torch.where((want - left).abs() <= (right - want).abs(), j - 1, j)
-    gap = (tl.key[pick] - want).abs()
-    valid = (gap <= tl.period[vid.clamp(min=0)][:, None] / 2 + 1e-6) & (vid[:, None] >= 0)
-    feats = split.feats[tl.flat[pick].to(split.feats.device), view.to(split.feats.device)]  # [B, T, D]
-    x = feats.to(device, non_blocking=True).float().sub_(mean).div_(std)
-    valid = valid.to(device)
-    x = x * valid[..., None]
+    own_t = start[:, None] + parts[None, :] * (stop - start)[:, None]  # the segment's own positions
+    win_t = centre[:, None] + offsets[None, :]
+    b, n_s, d = len(idx), len(streams), int(mean.shape[-1])
+    x = torch.zeros(b, n_s * tokens + SEGMENT_TOKENS, d, device=device)
+    valid = torch.zeros(b, n_s * tokens + SEGMENT_TOKENS, dtype=torch.bool, device=device)
+    c = 0
+    for i, s in enumerate(streams):
+        f, ok = _nearest(s, idx, torch.cat([win_t, own_t], dim=1), view)
+        ch = slice(c, c + f.shape[-1])
+        f = f.to(device, non_blocking=True).float().sub_(mean[ch]).div_(std[ch]) * ok.to(device)[..., None]
+        x[:, i * tokens : (i + 1) * tokens, ch] = f[:, :tokens]
+        x[:, -SEGMENT_TOKENS:, ch] = f[:, tokens:]
+        valid[:, i * tokens : (i + 1) * tokens] = ok[:, :tokens].to(device)
+        valid[:, -SEGMENT_TOKENS:] |= ok[:, tokens:].to(device)
+        c += f.shape[-1]
     q = torch.stack([start - centre, stop - centre], dim=1).div(half).clamp(-1, 1).float().to(device)
-    n = t.shape[1]
-    rel = ((t - centre[:, None]) / half).float().to(device)
-    extra = torch.stack([rel, valid.float(), q[:, :1].expand(-1, n), q[:, 1:].expand(-1, n)], dim=-1)
+    n = x.shape[1]
+    rel = ((torch.cat([win_t.repeat(1, n_s), own_t], dim=1) - centre[:, None]) / half).float().to(device)
+    stream = torch.arange(n_s, device=device).repeat_interleave(tokens)
+    stream = torch.cat([stream, stream.new_zeros(SEGMENT_TOKENS)]).float().expand(b, -1)
+    extra = torch.stack([stream, rel, valid.float(), q[:, :1].expand(-1, n), q[:, 1:].expand(-1, n)], dim=-1)
     return torch.cat([x, extra], dim=-1)
 
 
 def check(split, head: str) -> None:
-    if getattr(split, "timeline", None) is None:
+    if getattr(split, "timeline", None) is None and not getattr(split, "streams", None):
         raise EkxError(
             f"the {head} head reads windows of a dense store (`ekx extract --dense`, `ekx import`); "
-            f"{split.path} is a per-segment cache"
+            f"{split.path} is a per-segment cache or joins one with `+`"
         )
 
 
@@ -171,6 +206,7 @@ __all__ = [
     "SEGMENT_TOKENS",
     "TOKENS",
     "WINDOW_RULE",
+    "Stream",
     "Timeline",
     "batches",
     "eval_inputs",

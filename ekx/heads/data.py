@@ -13,7 +13,7 @@ same one indexing op through the index, so an epoch costs what it costs on a cac
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
 from ekx.heads import missing
-from ekx.heads.context import Timeline, timeline
+from ekx.heads.context import Stream, Timeline, timeline
 
 # what stage 2 cannot work without (the identity as a whole is compared by `ekx.cache.identity`)
 REQUIRED = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
@@ -48,6 +48,8 @@ class Split:
     index: torch.Tensor | None = None
     # a dense split: every position's time and each segment's interval (the context head's windows)
     timeline: Timeline | None = None
+    # a fused split of dense stores only: each store as its own token stream (the context head)
+    streams: list[Stream] | None = None
 
     @property
     def k(self) -> int:
@@ -196,6 +198,7 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     # one having mapped the segments' times to its own positions (alignment by time)
     feats, done = [first.per_segment()], np.zeros(len(order), dtype=bool)
     done[first.rows.numpy()] = True
+    timelines = [first.timeline]
     for p in parts[1:]:
         if set(p.narration_id) != set(order):
             extra = len(set(p.narration_id) - set(order))
@@ -215,6 +218,10 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
         if not (torch.equal(p.verbs[inv], first.verbs) and torch.equal(p.nouns[inv], first.nouns)):
             raise EkxError(f"{p.path} and {first.path} label the same segments differently")
         feats.append(p.per_segment()[inv.to(p.feats.device)])
+        tl = p.timeline  # its segments put in the first part's order
+        if tl is not None:
+            tl = replace(tl, seg_video=tl.seg_video[inv], seg_start=tl.seg_start[inv], seg_stop=tl.seg_stop[inv])
+        timelines.append(tl)
         mine = np.zeros(len(order), dtype=bool)
         mine[idx[p.rows].numpy()] = True
         done &= mine
@@ -240,7 +247,21 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
         attrs,
         {"fused": [p.extractor for p in parts]},
         parts=[p.attrs for p in parts],
+        streams=_streams(parts, timelines, device),
     )
+
+
+def _streams(parts: list[Split], timelines: list[Timeline | None], device: torch.device) -> list[Stream] | None:
+    """Each dense part's [P, V, D] features and its timeline, on the device where they fit
+    (None where a part is a per-segment cache: the parts then have no common timeline)."""
+    if any(tl is None for tl in timelines):
+        return None
+    fits = _fits_on(device, sum(p.feats.numel() * 2 for p in parts))
+    return [
+        Stream(p.feats.to(device) if fits else p.feats, tl.to(device) if fits else tl)
+        for p, tl in zip(parts, timelines, strict=True)
+        if tl is not None
+    ]
 
 
 def validation_note(val: Split, allow_missing: bool, train: Split | None = None) -> str | None:

@@ -12,7 +12,8 @@ per-segment rule) come after the window's tokens and are read as the transformer
 reads a segment; that reading is the query, together with the interval, and it attends to
 the window by cross-attention. Tokens past the video's ends are masked.
 
-Input [B, T, D + 4]: the standardised features, then per token its time in the window
+Input [B, T, D + 5]: the standardised features, then per token its stream (several dense
+stores joined with `+` give each its own window tokens; 0 for the segment's own), its time in the window
 (-1 .. 1 inside it), whether it holds a feature (1) or lies past the video's end (0), and
 the query's start and stop in the window (clipped to -1 .. 1; the same on every token).
 The last SEGMENT_TOKENS tokens are the segment's own.
@@ -28,7 +29,7 @@ from torch import nn
 from ekx.heads.models import register
 from ekx.heads.models.layers import Block, Classifier, sinusoidal
 
-EXTRA = 4  # channels after the features: token time, token valid, query start, query stop
+EXTRA = 5  # channels after the features: token stream, token time, token valid, query start, query stop
 BANDS = 8  # Fourier frequencies per time value
 SEGMENT_TOKENS = 16  # the input's last tokens are the segment's own positions (heads.context)
 
@@ -71,6 +72,7 @@ class ContextHead(nn.Module):
         heads: int = 8,
         context_layers: int = 2,
         context_drop: float = 0.5,
+        streams: int = 1,
     ):
         super().__init__()
         if dim <= EXTRA:
@@ -87,6 +89,9 @@ class ContextHead(nn.Module):
         self.token_time = _mlp(2 * 2 * BANDS + 1, d_model)
         self.interval = _mlp(3, d_model)  # start, stop, length of the query in the window
         self.null = nn.Parameter(torch.zeros(1, 1, d_model))  # always there: no empty attention
+        # which dense store a window token comes from (each also has its own input channels)
+        self.stream = nn.Embedding(streams, d_model)
+        nn.init.normal_(self.stream.weight, std=0.02)
         self.heads = heads
         self.context_drop = context_drop
         self.context = nn.ModuleList(
@@ -110,15 +115,15 @@ class ContextHead(nn.Module):
         seg = self.norm(h[:, 0])
         # the window around it, asked by the segment and its interval
         t, valid = window[..., -4], window[..., -3] > 0.5
+        stream = window[..., -5].round().long().clamp(0, self.stream.num_embeddings - 1)
         length = (q[:, 1:] - q[:, :1]).clamp_min(1e-3)
         progress = ((t - q[:, :1]) / length).clamp(-3.0, 4.0)
         inside = ((progress >= 0) & (progress <= 1)).float()[..., None]
         if self.training and self.context_drop > 0:  # hide part of the window: less to memorise
             valid = valid & (torch.rand_like(t) >= self.context_drop)
         when = torch.cat([fourier(torch.stack([t, progress], dim=-1), BANDS), inside], dim=-1)
-        tokens = torch.cat(
-            [self.null.expand(len(x), -1, -1), self.proj(window[..., :-EXTRA]) + self.token_time(when)], 1
-        )
+        embedded = self.proj(window[..., :-EXTRA]) + self.token_time(when) + self.stream(stream)
+        tokens = torch.cat([self.null.expand(len(x), -1, -1), embedded], 1)
         blocked = torch.cat([valid.new_zeros(len(x), 1), ~valid], dim=1)  # [B, 1 + T]: the null token is never blocked
         mask = blocked[:, None, :].repeat_interleave(self.heads, dim=0)  # [B * heads, 1, 1 + T]
         query = (seg + self.interval(torch.cat([q, length], dim=1)))[:, None]
