@@ -191,3 +191,29 @@ def test_missing_videos_root_is_named(synth_data, tmp_path):
     nowhere = tmp_path / "no-such-videos"
     with pytest.raises(EkxError, match=f"videos root {nowhere} does not exist"):
         extract(cfg, synth_data / "annotations", nowhere, tmp_path, warn=lambda m: None)
+
+
+def test_resize_torchvision_in_the_decoding_process_changes_nothing_but_speed(synth_data, tmp_path, monkeypatch):
+    """``--resize torchvision``: the frames are resized where they are decoded (small across
+    the process boundaries), and the features are bit-identical to resizing full-size frames
+    in the main process; views > 1 (crops of the full frame) keep full-size frames."""
+    from ekx.extract import inputs, pipeline
+
+    common = dict(precision="fp32", resize="torchvision", limit=3)
+    run(synth_data, tmp_path / "worker.h5", **common)
+    monkeypatch.setattr(pipeline, "frame_resize", lambda cfg, bbs: None)
+    run(synth_data, tmp_path / "main.h5", **common)
+    a, b = open_cache(tmp_path / "worker.h5").features(), open_cache(tmp_path / "main.h5").features()
+    assert a.shape == b.shape and np.array_equal(a, b)
+    bb = backbones.REGISTRY["resnet50"]
+    post = inputs.frame_resize(ExtractConfig(split="validation", resize="torchvision"), [bb])
+    assert post is not None and inputs.frame_resize(ExtractConfig(split="validation"), [bb]) is None
+    assert inputs.frame_resize(ExtractConfig(split="validation", resize="torchvision", views=2), [bb]) is None
+    ann = epic.Annotations(synth_data / "annotations")
+    seg = next(s for s in ann.segments("validation"))
+    path = epic.index_videos(synth_data / "videos")[seg.video_id]
+    jobs = [(path, [Request(0, seg.start, seg.stop)])]
+    full, small = (next(iter(pipeline.VideoJobs(jobs, 4, 1, None, post=p))) for p in (None, post))
+    side = bb.preprocess.resize_size[0]  # the shorter side after the weights' resize
+    assert min(full.frames.shape[1:3]) != side and min(small.frames.shape[1:3]) == side
+    assert small.frames.shape[0] == full.frames.shape[0] and small.frames.dtype == np.uint8

@@ -37,17 +37,22 @@ class Preprocess:
             return s, int(s * width / height)
         return int(s * height / width), s
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
-        same order, as torchvision's ImageClassification / VideoClassification presets
-        (`torchvision.transforms.functional`, theirs: v2's uint8 resize differs by 1 LSB,
-        which moves random-weight features to 0.994 cosine)."""
-        frames = F.resize(
+    def resize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> the resize size (torchvision's resize returns a tensor already
+        at that size unchanged)."""
+        return F.resize(
             frames,
             list(self.resize_size),
             interpolation=F.InterpolationMode(self.interpolation),
             antialias=self.antialias,
         )
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> normalised float [N, 3, crop, crop]: the same ops, in the
+        same order, as torchvision's ImageClassification / VideoClassification presets
+        (`torchvision.transforms.functional`, theirs: v2's uint8 resize differs by 1 LSB,
+        which moves random-weight features to 0.994 cosine)."""
+        frames = self.resize(frames)  # returns frames a decoding process already resized as they are
         frames = F.center_crop(frames, list(self.crop_size))
         frames = F.convert_image_dtype(frames, torch.float32)
         return F.normalize(frames, mean=list(self.mean), std=list(self.std))

@@ -3,6 +3,7 @@ BatchNorm calibration of random weights: shared by stage 1 and the slow path."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import TYPE_CHECKING
@@ -101,6 +102,31 @@ def decode_size(cfg, bbs: list[backbones.Backbone]):
     """The size function the decoder gets: the backbones' union size (`union_size`) where
     the decoder's scaler resizes (``--resize decoder``), None (full size) for torchvision's."""
     return union_size(bbs) if cfg.resize == "decoder" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResize:
+    """``--resize torchvision`` done in the decoding process: the weights' own resize
+    (`Preprocess.resize`, the same call on the same uint8 frames, so the features are
+    bit-identical) before the frames cross two process boundaries (decoder child -> worker
+    -> main) at 1/18 of their 1080p size; the main process's resize then returns them as they are."""
+
+    pre: backbones.Preprocess
+
+    def __call__(self, frames):
+        if not isinstance(frames, np.ndarray):  # GPU-decoded tensors stay where they are
+            return frames
+        out = self.pre.resize(torch.from_numpy(frames).permute(0, 3, 1, 2))
+        return out.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def frame_resize(cfg, bbs: list[backbones.Backbone]) -> FrameResize | None:
+    """The decoder-side resize where it changes nothing but speed: ``--resize torchvision``,
+    the clean view only (augmented views crop the full frame), every backbone resizing alike."""
+    if cfg.resize != "torchvision" or cfg.views != 1:
+        return None
+    kinds = {(b.preprocess.resize_size, b.preprocess.interpolation, b.preprocess.antialias) for b in bbs}
+    return FrameResize(bbs[0].preprocess) if len(kinds) == 1 else None
 
 
 # ---------------------------------------------------------------- BatchNorm calibration (--weights none)

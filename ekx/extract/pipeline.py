@@ -27,7 +27,7 @@ from ekx.cache.reader import failures, open_cache
 from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
 from ekx.extract.config import ExtractConfig
-from ekx.extract.inputs import calibration_plan, check_resize, decode_size, segment_inputs
+from ekx.extract.inputs import calibration_plan, check_resize, decode_size, frame_resize, segment_inputs
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
 from ekx.extract.video import Request, Result
@@ -86,9 +86,10 @@ class VideoJobs(IterableDataset):
         source: str = sources.DEFAULT,
         device: str = "cpu",
         timeout: float = 0.0,
+        post: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.jobs, self.k, self.clip_len, self.size_fn = jobs, k, clip_len, size_fn
-        self.source, self.device, self.timeout = source, device, timeout
+        self.source, self.device, self.timeout, self.post = source, device, timeout, post
 
     def __iter__(self) -> Iterator[Result]:
         info = get_worker_info()
@@ -96,7 +97,14 @@ class VideoJobs(IterableDataset):
         src = sources.get(self.source)
         for path, reqs in self.jobs[wid::nw]:
             decode = functools.partial(src.decode, path, reqs, self.k, self.clip_len, self.size_fn, self.device)
+            if self.post is not None:  # runs where the frames are decoded (the watchdog's child)
+                decode = functools.partial(_post, decode, self.post)
             yield from guarded(decode, path, reqs, self.timeout)
+
+
+def _post(decode: Callable[[], Iterator[Result]], post: Callable[[np.ndarray], np.ndarray]) -> Iterator[Result]:
+    for res in decode():
+        yield res if res.frames is None else dataclasses.replace(res, frames=post(res.frames))
 
 
 def worker_init(_):
@@ -323,9 +331,10 @@ def _run(
     gpu_decode = cfg.decode_device != "cpu"  # a CUDA context does not survive a fork: decode here
     workers = 0 if gpu_decode else max(0, min(cfg.workers, len(jobs)))
     timeout = 0.0 if gpu_decode else cfg.decode_timeout
-    size_fn = decode_size(cfg, [t.bb for t in targets])
+    bbs = [t.bb for t in targets]
+    size_fn = decode_size(cfg, bbs)
     loader = DataLoader(
-        VideoJobs(jobs, cfg.frames, clip_len, size_fn, cfg.source, cfg.decode_device, timeout),
+        VideoJobs(jobs, cfg.frames, clip_len, size_fn, cfg.source, cfg.decode_device, timeout, frame_resize(cfg, bbs)),
         batch_size=None,
         num_workers=workers,
         collate_fn=identity_collate,
