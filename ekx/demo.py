@@ -28,6 +28,7 @@ from ekx.heads import models
 from ekx.heads import train as tr
 from ekx.heads.context import reads_context
 from ekx.heads.evaluate import evaluate_run
+from ekx.runtime import precision_note, resolve_precision
 from ekx.synth import CONTEXT_PAIR, REVERSED_PAIRS, SynthConfig, synthesize
 
 # Sized for a 2-core CPU, where ResNet-50 runs ~13 frames/s: ~6 minutes end to end.
@@ -39,7 +40,7 @@ DEMO_DENSE = "4"  # positions per second of the dense stores the context head re
 DEMO_WINDOW = 8.0
 
 
-def head_config(head: str, run_name: str, seed: int = 0) -> hc.TrainConfig:
+def head_config(head: str, run_name: str, seed: int = 0, precision: str = "auto") -> hc.TrainConfig:
     """Settings that learn the small synthetic set in seconds (the phase-2 values
     are for 67k real segments: see configs/sweeps/phase2.toml)."""
     return hc.TrainConfig(
@@ -55,6 +56,7 @@ def head_config(head: str, run_name: str, seed: int = 0) -> hc.TrainConfig:
         restart_epochs=DEMO_EPOCHS,
         seed=seed,
         window=DEMO_WINDOW,
+        precision=precision,
     )
 
 
@@ -162,7 +164,9 @@ def _sizes(workdir: Path, *parts: Path) -> str:
     return f"{parts_text} (in all {sum(mib.values()):,.0f} MiB in {workdir})"
 
 
-def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None) -> dict:
+def run(
+    workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None, precision: str = "auto"
+) -> dict:
     console = console or Console()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -176,18 +180,27 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
     console.print(
         f"2/3 extracting resnet50 features, K={DEMO_FRAMES} (random weights: the demo cannot download any) ..."
     )
+    cpu = torch.device("cpu")
+    if note := precision_note(precision, cpu, resolve_precision(precision, cpu)):
+        console.print(f"    {note}", style="dim", highlight=False)
     for split in ("train", "validation"):
         for what, dense in (("", ""), (f" dense {DEMO_DENSE}/s", DEMO_DENSE)):
             with _bar(console) as bar:
                 task = bar.add_task(f"    {split}{what}", total=None)
                 s = extract(
                     ExtractConfig(
-                        split=split, weights="none", frames=16 if dense else DEMO_FRAMES, workers=1, dense=dense
+                        split=split,
+                        weights="none",
+                        frames=16 if dense else DEMO_FRAMES,
+                        workers=1,
+                        dense=dense,
+                        precision=precision,
                     ),
                     data / "annotations",
                     data / "videos",
                     features,
                     warn=lambda m: None,
+                    info=lambda m: None,  # said once above
                     on_start=lambda total, done: bar.update(task, total=total, completed=done),  # noqa: B023 - called in this iteration only
                     on_progress=lambda n, _: bar.advance(task, n),  # noqa: B023
                 )
@@ -205,7 +218,7 @@ def run(workdir: Path, videos: int = 12, segments: int = 16, console: Console | 
     plan = [(h, f"{h}-demo", h, stores if reads_context(h) else cached) for h in sorted(models.REGISTRY)]
     plan.append(("transformer", "transformer-dense-demo", f"transformer (dense {DEMO_DENSE}/s)", stores))
     for head, name, label, loaded in plan:
-        cfg = head_config(head, name)
+        cfg = head_config(head, name, precision=precision)
         cfg.train_features, cfg.val_features = str(loaded.train.path), str(loaded.val.path)
         run_dir = runs / cfg.name
         with _bar(console) as bar:

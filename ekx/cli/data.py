@@ -118,6 +118,9 @@ def demo(
     workdir: Annotated[Path | None, typer.Option(help="Workspace to use (default: a new temp dir).")] = None,
     videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 12,
     segments: Annotated[int, typer.Option(help="Segments per video.")] = 16,
+    precision: Annotated[
+        str, typer.Option(help="Both stages: auto (bf16 on CPUs with AMX or AVX512-BF16, else fp32), fp32 or bf16.")
+    ] = "auto",
 ):
     """Run the whole pipeline on built-in synthetic data.
 
@@ -126,7 +129,7 @@ def demo(
     from ekx import demo as demo_mod
 
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ekx-demo-"))
-    demo_mod.run(workdir, videos=videos, segments=segments, console=console)
+    demo_mod.run(workdir, videos=videos, segments=segments, console=console, precision=precision)
 
 
 @command(name="import")
