@@ -43,6 +43,11 @@ err_console = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("EKX_DEBUG"))}
 
 
+def say(message: str) -> None:
+    """A choice made for the user (e.g. the precision `auto` picked): one dim line on stderr."""
+    err_console.print(escape(message), style="dim", highlight=False)
+
+
 def refuse(message: str) -> NoReturn:
     """A user error: one red line and exit code 1."""
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)

@@ -26,6 +26,7 @@ from ekx.cli.common import (
     err_console,
     existing,
     names_option,
+    say,
     workspace,
 )
 from ekx.extract.config import BACKBONES
@@ -224,7 +225,7 @@ def extract(
             on_progress,
             warn=lambda m: err_console.print(f"[yellow]warning:[/yellow] {escape(m)}"),
             frames_root=ws.frames,
-            info=lambda m: err_console.print(escape(m), style="dim", highlight=False),
+            info=say,
         )
     failed = 0
     for summary in summaries:

@@ -29,6 +29,7 @@ from ekx.cli.common import (
     err_console,
     existing,
     print_row,
+    say,
     workspace,
 )
 from ekx.heads.config import TrainConfig
@@ -85,17 +86,7 @@ def train_head(
             print_row(row)
 
         run_dir, best = tr.main(
-            cfg,
-            ws.features,
-            ws.runs,
-            ws.annotations,
-            resume,
-            on_epoch,
-            on_step,
-            given,
-            warn,
-            allow_missing,
-            info=lambda m: err_console.print(escape(m), style="dim", highlight=False),
+            cfg, ws.features, ws.runs, ws.annotations, resume, on_epoch, on_step, given, warn, allow_missing, say
         )
     console.print(
         f"best epoch {best.get('epoch')}: val action top-1 {best.get('val_action_top1', 0):.1f} "
