@@ -454,3 +454,38 @@ def test_merge_refuses_a_missing_shard_or_an_incomplete_plan(tmp_path):
     c = shard("train.shard2of3.h5", 2, 3, 2, [8, 9])
     assert tools.merge(tmp_path / "m.h5", [a, b, c])["rows"] == 10
     assert open_cache(tmp_path / "m.h5").narration_id == [f"P01_01_{p}" for p in range(10)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_runs_packed_and_equals_torchs(batch_first):
+    """nn.MultiheadAttention self-attention in a prepared backbone (OpenCLIP's ViTs use it):
+    the packed projection + scaled_dot_product_attention gives torch's outputs, in fp32 and
+    under bf16 autocast; masked, cross- or weight-returning calls take torch's own forward."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    net = Net().eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    with torch.inference_mode():
+        want = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_bf16 = net(x).float()
+        mask = torch.zeros(7, 7, dtype=torch.bool)
+        mask[0, 1:] = True
+        masked = net.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        prepared = backbones.fuse_for_inference(net)
+        assert prepared.attn.forward.__func__ is backbones._self_attention
+        assert torch.allclose(prepared(x), want, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = prepared(x).float()
+        assert torch.allclose(got, want_bf16, atol=3e-2) and not torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(prepared.attn(x, x, x, attn_mask=mask, need_weights=False)[0], masked)
+        out, weights = prepared.attn(x, x, x)  # attention weights asked for: torch's forward
+        assert weights is not None and torch.allclose(out, want, atol=1e-5)

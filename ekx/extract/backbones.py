@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision import models
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
@@ -242,9 +244,13 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     features (cosine > 0.99999). The pairs come from a symbolic trace; the weights are
     scaled in place (torch.fx's `fuse` deep-copied the model and wrote every weight anew:
     1.1 s of each resnet50 extraction's start-up here). Returns the model as is if it
-    cannot be traced."""
+    cannot be traced. Every nn.MultiheadAttention self-attention also runs as one packed
+    projection and `scaled_dot_product_attention` (`_self_attention`)."""
     from torch.fx import symbolic_trace
 
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
+            m.forward = types.MethodType(_self_attention, m)  # type: ignore[method-assign]
     try:
         graph = symbolic_trace(model.eval()).graph
     except Exception:
@@ -266,6 +272,37 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         parent, _, name = str(node.target).rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
     return model
+
+
+def _self_attention(
+    self: nn.MultiheadAttention,
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+    """nn.MultiheadAttention's forward for a frozen backbone's unmasked self-attention: the
+    packed in-projection on a contiguous [N, L, E] tensor, then scaled_dot_product_attention.
+    Under autocast torch leaves its fast path and projects a transposed [L, N, E] view,
+    which matmul turns into a bmm over an expanded copy of the weight: OpenCLIP's ViT-B/32
+    ran 3.5x slower in bf16 than in fp32 on the CPU (bench/precision_bench.py). Anything
+    else (masks, cross-attention, attention weights asked for) takes torch's own forward."""
+    plain = query is key is value and key_padding_mask is None and attn_mask is None and not is_causal
+    if not plain or need_weights or self.training:
+        return nn.MultiheadAttention.forward(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+    x = query if self.batch_first else query.transpose(0, 1)
+    n, length, e = x.shape
+    qkv = F.linear(x.contiguous(), self.in_proj_weight, self.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, e)
+    out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+    return (out if self.batch_first else out.transpose(0, 1)), None
 
 
 @torch.no_grad()
