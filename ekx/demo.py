@@ -168,6 +168,8 @@ def run(
     workdir: Path, videos: int = 12, segments: int = 16, console: Console | None = None, precision: str = "auto"
 ) -> dict:
     console = console or Console()
+    cpu = torch.device("cpu")
+    chosen = resolve_precision(precision, cpu)  # a bad --precision is refused before anything is written
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data, features, runs = workdir / "data", workdir / "features", workdir / "runs"
@@ -180,8 +182,7 @@ def run(
     console.print(
         f"2/3 extracting resnet50 features, K={DEMO_FRAMES} (random weights: the demo cannot download any) ..."
     )
-    cpu = torch.device("cpu")
-    if note := precision_note(precision, cpu, resolve_precision(precision, cpu)):
+    if note := precision_note(precision, cpu, chosen):
         console.print(f"    {note}", style="dim", highlight=False)
     for split in ("train", "validation"):
         for what, dense in (("", ""), (f" dense {DEMO_DENSE}/s", DEMO_DENSE)):
