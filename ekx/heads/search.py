@@ -22,28 +22,18 @@ a database server. Intermediate values are reported once per epoch (after the ep
 checkpoint and metrics row are written); the pruner decides between epochs, so a pruned
 trial keeps its partial curve and checkpoints and is marked by `pruned.json`.
 
-Resume: a trial whose worker died (no live owner.json, see heads.runlock) is taken over by
-the next worker and continues from its last.pt, so a kill -9 loses at most the epoch that
-was running; workers keep asking for new trials until `trials` are finished.
-
 Checked before the first trial: the base configuration, the space (heads.config.check_space),
 the objective, and the validation caches (failed or pending rows: heads.missing). A trial's
 best.pt is its best epoch by the objective, the epoch the study records. A search ends with
 an error when no trial completed, and says how many failed (they count toward `trials`).
 
-The journal: a record torn by a kill or a full disk mid-append is the last line, which
-Optuna's reader ignores; the next append cuts it off first, so nothing is ever written after
-a torn line (an append that fails is cut back too). A damaged line in the middle stops the
-study with the file and line named.
-"""
+The study is split three ways: this module (the search file, its checks, the run and its
+verdict), `heads.journal` (the study's journal file and how it survives kills) and
+`heads.pool` (workers taking trials, in this process or several)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -51,11 +41,15 @@ from typing import Any, Literal
 
 from ekx import EkxError
 from ekx.config import load_toml
-from ekx.heads import runlock
 from ekx.heads.config import TrainConfig, check_space
-from ekx.heads.runlog import best_row, minimised
+from ekx.heads.journal import journal_path, open_study, summary, trial_dir, warn_stderr
+from ekx.heads.pool import run_processes, run_worker
+from ekx.heads.runlog import minimised
 from ekx.heads.sweep import SEARCH, with_caches
 from ekx.options import check_values, opt
+
+# what callers of a search reach through this module
+__all__ = ["Search", "check", "journal_path", "load", "open_study", "parse", "run_search", "summary", "trial_dir"]
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("successive-halving", "hyperband", "none")
@@ -69,10 +63,6 @@ OBJECTIVES = (
     *(f"val_tail_{t}_top1" for t in _TASKS),
     *(f"val_unseen_{t}_top1" for t in _TASKS),
 )
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -147,314 +137,6 @@ def load(path: Path) -> Search:
     return parse(load_toml(path, "sweep file"), str(path))
 
 
-def journal_path(sweep_dir: Path) -> Path:
-    return Path(sweep_dir).parent / f"{Path(sweep_dir).name}.journal"
-
-
-def trial_dir(sweep_dir: Path, number: int) -> Path:
-    return Path(sweep_dir) / f"trial-{number:04d}"
-
-
-# ---------------------------------------------------------------- the journal
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        json.loads(line)
-        return line.endswith(b"\n")
-    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
-        return False
-
-
-def cut_torn_tail(path: Path) -> int | None:
-    """Drop the journal's last line if a kill or a full disk cut it short (no newline, or not
-    JSON); returns its line number, None when the file ends with a whole record. Called under
-    the journal's lock, where no live writer is mid-append."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        block = min(size, 1 << 16)
-        while True:  # the last line: back from the end to the newline before it
-            f.seek(size - block)
-            tail = f.read(block)
-            cut = tail.rfind(b"\n", 0, len(tail) - 1)
-            if cut >= 0 or block == size:
-                break
-            block = min(size, block * 4)
-        if not tail or _is_record(tail[cut + 1 :]):
-            return None
-        start = size - block + cut + 1
-        f.seek(0)
-        line = f.read(start).count(b"\n") + 1
-        f.truncate(start)
-        return line
-
-
-def _backend(path: Path, warn: Callable[[str], None]):
-    """Optuna's journal file, whose appends first cut a torn last record (see the module
-    docstring) and cut a failed append back, so no record is ever written after a torn one."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
-    lock = JournalFileSymlinkLock(str(path))
-
-    class Journal(JournalFileBackend):
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            lock.acquire()
-            try:
-                line = cut_torn_tail(path)
-                if line is not None:
-                    warn(
-                        f"{path}: line {line}, its last record, was cut short (a kill or a full disk "
-                        "mid-write); dropped it, as Optuna's reader does, before appending"
-                    )
-                size = path.stat().st_size
-                data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
-                try:
-                    with open(path, "ab") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                except OSError as e:
-                    with contextlib.suppress(OSError):
-                        os.truncate(path, size)  # a half-written record never stays
-                    raise EkxError(
-                        f"{path}: cannot append to the study's journal ({e.strerror or e}); its records so far "
-                        "are intact. Free space (or fix the disk) and run the same command again"
-                    ) from None
-            finally:
-                lock.release()
-
-    return Journal(str(path), lock)
-
-
-def _damaged_line(path: Path) -> int | None:
-    """The first line before the last that is not a whole record (Optuna cannot read past it)."""
-    with open(path, "rb") as f:
-        lines = f.readlines()
-    return next((i + 1 for i, line in enumerate(lines[:-1]) if not _is_record(line)), None)
-
-
-def open_study(
-    sweep_dir: Path, search: Search | None = None, worker: int = 0, create: bool = True, warn: Callable = _warn
-):
-    """The study of a sweep directory (created on first use); `worker` offsets the sampler's
-    seed so that parallel workers do not propose the same parameters in lockstep."""
-    import optuna
-    from optuna.storages import JournalStorage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    path = journal_path(sweep_dir)
-    if not create and not path.is_file():
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        storage = JournalStorage(_backend(path, warn))
-        if search is None:
-            return optuna.load_study(study_name=Path(sweep_dir).name, storage=storage)
-        return _create(storage, sweep_dir, search, worker, path)
-    except ValueError:  # Optuna's reader stops at a line it cannot parse
-        line = _damaged_line(path)
-        if line is None:
-            raise
-        raise EkxError(
-            f"{path} line {line} is not a whole record (torn by a kill or a full disk, then written after); "
-            f"Optuna cannot read the study past it. Keep lines 1-{line - 1} (head -n {line - 1}) to continue "
-            "from there, or start the search afresh with another --name"
-        ) from None
-
-
-def _create(storage, sweep_dir: Path, search: Search, worker: int, path: Path):
-    import optuna
-
-    seed = search.seed + 1000 * worker
-    sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.TPESampler(seed=seed) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed)
-    )
-    epochs = int({**search.base, **search.overrides}.get("epochs", TrainConfig().epochs))
-    pruner: optuna.pruners.BasePruner
-    if search.pruner == "successive-halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=search.min_epochs, reduction_factor=search.reduction_factor
-        )
-    elif search.pruner == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(
-            min_resource=search.min_epochs, max_resource=epochs, reduction_factor=search.reduction_factor
-        )
-    else:
-        pruner = optuna.pruners.NopPruner()
-    study = optuna.create_study(
-        study_name=Path(sweep_dir).name,
-        storage=storage,
-        sampler=sampler,
-        pruner=pruner,
-        direction=search.direction,
-        load_if_exists=True,
-    )
-    if study.user_attrs.get("objective", search.objective) != search.objective:
-        raise EkxError(
-            f"{path} holds a study of {study.user_attrs['objective']}, not {search.objective}: "
-            "choose another --name for a search with another objective"
-        )
-    study.set_user_attr("objective", search.objective)
-    return study
-
-
-def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
-    out = {}
-    for key, spec in space.items():
-        kind, args = next(iter(spec.items()))
-        if kind == "choice":
-            out[key] = trial.suggest_categorical(key, list(args))
-        elif kind == "int_uniform":
-            out[key] = trial.suggest_int(key, int(args[0]), int(args[1]))
-        else:
-            out[key] = trial.suggest_float(key, float(args[0]), float(args[1]), log=kind == "log_uniform")
-    return out
-
-
-def trial_config(search: Search, number: int, params: dict, features_root: Path) -> TrainConfig:
-    values = {**search.base, **params, **search.overrides, "name": f"trial-{number:04d}"}
-    return with_caches(TrainConfig.from_dict(values, f"trial {number}"), features_root)
-
-
-class Pruned(Exception):
-    """Raised from a run's on_epoch callback: the pruner stopped this trial after an epoch."""
-
-
-def _settled(state) -> bool:
-    import optuna
-
-    return state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-
-
-def _next_trial(study, search: Search, sweep_dir: Path):
-    """Under the sweep's mutex: a dead worker's trial to take over, else a new one, else None."""
-    import optuna
-
-    trials = study.get_trials(deepcopy=False)
-    for ft in trials:
-        if ft.state == optuna.trial.TrialState.RUNNING:
-            lock = runlock.take(trial_dir(sweep_dir, ft.number))
-            if lock is not None:
-                return optuna.Trial(study, ft._trial_id), lock, True
-    settled = sum(_settled(ft.state) for ft in trials)
-    running = sum(ft.state == optuna.trial.TrialState.RUNNING for ft in trials)
-    if settled + running >= search.trials:
-        return None
-    trial = study.ask()
-    suggest(trial, search.space)  # sampled now, inside the mutex: the next ask sees it running
-    lock = runlock.take(trial_dir(sweep_dir, trial.number))
-    assert lock is not None  # a new number: nobody else can hold its directory
-    return trial, lock, False
-
-
-def run_worker(
-    search: Search,
-    sweep_dir: Path,
-    features_root: Path,
-    device: str,
-    tails=None,
-    unseen=None,
-    worker: int = 0,
-    on_event: Callable[[str, str, dict], None] | None = None,
-    allow_missing: bool = False,
-    warn: Callable[[str], None] = _warn,
-) -> dict[str, dict]:
-    """Take trials from the study until `trials` are settled; returns {trial: result} of this
-    worker. ``worker`` is the number asked for: one another live process holds is not shared
-    (runlock.slot) - the next free one is taken, with its own sampler seed."""
-    from ekx.heads import train as tr
-
-    with runlock.slot(Path(sweep_dir) / ".worker", worker) as me:
-        if me != worker:
-            warn(f"worker {worker} of {sweep_dir} is held by another live process: this one is worker {me}")
-        study = open_study(sweep_dir, search, me, warn=warn)
-        loaded: dict[tuple[str, str], Any] = {}  # each cache loaded once per worker
-        results: dict[str, dict] = {}
-        emit = on_event or (lambda kind, name, row: None)
-        while True:
-            with runlock.mutex(Path(sweep_dir) / ".claim.lock"):
-                nxt = _next_trial(study, search, sweep_dir)
-            if nxt is None:
-                return results
-            trial, lock, resumed = nxt
-            run_dir = trial_dir(sweep_dir, trial.number)
-            with lock:
-                results[run_dir.name] = _run_trial(
-                    search,
-                    study,
-                    trial,
-                    run_dir,
-                    features_root,
-                    device,
-                    (tails, unseen, allow_missing),
-                    tr,
-                    loaded,
-                    emit,
-                    resumed,
-                )
-
-
-def _objective(rows: list[dict], search: Search) -> float:
-    """The trial's value: its best epoch's (the epoch of its best.pt, runlog.best_row)."""
-    best = best_row([r for r in rows if r["epoch"] > 0], search.objective)
-    if not best:
-        raise EkxError(f"objective {search.objective!r} is not a metrics column; e.g. val_action_top1, val_loss")
-    return float(best[search.objective])
-
-
-def _run_trial(search, study, trial, run_dir, features_root, device, data_args, tr, loaded, emit, resumed) -> dict:
-    import optuna
-
-    from ekx.heads.runlog import read_metrics
-
-    name = run_dir.name
-    if (run_dir / "pruned.json").is_file():  # pruned, then killed before the study heard of it
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return {"status": "pruned", **json.loads((run_dir / "pruned.json").read_text())}
-    cfg = trial_config(search, trial.number, suggest(trial, search.space), features_root)
-    key = (cfg.train_features, cfg.val_features)
-    if key not in loaded:  # a missing cache stops the worker, not the trial: it stays resumable
-        loaded[key] = tr.load_data(Path(key[0]), Path(key[1]), device, *data_args)
-    try:
-        resume = (run_dir / "last.pt").is_file()
-        reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
-        for row in read_metrics(run_dir) if resume else []:  # epochs the dead worker logged but never reported
-            if row["epoch"] > 0 and row["epoch"] not in reported and search.objective in row:
-                trial.report(float(row[search.objective]), row["epoch"])
-        emit("resume" if resumed else "start", name, {"params": trial.params, "epochs": cfg.epochs})
-
-        def on_epoch(row: dict) -> None:
-            emit("epoch", name, row)
-            if row["epoch"] < 1 or search.objective not in row:
-                return
-            trial.report(float(row[search.objective]), row["epoch"])
-            if row["epoch"] < cfg.epochs and trial.should_prune():
-                raise Pruned(row["epoch"])
-
-        best = tr.run(cfg, run_dir, loaded[key], resume=resume, on_epoch=on_epoch, objective=search.objective)
-        value = _objective(read_metrics(run_dir), search)
-        (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best, "value": value}))
-        study.tell(trial, value)
-        emit("done", name, {"value": value})
-        return {"status": "done", "value": value}
-    except Pruned as p:
-        rows = read_metrics(run_dir)
-        mark = {"epoch": int(p.args[0]), "value": _objective(rows, search)}
-        (run_dir / "pruned.json").write_text(json.dumps(mark))  # the run stays: curve and checkpoints
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        emit("pruned", name, mark)
-        return {"status": "pruned", **mark}
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-        trial.set_user_attr("error", error[:500])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        emit("failed", name, {"error": error})
-        return {"status": "failed", "error": error}
-
-
-# ---------------------------------------------------------------- several workers on this machine
-
-
 def run_search(
     search: Search,
     sweep_dir: Path,
@@ -466,7 +148,7 @@ def run_search(
     worker: int = 0,
     on_event: Callable[[str, str, dict], None] | None = None,
     allow_missing: bool = False,
-    warn: Callable[[str], None] = _warn,
+    warn: Callable[[str], None] = warn_stderr,
 ) -> dict[str, dict]:
     """`jobs` workers on the study (jobs == 1: this process); returns {trial: result}.
 
@@ -485,7 +167,7 @@ def run_search(
             search, sweep_dir, features_root, device, tails, unseen, worker, on_event, allow_missing, warn
         )
     else:
-        results = _run_processes(
+        results = run_processes(
             search, sweep_dir, features_root, device, jobs, tails, unseen, worker, on_event, allow_missing
         )
     _judge(sweep_dir, search, warn)
@@ -526,79 +208,3 @@ def _judge(sweep_dir: Path, search: Search, warn: Callable[[str], None]) -> None
         f"{states.count(optuna.trial.TrialState.PRUNED)} pruned of {len(trials)}; {example or 'none failed'}): "
         "fix what fails and run the search again with another --name (or a higher trials =)"
     )
-
-
-def _run_processes(search, sweep_dir, features_root, device, jobs, tails, unseen, worker, on_event, allow_missing):
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    me = os.getpid()
-    procs = [
-        ctx.Process(
-            target=_process,
-            args=(
-                search,
-                str(sweep_dir),
-                str(features_root),
-                device,
-                tails,
-                unseen,
-                worker * jobs + j,
-                jobs,
-                events,
-                me,
-                allow_missing,
-            ),
-        )
-        for j in range(jobs)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[str, dict] = {}
-    while any(p.is_alive() for p in procs) or not events.empty():
-        try:
-            kind, name, row = events.get(timeout=0.2)
-        except Exception:  # queue.Empty
-            continue
-        if kind == "result":
-            results[name] = row
-        elif on_event:
-            on_event(kind, name, row)
-    for p in procs:
-        p.join()
-    bad = [p.exitcode for p in procs if p.exitcode]
-    if bad:
-        raise EkxError(f"{len(bad)} of {jobs} search workers exited with {bad}; re-run the same command to continue")
-    return results
-
-
-def _process(search, sweep_dir, features_root, device, tails, unseen, worker, jobs, events, parent, allow) -> None:
-    from ekx.heads.sweep import die_with_parent
-
-    die_with_parent(parent)
-    import torch
-
-    torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // jobs))
-    results = run_worker(
-        search,
-        Path(sweep_dir),
-        Path(features_root),
-        device,
-        tails,
-        unseen,
-        worker,
-        lambda kind, name, row: events.put((kind, name, row)),
-        allow,
-    )
-    for name, res in results.items():
-        events.put(("result", name, res))
-
-
-def summary(sweep_dir: Path) -> dict[str, int]:
-    """Trials of the study by state (COMPLETE, PRUNED, FAIL, RUNNING)."""
-    study = open_study(sweep_dir, create=False)
-    counts: dict[str, int] = {}
-    for ft in study.get_trials(deepcopy=False) if study else []:
-        counts[ft.state.name] = counts.get(ft.state.name, 0) + 1
-    return counts
