@@ -134,8 +134,8 @@ def demo(
 
 @command(name="import")
 def import_(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle or lmdb.")],
-    src: Annotated[Path, typer.Argument(help="The published features: a folder (npy-dir, lmdb) or a file (pickle).")],
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle, lmdb, tim or actionformer.")],
+    src: Annotated[Path, typer.Argument(help="The published features: a folder, or one file (pickle).")],
     split: Annotated[str, typer.Option(help="train, validation, test, or an annotation CSV: the videos to import.")] = (
         "train"
     ),
@@ -147,31 +147,54 @@ def import_(
     ] = None,
     rate: Annotated[
         float | None,
-        typer.Option(help="npy-dir without timestamps, pickle: features per second (row j at (j+0.5)/rate s)."),
+        typer.Option(help="npy-dir (plain <video>.npy), pickle: features per second; row j at (j+0.5)/rate s."),
     ] = None,
     fps: Annotated[
-        float | None,
-        typer.Option(help="lmdb: the frames' rate for every video (default: EPIC_100_video_info.csv's per video)."),
+        str | None,
+        typer.Option(
+            help="The rate of the frames the features were computed on: lmdb (default 30, RULSTM's), actionformer "
+            "(default 30), video_features r21d/s3d (required). A number, or video for EPIC_100_video_info.csv's."
+        ),
     ] = None,
     key: Annotated[
-        str | None, typer.Option(help="npy-dir in video_features' layout: which <video>_<KEY>.npy to read.")
+        str | None,
+        typer.Option(
+            help="npy-dir: video_features' feature type, <video>_<KEY>.npy (rgb or flow for i3d); "
+            "actionformer: the .npz array (default feats)."
+        ),
+    ] = None,
+    stack_size: Annotated[
+        int | None, typer.Option(help="video_features i3d, r21d, s3d: frames per stack (required; not guessed).")
+    ] = None,
+    step_size: Annotated[
+        int | None, typer.Option(help="video_features r21d, s3d: frames between stacks (default: the stack size).")
+    ] = None,
+    stride: Annotated[int | None, typer.Option(help="actionformer: frames between features (default 16).")] = None,
+    num_frames: Annotated[int | None, typer.Option(help="actionformer: frames per feature (default 32).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="actionformer: its YAML config (dataset: feat_stride, num_frames, default_fps).")
+    ] = None,
+    times: Annotated[
+        Path | None, typer.Option(help="tim: its feature-interval table, CSV (video_id, start_sec, stop_sec).")
     ] = None,
     describe: Annotated[str, typer.Option(help="A description kept in the store (where the features came from).")] = "",
     annotations: AnnotationsOpt = None,
     features: FeaturesOpt = None,
 ):
     """Turn published per-video features into a dense store that stage 2 reads like a cache.
+    Each format's times are read in its publisher's convention and stored as ekx's: the centre
+    of what a feature covers (docs/dense.md, "Importing published features").
 
     Example: ekx import lmdb rulstm/rgb --name rulstm-tsn-rgb --split validation
     """
-    from ekx.cache.imports import FORMATS
+    from ekx.cache.import_formats import Options, parse_fps
+    from ekx.cache.imports import check_flags
 
-    if fmt not in FORMATS:
-        raise EkxError(f"unknown import format {fmt!r}; choose {', '.join(FORMATS)}")
-    if rate is not None and not rate > 0:
-        raise EkxError(f"--rate {rate}: give features per second above 0")
-    if fps is not None and not fps > 0:
-        raise EkxError(f"--fps {fps}: give frames per second above 0")
+    options = Options(
+        rate=rate, fps=parse_fps(fps), key=key, stack_size=stack_size, step_size=step_size, stride=stride,
+        num_frames=num_frames, times=times, config=config,
+    )  # fmt: skip
+    check_flags(fmt, options)
     if not src.exists():
         raise EkxError(f"{src}: no such file or folder")
     ws = workspace(annotations=annotations, features=features)
@@ -189,8 +212,8 @@ def import_(
                       console=err_console) as bar:  # fmt: skip
         task = bar.add_task("import", total=None)
         summary = import_features(
-            fmt, src, Path(ws.annotations), split, dest, label, rate, fps, key, describe,
-            on_progress=lambda n: bar.update(task, advance=n),
+            fmt, src, Path(ws.annotations), split, dest, label, describe=describe,
+            on_progress=lambda n: bar.update(task, advance=n), options=options,
         )  # fmt: skip
     console.print(
         f"{dest}: {summary['videos']} videos, {summary['vectors']:,} vectors of {summary['dim']} "
