@@ -16,7 +16,7 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,13 @@ def check_options(o: Options) -> None:
     feature at 0 s, a NaN anywhere."""
     if o.rate is not None and not (math.isfinite(o.rate) and o.rate > 0):
         raise EkxError(f"--rate {o.rate}: give features per second, a finite number above 0")
-    if o.fps is not None and o.fps != "video" and not (isinstance(o.fps, float) and math.isfinite(o.fps) and o.fps > 0):
-        raise EkxError(f"--fps {o.fps}: give frames per second (a finite number above 0), or video")
+    fps = o.fps
+    if (
+        fps is not None
+        and fps != "video"
+        and not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0)
+    ):
+        raise EkxError(f"--fps {fps}: give frames per second (a finite number above 0), or video")
     for name in ("stack_size", "step_size", "stride", "num_frames"):
         v = getattr(o, name)
         if v is not None and not (isinstance(v, int) and v >= 1):
@@ -106,7 +111,6 @@ class Source:
     meaning: dict
     flags: str  # the flags that set the times, named when a span disagrees with the video
     augmentation: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class VideoInfo:
@@ -118,8 +122,9 @@ class VideoInfo:
         self.rows: dict[str, tuple[int, dict]] = {}
         if self.path.is_file():
             with open(self.path, newline="") as fh:
-                for r in csv.DictReader(fh):
-                    self.rows[r.get("video_id", "")] = (len(self.rows) + 2, r)
+                reader = csv.DictReader(fh)
+                for r in reader:
+                    self.rows[r.get("video_id", "")] = (reader.line_num, r)
 
     def _number(self, vid: str, column: str, way_out: str) -> float | None:
         if vid not in self.rows:
