@@ -9,6 +9,7 @@ import torch
 
 from ekx import EkxError, runtime
 from ekx.extract.pipeline import ExtractConfig, extract
+from ekx.heads import models
 
 CPU = torch.device("cpu")
 
@@ -80,3 +81,22 @@ def test_the_choice_is_said_once_as_information_not_as_a_warning(synth_data, tmp
         runtime.cpu_bf16_units.cache_clear()
     assert [m for m in said["info"] if "bf16" in m and "AVX512-BF16" in m], said
     assert not [m for m in said["warn"] if "precision" in m], said
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_every_head_gives_fp32_logits_under_bf16_autocast(name):
+    """The classifier runs outside autocast: bf16 logits (8 significant bits) tie at the top and
+    round the scores a submission holds. Its logits equal the fp32 classifier's on the same
+    (bf16-computed) features, exactly."""
+
+    torch.manual_seed(0)
+    head = models.create(name, dim=32, num_verbs=97, num_nouns=300, frames=4, dropout=0.0).eval()
+    feats = {}
+    head.classifier.register_forward_pre_hook(lambda m, args: feats.update(x=args))
+    with torch.no_grad(), runtime.autocast(CPU, "bf16"):
+        out = head(torch.randn(3, 4, 32))
+    assert out["verb"].dtype == out["noun"].dtype == torch.float32
+    with torch.no_grad():
+        ref = head.classifier(*(x.float() for x in feats["x"]))
+    assert torch.equal(out["verb"], ref["verb"]) and torch.equal(out["noun"], ref["noun"])
+    assert len(out["verb"].unique()) == out["verb"].numel()  # no bf16 ties among 291 logits

@@ -435,3 +435,61 @@ def test_a_submission_that_expands_past_the_limit_is_refused(hand, tmp_path, mon
     with pytest.raises(EkxError, match=f"short.zip: test.json declares {len(text) + 1000} bytes but holds {len(text)}"):
         scoring.score(short, ann)
     assert scoring.score(_zip(tmp_path / "ok.zip", text), ann)["metrics"]["action_top5"] == pytest.approx(60.0)
+
+
+# ---------------------------------------------------------------- ties, in bf16 (issue 32 C)
+
+
+def test_a_bf16_run_whose_scores_tie_reports_what_its_submission_scores(tmp_path):
+    """A bf16 head whose verbs 2 and 5 tie at the top of every segment: `ekx evaluate` counts the
+    segments the official rule counts (np.argsort on the file's numbers, reversed - not
+    torch.topk, which picks otherwise among equal scores), so it equals `ekx score` of the file it
+    wrote; and the file holds fp32 logits, not bf16-rounded ones."""
+    train = make_cache(tmp_path / "train.h5", n=64, num_verbs=8, num_nouns=20, seed=0)
+    val = make_cache(tmp_path / "val.h5", n=100, num_verbs=8, num_nouns=20, seed=1, split="validation")
+    split = load_split(val, torch.device("cpu"))
+    rows = split.rows.tolist()
+    ann = write_annotations(
+        tmp_path / "ann",
+        [(split.narration_id[r], split.video_id[r], int(split.verbs[r]), int(split.nouns[r])) for r in rows],
+        8,
+        20,
+    )
+    cfg = TrainConfig(
+        head="pooling",
+        epochs=1,
+        frames=4,
+        batch_size=32,
+        precision="bf16",
+        train_features=str(train),
+        val_features=str(val),
+    )
+    run = tmp_path / "r"
+    tr.run(cfg, run, tr.load_data(train, val, "cpu"))
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    w, b = ckpt["model"]["classifier.verb.weight"], ckpt["model"]["classifier.verb.bias"]
+    w.mul_(0.05)  # the other verbs stay below the tie, yet differ from segment to segment
+    w[[2, 5]] = 0.0
+    b[:] = 0.0
+    b[[2, 5]] = 3.0  # exactly equal logits: 0 * x sums to exactly 0 in any precision
+    torch.save(ckpt, run / "best.pt")
+    m_json, sub, figs = tmp_path / "m.json", tmp_path / "sub.json", tmp_path / "figs.json"
+    args = ["evaluate", str(run), "--features", str(val), "--annotations", str(ann), "--json", str(m_json)]
+    res = runner.invoke(app, [*args, "--submission", str(sub)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["score", str(sub), "--annotations", str(ann), "--json", str(figs)])
+    assert res.exit_code == 0, res.output
+    reported, scored = json.loads(m_json.read_text())["metrics"], json.loads(figs.read_text())["metrics"]
+    results = json.loads(sub.read_text())["results"]
+    ids = [split.narration_id[r] for r in rows]
+    verb = np.array([[results[i]["verb"][str(c)] for c in range(8)] for i in ids])
+    labels = split.verbs[rows].numpy()
+    assert (verb[:, 2] == verb[:, 5]).all() and (verb.argmax(1) % 3 == 2).all(), "verbs 2 and 5 tie at the top"
+    official = np.argsort(verb, axis=-1)[:, ::-1][:, 0]  # the official scores_to_ranks, first place
+    topk = torch.from_numpy(verb).topk(1, 1).indices[:, 0].numpy()
+    assert (official != topk)[np.isin(labels, (2, 5))].any(), "the tie must decide some segment for this test"
+    assert reported["verb_top1"] == pytest.approx(100 * (official == labels).mean())
+    assert scored == reported
+    # fp32 logits: most values of the file are not bf16 numbers (a bf16 logit has 8 significant bits)
+    as_bf16 = torch.from_numpy(verb).bfloat16().double().numpy()
+    assert (as_bf16 != verb).mean() > 0.5

@@ -49,6 +49,8 @@ def evaluate_run(
     cfg = TrainConfig.from_dict(ckpt["config"], str(run_dir / checkpoint))
     model = model_from_checkpoint(ckpt).to(device)
     norm = (ckpt["norm"]["mean"].to(device), ckpt["norm"]["std"].to(device))
+    # float32 logits on the CPU (the head's classifier runs in fp32 under any autocast): the
+    # metrics below rank exactly these numbers, as `submission` writes them and `ekx score` reads them
     verb, noun = predict(model, split, norm, cfg, device, resolve_precision(cfg.precision, device))
     result = {
         "run": str(run_dir),
@@ -102,7 +104,7 @@ def submission(result: dict) -> dict:
     """The official action-recognition challenge format, one entry per segment.
 
     It holds the raw logits, not probabilities: the official scoring softmaxes each
-    segment's top-100 scores itself (metrics.action_scores), so probabilities would be
+    segment's top-100 scores itself (metrics.action_ranks), so probabilities would be
     softmaxed twice. Each value is a float32 logit written exactly (its float64 repr),
     as the official create_submission.py does: rounding could create ties.
     """

@@ -1,56 +1,99 @@
 """The official EPIC-KITCHENS-100 action-recognition metrics, plus the seed's overfitting gap.
 
 - verb / noun top-1 and top-5 accuracy (micro-averaged over segments);
-- action = the (verb, noun) pair, scored as the official evaluation does (``action_scores``):
+- action = the (verb, noun) pair, scored as the official evaluation does (``action_ranks``):
   each segment's 100 best verb and 100 best noun scores, softmax over those 100, product;
-  action top-k is the top-k of those products. Because both factors are positive, the
-  k best pairs always lie among the k best verbs x k best nouns, so only a k x k block
-  is formed (exact, and no [N, 97 x 300] tensor);
+  action top-k is the top-k of those products;
 - top-1 on the tail subsets (tail verbs; tail nouns; tail action = segments whose verb
   or noun is a tail class) and on unseen participants, when those lists are given.
+
+Ranks are the official scorer's own (epic-kitchens/C1-Action-Recognition, utils/scoring.py):
+``np.argsort(scores)[:, ::-1]`` on the scores as the JSON holds them (float64; a float32 logit
+is exact in it). Two classes with the same score are ordered by that call and nothing else -
+not torch.topk, whose choice among equal scores differs - so `ekx evaluate`, `ekx score` and the
+official evaluation count the same segments right when a head's scores tie.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """[N] bool: label among the k highest scores."""
-    k = min(k, scores.shape[1])
-    return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-
-
-# The official rule (epic-kitchens/C1-Action-Recognition, utils/scoring.py
-# compute_action_scores, called by evaluate.py with top_n=100): keep each segment's
-# TOP_N best verb and noun scores, softmax them, rank (verb, noun) pairs by the product.
-# `ekx evaluate` (via compute) and `ekx score` both rank actions here, so a submission
-# file scores as the run reported. Computed in float64, as the official numpy code does
-# on the JSON's numbers: a float32 logit is exact in float64, so both paths see the same values.
-# (The official softmax is scipy's with axis=None, one normalisation over all segments; like
-# the choice of top-100, that scales a segment's products by one constant, so its ranking of
-# pairs is the same as here - and the same as softmax over all classes - up to float rounding.)
+# The official rule (utils/scoring.py compute_action_scores, called by evaluate.py with
+# top_n=100): keep each segment's TOP_N best verb and noun scores, softmax them, rank
+# (verb, noun) pairs by the product. `ekx evaluate` (via compute) and `ekx score` both rank
+# here, so a submission file scores as the run reported. (The official softmax is scipy's
+# with axis=None, one normaliser over all segments: that scales a segment's products by one
+# constant, so its ranking of pairs is the same as per segment here, up to float rounding -
+# and without its underflow to all-zero products for a segment ~745 below the best logit.)
 TOP_N = 100
 
 
-def action_scores(
-    verb_scores: torch.Tensor, noun_scores: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k best actions per segment: (verb ids, noun ids, scores), each [N, k], best first."""
-    sv, iv = verb_scores.double().topk(min(TOP_N, verb_scores.shape[1]), dim=1)
-    sn, in_ = noun_scores.double().topk(min(TOP_N, noun_scores.shape[1]), dim=1)
-    pv, pn = sv.softmax(1), sn.softmax(1)  # normalised over the top-N only, as the official code
-    kv, kn = min(k, pv.shape[1]), min(k, pn.shape[1])
-    pair = (pv[:, :kv, None] * pn[:, None, :kn]).flatten(1)  # [N, kv*kn]
-    score, top = pair.topk(min(k, pair.shape[1]), dim=1)
-    return iv.gather(1, top // kn), in_.gather(1, top % kn), score
+def _array(scores) -> np.ndarray:
+    """float64 numpy: the values `ekx score` reads back from the JSON, bit for bit."""
+    if isinstance(scores, torch.Tensor):
+        return scores.detach().cpu().double().numpy()
+    return np.asarray(scores, dtype=np.float64)
 
 
-def action_topk_correct(
-    verb_logits: torch.Tensor, noun_logits: torch.Tensor, verbs: torch.Tensor, nouns: torch.Tensor, k: int
-) -> torch.Tensor:
-    top_v, top_n, _ = action_scores(verb_logits, noun_logits, k)
-    return ((top_v == verbs[:, None]) & (top_n == nouns[:, None])).any(dim=1)
+def ranks(scores) -> np.ndarray:
+    """[N, C] class ids, best first: the official ``scores.argsort(axis=-1)[:, ::-1]``."""
+    return np.argsort(_array(scores), axis=-1)[:, ::-1]
+
+
+def topk_correct(scores, labels: torch.Tensor, k: int, order: np.ndarray | None = None) -> torch.Tensor:
+    """[N] bool: label among the first k of the official ranking (``order``: ranks(scores))."""
+    order = ranks(scores) if order is None else order
+    return torch.from_numpy((order[:, :k] == labels.cpu().numpy()[:, None]).any(axis=1))
+
+
+def _top_probs(scores: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The TOP_N best classes (the official top_scores) and their softmax over those TOP_N."""
+    top = np.ascontiguousarray(order[:, :TOP_N])
+    s = np.take_along_axis(scores, top, axis=1)
+    p = np.exp(s - s[:, :1])  # s[:, 0] is the row's max: the official order is descending
+    return top, p / p.sum(axis=1, keepdims=True)
+
+
+CHUNK = 256  # rows of full [TOP_N x TOP_N] products sorted at once (20 MB of float64)
+
+
+def action_ranks(
+    verb_scores, noun_scores, k: int, orders: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best actions per segment, best first: (verb ids, noun ids), each [N, k] - the
+    first k of the official ``argsort`` over each segment's TOP_N x TOP_N products.
+
+    Both factors are positive and non-increasing along the official class order, and a
+    rounded product is monotonic in each factor, so the k+1 largest products all lie in the
+    (k+1) x (k+1) corner. Where those k+1 are strictly decreasing, the first k are the
+    official ones whatever the sort does with ties; only a segment with a tie among them
+    (rare, but every segment of a head whose scores tie) is sorted in full, as the official
+    code sorts it, so equal products are ordered by the same call."""
+    v, n = _array(verb_scores), _array(noun_scores)
+    order_v, order_n = orders or (ranks(v), ranks(n))
+    (tv, pv), (tn, pn) = _top_probs(v, order_v), _top_probs(n, order_n)
+    rows = np.arange(len(v))[:, None]
+    bv, bn = min(k + 1, pv.shape[1]), min(k + 1, pn.shape[1])
+    kk = min(k, pv.shape[1] * pn.shape[1])
+    corner = (pv[:, :bv, None] * pn[:, None, :bn]).reshape(len(v), -1)
+    flat = np.argsort(corner, axis=1, kind="stable")[:, ::-1][:, : kk + 1]
+    best = np.take_along_axis(corner, flat, axis=1)
+    ok = (np.diff(best, axis=1) < 0).all(axis=1)
+    verbs, nouns = tv[rows, flat[:, :kk] // bn], tn[rows, flat[:, :kk] % bn]
+    redo = np.flatnonzero(~ok)
+    for i in range(0, len(redo), CHUNK):
+        r = redo[i : i + CHUNK]
+        full = (pv[r, :, None] * pn[r, None, :]).reshape(len(r), -1)
+        top = full.argsort(axis=-1)[:, ::-1][:, :kk]  # the official call, ties and all
+        verbs[r], nouns[r] = tv[r[:, None], top // pn.shape[1]], tn[r[:, None], top % pn.shape[1]]
+    return verbs, nouns
+
+
+def action_topk_correct(verb_logits, noun_logits, verbs: torch.Tensor, nouns: torch.Tensor, k: int) -> torch.Tensor:
+    top_v, top_n = action_ranks(verb_logits, noun_logits, k)
+    hit = (top_v == verbs.cpu().numpy()[:, None]) & (top_n == nouns.cpu().numpy()[:, None])
+    return torch.from_numpy(hit.any(axis=1))
 
 
 def _mean(mask: torch.Tensor, subset: torch.Tensor | None = None) -> float | None:
@@ -73,10 +116,14 @@ def compute(
     """All metrics in percent. ``unseen``: [N] bool, segment from an unseen participant."""
     out: dict[str, float | None] = {}
     correct = {}
+    v, n = _array(verb_logits), _array(noun_logits)  # exactly the scores a submission holds
+    orders = ranks(v), ranks(n)
+    top_v, top_n = action_ranks(v, n, 5, orders)
+    yv, yn = verbs.cpu().numpy()[:, None], nouns.cpu().numpy()[:, None]
     for k in (1, 5):
-        correct[("verb", k)] = topk_correct(verb_logits, verbs, k)
-        correct[("noun", k)] = topk_correct(noun_logits, nouns, k)
-        correct[("action", k)] = action_topk_correct(verb_logits, noun_logits, verbs, nouns, k)
+        correct[("verb", k)] = topk_correct(v, verbs, k, orders[0])
+        correct[("noun", k)] = topk_correct(n, nouns, k, orders[1])
+        correct[("action", k)] = torch.from_numpy(((top_v[:, :k] == yv) & (top_n[:, :k] == yn)).any(axis=1))
         for task in ("verb", "noun", "action"):
             out[f"{task}_top{k}"] = _mean(correct[(task, k)])
     if tail_verbs is not None and tail_nouns is not None:

@@ -74,7 +74,10 @@ def sinusoidal(length: int, d: int) -> torch.Tensor:
 
 
 class Classifier(nn.Module):
-    """Dropout + two linear layers: verb and noun logits."""
+    """Dropout + two linear layers: verb and noun logits, always float32. Under bf16 autocast
+    the layers would round every logit to 8 significant bits, so close classes tie at the top
+    and the scores a submission holds would rank unlike the model; these two small matmuls
+    run in fp32 on the (up-cast) features instead."""
 
     def __init__(self, d: int, num_verbs: int, num_nouns: int, dropout: float):
         super().__init__()
@@ -83,4 +86,6 @@ class Classifier(nn.Module):
 
     def forward(self, verb_feat: torch.Tensor, noun_feat: torch.Tensor | None = None) -> dict:
         noun_feat = verb_feat if noun_feat is None else noun_feat
-        return {"verb": self.verb(self.drop(verb_feat)), "noun": self.noun(self.drop(noun_feat))}
+        with torch.autocast(verb_feat.device.type, enabled=False):
+            verb_feat, noun_feat = verb_feat.float(), noun_feat.float()
+            return {"verb": self.verb(self.drop(verb_feat)), "noun": self.noun(self.drop(noun_feat))}
