@@ -139,6 +139,9 @@ def test_family_features_equal_the_librarys_own_transform_and_forward(fam, clips
     got = open_cache(tmp_path / "file.h5")
     assert got.attrs["backbone"] == name and got.attrs["backbone_family"] == fam
     assert got.attrs["weights"].startswith("sha256:")
+    # what the build and the preprocessing depend on is in the cache (and so in its identity)
+    assert {k: got.attrs[k] for k in bb.attrs} == bb.attrs
+    assert {k: got.attrs[k] for k in bb.preprocess.to_attrs()} == bb.preprocess.to_attrs()
     feats = got.features()[:, 0]  # [2, K, D]: view 0
     for row, frames in enumerate(frames_by_hand(clips / CLIP, bb.clip_len)):
         mine = own_forward(name, model, frames, tiny_videomae).numpy()
@@ -309,3 +312,126 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_videomae):
             assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-5), (name, n)
     with pytest.raises(EkxError, match="--grad-checkpoint: resnet50 has no gradient checkpointing"):
         grad_checkpointing(backbones.get("resnet50"), backbones.get("resnet50").build())
+
+
+# ---------------------------------------------------------------- what a name means (issue 32)
+
+
+def test_ekx_backbones_shows_an_open_clip_tags_own_preprocessing():
+    """`ekx backbones open_clip:ViT-L-14/laion2b_s32b_b82k`: LAION's tag normalises with
+    0.5/0.5 (OpenCLIP's get_pretrained_cfg), not the untagged arch's OpenAI statistics; the
+    tag's QuickGELU and resize mode are shown (and written into a cache) with it."""
+    from typer.testing import CliRunner
+
+    from ekx.cli import app
+
+    need("open_clip")
+
+    def shown(name: str) -> tuple[int, str]:
+        run = CliRunner().invoke(app, ["backbones", name])
+        return run.exit_code, " ".join(run.output.split())  # rich wraps long lines
+
+    code, out = shown("open_clip:ViT-L-14/laion2b_s32b_b82k")
+    assert code == 0 and "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in out, out
+    assert "open_clip_quick_gelu: false" in out and "open_clip_resize_mode: shortest" in out
+    code, out = shown("open_clip:ViT-B-32/openai")
+    assert "open_clip_quick_gelu: true" in out and "mean [0.4814547," in out, out
+    code, out = shown("open_clip:ViT-B-32/no_such_tag")
+    assert code == 1 and "OpenCLIP has no pretrained tag 'no_such_tag' for ViT-B-32" in out, out
+
+
+def test_hugging_face_resampling_is_the_processors_or_refused(tiny_videomae, tmp_path):
+    """PIL's nearest (0) is torchvision's nearest-exact (as transformers' own tensor backend
+    maps it); box (4) and hamming (5), which no tensor resize has, are refused, named -
+    they were silently bilinear."""
+    import json
+    import shutil
+
+    from ekx.extract import families
+
+    for code, want in ((0, "nearest-exact"), (4, "box"), (5, "hamming")):
+        d = tmp_path / f"resample{code}"
+        shutil.copytree(tiny_videomae, d)
+        cfg = json.loads((d / "preprocessor_config.json").read_text())
+        (d / "preprocessor_config.json").write_text(json.dumps({**cfg, "resample": code}))
+        if code == 0:
+            assert backbones.get(f"hf:{d}").preprocess.interpolation == want
+            continue
+        with pytest.raises(EkxError, match=rf"hf:{d}: its image processor resamples with PIL code {code} \({want}\)"):
+            families.resolve(f"hf:{d}")
+
+
+def test_a_weights_file_of_a_deeper_resnet_is_refused_naming_its_extra_keys(tmp_path):
+    """`--backbone resnet50 --weights resnet101.pt`: every resnet50 key is in the file, and
+    its 300+ others were dropped without a word; now refused, naming the file and the first
+    unexpected keys. A full resnet50 checkpoint (its fc. classifier) still loads."""
+    from torchvision import models
+
+    deeper = tmp_path / "resnet101.pt"
+    torch.save(models.resnet101().state_dict(), deeper)
+    bb = backbones.get("resnet50")
+    refused = r"resnet101.pt: not a resnet50 state dict \(\d{3} unexpected keys, e.g. layer3.6"
+    with pytest.raises(EkxError, match=refused):
+        backbones.load_weights(bb, str(deeper))
+    full = tmp_path / "resnet50_full.pt"
+    ref = models.resnet50()
+    torch.save(ref.state_dict(), full)
+    model, ident = backbones.load_weights(bb, str(full))
+    assert ident.startswith("sha256:") and torch.equal(model.state_dict()["layer4.2.bn3.bias"], ref.layer4[2].bn3.bias)
+
+
+def test_a_full_timm_checkpoint_loads_as_timm_strips_its_classifier(tmp_path):
+    """timm's pretrained_cfg names the classifier (`head.fc` of a ConvNeXt): a full checkpoint
+    loads with it dropped, the same tensors as timm's own num_classes=0 load of that file."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(4)
+    path = tmp_path / "convnext.pth"
+    torch.save(timm.create_model("test_convnext").state_dict(), path)
+    model, _ = backbones.load_weights(backbones.get("timm:test_convnext"), str(path))
+    own = timm.create_model(
+        "test_convnext", pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
+    ).state_dict()
+    assert model.state_dict().keys() == own.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
+
+
+def test_a_tensor_of_another_shape_and_a_damaged_safetensors_are_named(tmp_path):
+    """One tensor of another shape (torch's raw "size mismatch" before) and a damaged
+    .safetensors file (safetensors' own error before): each refused naming the file."""
+    from safetensors.torch import save_file
+
+    need("timm")
+    bb = backbones.get("timm:test_vit")
+    state = bb.build().state_dict()
+    state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"][:-1]
+    odd = tmp_path / "odd.pt"
+    torch.save(state, odd)
+    with pytest.raises(
+        EkxError, match=r"odd.pt: not a timm:test_vit state dict \(1 of another shape, e.g. blocks.0.mlp.fc1.weight"
+    ):
+        backbones.load_weights(bb, str(odd))
+    good = tmp_path / "good.safetensors"
+    save_file(bb.build().state_dict(), str(good))
+    for name, data in (("cut.safetensors", good.read_bytes()[:-100]), ("junk.safetensors", b"not safetensors at all")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EkxError, match=rf"{name}: not a readable .safetensors file"):
+            backbones.load_weights(bb, str(tmp_path / name))
+    assert backbones.load_weights(bb, str(good))[1].startswith("sha256:")
+
+
+def test_a_hugging_face_model_or_task_model_state_dict_is_its_encoder(tiny_videomae, tmp_path):
+    """--weights FILE for `hf:`: the library model's state dict (without ekx's wrapper prefix)
+    and a VideoMAEForVideoClassification one (its `videomae.` encoder; the task head around
+    it dropped) both load the encoder's tensors."""
+    from transformers import VideoMAEForVideoClassification
+
+    bb = backbones.get(f"hf:{tiny_videomae}")
+    saved, _ = backbones.load_weights(bb, "DEFAULT")
+    torch.manual_seed(2)
+    task = VideoMAEForVideoClassification(saved.model.config)
+    for module, name in ((saved.model, "model.pt"), (task, "task.pt")):
+        torch.save(module.state_dict(), tmp_path / name)
+        model, _ = backbones.load_weights(bb, str(tmp_path / name))
+        want = getattr(module, "videomae", module).state_dict()
+        assert model.model.state_dict().keys() == want.keys()
+        assert all(torch.equal(model.model.state_dict()[k], v) for k, v in want.items()), name

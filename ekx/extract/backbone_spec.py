@@ -92,6 +92,9 @@ class Backbone:
     own_preprocess: Preprocess | None = None
     pretrained: Callable[[], tuple[nn.Module, str]] | None = None
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # key prefixes of the classifier this headless model removed (``fc``, timm's ``head``): a
+    # full checkpoint's only keys that a weights file may hold beyond the model's own
+    classifier: tuple[str, ...] = ()
 
     @property
     def preprocess(self) -> Preprocess:

@@ -27,6 +27,7 @@ from ekx import EkxError
 from ekx.cache.store import sha256_file
 from ekx.extract import config, families
 from ekx.extract.backbone_spec import Backbone, Preprocess, resnet_stages
+from ekx.extract.weights import _shell, fit_state, load_weights, read_state_file  # noqa: F401  (callers' names)
 
 __all__ = ["REGISTRY", "Backbone", "Preprocess", "get", "load_weights", "register", "resnet_stages"]
 
@@ -72,7 +73,16 @@ def _headless(build: Callable[..., nn.Module], attr: str) -> Callable[[], nn.Mod
     return make
 
 
-register(Backbone("resnet50", _headless(models.resnet50, "fc"), models.ResNet50_Weights, 2048, stages=resnet_stages))
+register(
+    Backbone(
+        "resnet50",
+        _headless(models.resnet50, "fc"),
+        models.ResNet50_Weights,
+        2048,
+        stages=resnet_stages,
+        classifier=("fc",),
+    )
+)
 # features[0] is the stem, features[1..7] the MBConv stages, features[8] the last 1x1 conv
 register(
     Backbone(
@@ -81,137 +91,22 @@ register(
         models.EfficientNet_B3_Weights,
         1536,
         stages=lambda m: [[f] for f in m.features],
+        classifier=("classifier",),
     )
 )
 # 8 consecutive frames per sampled position: half the Kinetics clip, a quarter of the cost;
 # the network pools time adaptively, so any clip length runs.
 register(
-    Backbone("r2plus1d_18", _headless(r2plus1d_18, "fc"), R2Plus1D_18_Weights, 512, clip_len=8, stages=resnet_stages)
+    Backbone(
+        "r2plus1d_18",
+        _headless(r2plus1d_18, "fc"),
+        R2Plus1D_18_Weights,
+        512,
+        clip_len=8,
+        stages=resnet_stages,
+        classifier=("fc",),
+    )
 )
-
-
-# ---------------------------------------------------------------- weights
-
-
-def _strip_classifier(state: dict, model: nn.Module) -> dict:
-    """Keep the keys the headless model has (drops fc./classifier. of a full checkpoint)."""
-    keys = set(model.state_dict())
-    return {k: v for k, v in state.items() if k in keys}
-
-
-def read_state_file(path: Path) -> dict:
-    """A local weights file as a state dict of tensors: safetensors, or a torch file loaded
-    with weights_only=True (never pickled code); the usual wrappers are unwrapped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's message would advise weights_only=False: never repeat it
-        raise EkxError(
-            f"{path}: not a safe tensor file ({type(e).__name__}): --weights takes a state dict of "
-            f"plain tensors (torch.save(model.state_dict(), ...)), a .safetensors file or an ekx "
-            "finetune checkpoint"
-        ) from None
-    if not isinstance(state, dict):
-        raise EkxError(f"{path}: not a state dict (a {type(state).__name__})")
-    for key in ("backbone", "state_dict", "model"):  # ekx finetune, timm/Lightning, DeiT-style
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return state
-
-
-# prefixes a checkpoint of a larger model puts before the backbone's own keys: DDP, a whole
-# CLIP model (its image tower), a Hugging Face task model (its encoder)
-PREFIXES = ("module.", "visual.", "videomae.", "model.", "backbone.")
-
-
-def fit_state(state: dict, model: nn.Module, path: Path, name: str) -> dict:
-    """The file's tensors under the model's own key names (known prefixes stripped, the
-    classifier dropped); every key of the model must be there."""
-    keys = set(model.state_dict())
-    best = {k: v for k, v in state.items() if k in keys}
-    for prefix in PREFIXES:
-        cut = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in keys}
-        if len(cut) > len(best):
-            best = cut
-    missing = keys - set(best)
-    if missing:
-        raise EkxError(f"{path}: not a {name} state dict ({len(missing)} missing keys, e.g. {sorted(missing)[0]})")
-    return best
-
-
-def load_weights(backbone: Backbone, weights: str, seed: int = 0) -> tuple[nn.Module, str]:
-    """Build the model and load weights; returns (model in eval mode, weights identity).
-
-    ``DEFAULT`` (or an enum name like ``IMAGENET1K_V2``): torchvision's pretrained weights,
-    from the torch cache or downloaded to it (a family's model: its library's pretrained
-    weights, from that library's cache or hub); a path: a local state dict (torch file
-    loaded with weights_only=True, or safetensors); ``none``: random init from ``seed``
-    (see `calibrate_batchnorm`), the same in every process, so shards and resumed runs agree.
-    """
-    if weights == "DEFAULT" and backbone.pretrained is not None:
-        model, ident = backbone.pretrained()
-        return model.eval(), ident
-    if weights.lower() == "none":
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return backbone.build().eval(), "none"
-    shell = _shell(backbone)  # key names and dtypes; its tensors come from the weights
-    path = Path(weights)
-    if path.is_file():
-        state = fit_state(read_state_file(path), shell, path, backbone.name)
-        return _filled(backbone, shell, state).eval(), f"sha256:{sha256_file(path)}"
-    if "/" in weights or weights.endswith((".pt", ".pth", ".safetensors", ".bin")):
-        raise EkxError(f"--weights {weights}: file not found")
-    if backbone.weights is None:
-        raise EkxError(f"--weights {weights}: {backbone.name} takes DEFAULT (its library's weights), a file, or none")
-    try:
-        enum = backbone.weights[weights] if weights != "DEFAULT" else backbone.weights.DEFAULT
-    except KeyError:
-        names = ", ".join(w.name for w in backbone.weights)
-        raise EkxError(
-            f"--weights {weights}: not a weights name of {backbone.name} (DEFAULT, {names}, a state-dict path, or none)"
-        ) from None
-    try:
-        state = enum.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-        raise EkxError(
-            f"cannot get {backbone.name} weights {enum} ({type(e).__name__}: {e}); either put "
-            f"the file at {cache} (from {enum.url}), or pass --weights PATH to a local state dict "
-            "(or --weights none for random features)"
-        ) from None
-    ident = f"torchvision:{type(enum).__name__}.{enum.name}"
-    return _filled(backbone, shell, _strip_classifier(state, shell)).eval(), ident
-
-
-def _shell(backbone: Backbone) -> nn.Module:
-    """The model built on the meta device: no memory, and none of the random init that the
-    weights would overwrite (resnet50's init was 0.5 s of every extraction's start-up). A
-    model whose constructor reads values (timm's drop-path schedule) is built for real."""
-    try:
-        with torch.device("meta"):
-            return backbone.build()
-    except Exception:
-        with torch.random.fork_rng():  # the caller's random state stays as it was
-            return backbone.build()
-
-
-def _filled(backbone: Backbone, shell: nn.Module, state: dict) -> nn.Module:
-    """The shell given the state dict's tensors (cast to the model's own dtypes, as a copy
-    into built parameters would); a model with tensors no state dict holds (non-persistent
-    buffers) is built for real instead."""
-    own = shell.state_dict()
-    shell.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, assign=True)
-    if not any(t.is_meta for t in (*shell.parameters(), *shell.buffers())):
-        return shell
-    with torch.random.fork_rng():
-        model = backbone.build()
-    model.load_state_dict(state)
-    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:
