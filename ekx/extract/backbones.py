@@ -6,7 +6,7 @@ weights' `transforms()` (resize, crop, mean/std, interpolation), never from a sh
 constants module: R(2+1)D uses Kinetics statistics and a 128x171 resize, EfficientNet-B3
 a 320 -> 300 bicubic pipeline. Open-ended families (`timm:<model>`, `open_clip:<arch>/<tag>`,
 `hf:<repo or dir>`) are resolved by `ekx.extract.families` on first use of the name, with
-their library's own preprocessing and weights.
+their library's own preprocessing and weights. Weights are loaded by `ekx.extract.weights`.
 """
 
 from __future__ import annotations
