@@ -78,6 +78,8 @@ def hf_preprocess(proc: dict, where: str) -> Preprocess:
             "resample 2 (bilinear) or 3 (bicubic) if that is what the model wants"
         )
     if proc.get("do_normalize", True):
+        if proc.get("image_mean") is None or proc.get("image_std") is None:
+            raise refuse("normalises with no image_mean/image_std")
         mean = tuple(float(x) for x in proc["image_mean"])
         std = tuple(float(x) for x in proc["image_std"])
     else:
