@@ -5,7 +5,7 @@ The file is checked first (header, one entry per segment of the split, every cla
 both tasks, finite numbers, no key twice), then scored by ``metrics.compute``: the same code that
 gives `ekx evaluate`'s figures: the official ranks (np.argsort, reversed, so equal scores are
 ordered as the official evaluation orders them) and the official top-100 softmax product
-(``metrics.action_ranks``). A zip holding one JSON (the official
+(``metrics.action_correct``). A zip holding one JSON (the official
 create_submission.py output) is read too. Neither may expand past `MAX_BYTES`: a zip's
 member is refused on its declared size and inflated in bounded chunks, counted.
 """

@@ -104,7 +104,7 @@ def submission(result: dict) -> dict:
     """The official action-recognition challenge format, one entry per segment.
 
     It holds the raw logits, not probabilities: the official scoring softmaxes each
-    segment's top-100 scores itself (metrics.action_ranks), so probabilities would be
+    segment's top-100 scores itself (metrics.action_correct), so probabilities would be
     softmaxed twice. Each value is a float32 logit written exactly (its float64 repr),
     as the official create_submission.py does: rounding could create ties.
     """

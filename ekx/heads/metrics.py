@@ -1,7 +1,7 @@
 """The official EPIC-KITCHENS-100 action-recognition metrics, plus the seed's overfitting gap.
 
 - verb / noun top-1 and top-5 accuracy (micro-averaged over segments);
-- action = the (verb, noun) pair, scored as the official evaluation does (``action_ranks``):
+- action = the (verb, noun) pair, scored as the official evaluation does (``action_correct``):
   each segment's 100 best verb and 100 best noun scores, softmax over those 100, product;
   action top-k is the top-k of those products;
 - top-1 on the tail subsets (tail verbs; tail nouns; tail action = segments whose verb
@@ -55,45 +55,56 @@ def _top_probs(scores: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.nd
     return top, p / p.sum(axis=1, keepdims=True)
 
 
-CHUNK = 256  # rows of full [TOP_N x TOP_N] products sorted at once (20 MB of float64)
+CHUNK = 256  # segments whose full [TOP_N x TOP_N] products are sorted at once (20 MB of float64)
 
 
-def action_ranks(
-    verb_scores, noun_scores, k: int, orders: tuple[np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k best actions per segment, best first: (verb ids, noun ids), each [N, k] - the
-    first k of the official ``argsort`` over each segment's TOP_N x TOP_N products.
+def _position(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[N] where each label stands in the official order (TOP_N or more: not among the kept)."""
+    at = order == labels[:, None]
+    return np.where(at.any(axis=1), at.argmax(axis=1), order.shape[1])
 
-    Both factors are positive and non-increasing along the official class order, and a
-    rounded product is monotonic in each factor, so the k+1 largest products all lie in the
-    (k+1) x (k+1) corner. Where those k+1 are strictly decreasing, the first k are the
-    official ones whatever the sort does with ties; only a segment with a tie among them
-    (rare, but every segment of a head whose scores tie) is sorted in full, as the official
-    code sorts it, so equal products are ordered by the same call."""
+
+def action_correct(
+    verb_scores, noun_scores, verbs, nouns, ks=(1, 5), orders: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[int, np.ndarray]:
+    """{k: [N] bool}: the true (verb, noun) pair among the first k of the official ``argsort``
+    over each segment's TOP_N x TOP_N products (compute_action_scores).
+
+    Both factors are positive and non-increasing along the official class order and a
+    rounded product is monotonic in each factor, so the k+1 largest products b_1 >= ... >=
+    b_k+1 all lie in the (k+1) x (k+1) corner. The truth's product p is then in the top k if
+    p > b_k+1 and out of it if p < b_k, however the sort orders equal values; only a segment
+    where p == b_k == b_k+1 (rare, unless the scores tie) is sorted in full by the official
+    call, so equal products fall as they fall there."""
     v, n = _array(verb_scores), _array(noun_scores)
+    yv, yn = np.asarray(verbs).reshape(-1), np.asarray(nouns).reshape(-1)
     order_v, order_n = orders or (ranks(v), ranks(n))
     (tv, pv), (tn, pn) = _top_probs(v, order_v), _top_probs(n, order_n)
-    rows = np.arange(len(v))[:, None]
-    bv, bn = min(k + 1, pv.shape[1]), min(k + 1, pn.shape[1])
-    kk = min(k, pv.shape[1] * pn.shape[1])
-    corner = (pv[:, :bv, None] * pn[:, None, :bn]).reshape(len(v), -1)
-    flat = np.argsort(corner, axis=1, kind="stable")[:, ::-1][:, : kk + 1]
-    best = np.take_along_axis(corner, flat, axis=1)
-    ok = (np.diff(best, axis=1) < 0).all(axis=1)
-    verbs, nouns = tv[rows, flat[:, :kk] // bn], tn[rows, flat[:, :kk] % bn]
-    redo = np.flatnonzero(~ok)
+    kmax = max(ks)
+    corner = (pv[:, : kmax + 1, None] * pn[:, None, : kmax + 1]).reshape(len(v), -1)
+    best = -np.sort(-corner, axis=1)[:, : kmax + 1]
+    best = np.pad(best, ((0, 0), (0, kmax + 1 - best.shape[1])), constant_values=-np.inf)
+    iv, in_ = _position(order_v, yv), _position(order_n, yn)
+    kept = (iv < pv.shape[1]) & (in_ < pn.shape[1])  # a class past the TOP_N is never ranked
+    rows = np.arange(len(v))
+    p = np.where(kept, pv[rows, np.minimum(iv, pv.shape[1] - 1)] * pn[rows, np.minimum(in_, pn.shape[1] - 1)], -np.inf)
+    out, tied = {}, {}
+    for k in ks:
+        out[k] = kept & (p > best[:, k])
+        tied[k] = kept & (p == best[:, k - 1]) & (p == best[:, k])
+    redo = np.flatnonzero(np.any(list(tied.values()), axis=0))
     for i in range(0, len(redo), CHUNK):
         r = redo[i : i + CHUNK]
         full = (pv[r, :, None] * pn[r, None, :]).reshape(len(r), -1)
-        top = full.argsort(axis=-1)[:, ::-1][:, :kk]  # the official call, ties and all
-        verbs[r], nouns[r] = tv[r[:, None], top // pn.shape[1]], tn[r[:, None], top % pn.shape[1]]
-    return verbs, nouns
+        top = full.argsort(axis=-1)[:, ::-1][:, :kmax]  # the official call, ties and all
+        hit = (tv[r[:, None], top // pn.shape[1]] == yv[r, None]) & (tn[r[:, None], top % pn.shape[1]] == yn[r, None])
+        for k in ks:
+            out[k][r] = hit[:, :k].any(axis=1)
+    return out
 
 
 def action_topk_correct(verb_logits, noun_logits, verbs: torch.Tensor, nouns: torch.Tensor, k: int) -> torch.Tensor:
-    top_v, top_n = action_ranks(verb_logits, noun_logits, k)
-    hit = (top_v == verbs.cpu().numpy()[:, None]) & (top_n == nouns.cpu().numpy()[:, None])
-    return torch.from_numpy(hit.any(axis=1))
+    return torch.from_numpy(action_correct(verb_logits, noun_logits, verbs.cpu().numpy(), nouns.cpu().numpy(), (k,))[k])
 
 
 def _mean(mask: torch.Tensor, subset: torch.Tensor | None = None) -> float | None:
@@ -118,12 +129,11 @@ def compute(
     correct = {}
     v, n = _array(verb_logits), _array(noun_logits)  # exactly the scores a submission holds
     orders = ranks(v), ranks(n)
-    top_v, top_n = action_ranks(v, n, 5, orders)
-    yv, yn = verbs.cpu().numpy()[:, None], nouns.cpu().numpy()[:, None]
+    action = action_correct(v, n, verbs.cpu().numpy(), nouns.cpu().numpy(), (1, 5), orders)
     for k in (1, 5):
         correct[("verb", k)] = topk_correct(v, verbs, k, orders[0])
         correct[("noun", k)] = topk_correct(n, nouns, k, orders[1])
-        correct[("action", k)] = torch.from_numpy(((top_v[:, :k] == yv) & (top_n[:, :k] == yn)).any(axis=1))
+        correct[("action", k)] = torch.from_numpy(action[k])
         for task in ("verb", "noun", "action"):
             out[f"{task}_top{k}"] = _mean(correct[(task, k)])
     if tail_verbs is not None and tail_nouns is not None:
