@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Valid:
     several: bool | str = False  # True: separated by commas; a string: that separator ("+": fused)
     pattern: str | None = None
     shown: str = ""
+    multiple: int | None = None  # an integer multiple of this (0 included; ge/gt bound it)
 
     def describe(self) -> str:
         if self.choices is not None:
@@ -92,17 +94,19 @@ class Valid:
         if self.pattern is not None:
             return self.shown
         bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-        return " and ".join(f"{op} {v:g}" for op, v in bounds if v is not None)
+        said = [f"{op} {v:g}" for op, v in bounds if v is not None]
+        return " and ".join(said + ([f"a multiple of {self.multiple}"] if self.multiple else []))
 
     def admits(self, value: Any) -> bool:
         if self.pattern is not None:
             return re.fullmatch(self.pattern, str(value)) is not None
         if self.choices is not None:
             return value in self.choices
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return False
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return False  # inf passes every lower bound (--window inf trained on nan)
         return (
-            (self.ge is None or value >= self.ge)
+            (self.multiple is None or value % self.multiple == 0)
+            and (self.ge is None or value >= self.ge)
             and (self.gt is None or value > self.gt)
             and (self.le is None or value <= self.le)
             and (self.lt is None or value < self.lt)

@@ -71,3 +71,65 @@ def test_synth_command_writes_dataset(tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote 2 videos" in result.output
     assert (tmp_path / "d" / "annotations" / "EPIC_100_train.csv").is_file()
+
+
+# ---------------------------------------------------------------- values refused up front (issue 32 D)
+
+
+def _extract(synth_data, tmp_path, *extra: str):
+    args = ["extract", "--split", "validation", "--weights", "none", "--workers", "0"]
+    args += ["--annotations", str(synth_data / "annotations"), "--videos", str(synth_data / "videos")]
+    return runner.invoke(app, [*args, "--features", str(tmp_path / "f"), *extra], terminal_width=300)
+
+
+@pytest.mark.parametrize(
+    ("rate", "said"),
+    [
+        ("", r"--dense '': give positions per second"),  # '' would quietly mean a per-segment cache
+        ("1e-9", r"--dense 1e-9: no position falls within P\d+_\d+ \([\d.]+ s; the first is at 5e\+08 s\)"),
+        ("240", r"--dense 240: above the frame rate of P\d+_\d+ \((\d+) fps\).*at most \1 per second"),
+        ("1e6", r"--dense 1e6: above the frame rate of P\d+_\d+ \(\d+ fps\)"),
+    ],
+)
+def test_a_dense_rate_no_video_can_hold_is_refused_before_any_work(synth_data, tmp_path, monkeypatch, rate, said):
+    from ekx.cache import dense
+
+    def plan(*a, **k):
+        raise AssertionError("planned")  # 1e6/s planned millions of positions before any check
+
+    monkeypatch.setattr(dense, "plan", plan)
+    result = _extract(synth_data, tmp_path, "--dense", rate)
+    assert result.exit_code == 1, result.output
+    assert re.search(said, " ".join(result.output.split())), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--window", "inf", "--window must be > 0 and <= 3600, got inf"),  # trained on nan before
+        ("--window", "nan", "--window must be > 0 and <= 3600, got nan"),
+        ("--width", "1", "--width must be >= 0 and a multiple of 8, got 1"),  # torch's AssertionError before
+        ("--width", "7", "--width must be >= 0 and a multiple of 8, got 7"),
+    ],
+)
+def test_head_settings_that_cannot_train_are_refused_by_flag_and_by_config_file(tmp_path, flag, value, said):
+    result = runner.invoke(app, ["train-head", "context", flag, value, "--runs", str(tmp_path)], terminal_width=300)
+    assert result.exit_code == 1 and said in " ".join(result.output.split()), result.output
+    key = flag.lstrip("-")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"{key} = {value}\n")
+    result = runner.invoke(app, ["train-head", "context", "--config", str(toml)], terminal_width=300)
+    assert result.exit_code == 1, result.output
+    assert f"'{key}' must be" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not list(tmp_path.glob("context-*"))  # no run directory left behind
+
+
+@pytest.mark.parametrize("width", [0, 7, -8])
+def test_a_head_built_in_code_names_its_width(width):
+    from ekx import EkxError
+    from ekx.heads import models
+
+    for head in ("transformer", "context", "cross-attention"):
+        with pytest.raises(EkxError, match=rf"width {width}: .*positive multiple of its 8 heads"):
+            models.create(head, dim=16, num_verbs=3, num_nouns=3, frames=4, d_model=width)

@@ -128,13 +128,13 @@ def extract(
         ),
     ] = 600.0,
     dense: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Write a dense store instead: features at RATE positions per second over each video "
             "(e.g. 4), or every:N (one per N frames), usable with any annotation file in stage 2 "
             "(features/<backbone>/<split>.dense-<rate>.h5; see docs/dense.md)."
         ),
-    ] = "",
+    ] = None,
     dense_span: Annotated[
         str,
         typer.Option(help="--dense over whole videos, or only around the split's segments (annotated)."),
@@ -177,15 +177,15 @@ def extract(
             decode_device=decode_device,
             decode_timeout=decode_timeout,
             resize=resize,
-            dense=dense,
+            dense=dense or "",
             dense_span=dense_span,
             dense_margin=dense_margin,
         )
     )
-    if cfg.dense:
+    if dense is not None:  # given, even as '' (which would quietly mean a per-segment cache)
         from ekx.cache.dense import Rate
 
-        Rate.parse(cfg.dense)  # a bad rate is said before anything loads
+        Rate.parse(dense)  # a bad rate is said before anything loads
     existing("--annotations", annotations)
     if cfg.source == "frames":
         existing("--frames-root", frames_root)

@@ -66,3 +66,24 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise EkxError(f"--shard {text!r}: I must be in 0..N-1")
     return i, n
+
+
+def check_dense_rate(rate, lengths: dict[str, tuple[float, float]]) -> None:
+    """``--dense`` (a `cache.dense.Rate`) against each video's (duration, fps) from its header,
+    before anything is planned: a rate above a video's frame rate would store repeated frames
+    (and at 1e6/s plan millions of positions before any other check), one too low for any
+    position leaves the video out of the store."""
+    from ekx.cache.dense import grid_count
+
+    for vid, (_, fps) in sorted(lengths.items(), key=lambda kv: kv[1][1]):
+        if rate.per_second is not None and rate.per_second > fps * (1 + 1e-9):
+            raise EkxError(
+                f"--dense {rate.text}: above the frame rate of {vid} ({fps:g} fps), so positions would "
+                f"repeat its frames; give at most {fps:g} per second, or every:N (one per N frames)"
+            )
+    for vid, (duration, fps) in sorted(lengths.items(), key=lambda kv: kv[1][0]):
+        if grid_count(duration, rate.of(fps)) == 0:
+            raise EkxError(
+                f"--dense {rate.text}: no position falls within {vid} ({duration:g} s; the first is at "
+                f"{0.5 / rate.of(fps):g} s); give at least {0.5 / duration:.3g} per second"
+            )

@@ -26,7 +26,7 @@ from ekx.cache import dense, identity, lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
-from ekx.extract.config import ExtractConfig
+from ekx.extract.config import ExtractConfig, check_dense_rate
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, frame_resize, segment_inputs
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
@@ -283,7 +283,9 @@ def dense_runs(
             "annotation CSV that lists only the videos you have"
         )
     lengths = {v: dense.video_length(p) for v, p in found.items()}
-    return dense.plan(segments, lengths, dense.Rate.parse(cfg.dense), cfg.frames, cfg.dense_span, cfg.dense_margin)
+    rate = dense.Rate.parse(cfg.dense)
+    check_dense_rate(rate, lengths)  # from the headers alone, before a position is planned
+    return dense.plan(segments, lengths, rate, cfg.frames, cfg.dense_span, cfg.dense_margin)
 
 
 def resolve_source(

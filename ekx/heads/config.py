@@ -13,11 +13,17 @@ from ekx.config import load_toml
 from ekx.extract.config import BACKBONES, DEVICE, PRECISIONS
 from ekx.options import Names, label, opt
 
-__all__ = ["DISTRIBUTIONS", "HEADS", "TrainConfig", "check_space", "opt"]
+__all__ = ["ATTENTION_HEADS", "DISTRIBUTIONS", "HEADS", "MAX_WINDOW", "TrainConfig", "check_space", "opt"]
 
 # the head registry's names (ekx.heads.models), torch-free for the CLI; a test keeps them equal
 HEADS = Names("head", ("pooling", "lstm", "transformer", "cross-attention", "context"))
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")  # of [random] and [optuna] spaces
+# attention heads of the transformer, cross-attention and context heads (ekx.heads.models):
+# their width (d_model) splits evenly among them
+ATTENTION_HEADS = 8
+# the longest context window: W / 2 + W / 4 (the training shift) must stay far inside the
+# gap between two videos on heads.context's timeline key (OFFSET = 1e5 s, videos under 27 h)
+MAX_WINDOW = 3600.0
 
 T = TypeVar("T", bound="TrainConfig")
 
@@ -53,9 +59,14 @@ class TrainConfig:
     precision: str = opt("auto", "autocast precision", choices=PRECISIONS)
     eval_batch_size: int = opt(1024, "batch size of evaluation", ge=1)
     # the context head (dense stores only): W s of video around each segment, TIM's 30 s
-    window: float = opt(30.0, "context head: seconds of dense features around each segment", gt=0)
+    window: float = opt(30.0, "context head: seconds of dense features around each segment", gt=0, le=MAX_WINDOW)
     layers: int = opt(0, "encoder layers of the transformer and context heads (0: the head's own)", ge=0)
-    width: int = opt(0, "model width (d_model) of the transformer and context heads (0: the head's own)", ge=0)
+    width: int = opt(
+        0,
+        f"model width (d_model) of the attention heads, split among their {ATTENTION_HEADS} (0: the head's own)",
+        ge=0,
+        multiple=ATTENTION_HEADS,
+    )
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -26,8 +26,9 @@ import math
 import torch
 from torch import nn
 
+from ekx.heads.config import ATTENTION_HEADS
 from ekx.heads.models import register
-from ekx.heads.models.layers import Block, Classifier, sinusoidal
+from ekx.heads.models.layers import Block, Classifier, check_width, sinusoidal
 
 EXTRA = 5  # channels after the features: token stream, token time, token valid, query start, query stop
 BANDS = 8  # Fourier frequencies per time value
@@ -69,12 +70,13 @@ class ContextHead(nn.Module):
         drop_path: float = 0.1,
         d_model: int = 256,
         layers: int = 4,
-        heads: int = 8,
+        heads: int = ATTENTION_HEADS,
         context_layers: int = 2,
         context_drop: float = 0.5,
         streams: int = 1,
     ):
         super().__init__()
+        check_width(d_model, heads)
         if dim <= EXTRA:
             raise ValueError(f"the context head takes D + {EXTRA} channels, got {dim}")
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim - EXTRA, d_model))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ekx.heads.config import ATTENTION_HEADS
 from ekx.heads.models import register
-from ekx.heads.models.layers import Block, Classifier, sinusoidal
+from ekx.heads.models.layers import Block, Classifier, check_width, sinusoidal
 
 
 def window_mask(length: int, window: int) -> torch.Tensor:
@@ -40,10 +41,11 @@ class CrossAttentionHead(nn.Module):
         dropout: float = 0.5,
         drop_path: float = 0.1,
         d_model: int = 512,
-        heads: int = 8,
+        heads: int = ATTENTION_HEADS,
         windows: tuple[int, ...] = (4, 8, 16),
     ):
         super().__init__()
+        check_width(d_model, heads)
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos: torch.Tensor

@@ -7,6 +7,18 @@ import math
 import torch
 from torch import nn
 
+from ekx import EkxError
+
+
+def check_width(d: int, heads: int) -> None:
+    """An attention head's width splits evenly among its heads: said here, in the setting's
+    name, before torch's AssertionError (or a division by zero) would say it otherwise."""
+    if d <= 0 or d % heads:
+        raise EkxError(
+            f"width {d}: the width (--width, d_model) of an attention head must be a positive "
+            f"multiple of its {heads} heads"
+        )
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch per sample during training."""
@@ -31,6 +43,7 @@ class Block(nn.Module):
 
     def __init__(self, d: int, heads: int, dropout: float, drop_path: float, mlp_ratio: int = 4, cross: bool = False):
         super().__init__()
+        check_width(d, heads)
         self.norm1 = nn.LayerNorm(d)
         self.norm_ctx = nn.LayerNorm(d) if cross else None
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ekx.heads.config import ATTENTION_HEADS
 from ekx.heads.models import register
-from ekx.heads.models.layers import Block, Classifier, sinusoidal
+from ekx.heads.models.layers import Block, Classifier, check_width, sinusoidal
 
 
 @register("transformer")
@@ -23,9 +24,10 @@ class TransformerHead(nn.Module):
         drop_path: float = 0.1,
         d_model: int = 512,
         layers: int = 6,
-        heads: int = 8,
+        heads: int = ATTENTION_HEADS,
     ):
         super().__init__()
+        check_width(d_model, heads)
         self.proj = nn.Sequential(nn.Dropout(dropout * 0.5), nn.Linear(dim, d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos: torch.Tensor
