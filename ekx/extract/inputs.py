@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -120,6 +121,12 @@ class FrameResize:
         return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def resized(decode: Callable[[], Iterator[Result]], post: Callable) -> Iterator[Result]:
+    """``decode()``'s Results with ``post`` (`FrameResize`) applied to their frames."""
+    for res in decode():
+        yield res if res.frames is None else dataclasses.replace(res, frames=post(res.frames))
+
+
 def frame_resize(cfg, bbs: list[backbones.Backbone]) -> FrameResize | None:
     """The decoder-side resize where it changes nothing but speed: ``--resize torchvision``,
     the clean view only (augmented views crop the full frame), every backbone resizing alike."""
@@ -154,11 +161,14 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
     inputs, used = [], []
     src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
+    post = frame_resize(cfg, [bb])
     for s in calib:
         req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
         decode = functools.partial(
             src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, decode_size(cfg, [bb]), cfg.decode_device
         )
+        if post is not None:  # as in the run: full-size frames resized where they are decoded
+            decode = functools.partial(resized, decode, post)
         for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
             if res.error is None:
                 inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))

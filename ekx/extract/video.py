@@ -29,7 +29,7 @@ are refused (`refuses_mpeg_systems`): decord and torchcodec return other frames 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +262,89 @@ class ForwardReader:
             self.decoded += i - kf + 1
         self.pos = i + 1
         return frame
+
+
+# pixel formats whose RGB frames PyAV gives exactly as decord does (the shared clips, and
+# BT.709 / full-range encodes: tests/test_memory.py); 10-bit ones differ, decord reads them
+AV_EXACT_RGB = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p")
+
+
+class AVForwardReader:
+    """`ForwardReader`'s contract (increasing indices, a seek only past a keyframe) through
+    PyAV, decoding on the calling thread: the decord source's reader of full-size frames.
+
+    decord 0.6.0 holds decoded frames without bound: after an open or a seek its calling
+    thread pushes packets until the decoding thread has a first frame (its Pop returns at
+    once while none is ready), and the decoding thread converts every packet pushed to RGB,
+    into a queue only later reads drain. One second after one read of the 1080p50 clip it
+    held 270 MB more, then the whole clip (700 frames, 4.3 GiB: the 4.6 GiB peak of
+    `--resize torchvision`); 4,300 frames of a 7,000-frame video. Frames at the decoder's
+    resize are 1/18 of that; full-size ones are read here, where only the frame being decoded
+    is held. Frames are told apart by their pts (`scan`'s arithmetic, so the lookup is exact)."""
+
+    def __init__(self, path: Path, times: np.ndarray, keys: list[int]):
+        import av
+
+        self.c = av.open(str(path))
+        self.s = self.c.streams.video[0]
+        self.s.thread_count = 1  # one thread per decoder, as decord's num_threads=1
+        self.tb, self.origin = float(self.s.time_base or 0), timeline_origin(self.c)
+        self.times, self.keys = times, keys or [0]
+        self.frames: Iterator | None = None  # the decoder's frames since the last seek
+        self.pos: int | None = None  # index of the next frame `frames` yields
+        self.decoded = 0  # frames the decoder went through (cost measure)
+
+    def _keyframe_before(self, i: int) -> int:
+        return self.keys[max(bisect.bisect_right(self.keys, i) - 1, 0)]
+
+    def _seek(self, kf: int) -> None:
+        self.c.seek(round((float(self.times[kf]) + self.origin) / self.tb), stream=self.s, backward=True)
+        self.frames, self.pos = self.c.decode(self.s), None
+
+    def _index(self, frame) -> int:
+        """The frame's index in ``times``, or -1 for a time the container never listed."""
+        if frame.pts is None:
+            return self.pos if self.pos is not None else -1
+        t = float(np.float64(frame.pts) * self.tb - self.origin)
+        j = int(np.searchsorted(self.times, t))
+        return j if j < len(self.times) and self.times[j] == t else -1
+
+    def read(self, i: int) -> np.ndarray:
+        kf = self._keyframe_before(i)
+        if self.pos is None or not kf <= self.pos <= i:
+            self._seek(kf)
+        for retry in (False, True):  # a seek landing past frame i: once more from the first frame
+            assert self.frames is not None
+            for frame in self.frames:
+                self.decoded += 1
+                j = self._index(frame)
+                if j > i:
+                    break
+                if j >= 0:
+                    self.pos = j + 1
+                if j == i:  # only the frame asked for is converted to RGB
+                    return frame.to_ndarray(format="rgb24")
+            if not retry:
+                self._seek(0)
+        raise ValueError(f"frame {i} ({self.times[i]:.3f} s) did not decode")
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def full_size_reader(path: Path, vr, pts: np.ndarray) -> ForwardReader | AVForwardReader:
+    """The reader of a full-size decord ``vr``'s frames: `AVForwardReader` where the
+    container lists every frame's pts (``pts``, `scan`) and PyAV's RGB is decord's
+    (`AV_EXACT_RGB`), else decord's own `ForwardReader`."""
+    if usable_times(pts, len(vr)):
+        try:
+            r = AVForwardReader(path, np.asarray(pts, dtype=np.float64), list(vr.get_key_indices()))
+        except Exception:  # PyAV cannot open it: decord reads, as before
+            return ForwardReader(vr)
+        if r.tb > 0 and r.s.codec_context.pix_fmt in AV_EXACT_RGB:
+            return r
+        r.close()
+    return ForwardReader(vr)
 
 
 def decord_times(vr, start: float, pts: np.ndarray | None = None) -> np.ndarray:

@@ -194,9 +194,10 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     segments, labels, K and views; each keeps its own identity (`Split.identity`)."""
     first = parts[0]
     order = {nid: i for i, nid in enumerate(first.narration_id)}
-    # a dense part is gathered per segment first: parts align by narration id, each dense
-    # one having mapped the segments' times to its own positions (alignment by time)
-    feats, done = [first.per_segment()], np.zeros(len(order), dtype=bool)
+    # parts align by narration id, each dense one having mapped the segments' times to its
+    # own positions (alignment by time); `_join` then writes the features side by side
+    invs: list[torch.Tensor | None] = [None]  # each part's rows in the first's order
+    done = np.zeros(len(order), dtype=bool)
     done[first.rows.numpy()] = True
     timelines = [first.timeline]
     for p in parts[1:]:
@@ -217,7 +218,7 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
         inv[idx] = torch.arange(len(idx))
         if not (torch.equal(p.verbs[inv], first.verbs) and torch.equal(p.nouns[inv], first.nouns)):
             raise EkxError(f"{p.path} and {first.path} label the same segments differently")
-        feats.append(p.per_segment()[inv.to(p.feats.device)])
+        invs.append(inv)
         tl = p.timeline  # its segments put in the first part's order
         if tl is not None:
             tl = replace(tl, seg_video=tl.seg_video[inv], seg_start=tl.seg_start[inv], seg_stop=tl.seg_stop[inv])
@@ -228,9 +229,7 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     rows = np.flatnonzero(done)
     if len(rows) == 0:
         raise EkxError(f"{path}: no segment is done in every part")
-    joined = torch.cat([f.to(torch.float16).cpu() for f in feats], dim=-1)
-    if _fits_on(device, joined.numel() * 2):
-        joined = joined.to(device)
+    joined, index = _join(parts, invs, device)
     attrs = dict(first.attrs)
     attrs.update(
         backbone=FUSE.join(str(p.attrs["backbone"]) for p in parts),
@@ -247,8 +246,49 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
         attrs,
         {"fused": [p.extractor for p in parts]},
         parts=[p.attrs for p in parts],
+        index=index,
         streams=_streams(parts, timelines, device),
     )
+
+
+def _join(parts: list[Split], invs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused features, float16, written part by part into one tensor (never every part's
+    copy and their concatenation at once). Dense parts on the same positions (stores
+    extracted at one rate from the same videos): each position's features side by side,
+    [P, V, D1 + D2 + ...], read through the first part's index, and each part's features
+    become a view of its channels, so the context head's streams are no second copy.
+    Otherwise: per segment, [N, V, K, D1 + D2 + ...], and no index."""
+    first = parts[0]
+    shared = first.index is not None and all(
+        p.index is not None
+        and p.timeline is not None
+        and first.timeline is not None
+        and p.feats.shape[:2] == first.feats.shape[:2]
+        and torch.equal(p.timeline.key, first.timeline.key)
+        and torch.equal(p.timeline.flat, first.timeline.flat)
+        and torch.equal(p.index if inv is None else p.index[inv.to(p.index.device)], first.index)
+        for p, inv in zip(parts, invs, strict=True)
+    )
+    lead = tuple(first.feats.shape[:2]) if shared else tuple(first.per_segment().shape[:3])
+    dims = [int(p.feats.shape[-1]) for p in parts]
+    out = torch.empty(*lead, sum(dims), dtype=torch.float16)
+    c = 0
+    for p, inv, d in zip(parts, invs, dims, strict=True):
+        if shared:
+            out[..., c : c + d] = p.feats.cpu()
+        else:
+            f = p.per_segment()
+            out[..., c : c + d] = (f if inv is None else f[inv.to(f.device)]).cpu()
+        c += d
+    if _fits_on(device, out.numel() * 2):
+        out = out.to(device)
+    if not shared:
+        return out, None
+    c = 0
+    for p, d in zip(parts, dims, strict=True):  # the part's own copy is freed: its stream reads these channels
+        p.feats, c = out[..., c : c + d], c + d
+    assert first.index is not None
+    return out, first.index.to(out.device)
 
 
 def _streams(parts: list[Split], timelines: list[Timeline | None], device: torch.device) -> list[Stream] | None:

@@ -17,7 +17,10 @@ class DecordReader:
     def __init__(self, path: Path, size_fn: SizeFn):
         info = video.scan(path, refuse=video.refuses_mpeg_systems)
         self.vr = video.open_reader(path, size_fn, info.shape)
-        self.forward = video.ForwardReader(self.vr)
+        # full-size frames (--resize torchvision) through PyAV: decord would queue the video's
+        # frames ahead without bound, 6 MB each at 1080p (`video.AVForwardReader`)
+        full = size_fn is None
+        self.forward = video.full_size_reader(path, self.vr, info.times) if full else video.ForwardReader(self.vr)
         self.num_frames = len(self.vr)
         self.fps = float(self.vr.get_avg_fps())
         self.times = video.decord_times(self.vr, info.start, info.times)
