@@ -52,7 +52,7 @@ NOUN_CLASSES = "EPIC_100_noun_classes.csv"
 TAIL_VERBS = "EPIC_100_tail_verbs.csv"
 TAIL_NOUNS = "EPIC_100_tail_nouns.csv"
 UNSEEN = "EPIC_100_unseen_participant_ids_{split}.csv"
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts")
 
 _TIMESTAMP = re.compile(r"^(\d+):([0-5]?\d):([0-5]?\d(?:\.\d+)?)$")
 

@@ -219,3 +219,65 @@ def test_decord_and_torchcodec_agree_on_the_shared_clips(clips):
     print("decord vs torchcodec (max abs, mean abs pixel difference):", worst)
     for name, (most, _) in worst.items():
         assert most <= 2, (name, worst[name])  # measured: 0 (bit-identical) with torchcodec 0.17
+
+
+# ---------------------------------------------------------------- PyAV, and FFmpeg's log (issue 32 D)
+
+
+def test_pyav_reads_the_shared_mpeg_program_stream_as_pyav_itself_decodes_it(clips):
+    """kivy_cityCC0.mpg (MPEG-2 in MPEG-PS), which decord and torchcodec misread: the pyav
+    source's frames at the sampled times are PyAV's own - every frame decoded in order, the
+    frame with that pts, converted by PyAV's to_ndarray at the same size - bit for bit, and
+    `--source auto` chooses it for this file."""
+    import av
+
+    path = clips / "kivy_cityCC0.mpg"
+    size = (128, 224)
+    reqs = [Request(0, 1.0, 2.0), Request(1, 3.0, 4.0), Request(2, 0.0, 7.5)]
+    got = {r.row: r for r in sources.get("pyav").decode(path, reqs, K, 1, lambda h, w: size)}
+    with av.open(str(path)) as c:
+        tb, origin = c.streams.video[0].time_base, c.start_time / 1e6
+        own = {
+            float(f.pts * tb) - origin: f.to_ndarray(format="rgb24", height=size[0], width=size[1])
+            for f in c.decode(video=0)
+        }
+    times = np.array(sorted(own))
+    assert len(times) == 190
+    for r in reqs:
+        res = got[r.row]
+        assert res.error is None and res.frames.shape == (K, *size, 3), res.error
+        shown = np.searchsorted(times, r.start + (np.arange(K) + 0.5) * (r.stop - r.start) / K + 1e-6) - 1
+        assert res.centres.tolist() == shown.tolist()
+        for f, i in zip(res.frames, shown, strict=True):
+            assert np.array_equal(f, own[times[i]])
+
+
+def test_auto_chooses_pyav_only_where_a_video_is_an_mpeg_system_stream(clips, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "P01_01.mpg").symlink_to(clips / "kivy_cityCC0.mpg")
+    (videos / "P01_02.mp4").symlink_to(clips / "epic100_visor_cut_0.mp4")
+    assert sources.choose("auto", {"P01_01", "P01_02"}, videos, None).name == "pyav"
+    assert sources.choose("auto", {"P01_02"}, videos, None).name == "decord"
+    assert sources.choose("decord", {"P01_01"}, videos, None).name == "decord"  # asked for: still refuses
+
+
+def test_ffmpeg_log_lines_are_counted_and_other_stderr_passes_through(capfd):
+    """A decode step's C-level stderr: FFmpeg's ``[codec @ 0x...]`` lines are counted (the
+    first kept, without its address), anything else reaches the real stderr unchanged."""
+    import os
+
+    from ekx.extract.sources.ffmpeg_log import captured
+    from ekx.extract.video import Result
+
+    def decode():
+        os.write(2, b"[h264 @ 0x55d0c8a4e2c0] error while decoding MB 3 7, bytestream -5\n")
+        os.write(2, b"not ffmpeg's\n")
+        yield Result(0, None, None)
+        os.write(2, b"[h264 @ 0x55d0c8a4e2c0] concealing 120 DC errors\n" * 3)
+        yield Result(1, None, None)
+
+    got = list(captured(decode))
+    assert [r.decoder_log for r in got] == [1, 4]
+    assert got[-1].decoder_note == "error while decoding MB 3 7, bytestream -5"
+    assert capfd.readouterr().err == "not ffmpeg's\n"

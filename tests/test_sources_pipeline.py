@@ -157,3 +157,61 @@ def test_frames_source_trains_a_head_as_well_as_the_video_source(demo_workspace,
     frames, video = statistics.median(scores["frames"]), statistics.median(scores["video"])
     assert abs(frames - video) <= 8, scores  # three segments
     assert frames >= 90, scores
+
+
+# ---------------------------------------------------------------- FFmpeg's own log (issue 32 D)
+
+
+def _test_split(root: Path, videos: list[str], spans: list[tuple[str, str]]) -> Path:
+    """An annotation directory with a test split: one segment per (start, stop) of each video."""
+    import csv
+
+    root.mkdir()
+    rows = [[f"{v}_{i}", v.split("_")[0], v, a, a, b, 0, 0] for v in videos for i, (a, b) in enumerate(spans)]
+    with open(root / epic.SPLIT_FILES["test"], "w", newline="") as fh:
+        csv.writer(fh).writerows([epic.TEST_COLUMNS, *rows])
+    for name in (epic.VERB_CLASSES, epic.NOUN_CLASSES):
+        (root / name).write_text("id,key,instances,category\n0,x,['x'],x\n")
+    return root
+
+
+@pytest.mark.slow
+def test_ffmpeg_log_lines_are_counted_per_video_and_said_once(tmp_path, capfd):
+    """A clip cut mid-GOP (remuxed from a packet that is no keyframe): decord's FFmpeg wrote its
+    complaints (``[h264 @ 0x...] co located POCs unavailable`` ...) raw to the terminal, one per
+    line. Now no such line reaches stderr (decoded in the watchdog's child); one line says
+    how many and for which video, and `ekx cache info` shows the count recorded in the cache."""
+    import re
+
+    import av
+    from test_timing import write_pts_video
+
+    full = write_pts_video(tmp_path / "full.mp4", [round(1000 * i / 30) for i in range(90)], gop=30, bframes=2)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_pts_video(videos / "P01_02.mp4", [round(1000 * i / 30) for i in range(90)])  # a whole one
+    with av.open(str(full)) as inp, av.open(str(videos / "P01_01.mp4"), "w") as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for i, p in enumerate(p for p in inp.demux(s) if p.dts is not None):
+            if i >= 12:  # frames 0-11 gone: the next ones reference them
+                p.stream = o
+                out.mux(p)
+    ann = _test_split(
+        tmp_path / "ann", ["P01_01", "P01_02"], [("00:00:00.50", "00:00:01.50"), ("00:00:01.50", "00:00:02.40")]
+    )
+    capfd.readouterr()
+    out = tmp_path / "f.h5"
+    args = ["--split", "test", "--weights", "none", "--frames", "4", "--workers", "0", "--skip-errors"]
+    r = cli("extract", *args, "--annotations", str(ann), "--videos", str(videos), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    said = re.search(
+        r"FFmpeg logged (\d+) line\(s\) while decoding 1 video\(s\) \(most: P01_01, (\d+), e\.g\. \"", text
+    )
+    assert said and said.group(1) == said.group(2) and int(said.group(1)) > 0, text
+    err = capfd.readouterr().err
+    assert not re.search(r"\[\w+ @ 0x", err + r.output), err
+    n = said.group(1)
+    info = " ".join(cli("cache", "info", str(out)).output.split())
+    assert f"FFmpeg log lines while decoding: {n} in 1 video(s) (P01_01 {n})" in info, info

@@ -21,7 +21,8 @@ from ekx.extract.video import CLIP_RATE, Request, sampling_rule
 from ekx.synth import _stamp, read_stamp
 
 TIME_BASE = Fraction(1, 1000)
-VIDEO_SOURCES = ("decord", "torchcodec")
+VIDEO_SOURCES = ("decord", "torchcodec", "pyav")
+MISREADING_MPEG = ("decord", "torchcodec")  # other frames than asked from MPEG-TS/PS: refused there
 
 
 def write_pts_video(
@@ -214,7 +215,7 @@ TS_PS = {  # container, codec, B-frames: what decord got for frames [33, 41, 48,
 }
 
 
-@pytest.mark.parametrize("source", VIDEO_SOURCES)
+@pytest.mark.parametrize("source", MISREADING_MPEG)
 @pytest.mark.parametrize("name", sorted(TS_PS))
 def test_video_sources_refuse_mpeg_ts_and_ps_instead_of_returning_other_frames(source, name, tmp_path):
     """decord on MPEG-TS/PS returned other frames than asked, with no error: one GOP late on
@@ -233,6 +234,29 @@ def test_video_sources_refuse_mpeg_ts_and_ps_instead_of_returning_other_frames(s
 
 
 TS_REQUESTS = [Request(0, 1.0, 2.0), Request(1, 0.0, 0.5), Request(2, 2.5, 3.9)]
+
+
+@pytest.mark.parametrize("name", sorted(TS_PS))
+def test_auto_reads_mpeg_ts_and_ps_with_pyav_and_gets_the_displayed_frames(name, tmp_path):
+    """The four files decord misread (and torchcodec): `--source auto` picks PyAV for them
+    (decord where every video is an MP4), which decodes in order and tells frames by pts as
+    `ekx prepare` does, and reads the frames displayed at the sampled times - also for H.264
+    in MPEG-PS, whose packets carry a pts only now and then (times by prepare's rule)."""
+    codec, bframes = TS_PS[name]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    tb = Fraction(1, 30)
+    write_pts_video(
+        videos / f"P01_01{Path(name).suffix}", GOP30_PTS, codec=codec, gop=30, bframes=bframes, time_base=tb
+    )
+    write_pts_video(videos / "P01_02.mp4", GOP30_PTS[:10])
+    assert sources.choose("auto", {"P01_01", "P01_02"}, videos, None).name == "pyav"
+    assert sources.choose("auto", {"P01_02"}, videos, None).name == "decord"
+    path = epic.index_videos(videos)["P01_01"]
+    got = decode("pyav", path, TS_REQUESTS, 4)
+    for r in TS_REQUESTS:
+        assert stamps(got[r.row]) == displayed_at(GOP30_PTS, centres(r, 4)).tolist(), r
+    assert stamps(got[0]) == [33, 41, 48, 56]
 
 
 def test_prepared_copy_of_mpeg_ts_with_b_frames_reads_right_with_decord(tmp_path):

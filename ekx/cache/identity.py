@@ -40,6 +40,7 @@ PROVENANCE = frozenset(
         "resize_method",  # the words for `resize` + `decode_size`
         "source_path",  # where imported features lay; their sha256 is `source_sha256`
         "describe",  # an imported store's description, in the user's words
+        "decoder_log",  # FFmpeg's log lines per video while decoding (sources.ffmpeg_log): a note
     }
 )
 # which segments a file holds: the train and validation caches of one model differ here

@@ -258,6 +258,7 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A feature cache (.h5).
     """
     from ekx.cache import tools
     from ekx.cache.reader import failures
+    from ekx.extract.sources import ffmpeg_log
 
     meta = tools.info(path)
     table = Table("attribute", "value", title=str(path))
@@ -271,6 +272,8 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A feature cache (.h5).
     )
     for nid, reason in failures(path)[:20]:
         console.print(f"  failed {nid}: {reason}")
+    if line := ffmpeg_log.summary(meta["attrs"]):
+        console.print(line, soft_wrap=True)
 
 
 @command(cache_app, "verify")

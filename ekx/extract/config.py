@@ -15,7 +15,7 @@ from ekx.options import Names, opt
 # a test keeps them equal. Backbone names include families (`timm:<model>`, see
 # ekx.extract.families): the part before the colon is what is checked here.
 BACKBONES = Names("backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"), families=("timm", "open_clip", "hf"))
-SOURCES = Names("frame source", ("auto", "decord", "torchcodec", "frames"))
+SOURCES = Names("frame source", ("auto", "decord", "torchcodec", "frames", "pyav"))
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZES = ("decoder", "torchvision")
 DEVICE: dict[str, Any] = {"pattern": r"auto|cpu|cuda(:\d+)?", "shown": "auto, cpu or cuda[:N]"}

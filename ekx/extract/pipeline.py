@@ -28,6 +28,7 @@ from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
 from ekx.extract.config import ExtractConfig, check_dense_rate
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, frame_resize, segment_inputs
+from ekx.extract.sources.ffmpeg_log import DecoderLog
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
 from ekx.extract.video import Request, Result
@@ -219,6 +220,7 @@ def extract_many(
     # each backbone with its weights' preprocessing: one decode serves all (`decode_size_of`)
     bbs = {n: backbones.with_weights(backbones.get(n), cfg.weights) for n in names}
     targets: list[Target] = []
+    decoder_log = DecoderLog()  # FFmpeg's own log lines, per video: one line, and in the cache
     try:
         for name in names:
             tcfg = dataclasses.replace(cfg, backbone=name)
@@ -249,7 +251,7 @@ def extract_many(
             targets.append(t)
         if on_start:
             on_start(len(plan), min(t.summary.done for t in targets))
-        _run(cfg, targets, device, precision, plan, found, on_progress, times)
+        _run(cfg, targets, device, precision, plan, found, on_progress, times, decoder_log)
     finally:
         for t in targets:
             try:
@@ -262,6 +264,7 @@ def extract_many(
         t.summary.done, t.summary.failed = counts["done"], counts["failed"]
         t.summary.failures = failures(t.summary.path) if t.summary.failed else []
         t.summary.seconds = time.perf_counter() - t0
+    decoder_log.finish([t.summary.path for t in targets], warn)
     return [t.summary for t in targets]
 
 
@@ -309,7 +312,8 @@ def _run(
     plan: list[epic.Segment],
     found: dict[str, Path],
     on_progress: Callable[[int, int], None] | None,
-    times: np.ndarray | None = None,
+    times: np.ndarray | None,
+    decoder_log: DecoderLog,
 ) -> None:
     todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
     by_video: dict[str, list[Request]] = {}
@@ -378,6 +382,7 @@ def _run(
         t.pending, t.n_inputs = [], 0
 
     for res in loader:
+        decoder_log.add(plan[res.row].video_id, res)
         if res.error is not None:
             for t in targets:
                 if t.todo[res.row]:

@@ -23,7 +23,8 @@ RGB and resizing after; the cache records which resize ran). Frames are read in
 increasing order; for each one the reader either decodes forward from where it is
 (skip_frames: no colour conversion) or seeks, whichever decodes fewer frames - it seeks
 only when a keyframe lies between the current position and the target. MPEG-TS/PS files
-are refused (`refuses_mpeg_systems`): decord and torchcodec return other frames there, silently.
+are refused (`refuses_mpeg_systems`): decord and torchcodec return other frames there, silently;
+`--source auto` reads them with PyAV instead (`is_mpeg_system`, `sources.pyav`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Scan:
     start: float  # where the video stream starts on the file's timeline (s)
     times: np.ndarray  # [n] float64 pts (s, file timeline) in display order; empty where unreadable
     container: str  # PyAV's format name ("mov,mp4,...", "mpegts", "mpeg"); "" where unreadable
+    packets: int = 0  # the video packets read; more than len(times) where some carry no pts
 
 
 def scan(path: Path, refuse: Callable[[Path, str], str | None] | None = None) -> Scan:
@@ -143,15 +145,35 @@ def scan(path: Path, refuse: Callable[[Path, str], str | None] | None = None) ->
             if v.time_base is None:
                 return Scan(shape, start, empty, container)
             tb = float(v.time_base)  # float64: pts x time base is exact to ~1e-16 relative
-            pts = sorted(p.pts for p in c.demux(v) if p.pts is not None and p.size)
+            packets = [p.pts for p in c.demux(v) if p.size]
+            pts = sorted(p for p in packets if p is not None)
             times = np.asarray(pts, dtype=np.float64) * tb - origin
         except Exception:  # a damaged file: the decoder's clock, else a constant rate
-            times = empty
-    return Scan(shape, start, times, container)
+            return Scan(shape, start, empty, container)
+    return Scan(shape, start, times, container, len(packets))
 
 
 # MPEG system streams (PyAV's format names): program and transport streams
 MPEG_SYSTEMS = ("mpeg", "mpegts", "mpegtsraw")
+
+
+def is_mpeg_system(path: Path) -> bool:
+    """Whether the file is an MPEG program or transport stream, from its first bytes (what
+    `--source auto` asks of every video before choosing a decoder; opening each with PyAV
+    would cost 10-50 ms a file): a pack header (00 00 01 BA) opens a program stream; a
+    transport stream has its sync byte 0x47 every 188 bytes (192 in M2TS), at most a packet in."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8 * 192 + 192)
+    except OSError:
+        return False
+    if head.startswith(b"\x00\x00\x01\xba"):
+        return True
+    for size in (188, 192):
+        for first in range(min(size, max(0, len(head) - 4 * size))):
+            if all(head[first + j * size] == 0x47 for j in range(5)):
+                return True
+    return False
 
 
 def refuses_mpeg_systems(path: Path, container: str) -> str | None:
@@ -167,7 +189,7 @@ def refuses_mpeg_systems(path: Path, container: str) -> str | None:
     if set(container.split(",")) & set(MPEG_SYSTEMS):
         return (
             f"decord and torchcodec return wrong frames from MPEG-TS/PS files ({container}); "
-            "make an MP4 copy with `ekx prepare` and extract from that"
+            "make an MP4 copy with `ekx prepare`, or extract with --source pyav (or auto)"
         )
     return None
 
@@ -209,6 +231,9 @@ class Result:
     frames: np.ndarray | None  # uint8 [K * clip_len, H, W, 3]
     centres: np.ndarray | None  # [K]
     error: str | None = None
+    # FFmpeg log lines of this video's decode so far, and the first (sources.ffmpeg_log)
+    decoder_log: int = 0
+    decoder_note: str = ""
 
 
 def open_reader(path: Path, size_fn=None, shape: tuple[int, int] | None = None):

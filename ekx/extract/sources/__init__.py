@@ -7,6 +7,8 @@ preprocessing asks for. Stage 1, the calibration of random weights, fine-tuning 
 
 - ``decord`` (default): `ekx.extract.video`'s reader;
 - ``torchcodec``: PyTorch's decoder (optional extra ``ekx[torchcodec]``), CPU or CUDA;
+- ``pyav``: PyAV, every frame in order and told by its pts, as `ekx prepare` reads a video:
+  ``auto`` picks it where a wanted video is an MPEG-TS/PS file, which the other two misread;
 - ``frames``: the official ``<pid>/rgb_frames/<vid>/frame_0000000001.jpg`` JPEGs, from a
   folder or straight from the per-video tar.
 
@@ -14,8 +16,9 @@ A source opens a `Reader` per video (frame count, nominal fps, per-frame timesta
 ``get(sorted indices)``), says where a segment's K positions and their clips are
 (`Reader.positions`: the frames displayed at the sampled times for videos, see
 `ekx.extract.video`; the CSV's frame numbers for JPEGs), and `decode_segments` turns
-that into one `Result` per segment, reading each wanted frame once. A new source is one
-file with `@register`; a duplicate name is an error.
+that into one `Result` per segment, reading each wanted frame once, with FFmpeg's own log
+lines counted rather than printed (`ffmpeg_log`). A new source is one file with
+`@register`; a duplicate name is an error.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import numpy as np
 
 from ekx import EkxError, epic
 from ekx.extract import config
-from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at
+from ekx.extract.video import CLIP_RATE, Request, Result, centre_times, clip_times, frame_at, is_mpeg_system
 
-BUILTIN = ("decord", "torchcodec", "frames")  # modules of ekx.extract.sources, imported on first use
+BUILTIN = ("decord", "torchcodec", "frames", "pyav")  # modules of ekx.extract.sources, imported on first use
 DEFAULT = "decord"
 RGB_FRAMES = "official RGB frames (JPEG)"  # the cache's video_input for the frames source
 REGISTRY: dict[str, Source] = {}
@@ -118,8 +121,11 @@ class Source:
     def decode(
         self, path: Path, requests: list[Request], k: int, clip_len: int, size_fn: SizeFn = None, device: str = "cpu"
     ) -> Iterator[Result]:
-        """One Result per request (frames uint8 [K * clip_len, H, W, 3], or the error)."""
-        return decode_segments(self, path, requests, k, clip_len, size_fn, device)
+        """One Result per request (frames uint8 [K * clip_len, H, W, 3], or the error), with
+        the FFmpeg log lines of the decode so far (`ffmpeg_log.captured`)."""
+        from ekx.extract.sources.ffmpeg_log import captured
+
+        return captured(lambda: decode_segments(self, path, requests, k, clip_len, size_fn, device))
 
 
 def register(cls: type[Source]) -> type[Source]:
@@ -151,18 +157,20 @@ def get(name: str) -> Source:
 
 
 def choose(name: str, video_ids: set[str], videos: Path, frames: Path | None) -> Source:
-    """``--source auto``: the videos where any of the wanted ones is there, else the JPEG
-    frames where any is there, else decord (whose error then names the missing videos)."""
+    """``--source auto``: the videos where any of the wanted ones is there - read by decord,
+    or by PyAV for the whole run where one of them is an MPEG-TS/PS file (decord and
+    torchcodec return other frames there; one decoder per run keeps the cache's identity
+    one) - else the JPEG frames where any is there, else decord (whose error then names
+    the missing videos)."""
     if name != "auto":
         src = get(name)
     else:
         src = get(DEFAULT)
-        if (
-            not video_ids & set(src.index(videos))
-            and frames is not None
-            and video_ids & set(get("frames").index(frames))
-        ):
+        here = src.index(videos)
+        if not video_ids & set(here) and frames is not None and video_ids & set(get("frames").index(frames)):
             src = get("frames")
+        elif any(is_mpeg_system(here[v]) for v in sorted(video_ids & set(here))):
+            src = get("pyav")
     why = src.missing()
     if why:
         raise EkxError(why)
