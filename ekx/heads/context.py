@@ -145,25 +145,31 @@ def windows(
     own_t = start[:, None] + parts[None, :] * (stop - start)[:, None]  # the segment's own positions
     win_t = centre[:, None] + offsets[None, :]
     b, n_s, d = len(idx), len(streams), int(mean.shape[-1])
-    x = torch.zeros(b, n_s * tokens + SEGMENT_TOKENS, d, device=device)
+    # one float32 tensor, the extra channels included, each stream standardised in place in
+    # its channels: at the evaluation batch (1024 windows of 116 tokens of a fused 3072-dim
+    # store: 1.4 GiB) a float copy per stream and a final concatenation doubled the peak
+    x = torch.zeros(b, n_s * tokens + SEGMENT_TOKENS, d + EXTRA, device=device)
     valid = torch.zeros(b, n_s * tokens + SEGMENT_TOKENS, dtype=torch.bool, device=device)
     c = 0
     for i, s in enumerate(streams):
         f, ok = _nearest(s, idx, torch.cat([win_t, own_t], dim=1), view)
-        ch = slice(c, c + f.shape[-1])
-        f = f.to(device, non_blocking=True).float().sub_(mean[ch]).div_(std[ch]) * ok.to(device)[..., None]
-        x[:, i * tokens : (i + 1) * tokens, ch] = f[:, :tokens]
-        x[:, -SEGMENT_TOKENS:, ch] = f[:, tokens:]
-        valid[:, i * tokens : (i + 1) * tokens] = ok[:, :tokens].to(device)
-        valid[:, -SEGMENT_TOKENS:] |= ok[:, tokens:].to(device)
-        c += f.shape[-1]
+        ch, ok = slice(c, c + f.shape[-1]), ok.to(device)
+        for rows, got, m in ((slice(i * tokens, (i + 1) * tokens), f[:, :tokens], ok[:, :tokens]),
+                             (slice(n_s * tokens, None), f[:, tokens:], ok[:, tokens:])):  # fmt: skip
+            part = x[:, rows, ch]
+            part.copy_(got, non_blocking=True)
+            part.sub_(mean[ch]).div_(std[ch]).mul_(m[..., None])
+        del f
+        valid[:, i * tokens : (i + 1) * tokens] = ok[:, :tokens]
+        valid[:, -SEGMENT_TOKENS:] |= ok[:, tokens:]
+        c += ch.stop - ch.start
     q = torch.stack([start - centre, stop - centre], dim=1).div(half).clamp(-1, 1).float().to(device)
     n = x.shape[1]
     rel = ((torch.cat([win_t.repeat(1, n_s), own_t], dim=1) - centre[:, None]) / half).float().to(device)
     stream = torch.arange(n_s, device=device).repeat_interleave(tokens)
     stream = torch.cat([stream, stream.new_zeros(SEGMENT_TOKENS)]).float().expand(b, -1)
-    extra = torch.stack([stream, rel, valid.float(), q[:, :1].expand(-1, n), q[:, 1:].expand(-1, n)], dim=-1)
-    return torch.cat([x, extra], dim=-1)
+    x[..., d:] = torch.stack([stream, rel, valid.float(), q[:, :1].expand(-1, n), q[:, 1:].expand(-1, n)], dim=-1)
+    return x
 
 
 def check(split, head: str) -> None:

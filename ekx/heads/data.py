@@ -269,13 +269,14 @@ def _join(parts: list[Split], invs: list, device: torch.device) -> tuple[torch.T
         and torch.equal(p.index if inv is None else p.index[inv.to(p.index.device)], first.index)
         for p, inv in zip(parts, invs, strict=True)
     )
-    lead = tuple(first.feats.shape[:2]) if shared else tuple(first.per_segment().shape[:3])
+    lead = tuple(first.feats.shape[:2]) if shared else (len(first.narration_id), first.views, first.k)
     dims = [int(p.feats.shape[-1]) for p in parts]
     out = torch.empty(*lead, sum(dims), dtype=torch.float16)
     c = 0
     for p, inv, d in zip(parts, invs, dims, strict=True):
-        if shared:
+        if shared:  # the part's own copy is freed at once: its stream reads these channels
             out[..., c : c + d] = p.feats.cpu()
+            p.feats = out[..., c : c + d]
         else:
             f = p.per_segment()
             out[..., c : c + d] = (f if inv is None else f[inv.to(f.device)]).cpu()
@@ -285,7 +286,7 @@ def _join(parts: list[Split], invs: list, device: torch.device) -> tuple[torch.T
     if not shared:
         return out, None
     c = 0
-    for p, d in zip(parts, dims, strict=True):  # the part's own copy is freed: its stream reads these channels
+    for p, d in zip(parts, dims, strict=True):  # on the device the fused tensor went to
         p.feats, c = out[..., c : c + d], c + d
     assert first.index is not None
     return out, first.index.to(out.device)
