@@ -7,9 +7,12 @@ torchvision keeps IMAGENET1K_V1
 extractor loads and `ekx extract --weights IMAGENET1K_V1` loads too. Each side runs in its
 own process, in rounds that rotate which side goes first, so the machine's drift hits all.
 Printed per run: wall seconds, CPU seconds (the process and the children it waited for),
-peak RSS of the largest process; then the median over rounds of video_features' wall time
-over each ekx variant's, and the cosine per frame between each variant's features and
-video_features'.
+peak RSS of the largest process; then, per ekx variant, video_features' wall time over the
+variant's in each round, the median of those ratios (at least 3 rounds: with two, a median
+is their mean, and one round where a side collapsed under contention - 1,042 s against 53 s
+once - carried the table to 32.6x), any round whose time is more than 2x off the median of
+that side's median round (flagged: rerun on a quieter machine), and the cosine per frame
+between each variant's features and video_features'.
 
 - video_features: `main.py feature_type=resnet model_name=resnet50 batch_size=1 device=cpu`
   (its config's batch size; OpenCV decodes, PIL transforms, fp32).
@@ -19,7 +22,7 @@ video_features'.
   `--precision auto` unless told (bf16 where the CPU has bf16 matrix math, else fp32: the
   line above the table says which).
 
-Run: `python bench/vs_video_features.py --checkout PATH/TO/video_features [--pairs 3]`.
+Run: `python bench/vs_video_features.py --checkout PATH/TO/video_features [--rounds 3]`.
 The checkout needs its own requirements in this interpreter (`pip install omegaconf
 opencv-python-headless` beside ekx's); without a checkout, or without those, the bench
 says why and exits. About 2 minutes per round on 2 CPU cores (the 14 s 1080p50 clip).
@@ -123,9 +126,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkout", type=Path, default=os.environ.get("VIDEO_FEATURES"), help="video_features checkout")
     ap.add_argument("--clip", type=Path, default=CLIP)
-    ap.add_argument("--pairs", type=int, default=3, help="rounds (one run of each side per round)")
+    ap.add_argument("--rounds", "--pairs", type=int, default=3, help="rounds (one run of each side per round), >= 3")
     ap.add_argument("--precision", default="auto", help="ekx's --precision (auto, fp32, bf16)")
     args = ap.parse_args()
+    if args.rounds < MIN_ROUNDS:
+        sys.exit(f"--rounds {args.rounds}: at least {MIN_ROUNDS} (a median of two rounds is their mean)")
     if args.checkout is None:
         skip("no video_features checkout given (--checkout PATH or VIDEO_FEATURES=PATH)")
     checkout = args.checkout.resolve()
@@ -178,7 +183,7 @@ def main() -> None:
               f"video_paths=[{args.clip.resolve()}]"]  # fmt: skip
     sides = ["video_features", *cmds]
     runs: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
-    for i in range(args.pairs):
+    for i in range(args.rounds):
         for side in sides[i % 3 :] + sides[: i % 3]:  # each side first in turn
             if side in cmds:
                 stores[side].unlink(missing_ok=True)
@@ -188,22 +193,66 @@ def main() -> None:
                 r = timed(vf_cmd, checkout, env, OUT / "vf.log")
             runs[side].append(r)
             print(f"round {i + 1} {side}: wall {r[0]:.1f} s, CPU {r[1]:.1f} s, peak RSS {r[2]:.0f} MiB", flush=True)
+    cos = {}
+    for side in cmds:
+        c = cosines(vf_out, stores[side], args.clip)
+        cos[side] = f"{c.min():.6f} / {np.median(c):.6f} ({len(c)} frames)"
     print()
-    print("| side | wall s (median) | CPU s (median) | peak RSS MiB | video_features / side, wall (median of rounds) "
-          "| per-frame cosine to video_features (min / median) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("\n".join(summary(runs, "video_features", cos)))
+
+
+MIN_ROUNDS = 3
+OFF = 2.0  # a round whose wall time is more than this factor off the side's median round
+
+
+def off_rounds(times: list[float], factor: float = OFF) -> list[int]:
+    """Rounds (0-based) whose time differs from the median of all the side's rounds by more
+    than ``factor`` x either way (one side collapsing under contention). The median of all,
+    not of the others: of three rounds the others' median is the mean of two, which the
+    one collapsed round would drag along and flag the sound ones too."""
+    m = statistics.median(times)
+    return [i for i, t in enumerate(times) if t > factor * m or t * factor < m]
+
+
+def summary(
+    runs: dict[str, list[tuple[float, float, float]]], base: str, extra: dict[str, str] | None = None
+) -> list[str]:
+    """The report's lines: a table with, per side, the medians of wall and CPU time, the peak
+    RSS, ``base``'s wall time over the side's in each round, their median (needs
+    MIN_ROUNDS rounds), and ``extra``'s column; then one line per flagged round (`off_rounds`)."""
+    extra = extra or {}
+    lines = [
+        f"| side | wall s (median) | CPU s (median) | peak RSS MiB | {base} / side, wall, per round "
+        f"| median of rounds | rounds > {OFF:g}x off | per-frame cosine to {base} (min / median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
     for side, rs in runs.items():
-        ratio, cos = "1", "1"
-        if side in cmds:
-            ratios = [v[0] / e[0] for v, e in zip(runs["video_features"], rs, strict=True)]
-            ratio = f"**{statistics.median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)})"
-            c = cosines(vf_out, stores[side], args.clip)
-            cos = f"{c.min():.6f} / {np.median(c):.6f} ({len(c)} frames)"
-        print(f"| {side} | {med(rs, 0):.1f} | {med(rs, 1):.1f} | {max(r[2] for r in rs):.0f} | {ratio} | {cos} |")
-
-
-def med(rs: list[tuple[float, float, float]], i: int) -> float:
-    return statistics.median(r[i] for r in rs)
+        walls = [r[0] for r in rs]
+        off = off_rounds(walls)
+        m = statistics.median(walls)
+        notes += [
+            f"round {i + 1}, {side}: {walls[i]:.1f} s against a median round of {m:.1f} s ({walls[i] / m:.1f}x): "
+            "contention? its ratio is marked (!); rerun on a quieter machine"
+            for i in off
+        ]
+        per, middle = "1", "1"
+        if side != base:
+            ratios = [v[0] / e[0] for v, e in zip(runs[base], rs, strict=True)]
+            bad = set(off) | set(off_rounds([r[0] for r in runs[base]]))
+            per = ", ".join(f"{r:.2f}x" + (" (!)" if i in bad else "") for i, r in enumerate(ratios))
+            middle = (
+                f"**{statistics.median(ratios):.2f}x**"
+                if len(ratios) >= MIN_ROUNDS
+                else f"- (needs {MIN_ROUNDS} rounds)"
+            )
+        flagged = ", ".join(str(i + 1) for i in off) or "none"
+        cos = extra.get(side, "1" if side == base else "-")
+        lines.append(
+            f"| {side} | {statistics.median(walls):.1f} | {statistics.median(r[1] for r in rs):.1f} | "
+            f"{max(r[2] for r in rs):.0f} | {per} | {middle} | {flagged} | {cos} |"
+        )
+    return lines + (["", *notes] if notes else [])
 
 
 def cpu_model() -> str:
