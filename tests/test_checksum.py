@@ -3,6 +3,7 @@ marking the rows pending, and re-extracted by the same command; merge carries th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -172,3 +173,191 @@ def test_merge_refuses_a_shard_row_that_fails_its_checksum(tmp_path):
     with pytest.raises(EkxError, match=r"s.h5: 1 rows do not match their checksums.*--repair"):
         tools.merge(tmp_path / "m.h5", [shard])
     assert not (tmp_path / "m.h5").exists()
+
+
+# ---------------------------------------------------------------- every dataset a row owns (format 4)
+
+DENSE = {"dense": "4", "dense_span": "annotated", "dense_margin": 0.0}
+
+
+@pytest.fixture(scope="module")
+def dense_store(synth_data, tmp_path_factory) -> Path:
+    """A dense store of random weights as `ekx extract --dense` writes it: every row done."""
+    out = tmp_path_factory.mktemp("dense") / "dense.h5"
+    cfg = ExtractConfig(**{**BASE, **DENSE, "limit": 3}, out=out)
+    s = extract(cfg, synth_data / "annotations", synth_data / "videos", out.parent, warn=lambda m: None)
+    assert (s.done, s.failed) == (3, 0), s.failures
+    return out
+
+
+def made(path: Path, kind: str) -> Path:
+    """A small file of either kind through the writer's own path (`store.create`, `Writer`), with
+    what extract adds to it: BatchNorm state (a 0-d counter too), a dense store's times."""
+    k = 4
+    path = make_cache(path, n=5, k=k)
+    with h5py.File(path, "r") as f:
+        attrs = store.read_attrs(f.attrs)
+        feats = f["features"][...]
+    c = open_cache(path)
+    rows = store.Rows(c.narration_id, c.video_id, c.verb_class, c.noun_class, np.arange(5))
+    state = {"bn.running_mean": np.linspace(0, 1, 8, dtype=np.float32), "bn.num_batches_tracked": np.array(7)}
+    times = (np.arange(5 * k).reshape(5, k) + 0.5) / 4 if kind == "dense" else None
+    if kind == "dense":
+        attrs["kind"] = "dense"
+    path.unlink()
+    store.create(path, attrs, rows, 1, k, feats.shape[-1], state, times)
+    w = store.Writer(path)
+    w.write([(i, feats[i], np.arange(k)) for i in range(5)], [])
+    w.close()
+    return path
+
+
+def every_dataset(path: Path) -> list[str]:
+    names: list[str] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def flip_one_byte(path: Path, name: str) -> None:
+    """XOR the first byte of the first value of a dataset (row 0 where it is a row's): behind
+    the writer's back, as a flipped disk block would. The same flip again undoes it."""
+    with h5py.File(path, "r+") as f:
+        d = f[name]
+        at = () if d.ndim == 0 else 0
+        value = d[at]
+        if d.dtype.kind == "O":  # a variable-length string: one byte of its text
+            text = value.decode() if isinstance(value, bytes) else value
+            d[at] = chr(ord(text[0]) ^ 1) + text[1:]
+            return
+        arr = np.array(value)
+        arr.reshape(-1).view(np.uint8)[0] ^= 0xFF
+        d[at] = arr
+
+
+@pytest.mark.parametrize("kind", ["cache", "dense"])
+def test_a_flipped_byte_in_any_dataset_fails_verify(tmp_path, kind):
+    """Every dataset of the file, listed from the file itself (so one added later is checked
+    too). (main: a flip in a dense store's time, a failure reason or backbone_state/ passed.)"""
+    path = made(tmp_path / "c.h5", kind)
+    names = every_dataset(path)
+    assert {"features", "failure", "status", "checksum", "frame_index", "bn.running_mean"} <= {
+        n.split("/")[-1] for n in names
+    }
+    assert ("time" in names) == (kind == "dense")
+    assert tools.verify(path) == ([], [])
+    passed = []
+    for name in names:
+        flip_one_byte(path, name)
+        if not tools.verify(path)[0]:
+            passed.append(name)
+        flip_one_byte(path, name)
+    assert passed == []
+    assert tools.verify(path) == ([], [])
+
+
+def test_the_made_store_holds_what_extract_writes(dense_store, tmp_path):
+    """The files above hold every kind of dataset `ekx extract --dense` writes."""
+    made_names = {n.split("/")[0] for n in every_dataset(made(tmp_path / "d.h5", "dense"))}
+    assert {n.split("/")[0] for n in every_dataset(dense_store)} == made_names
+
+
+def test_a_changed_dense_time_is_found_repaired_and_re_extracted(dense_store, synth_data, tmp_path):
+    """(main: time[0, 2] 0.625 -> 7.0 passed `cache verify`, and the segments there then read
+    features of another position.) Re-running the extract command restores the planned time."""
+    path = tmp_path / "d.h5"
+    shutil.copy(dense_store, path)
+    with h5py.File(path, "r+") as f:
+        assert f["time"][0, 2] == 0.625  # (2 + 0.5) / 4 s
+        f["time"][0, 2] = 7.0
+    names = open_cache(path).narration_id
+    problems = tools.verify(path)[0]
+    assert any("do not match their checksums" in p and names[0] in p for p in problems), problems
+    result = runner.invoke(app, ["cache", "verify", str(path), "--repair"], terminal_width=300)
+    assert result.exit_code == 1 and "pending" in result.output, result.output
+    cfg = ExtractConfig(**{**BASE, **DENSE, "limit": 3}, out=path)
+    s = extract(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    assert (s.processed, s.done) == (1, 3)
+    assert open_cache(path).time[0, 2] == 0.625 and tools.verify(path) == ([], [])
+
+
+def test_a_done_row_whose_planned_value_changed_is_refused_on_resume(dense_store, tmp_path):
+    """What `restore_plan` heals is a row to be redone; a done one is left to `verify --repair`."""
+    path = tmp_path / "d.h5"
+    shutil.copy(dense_store, path)
+    c = open_cache(path)
+    rows = store.Rows(c.narration_id, c.video_id, c.verb_class, c.noun_class, np.arange(len(c.status)))
+    with h5py.File(path, "r+") as f:
+        f["time"][1, 0] = 99.0
+    with pytest.raises(EkxError, match=r"row 1 \(.*@1\) holds another time than this run plans.*--repair"):
+        store.Writer(path).restore_plan(rows, c.time)
+    checksum.mark_pending(path, np.array([1]))
+    w = store.Writer(path)
+    w.restore_plan(rows, c.time)
+    w.close()
+    assert open_cache(path).time[1, 0] == c.time[1, 0]
+
+
+def test_a_version_3_store_verifies_and_names_what_its_checksums_leave_out(dense_store, tmp_path):
+    path = tmp_path / "v3.h5"
+    shutil.copy(dense_store, path)
+    with h5py.File(path, "r+") as f:  # as ekx sealed rows before: features, labels, ids, indices
+        f.attrs["format_version"] = 3
+        del f.attrs[store.FILE_CHECKSUM]
+        meta = checksum.RowMeta.read(f)
+        f[checksum.DATASET][...] = [checksum.row_crc(f["features"][r], r, meta) for r in range(len(f["status"]))]
+    problems, warnings = tools.verify(path)
+    assert problems == [] and any("do not cover time, backbone_state/" in w for w in warnings), warnings
+    w = store.Writer(path)  # resumes under its own rule
+    w.write([(1, np.ones((1, 4, 2048), np.float16), np.arange(4))], [])
+    w.close()
+    assert tools.verify(path)[0] == []
+    _flip(path, "verb_class", 1)  # covered by version 3
+    assert checksum.corrupt_rows(path).tolist() == [1]
+
+
+# ---------------------------------------------------------------- features that are not numbers
+
+
+def test_nan_weights_fail_every_segment_by_name(synth_data, tmp_path):
+    """(main: NaN weights wrote NaN features, "0 failed", exit 0.)"""
+    import torch
+
+    from ekx.extract import backbones
+
+    state = backbones.get("resnet50").build().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")  # channel 0 spreads through every later layer
+    weights = tmp_path / "nan.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    ann, videos = synth_data / "annotations", synth_data / "videos"
+    args = ["extract", "--split", "validation", "--weights", str(weights), "--frames", "2", "--limit", "2"]
+    args += ["--workers", "0", "--annotations", str(ann), "--videos", str(videos), "--out", str(tmp_path / "n.h5")]
+    r = runner.invoke(app, args, terminal_width=300)
+    assert r.exit_code == 1 and "2 segments failed" in r.output, r.output
+    c = open_cache(tmp_path / "n.h5")
+    assert c.counts() == {"pending": 0, "done": 0, "failed": 2}
+    for nid in c.narration_id:
+        assert f"failed {nid}: features not finite" in r.output
+
+
+def test_one_segment_with_non_finite_features_fails_alone(synth_data, tmp_path, monkeypatch):
+    """One isfinite over the batch, but the verdict per segment: the others of the same batch
+    are written."""
+    import torch
+
+    from ekx.extract import pipeline
+
+    real = pipeline.segment_inputs
+    bad = {}
+
+    def inputs(res, nid, *a, **k):
+        x = real(res, nid, *a, **k)
+        bad.setdefault("nid", nid)  # the first segment decoded
+        return torch.full_like(x, float("inf")) if nid == bad["nid"] else x
+
+    monkeypatch.setattr(pipeline, "segment_inputs", inputs)
+    cfg = ExtractConfig(**{**BASE, "frames": 2, "limit": 3, "workers": 0}, out=tmp_path / "f.h5")
+    summary = extract(cfg, synth_data / "annotations", synth_data / "videos", tmp_path, warn=lambda m: None)
+    assert (summary.done, summary.failed) == (2, 1)
+    assert summary.failures == [(bad["nid"], pipeline.NOT_FINITE)]
+    assert tools.verify(tmp_path / "f.h5")[0] == []  # the done rows hold finite features

@@ -195,6 +195,7 @@ def test_a_context_head_trains_on_two_fused_dense_stores(tmp_path):
     assert ckpt["model"]["stream.weight"].shape[0] == 2
     r = CliRunner().invoke(app, ["evaluate", str(runs / "two"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    # a part swapped for one of another store is refused, as for any fused run
-    r = CliRunner().invoke(app, ["evaluate", str(runs / "two"), "--device", "cpu", "--features", f"{val}+{val}"])
+    # parts swapped (each part another store than the run's) are refused, as for any fused run
+    swapped = f"{other['validation']}+{val}"
+    r = CliRunner().invoke(app, ["evaluate", str(runs / "two"), "--device", "cpu", "--features", swapped])
     assert r.exit_code == 1 and "incompatible" in r.output, r.output

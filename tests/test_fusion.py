@@ -79,3 +79,26 @@ def test_a_fused_run_trains_evaluates_and_refuses_a_swapped_part(tmp_path):
     r = CliRunner().invoke(app, ["evaluate", str(runs / "f"), "--features", swapped, "--device", "cpu"])
     assert r.exit_code == 1 and "part2.backbone" in r.output and "r2plus1d_18" in r.output, r.output
     assert load_split(val, torch.device("cpu")).feats.shape[-1] == 48
+
+
+def test_a_store_fused_with_itself_is_refused(tmp_path):
+    """(main: `a+a` trained on every feature doubled, without a word.) Named twice, or a copy
+    under another name (the same identity)."""
+    import shutil
+
+    feats = tmp_path / "features"
+    for split_name, seed in (("train", 0), ("validation", 1)):
+        make_cache(feats / "resnet50" / f"{split_name}.h5", n=16, k=4, seed=seed, split=split_name)
+    a = feats / "resnet50" / "train.h5"
+    with pytest.raises(EkxError, match=r"train.h5 is named twice; a fusion of a store with itself"):
+        load_split(f"{a}+{tmp_path}/features/../features/resnet50/train.h5", torch.device("cpu"))
+    copy = shutil.copy(a, tmp_path / "copy.h5")
+    with pytest.raises(EkxError, match=r"train.h5 and .*copy.h5 hold the same features \(equal identity\)"):
+        load_split(f"{a}+{copy}", torch.device("cpu"))
+    v = feats / "resnet50" / "validation.h5"
+    r = CliRunner().invoke(
+        app, ["train-head", "pooling", "--train-features", f"{a}+{a}", "--val-features", f"{v}+{v}",
+              "--runs", str(tmp_path / "runs"), "--epochs", "1", "--device", "cpu"], terminal_width=300,
+    )  # fmt: skip
+    assert r.exit_code == 1 and "is named twice" in r.output, r.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -2,12 +2,14 @@
 file system, an interrupted copy or a flipped block would go unseen. Each row's crc32 is
 written with the row, before its status, and `ekx cache verify` recomputes it.
 
-From format version 3 the checksum covers **everything stored for the row**: its features
-(float16 bytes as stored), its row number, labels, plan index, frame indices, narration
-and video ids - so a flipped label, a duplicated id or two rows swapped together with
-their checksums are found, not only corrupt features. Version 2 caches (features only)
-still read, resume and verify, with a warning that their labels and ids are unchecked;
-version 1 caches have no checksums at all.
+From format version 4 the checksum covers **every dataset the row owns**: its features
+(float16 bytes as stored), its row number, and each dataset at the file's root but the
+checksum and the status, by name - labels, ids, plan and frame indices, a dense store's
+times, the failure reason, and any dataset added later, without a list to keep up. Data of
+the whole file (``backbone_state/``) has its own crc32 (the ``file_checksum`` attribute).
+Older caches still read, resume and verify under their own rule, with a warning naming what
+it leaves unchecked: version 3 covers features, labels, ids and indices; version 2 the
+features only; version 1 has no checksums at all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ SHOW = 10  # narration ids named in a verify message
 
 
 # the row format lives with the store (its writer seals each row); checksum.py scans files
-from ekx.cache.store import WHOLE_ROW, RowMeta, row_crc, whole_row  # noqa: E402 - re-exported
+from ekx.cache.store import EVERY_DATASET, WHOLE_ROW, RowMeta, row_crc, whole_row  # noqa: E402
 
 
 def _chunk_offsets(dset: h5py.Dataset) -> np.ndarray | None:
@@ -83,6 +85,24 @@ def corrupt_rows(path: Path) -> np.ndarray | None:
     return np.array(sorted(bad), dtype=np.int64)
 
 
+def unchecked(f: h5py.File) -> list[str]:
+    """What the file's own checksum rule leaves out (an older format), named for the warning."""
+    version = int(f.attrs.get("format_version", 0))
+    if version >= EVERY_DATASET:
+        return []
+    covered = set(store.V3_COLUMNS) if version >= WHOLE_ROW else set()
+    # a failed row's reason is text for the user: not worth a warning on every older cache
+    rows = [k for k in store.row_datasets(f) if k not in covered and k != "failure"]
+    groups = [f"{k}/" for k, v in f.items() if isinstance(v, h5py.Group)]
+    return rows + groups
+
+
+def file_changed(f: h5py.File) -> bool:
+    """The data of the whole file (``backbone_state/``) no longer matches its checksum."""
+    want = f.attrs.get(store.FILE_CHECKSUM)
+    return want is not None and int(want) != store.file_crc(f)
+
+
 def check(path: Path, narration_id: list[str]) -> tuple[list[str], list[str], np.ndarray]:
     """(problems, warnings, corrupt rows) for `ekx cache verify`."""
     bad = corrupt_rows(path)
@@ -97,22 +117,31 @@ def check(path: Path, narration_id: list[str]) -> tuple[list[str], list[str], np
         )
     with h5py.File(path, "r") as f:
         version = int(f.attrs.get("format_version", 0))
-    old = [
-        f"checksums of this cache (format version {version}) cover the features only: labels, ids and "
-        "indices are unchecked; re-extract into a new file to get whole-row checksums"
-    ]
-    if not len(bad):
-        return [], old if version < WHOLE_ROW else [], bad
-    names = ", ".join(narration_id[r] for r in bad[:SHOW]) + (f" and {len(bad) - SHOW} more" if len(bad) > SHOW else "")
-    return (
+        left_out = unchecked(f)
+        problems = (
+            [f"{path}: the file's own data ({', '.join(f'{k}/' for k, v in f.items() if isinstance(v, h5py.Group))}) "
+             "changed on disk; re-extract into a new file"]
+            if file_changed(f)
+            else []
+        )  # fmt: skip
+    warnings = (
         [
-            f"{len(bad)} segments do not match their checksums (features, labels, ids or indices changed on "
-            f"disk): {names}; "
-            f"`ekx cache verify {path} --repair` marks them pending, then re-run the same extract command"
-        ],
-        old if version < WHOLE_ROW else [],
-        bad,
+            f"checksums of this cache (format version {version}) do not cover {', '.join(left_out)}: changes there "
+            "go unseen; re-extract (or re-import) into a new file to get checksums of every dataset"
+            + (" (version 2: they cover the features only)" if version < WHOLE_ROW else "")
+        ]
+        if left_out
+        else []
     )
+    if not len(bad):
+        return problems, warnings, bad
+    names = ", ".join(narration_id[r] for r in bad[:SHOW]) + (f" and {len(bad) - SHOW} more" if len(bad) > SHOW else "")
+    problems.append(
+        f"{len(bad)} segments do not match their checksums (features, labels, ids, indices or times changed on "
+        f"disk): {names}; "
+        f"`ekx cache verify {path} --repair` marks them pending, then re-run the same extract command"
+    )
+    return problems, warnings, bad
 
 
 def mark_pending(path: Path, rows: np.ndarray) -> None:

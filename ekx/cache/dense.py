@@ -17,7 +17,8 @@ writes the same layout from published features, with their own times.
 Stage 2 (`gather`) gives each segment of an annotation file its K positions by the
 per-segment sampling rule (the centres of K equal parts of [start, stop)), each mapped to the
 nearest dense time of its video; a segment with no dense time within half a dense period
-of its span is missing (the `--allow-missing` policy counts it), never silently skipped.
+of its span, or with a position in a row that failed (or is pending), is missing (the
+`--allow-missing` policy counts it), never silently skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SEGMENT_POSITIONS = 16
 GATHER_RULE = (
     "K = {k} positions per segment: centres of K equal parts of [start, stop), each the nearest dense "
     "time of its video; a segment with no dense time within half a period of its span is missing"
-)
+)  # and one with a position in a row not done (`gather`): the same features for every segment read
 SPANS = ("video", "annotated")
 # the separator of a dense store and the annotation file whose segments to read from it
 SEGMENTS = "@"
@@ -187,11 +188,13 @@ class Gathered:
 
 
 def gather(times: np.ndarray, video_id: list[str], done: np.ndarray, segments: list[epic.Segment], k: int) -> Gathered:
-    """Map every segment's K sampled times to the nearest dense position of its video
-    (`times` [rows, K] of the store, ``done`` [rows] bool)."""
+    """Map every segment's K sampled times to the nearest planned dense position of its video
+    (`times` [rows, K] of the store, ``done`` [rows] bool). A segment any of whose positions
+    lies in a row not done (failed, pending) is missing: a neighbouring row's features never
+    stand in for the failed ones, and the missing-segment policy counts it."""
     cols = times.shape[1]
-    valid = np.isfinite(times) & done[:, None]
-    flat = np.flatnonzero(valid.reshape(-1))
+    flat = np.flatnonzero(np.isfinite(times).reshape(-1))  # every planned position, done or not
+    row_done = np.repeat(np.asarray(done, bool), cols)  # [rows * K]: the position's row is done
     row_video = np.asarray(video_id, dtype=object)[flat // cols]
     per_video: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     for vid in dict.fromkeys(row_video.tolist()):
@@ -219,6 +222,7 @@ def gather(times: np.ndarray, video_id: list[str], done: np.ndarray, segments: l
         if len(t) > 1:
             j = np.where(np.abs(t[j - 1] - want) <= np.abs(t[j] - want), j - 1, j)
         index[i] = pos[j]
-        present[i] = True
-        gap = max(gap, float(np.abs(t[j] - want).max()))
+        if row_done[pos[j]].all():
+            present[i] = True
+            gap = max(gap, float(np.abs(t[j] - want).max()))
     return Gathered(index, present, gap)

@@ -40,7 +40,7 @@ def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False)
     if repair and len(corrupt):
         checksum.mark_pending(path, corrupt)
         # what is left to say is the pending rows' line below: re-run the extract command
-        problems = [f"repaired: {len(corrupt)} corrupt segments marked pending"]
+        problems = [*problems[:-1], f"repaired: {len(corrupt)} corrupt segments marked pending"]
         c = open_cache(path)
     n, (N, V, K, D) = len(c.narration_id), c.shape
     a = c.attrs
@@ -49,8 +49,11 @@ def verify(path: Path, annotation_csv: Path | None = None, repair: bool = False)
             f"features shape {c.shape} disagrees with attributes V={a.get('views')}, "
             f"K={a.get('frames_per_segment')}, D={a.get('feature_dim')}"
         )
-    if len({n, N, len(c.video_id), len(c.verb_class), len(c.noun_class), len(c.status), len(c.frame_index)}) != 1:
-        problems.append("datasets have different row counts")
+    with h5py.File(path, "r") as f:  # every dataset at the root holds one entry per row (store.py)
+        lengths = {k: len(d) for k, d in f.items() if isinstance(d, h5py.Dataset)}
+    if len({n, N, *lengths.values()}) != 1:
+        odd = ", ".join(f"{k} {v}" for k, v in lengths.items() if v != n)
+        problems.append(f"datasets have different row counts ({n} rows; {odd})")
     if not np.isin(c.status, list(store.STATUS_NAMES)).all():
         problems.append("status holds unknown values")
     counts = c.counts()
@@ -188,13 +191,21 @@ def merge(out: Path, shards: list[Path]) -> dict:
     caches = [open_cache(p) for p in shards]
     ref, ref_name = caches[0].attrs, Path(caches[0].path).name
     for c in caches[1:]:
-        bad = identity.mismatch(identity.extraction(c.attrs), identity.extraction(ref), (Path(c.path).name, ref_name))
+        mine, theirs = identity.extraction(c.attrs), identity.extraction(ref)
+        # each shard reads other videos: their records must agree where they meet (mismatch),
+        # their classes join below
+        keys = (set(mine) | set(theirs)) - {identity.FRAMES}
+        bad = identity.mismatch(mine, theirs, (Path(c.path).name, ref_name), keys)
         if bad:
             raise EkxError(
                 f"{c.path} is not a shard of the same extraction as {caches[0].path} ({identity.describe(bad)}); "
                 "merge only the shards of one `ekx extract --shard I/N` command"
             )
     _check_complete(caches)
+    for c in caches:
+        with h5py.File(c.path, "r") as f:
+            if checksum.file_changed(f):
+                raise EkxError(f"{c.path}: its backbone_state/ changed on disk; re-run that shard's extract command")
     seen: dict[str, Path] = {}
     for c in caches:
         for nid in c.narration_id:
@@ -215,6 +226,10 @@ def merge(out: Path, shards: list[Path]) -> dict:
     )
     # the merged file is of this ekx's format: whole-row checksums, computed for its own rows
     attrs = dict(ref, shard="", merged_from=[Path(c.path).name for c in caches], format_version=store.VERSION)
+    parts = [c.attrs.get(identity.VIDEOS) for c in caches]
+    if all(isinstance(p, list) for p in parts):  # the videos of every shard, and their classes
+        attrs[identity.VIDEOS] = sorted({r for p in parts for r in (p or [])})
+        attrs[identity.FRAMES] = sorted({k for c in caches for k in c.attrs.get(identity.FRAMES, [])})
     _, V, K, D = caches[0].shape
     times = None
     if caches[0].time is not None:  # a dense store's position times (planned, so merged like the ids)
@@ -225,17 +240,17 @@ def merge(out: Path, shards: list[Path]) -> dict:
     small = {
         key: np.concatenate([_read(c.path, key) for c in caches])[order] for key in ("frame_index", "failure", "status")
     }
-    meta = checksum.RowMeta(
-        rows.narration_id, rows.video_id, rows.verb_class, rows.noun_class, rows.plan_index, small["frame_index"]
-    )
+    small["failure"][small["status"] == store.DONE] = b""  # a reason left from before a retry
     crcs = np.zeros(len(order), np.uint32)
     try:
         with h5py.File(out, "r+") as f:
-            # features first (bulk reads of source blocks, one chunk write per row), status last
-            for i, c in enumerate(caches):
-                _copy_rows(c.path, f["features"], dest_of[src == i], meta, crcs)
+            # everything a row owns but its features, then the features (bulk reads of source
+            # blocks, one chunk write per row) sealed by the merged file's rule, status last
             f["frame_index"][...] = small["frame_index"]
             f["failure"][...] = small["failure"]
+            meta = checksum.RowMeta.read(f)
+            for i, c in enumerate(caches):
+                _copy_rows(c.path, f["features"], dest_of[src == i], meta, crcs)
             f[checksum.DATASET][...] = crcs
             f.flush()
             f["status"][...] = small["status"]

@@ -130,6 +130,11 @@ def identity_collate(batch):
 
 # ---------------------------------------------------------------- the run
 
+NOT_FINITE = (
+    "features not finite (NaN, or Inf: beyond float16's +-65504): broken weights, or an overflow "
+    "in reduced precision; check --weights, or extract with --precision fp32"
+)
+
 
 def extract(
     cfg: ExtractConfig,
@@ -219,6 +224,7 @@ def extract_many(
     missing_msg = src.missing_message(missing, len({s.video_id for s in plan}), root) if missing else None
     # each backbone with its weights' preprocessing: one decode serves all (`decode_size_of`)
     bbs = {n: backbones.with_weights(backbones.get(n), cfg.weights) for n in names}
+    videos_read = identity.records(src, {v: found[v] for v in dict.fromkeys(s.video_id for s in plan) if v in found})
     targets: list[Target] = []
     decoder_log = DecoderLog()  # FFmpeg's own log lines, per video: one line, and in the cache
     try:
@@ -240,7 +246,7 @@ def extract_many(
                     video_input,
                     warn,
                     held,
-                    src.identity(decode_device, cfg.resize),
+                    {**src.identity(decode_device, cfg.resize), **identity.source_attrs(videos_read, bbs[name])},
                     identity.decode_size_of(bbs[name], [bbs[o] for o in names if o != name], cfg.resize),
                     times,
                 )
@@ -365,12 +371,19 @@ def _run(
             for _, inp in t.pending:
                 x = inp.contiguous(memory_format=fmt)
                 outs += [t.model(x[i : i + bs]).float() for i in range(0, len(x), bs)]
-        feats = torch.cat(outs).cpu().numpy()
+        with np.errstate(over="ignore"):  # a value beyond float16's range becomes Inf: refused below
+            feats = torch.cat(outs).cpu().numpy().astype(np.float16)
+        # one pass over the batch: a NaN or Inf anywhere in a segment's rows fails that segment
+        finite = np.asarray(np.isfinite(feats.reshape(len(feats), -1)).all(axis=1))
         o = 0
         for res, inp in t.pending:
             f = feats[o : o + len(inp)].reshape(cfg.views, cfg.frames, t.bb.dim)
+            ok = finite[o : o + len(inp)].all()
             o += len(inp)
-            t.thread.put(("done", res.row, f.astype(np.float16), res.centres))
+            if ok:
+                t.thread.put(("done", res.row, f, res.centres))
+            else:
+                t.thread.put(("failed", res.row, NOT_FINITE))
         t.summary.processed += len(t.pending)
         t.summary.frames += sum(len(r.frames) for r, _ in t.pending if r.frames is not None)
         for res, _ in t.pending:

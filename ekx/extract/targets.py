@@ -123,6 +123,7 @@ def open_target(
     with h5py.File(out, "r") as f:
         store.check_rows(out, f, rows)
     writer = store.Writer(out)
+    writer.restore_plan(rows, times)  # a row repaired by `cache verify --repair` gets its planned values back
     status = writer.status_array()
     thread = WriterThread(writer)
     thread.start()

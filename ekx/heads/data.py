@@ -107,8 +107,15 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
     """A cache, or several joined with ``+`` (`fuse`)."""
     names = str(path).split(FUSE)
     if len(names) > 1:
+        stores = [dense.split_spec(n)[0].resolve() for n in names]
+        twice = next((n for i, n in enumerate(stores) if n in stores[:i]), None)
+        if twice is not None:  # said before anything is read
+            raise EkxError(f"{path}: {twice} is named twice; {SAME_FEATURES}")
         return fuse([_load_one(Path(n), torch.device("cpu"), mmap) for n in names], Path(path), device)
     return _load_one(Path(path), device, mmap)
+
+
+SAME_FEATURES = "a fusion of a store with itself would train on every feature doubled: join different stores"
 
 
 def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
@@ -193,6 +200,13 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
     order), a row done only where it is done in every part. The parts must hold the same
     segments, labels, K and views; each keeps its own identity (`Split.identity`)."""
     first = parts[0]
+    for i, p in enumerate(parts):  # a copy under another name: the same identity
+        same = next(
+            (q for q in parts[:i] if not identity.mismatch(identity.identity(q.attrs), identity.identity(p.attrs))),
+            None,
+        )
+        if same is not None:
+            raise EkxError(f"{path}: {same.path} and {p.path} hold the same features (equal identity); {SAME_FEATURES}")
     order = {nid: i for i, nid in enumerate(first.narration_id)}
     # parts align by narration id, each dense one having mapped the segments' times to its
     # own positions (alignment by time); `_join` then writes the features side by side
@@ -208,6 +222,10 @@ def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
                 f"{p.path} and {first.path} hold different segments ({lacking} of the first missing, {extra} "
                 "others): fuse caches extracted from the same annotation file"
             )
+        read = identity.mismatch(first.attrs, p.attrs, (str(first.path), str(p.path)), [identity.VIDEOS])
+        if read:  # one part from the originals, another from re-encoded copies
+            raise EkxError(f"{p.path} and {first.path} read their videos from other files ({read[0]}); fuse caches "
+                           "extracted from the same video files")  # fmt: skip
         if (p.k, p.views) != (first.k, first.views):
             raise EkxError(
                 f"{p.path} has {p.k} frames x {p.views} views per segment, {first.path} "
