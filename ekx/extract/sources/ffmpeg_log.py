@@ -33,7 +33,8 @@ ATTR = "decoder_log"  # the cache's root attribute: {video id: [lines, first lin
 
 @contextmanager
 def _pyav_capture(logs: list):
-    """PyAV's FFmpeg messages (warnings and worse) into ``logs`` for the duration."""
+    """PyAV's FFmpeg messages (warnings and worse) into ``logs`` for the duration, from any
+    thread (a decoder's own threads log too)."""
     try:
         import av.logging as avlog
     except ImportError:  # pragma: no cover - PyAV is a dependency
@@ -42,7 +43,7 @@ def _pyav_capture(logs: list):
     level = avlog.get_level()
     avlog.set_level(avlog.WARNING)
     try:
-        with avlog.Capture(local=True) as got:
+        with avlog.Capture(local=False) as got:
             yield
         logs.extend(got)
     finally:
