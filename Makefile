@@ -8,7 +8,7 @@ $(BIN)/ekx: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,plot,dev,torchcodec,docs,timm,clip,hf,lmdb]'
 	touch $@
 
-.PHONY: install demo test lint bench docs
+.PHONY: install demo test test-fast lint bench docs
 install: $(BIN)/ekx
 
 demo: install
@@ -22,8 +22,17 @@ lint: install
 docs: install
 	$(BIN)/mkdocs build --strict
 
+# the whole suite on both cores under coverage.py: the 15 slowest tests, the total, and line +
+# branch coverage at the end (`make test-fast`: the tests not marked slow, for before a commit)
+PYTEST := -m pytest -q -n 2 --dist loadgroup
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/coverage erase
+	$(BIN)/coverage run $(PYTEST) --durations=15; s=$$?; \
+	  $(BIN)/coverage combine -q && $(BIN)/python .ci/coverage_summary.py; \
+	  exit $$s
+
+test-fast: install
+	$(BIN)/python $(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python bench/extract_bench.py

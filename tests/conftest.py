@@ -1,11 +1,27 @@
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# `make test` runs the suite on two pytest-xdist workers (one per core): each worker and the
+# processes its tests start (decode workers, `ekx` subprocesses) then use one torch/OpenMP
+# thread, so the two workers do not fight over the cores. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a session fixture built at great cost run on one xdist worker
+    (`--dist loadgroup`), so it is built once: `ekx demo` (about 5 quiet minutes) above all."""
+    for item in items:
+        if "demo_workspace" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("demo"))
 
 
 def shared_dir(name: str) -> Path:
