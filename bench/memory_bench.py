@@ -9,9 +9,12 @@ decoder children). Reported per path:
 - tree PSS peak: the peak of the sum of the tree's proportional set sizes - a page shared
   by n processes (torch's libraries, a forked worker's copy-on-write pages) counts 1/n in
   each, so the sum is the memory the tree holds. The goal is checked on this figure.
+- main/children/grandchildren: that peak split by depth (the main process; its DataLoader
+  workers or calibration decoder; the workers' per-video decoders);
 - largest process RSS: ru_maxrss from wait4 (what GNU time's %M prints, the measure of the
   earlier 1.05 / 4.6 GiB figures);
-- wall seconds (the machine is shared: compare old and new within one run).
+- CPU and wall seconds of the tree (a shared machine stretches wall time: compare old and
+  new within one run, CPU first).
 
 The extraction paths read SEGMENTS segments of 2 s (K=16), or, for `--dense every:1`, every
 frame of the clip's first --seconds s (`--dense-span annotated` over one segment). The
@@ -52,6 +55,9 @@ EXTRACT = {  # path -> ekx extract arguments (besides the workspace and --weight
     "3 backbones, one pass": ["--backbone", "resnet50,efficientnet_b3,r2plus1d_18"],
     "timm ViT-S/16": ["--backbone", "timm:vit_small_patch16_224"],
     "OpenCLIP ViT-B/32": ["--backbone", "open_clip:ViT-B-32"],
+    # decord's read-ahead (`video.AVForwardReader`) grows with the video: the clip remuxed
+    # 10x end to end (140 s, no re-encoding), SEGMENTS segments spread over it
+    "decoder resize, 140 s video": ["--backbone", "resnet50", "--split", "LONG"],
 }
 CONTEXT = "context head data, 2 fused dense stores"
 
@@ -70,13 +76,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def tree(pid: int) -> list[int]:
-    todo, seen = [pid], []
+def tree(pid: int) -> dict[int, int]:
+    """pid -> depth below ``pid`` (0 itself, 1 its children: the DataLoader workers, ...)."""
+    depth, todo = {pid: 0}, [pid]
     while todo:
         p = todo.pop()
-        seen.append(p)
-        todo += children(p)
-    return seen
+        for c in children(p):
+            depth[c] = depth[p] + 1
+            todo.append(c)
+    return depth
 
 
 def pss_kib(pid: int) -> int:
@@ -91,24 +99,31 @@ def pss_kib(pid: int) -> int:
 
 
 def measure(cmd: list[str], env: dict[str, str], log: Path, period: float = 0.1) -> dict:
-    """Run ``cmd``; its tree's PSS peak (MiB), largest process RSS (MiB), processes, wall s."""
+    """Run ``cmd``: its tree's PSS peak (MiB) and how it splits by depth at that moment
+    (main process / its children / theirs), the largest process's RSS (MiB), CPU s of the
+    tree (wait4: every process waited for), processes at most, wall s."""
     with open(log, "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        peak, most = 0, 0
+        peak, split, most = 0, [0, 0, 0], 0
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            pids = tree(proc.pid)
-            peak, most = max(peak, sum(pss_kib(p) for p in pids)), max(most, len(pids))
+            depth = tree(proc.pid)
+            pss = {p: pss_kib(p) for p in depth}
+            if sum(pss.values()) > peak:
+                peak = sum(pss.values())
+                split = [sum(v for p, v in pss.items() if min(depth[p], 2) == d) for d in range(3)]
+            most = max(most, len(depth))
             time.sleep(period)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); its output: {log}")
     # ru_maxrss of a waited child (KiB on Linux): the largest of it and its own waited children
-    return {"pss": peak / 1024, "rss": ru.ru_maxrss / 1024, "procs": most, "wall": wall}
+    return {"pss": peak / 1024, "split": "/".join(f"{v / 1024:.0f}" for v in split), "rss": ru.ru_maxrss / 1024,
+            "cpu": ru.ru_utime + ru.ru_stime, "procs": most, "wall": wall}  # fmt: skip
 
 
 # ---------------------------------------------------------------- workspaces
@@ -137,13 +152,45 @@ def clip_workspace(root: Path, seconds: float) -> tuple[Path, Path]:
         csv.writer(fh).writerows([epic.LABELLED_COLUMNS, *rows])
     with open(ann / epic.SPLIT_FILES["test"], "w", newline="") as fh:
         csv.writer(fh).writerows([epic.TEST_COLUMNS, ["P90_01_0", "P90", "P90_01", ts(0), ts(0), ts(seconds), 0, 0]])
+    remux(CLIP, videos / "P90_02.mp4", 10)
+    rows = [[f"P90_02_{j}", "P90", "P90_02", ts(t), ts(t), ts(t + 2.0), 0, 0, "x", "x", 0, "x", 0, "['x']", "[0]"]
+            for j, t in enumerate(5.0 + 22.0 * j for j in range(SEGMENTS))]  # fmt: skip
+    with open(ann / "long.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([epic.LABELLED_COLUMNS, *rows])
     return videos, ann
+
+
+def remux(src: Path, out: Path, times: int) -> None:
+    """``src``'s video packets ``times`` times end to end, timestamps shifted (no re-encoding)."""
+    import av
+
+    if out.is_file():
+        return
+    with av.open(str(out), "w") as o:
+        stream, offset = None, 0
+        for _ in range(times):
+            with av.open(str(src)) as i:
+                s = i.streams.video[0]
+                stream = stream or o.add_stream_from_template(s)
+                step = round(1 / (float(s.average_rate) * float(s.time_base)))
+                last = offset
+                for packet in i.demux(s):
+                    if packet.dts is None:
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = stream
+                    last = max(last, packet.pts)
+                    o.mux(packet)
+                offset = last + step
 
 
 def extract_cmd(name: str, videos: Path, ann: Path, out: Path) -> list[str]:
     args = EXTRACT[name]
     cmd = [str(Path(sys.executable).with_name("ekx")), "extract", *args, "--weights", "none",
            "--annotations", str(ann), "--videos", str(videos)]  # fmt: skip
+    if "LONG" in args:
+        cmd[cmd.index("LONG")] = str(ann / "long.csv")
     if "--dense" in args:
         cmd += ["--split", "test", "--dense-span", "annotated", "--dense-margin", "0"]
     return cmd + (["--features", str(out)] if "," in args[1] else ["--out", str(out / "cache.h5")])
@@ -254,12 +301,15 @@ def main() -> None:
                 cmd = extract_cmd(name, videos, ann, work)
             r = measure(cmd, envs[code], OUT / f"{code}-{i}.log")
             results[name, code] = r
-            print(f"{name} [{code}]: tree PSS peak {r['pss']:.0f} MiB, largest process RSS {r['rss']:.0f} MiB, "
-                  f"{r['procs']} processes, {r['wall']:.1f} s", flush=True)  # fmt: skip
+            print(f"{name} [{code}]: tree PSS peak {r['pss']:.0f} MiB (main/children/grandchildren {r['split']}), "
+                  f"largest process RSS {r['rss']:.0f} MiB, {r['procs']} processes, CPU {r['cpu']:.1f} s, "
+                  f"wall {r['wall']:.1f} s", flush=True)  # fmt: skip
     print()
-    head = "| path | tree PSS peak MiB | largest process RSS MiB | processes | wall s |"
+    head = ("| path | tree PSS peak MiB | main/children/grandchildren at the peak | largest process RSS MiB "
+            "| CPU s | wall s |")  # fmt: skip
     if args.compare:
-        head = "| path | tree PSS peak MiB (old -> new) | largest process RSS MiB (old -> new) | wall s (old -> new) |"
+        head = ("| path | tree PSS peak MiB (old -> new) | main/children/grandchildren at the peak (new) "
+                "| largest process RSS MiB (old -> new) | CPU s (old -> new) | wall s (old -> new) |")  # fmt: skip
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name in names:
@@ -267,10 +317,12 @@ def main() -> None:
         mark = "" if n["pss"] <= GOAL_MIB else " (over 1.5 GiB)"
         if args.compare:
             o = results[name, "old"]
-            print(f"| {name} | {o['pss']:.0f} -> **{n['pss']:.0f}**{mark} | {o['rss']:.0f} -> {n['rss']:.0f} | "
-                  f"{o['wall']:.1f} -> {n['wall']:.1f} |")  # fmt: skip
+            print(f"| {name} | {o['pss']:.0f} -> **{n['pss']:.0f}**{mark} | {n['split']} | "
+                  f"{o['rss']:.0f} -> {n['rss']:.0f} | {o['cpu']:.0f} -> {n['cpu']:.0f} | "
+                  f"{o['wall']:.0f} -> {n['wall']:.0f} |")  # fmt: skip
         else:
-            print(f"| {name} | **{n['pss']:.0f}**{mark} | {n['rss']:.0f} | {n['procs']} | {n['wall']:.1f} |")
+            print(f"| {name} | **{n['pss']:.0f}**{mark} | {n['split']} | {n['rss']:.0f} | {n['cpu']:.0f} | "
+                  f"{n['wall']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

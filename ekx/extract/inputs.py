@@ -110,15 +110,23 @@ class FrameResize:
     """``--resize torchvision`` done in the decoding process: the weights' own resize
     (`Preprocess.resize`, the same call on the same uint8 frames, so the features are
     bit-identical) before the frames cross two process boundaries (decoder child -> worker
-    -> main) at 1/18 of their 1080p size; the main process's resize then returns them as they are."""
+    -> main) at 1/18 of their 1080p size; the main process's resize then returns them as they are.
+    One frame at a time: the antialiased uint8 resize of 16 1080p frames at once held 390 MB
+    of temporaries beside its 100 MB input (the same values: each frame is resized alone)."""
 
     pre: backbones.Preprocess
 
     def __call__(self, frames):
         if not isinstance(frames, np.ndarray):  # GPU-decoded tensors stay where they are
             return frames
-        out = self.pre.resize(torch.from_numpy(frames).permute(0, 3, 1, 2))
-        return out.permute(0, 2, 3, 1).contiguous().numpy()
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        out = None
+        for i in range(len(x)):
+            f = self.pre.resize(x[i : i + 1]).permute(0, 2, 3, 1)
+            if out is None:
+                out = np.empty((len(x), *f.shape[1:]), dtype=frames.dtype)
+            out[i] = f[0].numpy()
+        return frames if out is None else out
 
 
 def resized(decode: Callable[[], Iterator[Result]], post: Callable) -> Iterator[Result]:

@@ -33,7 +33,13 @@ class DecordReader:
         return time_positions(req, k, clip_len, self.times, self.end)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack([self.forward.read(int(i)) for i in indices])
+        out = None  # filled frame by frame: a list and its stack held the frames twice
+        for j, i in enumerate(indices):
+            frame = self.forward.read(int(i))
+            if out is None:
+                out = np.empty((len(indices), *frame.shape), dtype=frame.dtype)
+            out[j] = frame
+        return out if out is not None else np.stack([])
 
     def close(self) -> None:
         del self.forward, self.vr
