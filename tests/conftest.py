@@ -16,12 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Tests that share a session fixture built at great cost run on one xdist worker
-    (`--dist loadgroup`), so it is built once: `ekx demo` (about 5 quiet minutes) above all."""
-    for item in items:
-        if "demo_workspace" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("demo"))
+    (`--dist loadgroup`), so it is built once: `ekx demo` (about 5 quiet minutes) above all.
+    Marked as each test is collected, before xdist's own hook turns groups into node ids."""
+    if "demo_workspace" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group("demo"))
 
 
 def shared_dir(name: str) -> Path:
