@@ -226,7 +226,7 @@ def probe(video_id: str, path: Path, reader: Callable[[Path], tuple[int, int, fl
             fps = float(v.average_rate or v.guessed_rate or 0)
             return video_record(video_id, v.codec_context.width, v.codec_context.height, fps, size)
     except Exception:  # its segments fail with the decoder's own reason; the record says so
-        return f"{video_id} unreadable {size} bytes"
+        return f"{video_id}{_UNREADABLE}{size} bytes"
 
 
 def records(source, paths: Mapping[str, Path]) -> list[str]:
@@ -263,10 +263,19 @@ def source_attrs(records: list[str], bb) -> dict[str, Any]:
 
 
 def videos_differ(a: Any, b: Any) -> list[tuple[str, str]]:
-    """(record here, record there) of each video both record differently."""
+    """(record here, record there) of each video both record differently. A video unreadable
+    on one side gave that side no features (its segments failed), so it mixes nothing: a
+    broken download restored and resumed is redone, not refused."""
     mine = {r.split(" ", 1)[0]: r for r in _plain(a) or []}
     theirs = {r.split(" ", 1)[0]: r for r in _plain(b) or []}
-    return [(mine[v], theirs[v]) for v in sorted(mine.keys() & theirs.keys()) if mine[v] != theirs[v]]
+    return [
+        (mine[v], theirs[v])
+        for v in sorted(mine.keys() & theirs.keys())
+        if mine[v] != theirs[v] and _UNREADABLE not in mine[v] and _UNREADABLE not in theirs[v]
+    ]
+
+
+_UNREADABLE = " unreadable "
 
 
 # ---------------------------------------------------------------- the commands' options
