@@ -171,3 +171,22 @@ def slurm_cluster():
             "`slurm/cluster.sh start` and export SLURM_CONF as it prints"
         )
     return True
+
+
+def save_tiny_videomae(out: Path, seed: int, **processor) -> Path:
+    """A local VideoMAE directory as save_pretrained writes it (config, processor, weights):
+    4 frames, 64 px, 2 layers of width 48 - the shape of videomae-base, made tiny; ``processor``
+    adds to the image processor's settings (64 px shortest edge and crop)."""
+    import torch
+    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
+
+    torch.manual_seed(seed)
+    cfg = VideoMAEConfig(
+        image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=96,
+    )  # fmt: skip
+    VideoMAEModel(cfg).save_pretrained(out)
+    VideoMAEImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, **processor
+    ).save_pretrained(out)
+    return out

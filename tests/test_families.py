@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_videomae
 
 from ekx import EkxError, epic
 from ekx.cache.reader import open_cache
@@ -32,20 +33,10 @@ def tiny_videomae(tmp_path_factory) -> Path:
     """A local VideoMAE directory as save_pretrained writes it (config, processor, weights):
     4 frames, 64 px, 2 layers of width 48 - the shape of videomae-base, made tiny."""
     need("transformers")
-    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
-
-    out = tmp_path_factory.mktemp("tiny-videomae")
-    torch.manual_seed(7)
-    cfg = VideoMAEConfig(
-        image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=96,
-    )  # fmt: skip
-    VideoMAEModel(cfg).save_pretrained(out)
-    VideoMAEImageProcessor(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+    return save_tiny_videomae(
+        tmp_path_factory.mktemp("tiny-videomae"), 7,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(out)  # fmt: skip
-    return out
+    )  # fmt: skip
 
 
 def workspace(clips: Path, root: Path) -> tuple[Path, Path]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_videomae
 
 from ekx.extract import backbones, families, inputs
 
@@ -309,18 +310,7 @@ def videomae_without_mean(tmp_path_factory) -> Path:
     """A tiny VideoMAE directory whose processor config names no image_mean/image_std (the
     processor class's own defaults apply: 0.5/0.5) and resamples bicubic."""
     need("transformers")
-    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
-
-    out = tmp_path_factory.mktemp("videomae-no-mean")
-    torch.manual_seed(9)
-    cfg = VideoMAEConfig(
-        image_size=64, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=96,
-    )  # fmt: skip
-    VideoMAEModel(cfg).save_pretrained(out)
-    VideoMAEImageProcessor(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=3
-    ).save_pretrained(out)
+    out = save_tiny_videomae(tmp_path_factory.mktemp("videomae-no-mean"), 9, resample=3)
     path = out / "preprocessor_config.json"
     proc = json.loads(path.read_text())
     del proc["image_mean"], proc["image_std"]
