@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/ekx: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,plot,dev,torchcodec,docs,timm,clip,hf,lmdb]'
+	$(BIN)/pip install -q -e '.[test,plot,dev,torchcodec,docs,timm,clip,hf,lmdb,tensorboard,wandb,mlflow]'
 	touch $@
 
 .PHONY: install demo test test-fast lint bench docs
