@@ -30,7 +30,7 @@ from ekx.extract import backbones, sources
 from ekx.extract.video import CLIP_RATE, clip_times, display_end, frame_at
 from ekx.heads.checkpoint import load_checkpoint, model_from_checkpoint
 from ekx.heads.context import Timeline, reads_context, windows
-from ekx.heads.data import positions
+from ekx.heads.data import positions, sound_parts
 from ekx.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -103,6 +103,13 @@ def load_run(run: Path, device_name: str = "auto", checkpoint: str = "best.pt") 
         raise EkxError(
             f"{path}: the run does not say which backbone made its features "
             "(trained by an older ekx); retrain the head on a cache made by this ekx"
+        )
+    sound = sound_parts(ckpt.get("cache", {}))
+    if sound:
+        raise EkxError(
+            f"{path}: trained on features of sound ({', '.join(sound)}); ekx predict and ekx live compute a "
+            "run's features from the video's frames only, never its sound track: for them, train a head on "
+            "visual features alone (--backbone without the audio part)"
         )
     if "fused" in spec:
         raise EkxError(f"{path}: a fused run (features of several backbones joined); ekx predict runs one backbone")

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from ekx import EkxError
 from ekx.cli import app
-from ekx.heads.data import Split, fuse, load_split
+from ekx.heads.data import Split, load_split
+from ekx.heads.fusion import fuse
 
 
 def split(nids: list[str], feats: torch.Tensor, verbs: list[int], backbone: str, done=None) -> Split:

@@ -1,6 +1,7 @@
 """The published feature sets of `ekx import` with their own files: RULSTM's LMDB, TIM's
-per-video arrays with their feature intervals, ActionFormer's .npz - each converted from its
-publisher's convention (read from its code) to ekx's (the centre of what a feature covers)."""
+per-video arrays (visual and audio) with their feature intervals, ActionFormer's .npz - each
+converted from its publisher's convention (read from its code) to ekx's (the centre of what a
+feature covers)."""
 
 from __future__ import annotations
 
@@ -114,8 +115,41 @@ def tim_dir(src: Path, o: Options, info: VideoInfo) -> Source:
     """TIM's features: ``<video>.npy`` [N, views, D] (view 0 unaugmented) with its
     feature-interval table; row i is the video's i-th interval by start_sec, as TIM's
     loader pairs them; time = (start_sec + stop_sec) / 2."""
+    meaning = {
+        "dense_rate": SOURCE_TIMES,
+        "dense_times": "TIM's feature intervals: row i = the video's i-th interval by start_sec; "
+        "time (start_sec + stop_sec) / 2: the interval's centre",
+    }
+    aug = "the source's feature sets: TIM's view 0 unaugmented, views 1.. RandAugment (its TEST.NUM_FEATURES)"
+    return _tim(src, o, lambda t: t.mean(axis=1), meaning, aug)
+
+
+# TIM's Auditory SlowFast reads CLIP_SECS of sound from the start of each feature interval
+# (its audio_loader_epic.get_start_end_idx: linspace(0, delta, NUM_FEATURES)[0] = 0 for the
+# clean view), the whole interval where it is shorter (padded): its configs set 0.999 s
+TIM_AUDIO_CLIP_S = 0.999
+
+
+def tim_audio_dir(src: Path, o: Options, info: VideoInfo) -> Source:
+    """TIM's audio features (Auditory SlowFast, EPIC-Sounds' 24 kHz sound): the same
+    ``<video>.npy`` [N, views, 2304] and feature-interval table as its visual ones, paired by
+    the same load_feats; each row's clean view is the sound of [start, start + 0.999 s]
+    (the interval where shorter), so its time is that window's centre. Marked as sound."""
+    meaning = {
+        "dense_rate": SOURCE_TIMES,
+        "dense_times": "TIM's audio feature intervals: row i = the video's i-th interval by start_sec; its clean "
+        f"view the {TIM_AUDIO_CLIP_S} s of sound from start_sec (the interval where shorter); time start_sec + "
+        "half of that: the sound window's centre",
+        "modality": "audio",
+    }
+    aug = "the source's feature sets: TIM's view 0 unaugmented, views 1.. later windows of the interval, SpecAugment"
+    return _tim(src, o, lambda t: t[:, 0] + np.minimum(TIM_AUDIO_CLIP_S, t[:, 1] - t[:, 0]) / 2, meaning, aug)
+
+
+def _tim(src: Path, o: Options, centre, meaning: dict, aug: str) -> Source:
+    """TIM's ``<split>/<video>.npy`` with ``--times``; ``centre`` [n, 2] intervals -> [n] times."""
     if o.times is None:
-        raise EkxError("ekx import tim: give --times, TIM's feature-interval table (CSV: video_id, start_sec, ...)")
+        raise EkxError("TIM's features need --times, their feature-interval table (CSV: video_id, start_sec, ...)")
     table = tim_times(Path(o.times))
     out: dict[str, Video] = {}
     used = [Path(o.times)]
@@ -130,16 +164,10 @@ def tim_dir(src: Path, o: Options, info: VideoInfo) -> Source:
         if len(t) != n:
             raise EkxError(f"{path}: {n} feature rows, {o.times} has {len(t)} intervals for {path.stem}")
         read = functools.partial(load_npy, path, False)
-        out[path.stem] = Video(path.stem, str(path), n, int(d), read, t.mean(axis=1), str(o.times), int(views))
+        out[path.stem] = Video(path.stem, str(path), n, int(d), read, centre(t), str(o.times), int(views))
         used.append(path)
     if not out:
         raise EkxError(f"{src}: no .npy files here (TIM's <split>/<video>.npy)")
-    meaning = {
-        "dense_rate": SOURCE_TIMES,
-        "dense_times": "TIM's feature intervals: row i = the video's i-th interval by start_sec; "
-        "time (start_sec + stop_sec) / 2: the interval's centre",
-    }
-    aug = "the source's feature sets: TIM's view 0 unaugmented, views 1.. RandAugment (its TEST.NUM_FEATURES)"
     return Source(out, used, meaning, "--times", aug)
 
 

@@ -16,6 +16,9 @@ own convention and converted; the rule and its numbers are root attributes (``de
   loader reads key floor(t * fps) at time t, so key n -> (n + 0.5) / fps s.
 - ``tim``: TIM's ``<video>.npy`` [N, views, D] with ``--times``, its feature-interval table
   (CSV): row i = the video's i-th interval by start, time (start + stop) / 2; all views kept.
+- ``tim-audio``: TIM's audio arrays (Auditory SlowFast, [N, views, 2304]), the same layout and
+  table; the clean view is the 0.999 s of sound from each interval's start, time its centre;
+  the store's ``modality`` is ``audio``.
 - ``actionformer``: ``<video>.npz`` (``feats`` [T, D]); feature i covers frames
   [i * stride, i * stride + num_frames) at fps: time (i * stride + num_frames / 2) / fps
   (its EPIC config: 16, 32, 30 fps; ``--stride/--num-frames/--fps`` or ``--config``).
@@ -51,7 +54,7 @@ from ekx.cache.import_formats import (
     plain_npy,
     refuse_unused,
 )
-from ekx.cache.import_published import actionformer_dir, lmdb_dir, tim_dir
+from ekx.cache.import_published import actionformer_dir, lmdb_dir, tim_audio_dir, tim_dir
 
 F16_MAX = float(np.finfo(np.float16).max)
 SPAN_SLACK, SPAN_MARGIN_S = 0.10, 2.0
@@ -82,6 +85,7 @@ READERS: dict[str, tuple[Callable[[Path, Options, VideoInfo], Source], set[str]]
         _folder(actionformer_dir, "actionformer reads a folder of <video>.npz"),
         {"stride", "num_frames", "fps", "config", "key"},
     ),
+    "tim-audio": (_folder(tim_audio_dir, "tim-audio reads TIM's <split>/ folder of <video>.npy"), {"times"}),
 }
 FORMATS = tuple(READERS)
 # every store has each of these (0 or "" where the format has no such number): one shape of

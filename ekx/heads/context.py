@@ -99,7 +99,8 @@ class Stream:
 
 def _nearest(s, idx: torch.Tensor, t: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream ``s``'s features [B, T, D] at the dense times nearest ``t`` [B, T] of segments
-    ``idx``, and whether each lies within half a period of its time (else masked)."""
+    ``idx``, and whether each lies within half a period of its time (else masked). View v
+    reads the stream's view v mod V (a stream of sound with one view: its clean view)."""
     tl: Timeline = s.timeline
     vid = tl.seg_video[idx]
     want = vid[:, None].double() * OFFSET + t
@@ -108,7 +109,7 @@ def _nearest(s, idx: torch.Tensor, t: torch.Tensor, view: torch.Tensor) -> tuple
     pick = torch.where((want - left).abs() <= (right - want).abs(), j - 1, j)
     gap = (tl.key[pick] - want).abs()
     valid = (gap <= tl.period[vid.clamp(min=0)][:, None] / 2 + 1e-6) & (vid[:, None] >= 0)
-    return s.feats[tl.flat[pick].to(s.feats.device), view.to(s.feats.device)], valid
+    return s.feats[tl.flat[pick].to(s.feats.device), view.to(s.feats.device) % s.feats.shape[1]], valid
 
 
 def windows(

@@ -13,7 +13,7 @@ same one indexing op through the index, so an epoch costs what it costs on a cac
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ekx.cache.store import read_backbone_state
 from ekx.extract.backbones import extractor_spec
 from ekx.heads import missing
 from ekx.heads.context import Stream, Timeline, timeline
+from ekx.heads.fusion import FUSE, SAME_FEATURES, fits_on, fuse
 
 # what stage 2 cannot work without (the identity as a whole is compared by `ekx.cache.identity`)
 REQUIRED = ("backbone", "weights", "frames_per_segment", "feature_dim", "num_verbs", "num_nouns")
@@ -92,15 +93,25 @@ class Split:
         return out
 
 
-def _fits_on(device: torch.device, nbytes: int) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes < 0.7 * free
+AUDIO = "audio"
 
 
-# several caches joined: features concatenated per position (`--features a.h5+b.h5`)
-FUSE = "+"
+def modality(attrs) -> str:
+    """What a cache's features were computed from: ``audio`` (its ``modality`` attribute, or
+    an ``audio:`` backbone) or ``visual`` (every cache made before sound was read)."""
+    audio = attrs.get("modality") == AUDIO or str(attrs.get("backbone", "")).startswith(AUDIO + ":")
+    return AUDIO if audio else "visual"
+
+
+def sound_parts(cache: dict) -> list[str]:
+    """The backbones of a run's features that were computed from sound: its cache's, or each
+    part's of a fused one (``partN.`` keys of its identity, `Split.identity`)."""
+    parts: dict[str, dict] = {}
+    for key, value in cache.items():
+        part, dot, name = key.partition(".")
+        if dot and part.startswith("part") and part[4:].isdigit():
+            parts.setdefault(part, {})[name] = value
+    return [str(a.get("backbone")) for a in (parts.values() if parts else [cache]) if modality(a) == AUDIO]
 
 
 def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
@@ -113,9 +124,6 @@ def load_split(path: Path, device: torch.device, mmap: bool = False) -> Split:
             raise EkxError(f"{path}: {twice} is named twice; {SAME_FEATURES}")
         return fuse([_load_one(Path(n), torch.device("cpu"), mmap) for n in names], Path(path), device)
     return _load_one(Path(path), device, mmap)
-
-
-SAME_FEATURES = "a fusion of a store with itself would train on every feature doubled: join different stores"
 
 
 def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
@@ -135,7 +143,7 @@ def _load_one(path: Path, device: torch.device, mmap: bool = False) -> Split:
     with warnings.catch_warnings():  # a read-only memory map: ekx never writes to it
         warnings.simplefilter("ignore", UserWarning)
         feats = torch.from_numpy(array)
-    if _fits_on(device, feats.numel() * 2):
+    if fits_on(device, feats.numel() * 2):
         feats = feats.to(device)
     return Split(
         Path(path),
@@ -169,7 +177,7 @@ def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split
     array = cache.features()  # [runs, V, K, D] -> one [positions, V, D] tensor (no copy for V = 1)
     n, v, kk, d = array.shape
     feats = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 2, 1, 3)).reshape(n * kk, v, d))
-    if _fits_on(device, feats.numel() * 2):
+    if fits_on(device, feats.numel() * 2):
         feats = feats.to(device)
     attrs = dict(
         a,
@@ -192,135 +200,6 @@ def _load_dense(cache, segments_csv: Path | None, device: torch.device) -> Split
         index=torch.from_numpy(g.index).to(feats.device),
         timeline=timeline(cache.time, cache.video_id, cache.done, segments).to(feats.device),
     )
-
-
-def fuse(parts: list[Split], path: Path, device: torch.device) -> Split:
-    """Several caches of the same segments as one: features concatenated per view and
-    position ([N, V, K, D1 + D2 + ...]), rows aligned by narration id (the first part's
-    order), a row done only where it is done in every part. The parts must hold the same
-    segments, labels, K and views; each keeps its own identity (`Split.identity`)."""
-    first = parts[0]
-    for i, p in enumerate(parts):  # a copy under another name: the same identity
-        same = next(
-            (q for q in parts[:i] if not identity.mismatch(identity.identity(q.attrs), identity.identity(p.attrs))),
-            None,
-        )
-        if same is not None:
-            raise EkxError(f"{path}: {same.path} and {p.path} hold the same features (equal identity); {SAME_FEATURES}")
-    order = {nid: i for i, nid in enumerate(first.narration_id)}
-    # parts align by narration id, each dense one having mapped the segments' times to its
-    # own positions (alignment by time); `_join` then writes the features side by side
-    invs: list[torch.Tensor | None] = [None]  # each part's rows in the first's order
-    done = np.zeros(len(order), dtype=bool)
-    done[first.rows.numpy()] = True
-    timelines = [first.timeline]
-    for p in parts[1:]:
-        if set(p.narration_id) != set(order):
-            extra = len(set(p.narration_id) - set(order))
-            lacking = len(set(order) - set(p.narration_id))
-            raise EkxError(
-                f"{p.path} and {first.path} hold different segments ({lacking} of the first missing, {extra} "
-                "others): fuse caches extracted from the same annotation file"
-            )
-        read = identity.mismatch(first.attrs, p.attrs, (str(first.path), str(p.path)), [identity.VIDEOS])
-        if read:  # one part from the originals, another from re-encoded copies
-            raise EkxError(f"{p.path} and {first.path} read their videos from other files ({read[0]}); fuse caches "
-                           "extracted from the same video files")  # fmt: skip
-        if (p.k, p.views) != (first.k, first.views):
-            raise EkxError(
-                f"{p.path} has {p.k} frames x {p.views} views per segment, {first.path} "
-                f"{first.k} x {first.views}: fused caches need the same K and views"
-            )
-        idx = torch.tensor([order[n] for n in p.narration_id])  # p's row i is the first's row idx[i]
-        inv = torch.empty_like(idx)
-        inv[idx] = torch.arange(len(idx))
-        if not (torch.equal(p.verbs[inv], first.verbs) and torch.equal(p.nouns[inv], first.nouns)):
-            raise EkxError(f"{p.path} and {first.path} label the same segments differently")
-        invs.append(inv)
-        tl = p.timeline  # its segments put in the first part's order
-        if tl is not None:
-            tl = replace(tl, seg_video=tl.seg_video[inv], seg_start=tl.seg_start[inv], seg_stop=tl.seg_stop[inv])
-        timelines.append(tl)
-        mine = np.zeros(len(order), dtype=bool)
-        mine[idx[p.rows].numpy()] = True
-        done &= mine
-    rows = np.flatnonzero(done)
-    if len(rows) == 0:
-        raise EkxError(f"{path}: no segment is done in every part")
-    joined, index = _join(parts, invs, device)
-    attrs = dict(first.attrs)
-    attrs.update(
-        backbone=FUSE.join(str(p.attrs["backbone"]) for p in parts),
-        feature_dim=int(joined.shape[-1]),
-    )
-    return Split(
-        path,
-        joined,
-        torch.from_numpy(rows),
-        first.verbs,
-        first.nouns,
-        first.narration_id,
-        first.video_id,
-        attrs,
-        {"fused": [p.extractor for p in parts]},
-        parts=[p.attrs for p in parts],
-        index=index,
-        streams=_streams(parts, timelines, device),
-    )
-
-
-def _join(parts: list[Split], invs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fused features, float16, written part by part into one tensor (never every part's
-    copy and their concatenation at once). Dense parts on the same positions (stores
-    extracted at one rate from the same videos): each position's features side by side,
-    [P, V, D1 + D2 + ...], read through the first part's index, and each part's features
-    become a view of its channels, so the context head's streams are no second copy.
-    Otherwise: per segment, [N, V, K, D1 + D2 + ...], and no index."""
-    first = parts[0]
-    shared = first.index is not None and all(
-        p.index is not None
-        and p.timeline is not None
-        and first.timeline is not None
-        and p.feats.shape[:2] == first.feats.shape[:2]
-        and torch.equal(p.timeline.key, first.timeline.key)
-        and torch.equal(p.timeline.flat, first.timeline.flat)
-        and torch.equal(p.index if inv is None else p.index[inv.to(p.index.device)], first.index)
-        for p, inv in zip(parts, invs, strict=True)
-    )
-    lead = tuple(first.feats.shape[:2]) if shared else (len(first.narration_id), first.views, first.k)
-    dims = [int(p.feats.shape[-1]) for p in parts]
-    out = torch.empty(*lead, sum(dims), dtype=torch.float16)
-    c = 0
-    for p, inv, d in zip(parts, invs, dims, strict=True):
-        if shared:  # the part's own copy is freed at once: its stream reads these channels
-            out[..., c : c + d] = p.feats.cpu()
-            p.feats = out[..., c : c + d]
-        else:
-            f = p.per_segment()
-            out[..., c : c + d] = (f if inv is None else f[inv.to(f.device)]).cpu()
-        c += d
-    if _fits_on(device, out.numel() * 2):
-        out = out.to(device)
-    if not shared:
-        return out, None
-    c = 0
-    for p, d in zip(parts, dims, strict=True):  # on the device the fused tensor went to
-        p.feats, c = out[..., c : c + d], c + d
-    assert first.index is not None
-    return out, first.index.to(out.device)
-
-
-def _streams(parts: list[Split], timelines: list[Timeline | None], device: torch.device) -> list[Stream] | None:
-    """Each dense part's [P, V, D] features and its timeline, on the device where they fit
-    (None where a part is a per-segment cache: the parts then have no common timeline)."""
-    if any(tl is None for tl in timelines):
-        return None
-    fits = _fits_on(device, sum(p.feats.numel() * 2 for p in parts))
-    return [
-        Stream(p.feats.to(device) if fits else p.feats, tl.to(device) if fits else tl)
-        for p, tl in zip(parts, timelines, strict=True)
-        if tl is not None
-    ]
 
 
 def validation_note(val: Split, allow_missing: bool, train: Split | None = None) -> str | None:
