@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import io
 import re
 from dataclasses import dataclass
@@ -229,6 +230,16 @@ def load_id_list(path: Path, column: str) -> list[str]:
         return [row[column].strip() for row in reader if row[column] and row[column].strip()]
 
 
+def check_split(split: str, label: str = "split") -> str:
+    """A split name ('train', 'validation', 'test') or a path to a CSV; else EkxError naming
+    ``label`` (the CLI's ``--split``) and the closest name."""
+    if split in SPLIT_FILES or split.endswith(".csv"):
+        return split
+    close = difflib.get_close_matches(split, list(SPLIT_FILES), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise EkxError(f"{label}: unknown split {split!r}{hint} (use train, validation, test or a path to a CSV)")
+
+
 @dataclass
 class Annotations:
     """The annotation directory of a workspace, with official file names."""
@@ -237,11 +248,8 @@ class Annotations:
 
     def split_path(self, split: str) -> Path:
         """'train', 'validation', 'test', or a path to any CSV in the official format."""
-        if split in SPLIT_FILES:
-            return self.root / SPLIT_FILES[split]
-        if split.endswith(".csv"):
-            return Path(split)
-        raise EkxError(f"unknown split {split!r}; use train, validation, test or a path to a CSV")
+        check_split(split)
+        return self.root / SPLIT_FILES[split] if split in SPLIT_FILES else Path(split)
 
     def verbs(self) -> ClassList:
         return load_classes(self.root / VERB_CLASSES)

@@ -182,6 +182,8 @@ def read_submission(path: Path, annotations: Path, split: str = "validation"):
     import torch
 
     path = Path(path)
+    if not path.is_file():  # the file the user named, before the class lists it is checked against
+        raise EkxError(f"{path}: submission file not found")
     ann = epic.Annotations(Path(annotations))
     csv_path = ann.split_path(split)
     segments = ann.segments(split)

@@ -202,7 +202,7 @@ def test_incompatible_cache_is_refused(caches, tmp_path):
     data = tr.load_data(caches[0], caches[1], "cpu")
     tr.run(_cfg(caches, epochs=1), tmp_path / "r", data)
     other = make_cache(tmp_path / "other.h5", n=8, k=16, seed=2)
-    with pytest.raises(EkxError, match=r"incompatible.*frames_per_segment: checkpoint 8, cache 16"):
+    with pytest.raises(EkxError, match=r"(?s)incompatible.*frames_per_segment: checkpoint 8, cache 16"):
         evaluate_run(tmp_path / "r", other)
     effnet = make_cache(tmp_path / "effnet.h5", n=8, seed=2, backbone="efficientnet_b3")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--features", str(effnet)])

@@ -21,6 +21,7 @@ from ekx.cli.common import (
     RunsOpt,
     ScriptsOpt,
     VideosOpt,
+    check_split,
     command,
     console,
     names_option,
@@ -50,7 +51,7 @@ def slurm_extract(
     backbone: Annotated[
         str, names_option(BACKBONES, "--backbone", "Backbone to extract, or several separated by commas", True)
     ] = "resnet50",
-    split: Annotated[str, typer.Option(help="train, validation, test or a CSV.")] = "train",
+    split: Annotated[str, typer.Option(help="train, validation, test or a CSV.", callback=check_split)] = "train",
     shards: Annotated[int, typer.Option(help="Array tasks N (each extracts shard I/N).")] = 4,
     partition: PartitionOpt = None,
     gpus: GpusOpt = None,

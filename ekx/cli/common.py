@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from ekx import EkxError, __version__
+from ekx import EkxError, __version__, epic
 from ekx import config as wsconfig
+from ekx.cli.helpstyle import Command
 from ekx.extract.config import BACKBONES, DEVICE, SOURCES
 from ekx.heads.config import HEADS
 from ekx.options import Names, Valid
@@ -67,6 +68,16 @@ def check_with(valid: Valid, flag: str):
             refuse(str(e))
 
     return callback
+
+
+def check_split(ctx: typer.Context, value: str | None) -> str | None:
+    """--split: a split name (the closest one offered for a slip) or a CSV, checked at parse time."""
+    if ctx.resilient_parsing or value is None:
+        return value
+    try:
+        return epic.check_split(value, "--split")
+    except EkxError as e:
+        refuse(str(e))
 
 
 def names_option(names: Names, flag: str, help: str, several: bool = False) -> typer.models.OptionInfo:
@@ -177,7 +188,7 @@ def command(target: typer.Typer = app, name: str | None = None, **settings):
     """Register a command whose errors become one red line and exit code 1."""
 
     def wrap(fn):
-        return target.command(name=name, **settings)(command_body(fn))
+        return target.command(name=name, cls=Command, **settings)(command_body(fn))
 
     return wrap
 
@@ -233,14 +244,20 @@ def check_metric_annotations(flag: Path | None, resolved: Path | None) -> None:
         )
 
 
+def _print_version(value: bool) -> None:
+    # eager: answered while parsing, before the group asks for a command (`ekx --version` alone)
+    if value:
+        console.print(f"ekx {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
 ):
-    if version:
-        console.print(f"ekx {__version__}")
-        raise typer.Exit()
     _state["debug"] = _state["debug"] or debug
 
 
@@ -260,7 +277,8 @@ def dataclass_options(cls, exclude: tuple[str, ...] = ()):
             valid: Valid | None = f.metadata.get("valid")
             if kind is bool:  # an on and an off switch
                 flag = f"{flag}/--no-{flag[2:]}"
-            notes = [f"default: {f.default!r}"] if f.default != "" else []
+            shown = ("on" if f.default else "off") if kind is bool else repr(f.default)  # not Python's True
+            notes = [f"default: {shown}"] if f.default != "" else []
             notes += [valid.describe()] if valid else []
             opt = typer.Option(
                 flag,

@@ -18,11 +18,15 @@ from ekx.cli.common import (
     LateProgress,
     RunsOpt,
     VideosOpt,
+    check_split,
+    check_with,
     command,
     console,
     err_console,
     workspace,
 )
+from ekx.extract.config import PRECISIONS
+from ekx.options import Valid
 
 
 @command()
@@ -99,7 +103,7 @@ def split(
     annotations: AnnotationsOpt = None,
 ):
     """Hold out part of the training annotations by video: a true validation set (videos no
-    model trained on) to choose models on, as the architecture document asks.
+    model trained on) to choose models on, keeping the official validation split for the final figures.
 
     Example: ekx split data/annotations-holdout --fraction 0.15 && ekx extract --annotations data/annotations-holdout
     """
@@ -119,7 +123,11 @@ def demo(
     videos: Annotated[int, typer.Option(help="Synthetic videos.")] = 12,
     segments: Annotated[int, typer.Option(help="Segments per video.")] = 16,
     precision: Annotated[
-        str, typer.Option(help="Both stages: auto (bf16 on CPUs with AMX or AVX512-BF16, else fp32), fp32 or bf16.")
+        str,
+        typer.Option(
+            help="Both stages: auto (bf16 on CPUs with AMX or AVX512-BF16, else fp32), fp32, bf16 or fp16.",
+            callback=check_with(Valid(choices=PRECISIONS), "--precision"),
+        ),
     ] = "auto",
 ):
     """Run the whole pipeline on built-in synthetic data.
@@ -136,9 +144,10 @@ def demo(
 def import_(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle, lmdb, tim or actionformer.")],
     src: Annotated[Path, typer.Argument(help="The published features: a folder, or one file (pickle).")],
-    split: Annotated[str, typer.Option(help="train, validation, test, or an annotation CSV: the videos to import.")] = (
-        "train"
-    ),
+    split: Annotated[
+        str,
+        typer.Option(help="train, validation, test, or an annotation CSV: the videos to import.", callback=check_split),
+    ] = "train",
     name: Annotated[
         str, typer.Option(help="What the features are (e.g. rulstm-tsn-rgb); the store's backbone is imported:NAME.")
     ] = "",

@@ -21,6 +21,7 @@ from ekx.cli.common import (
     SourceOpt,
     VideosOpt,
     cache_app,
+    check_split,
     command,
     console,
     err_console,
@@ -43,6 +44,8 @@ def backbones(
 
     Example: ekx backbones timm:vit_small_patch14_dinov2.lvd142m
     """
+    if name is not None:  # the name alone, before the registry (torch) loads: a slip is answered at once
+        name = BACKBONES.canonical(name)
     from ekx.extract import backbones as bbs
     from ekx.extract import families
 
@@ -57,7 +60,10 @@ def backbones(
             fams.add_row(f"{f.prefix}:", f.example, f.what, escape(f"pip install 'ekx[{f.extra}]'"))
         console.print(fams)
         return
-    b = bbs.get(BACKBONES.canonical(name))
+    try:
+        b = bbs.get(name)
+    except EkxError as e:  # the families name the flag a model usually comes by; here it is NAME
+        raise EkxError(str(e).removeprefix("--backbone ")) from None
     p = b.preprocess
     console.print(f"[bold]{escape(b.name)}[/bold]: {b.dim}-d features, " + (
         "per frame" if b.clip_len == 1 else f"clips of {b.clip_len} frames"
@@ -80,7 +86,9 @@ def extract(
             BACKBONES, "--backbone", "Backbone, or several separated by commas (one decode, one cache each)", True
         ),
     ] = "resnet50",
-    split: Annotated[str, typer.Option(help="train, validation, test, or a path to an annotation CSV.")] = "train",
+    split: Annotated[
+        str, typer.Option(help="train, validation, test, or a path to an annotation CSV.", callback=check_split)
+    ] = "train",
     weights: Annotated[
         str,
         typer.Option(
@@ -323,7 +331,10 @@ def prepare(
     dst: Annotated[Path, typer.Argument(help="Folder for the prepared copy (same layout); then use --videos DST.")],
     split: Annotated[
         str | None,
-        typer.Option(help="Only the videos of this split (train, validation, test or a CSV); default: every video."),
+        typer.Option(
+            help="Only the videos of this split (train, validation, test or a CSV); default: every video.",
+            callback=check_split,
+        ),
     ] = None,
     short_side: Annotated[
         int | None,

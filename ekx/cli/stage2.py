@@ -23,6 +23,7 @@ from ekx.cli.common import (
     RunsOpt,
     VideosOpt,
     check_metric_annotations,
+    check_split,
     command,
     console,
     dataclass_options,
@@ -106,7 +107,10 @@ def evaluate(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="best.pt or last.pt.")] = "best.pt",
     split_name: Annotated[
-        str, typer.Option("--split", help="Fine-tuned runs: the annotation split whose videos to decode.")
+        str,
+        typer.Option(
+            "--split", help="Fine-tuned runs: the annotation split whose videos to decode.", callback=check_split
+        ),
     ] = "validation",
     allow_missing: AllowMissingOpt = False,
     annotations: AnnotationsOpt = None,
@@ -174,7 +178,10 @@ def evaluate(
 def score(
     submission: Annotated[Path, typer.Argument(help="A challenge submission JSON (or the official zip holding one).")],
     split_name: Annotated[
-        str, typer.Option("--split", help="Labelled split to score against (validation, train or a CSV path).")
+        str,
+        typer.Option(
+            "--split", help="Labelled split to score against (validation, train or a CSV path).", callback=check_split
+        ),
     ] = "validation",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
     annotations: AnnotationsOpt = None,
@@ -184,6 +191,8 @@ def score(
 
     Example: ekx score val-submission.json --annotations data/annotations --split validation
     """
+    if not submission.is_file():  # said first: before the annotations are read, before torch loads
+        raise EkxError(f"{submission}: submission file not found")
     from ekx import scoring
     from ekx.heads.evaluate import write_json
 
@@ -227,7 +236,9 @@ def sweep(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="KEY=VALUE applied to every configuration (repeatable), e.g. --set epochs=2."),
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Applied to every configuration (repeatable), e.g. --set epochs=2."
+        ),
     ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="Print the numbered configurations and exit.")] = False,
     features: FeaturesOpt = None,
@@ -357,13 +368,20 @@ def _search(spec, sweep_dir, ws, jobs, tails, unseen, worker, allow_missing) -> 
 
 @command()
 def compare(
-    runs_: Annotated[list[Path], typer.Argument(metavar="RUNS...", help="Run directories or sweep directories.")],
+    runs_: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN",
+            help="Run directories or sweep directories (a glob such as runs/* is fine: files are skipped).",
+        ),
+    ],
     out: Annotated[
         Path | None, typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
 ):
-    """The model-comparison table (the architecture document's), sorted by validation action top-1;
+    """The model-comparison table - parameters, train and validation action top-1 and their gap
+    (overfitting), verb/noun/action top-1/5, state - sorted by validation action top-1;
     Markdown and CSV.
 
     Example: ekx compare runs/phase2 --plot phase2.png

@@ -23,20 +23,18 @@ class FinetuneConfig(TrainConfig):
     batch_size: int = again(
         TrainConfig, "batch_size", 8, "segments per step and process (x --accumulate for the optimizer)"
     )
-    lr: float = again(
-        TrainConfig, "lr", 5e-5, "peak learning rate (AdamW; 5e-5 to fine-tune in the architecture document)"
-    )
+    lr: float = again(TrainConfig, "lr", 5e-5, "peak learning rate (AdamW; small: the backbone is pretrained)")
     frames: int = again(TrainConfig, "frames", 0, "frames T decoded per segment (0: the --init-head run's, else 16)")
     weights: str = opt("DEFAULT", "backbone weights without --init-head: DEFAULT, a torchvision name, a path, none")
-    freeze_blocks: int = opt(
-        2, "frozen stages after the stem (the architecture document: the first 2); -1: nothing frozen", ge=-1
-    )
+    freeze_blocks: int = opt(2, "stages after the stem kept frozen; -1: nothing frozen", ge=-1)
     accumulate: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     grad_checkpoint: bool = opt(
         False, "recompute the backbone's blocks in the backward pass (timm, OpenCLIP, Hugging Face models): less memory"
     )
     augment: bool = opt(True, "clip-consistent augmentation at training (flip, rotation, colour, grayscale, erasing)")
-    train_bn: bool = opt(False, "update BatchNorm statistics of the trained stages (default: frozen, see README)")
+    train_bn: bool = opt(
+        False, "update BatchNorm statistics of the trained stages (else kept as pretrained, see docs/finetune.md)"
+    )
     workers: int = opt(2, "decoding worker processes (per process under torchrun; 0: decode in this one)", ge=0)
     resize: str = opt(
         "decoder",

@@ -87,9 +87,10 @@ def check_compatible(ckpt: dict, split: Split, what: str) -> None:
     keys = None if ckpt.get("identity") == "whole" else list(trained)
     bad = identity.mismatch(trained, have, ("checkpoint", "cache"), keys)
     if bad:
+        fields = "".join(f"\n  {b}" for b in bad)  # one per line: a whole identity can differ
         raise EkxError(
-            f"{split.path} is incompatible with {what} ({identity.describe(bad)}); evaluate on features "
-            "extracted with the same options as the run's training cache (`ekx cache info` shows them)"
+            f"{split.path} is incompatible with {what}: evaluate on features extracted with the same options "
+            f"as the run's training cache (`ekx cache info` shows them); these fields differ:{fields}"
         )
 
 

@@ -12,6 +12,8 @@ from ekx import EkxError
 from ekx.config import load_toml
 from ekx.extract.config import BACKBONES, DEVICE, PRECISIONS
 from ekx.options import Names, label, opt
+from ekx.track import PATTERN as TRACK_PATTERN
+from ekx.track import TRACKERS
 
 __all__ = ["ATTENTION_HEADS", "DISTRIBUTIONS", "HEADS", "MAX_WINDOW", "TrainConfig", "check_space", "opt"]
 
@@ -45,7 +47,7 @@ class TrainConfig:
     batch_size: int = opt(24, "batch size (16-32 in the phase-2 configurations, configs/sweeps/phase2.toml)", ge=1)
     lr: float = opt(3e-4, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", ge=0)
-    dropout: float = opt(0.5, "dropout (0.3-0.6 in the phase-2 configurations)", ge=0, lt=1)
+    dropout: float = opt(0.5, "dropout (0.3-0.6 in the phase-2 configurations, configs/sweeps/phase2.toml)", ge=0, lt=1)
     drop_path: float = opt(0.1, "stochastic depth rate (transformer heads)", ge=0, lt=1)
     label_smoothing: float = opt(0.1, "label smoothing of both losses", ge=0, lt=1)
     warmup_epochs: float = opt(1.0, "linear warm-up epochs", ge=0)
@@ -66,6 +68,13 @@ class TrainConfig:
         f"model width (d_model) of the attention heads, split among their {ATTENTION_HEADS} (0: the head's own)",
         ge=0,
         multiple=ATTENTION_HEADS,
+    )
+    # where the figures also go (ekx.track); "": the workspace's EKX_TRACK / ekx.toml track
+    track: str = opt(
+        "",
+        "experiment trackers, comma-separated: tensorboard, wandb, mlflow (none: off; default: EKX_TRACK / ekx.toml)",
+        pattern=TRACK_PATTERN,
+        shown=f"empty, none, or names of {', '.join(TRACKERS)} joined by commas",
     )
 
     @classmethod
@@ -110,17 +119,20 @@ def resumed_config(saved: dict[str, Any], cfg: T, given: set[str] | None, done_e
     """The configuration a resumed run continues with: the run's own (``saved``, from its
     checkpoint), never the defaults. Of ``cfg``, only the keys in ``given`` (the flags and
     --config keys the user actually gave; None: every key) are looked at: ``epochs`` may
-    extend the run, any other given value that differs from the run's is refused - a resume
-    that silently changed lr or batch size would no longer be the run it continues."""
+    extend the run, ``track`` may change (where the figures go, not what the run is), any other
+    given value that differs from the run's is refused - a resume that silently changed lr or
+    batch size would no longer be the run it continues."""
     cls = type(cfg)
     run = cls.from_dict({k: v for k, v in saved.items() if k in cls.keys()}, origin)
     keys = set(cls.keys()) if given is None else set(given)
-    differ = sorted(k for k in keys - {"epochs"} if k in cls.keys() and getattr(cfg, k) != getattr(run, k))
+    free = {"epochs", "track"}
+    differ = sorted(k for k in keys - free if k in cls.keys() and getattr(cfg, k) != getattr(run, k))
     if differ:
         shown = ", ".join(f"{k} (run: {getattr(run, k)!r}, given: {getattr(cfg, k)!r})" for k in differ)
         raise EkxError(
             f"--resume continues the run with its own configuration ({origin}); these differ: {shown}. "
-            "Only --epochs may change on resume: drop the other flags, or start a new run with another --name"
+            "Only --epochs and --track may change on resume: drop the other flags, or start a new run with "
+            "another --name"
         )
     if "epochs" in keys and cfg.epochs != run.epochs:
         if cfg.epochs < done_epochs:
@@ -129,6 +141,8 @@ def resumed_config(saved: dict[str, Any], cfg: T, given: set[str] | None, done_e
                 f"give --epochs {done_epochs} or more"
             )
         run.epochs = cfg.epochs
+    if "track" in keys and "track" in cls.keys():
+        run.track = cfg.track
     return run
 
 
