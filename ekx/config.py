@@ -33,6 +33,7 @@ class Workspace:
     features: Path = Path("features")
     runs: Path = Path("runs")
     device: str = "auto"
+    track: str = ""  # experiment trackers of every run (ekx.track): tensorboard, wandb, mlflow, comma-separated
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def cache_path(self, backbone: str, split: str) -> Path:

@@ -4,6 +4,7 @@ loss, and `train_one_epoch` (accumulation, mixed precision, clipping, host syncs
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
@@ -64,16 +65,21 @@ def train_one_epoch(
     on_step: Callable[[int, int, float], None] | None = None,
     accumulate: int = 1,
     scaler: torch.amp.GradScaler | None = None,
+    trace: dict | None = None,
 ) -> dict:
     """One epoch over ``steps`` batches from either input source (cached features or decoded
     video): lr per optimizer step, gradient accumulation (DDP syncs only on the last
-    micro-batch), mixed precision with a gradient scaler for fp16, clipping."""
+    micro-batch), mixed precision with a gradient scaler for fp16, clipping. ``trace`` (the
+    trackers', ekx.track): filled with each step's loss and lr, the segments and the seconds."""
     model.train()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     # running sums stay on the device; the host reads them every SYNC_EVERY steps
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, verb, noun, action correct
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    seen = 0
+    seen, t0 = 0, time.perf_counter()
+    # each step's loss stays on the device until the epoch ends: no host sync per step
+    losses = torch.zeros(steps, dtype=torch.float32, device=device) if trace is not None else None
+    lrs: list[float] = []
     for step, (x, yv, yn) in enumerate(batches):
         micro = step % accumulate
         last = micro == accumulate - 1 or step + 1 == steps
@@ -96,6 +102,9 @@ def train_one_epoch(
             pv, pn = out["verb"].argmax(1) == yv, out["noun"].argmax(1) == yn
             sums += torch.stack([loss.detach().double() * len(yv), pv.sum(), pn.sum(), (pv & pn).sum()]).double()
             nonfinite |= ~torch.isfinite(loss.detach())
+        if losses is not None and step < steps:
+            losses[step] = loss.detach()
+            lrs.append(opt.param_groups[0]["lr"])
         seen += len(yv)
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             if torch.distributed.is_initialized():  # every rank stops together, or none does
@@ -115,6 +124,8 @@ def train_one_epoch(
         torch.distributed.all_reduce(counts)
         sums, seen = counts[:4], int(counts[4])
     total = sums.tolist()
+    if losses is not None and trace is not None:
+        trace.update(loss=losses[: len(lrs)].tolist(), lr=lrs, segments=seen, seconds=time.perf_counter() - t0)
     seen = max(seen, 1)
     return {
         "train_loss": total[0] / seen,

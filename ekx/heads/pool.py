@@ -47,6 +47,8 @@ def trial_config(search: Search, number: int, params: dict, features_root: Path)
 class Pruned(Exception):
     """Raised from a run's on_epoch callback: the pruner stopped this trial after an epoch."""
 
+    track_status = "pruned"  # what the run's trackers are told (ekx.track.session.status_of)
+
 
 def _settled(state) -> bool:
     import optuna
@@ -159,7 +161,7 @@ def _run_trial(search, study, trial, run_dir, features_root, device, data_args, 
             if row["epoch"] < cfg.epochs and trial.should_prune():
                 raise Pruned(row["epoch"])
 
-        best = tr.run(cfg, run_dir, loaded[key], resume=resume, on_epoch=on_epoch, objective=search.objective)
+        best = tr.run(cfg, run_dir, loaded[key], resume, on_epoch, objective=search.objective, group_dir=run_dir.parent)
         value = _objective(read_metrics(run_dir), search)
         (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.epochs, "best": best, "value": value}))
         study.tell(trial, value)

@@ -51,6 +51,21 @@ def append_line(path: Path, line: str) -> None:
         raise write_error(path, e, "its complete lines stay readable (a torn last line is skipped)") from None
 
 
+def resume_log(log: Path, start: int, saved_row: str | None) -> None:
+    """metrics.jsonl of a run resumed from its epoch-``start`` checkpoint: only complete rows up
+    to that epoch (a process killed after logging a later one), and epoch ``start``'s own row
+    from the checkpoint (``saved_row``) when the kill came between last.pt and its row."""
+    lines = [
+        line
+        for line in (log.read_text().splitlines() if log.exists() else [])
+        if (r := row_of(line)) is not None and r["epoch"] <= start
+    ]
+    logged = {r["epoch"] for line in lines if (r := row_of(line)) is not None}
+    if start > 0 and start not in logged and saved_row:
+        lines.append(saved_row)
+    write_atomic(log, "".join(line + "\n" for line in lines))
+
+
 def write_config(run_dir: Path, cfg: TrainConfig, notes: tuple[str, ...] = ()) -> None:
     """config.toml; ``notes`` become comments (what the run's figures mean, e.g. validation
     segments counted as wrong), so the file stays usable as --config."""

@@ -47,6 +47,7 @@ from ekx.heads.pool import run_processes, run_worker
 from ekx.heads.runlog import minimised
 from ekx.heads.sweep import SEARCH, with_caches
 from ekx.options import check_values, opt
+from ekx.track import require
 
 # what callers of a search reach through this module
 __all__ = ["Search", "check", "journal_path", "load", "open_study", "parse", "run_search", "summary", "trial_dir"]
@@ -101,7 +102,8 @@ def check(search: Search, where: str = "search", tails: bool = True, unseen: boo
     """The whole search before its first trial, as run (after --set and --select): what every
     trial shares, the space, the objective. A search whose every trial fails on its settings
     is refused here instead."""
-    TrainConfig.from_dict({**search.base, **search.overrides}, f"{where} [base] with --set")
+    base = TrainConfig.from_dict({**search.base, **search.overrides}, f"{where} [base] with --set")
+    require(base.track, f"{where}: track")  # a tracker asked for and not installed
     check_space(search.space, f"{where} [{SEARCH}]")
     check_objective(search.objective, where, tails, unseen)
 

@@ -212,7 +212,7 @@ def _run_one(sc: SweepConfig, run_dir: Path, data, on_epoch=None) -> dict:
     )
     with runlock.claim_or_refuse(run_dir, run_dir.parent / ".claim.lock"):  # never two trainers on one run
         resume = (run_dir / "last.pt").is_file()
-        best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch)
+        best = tr.run(cfg, run_dir, data, resume=resume, on_epoch=on_epoch, group_dir=run_dir.parent)
         write_atomic(run_dir / "done.json", json.dumps({"epochs": cfg.epochs, "best": best}))
     return best
 
@@ -240,6 +240,10 @@ def run_sweep(
     A validation cache with failed or pending rows refuses the whole sweep before its first
     run, unless ``allow_missing`` (then they count as wrong, see heads.missing).
     """
+    from ekx.track import require
+
+    for sc in configs:  # a tracker asked for and not installed: said before the first run
+        require(sc.cfg.track, f"{sc.name}: track")
     results: dict[str, dict] = {}
     groups: dict[tuple[str, str], list[SweepConfig]] = {}
     for sc in configs:

@@ -1,7 +1,7 @@
 """Training a head on cached features: plain functions, every step of the loop visible.
 
     main(cfg) -> load caches once -> standardise -> for each epoch:
-        train_one_epoch (batches by tensor indexing) -> evaluate -> log -> checkpoint
+        train_one_epoch (batches by tensor indexing) -> evaluate -> checkpoint -> log -> trackers
 
 `fit` is the loop for either input source (cached features here, decoded video in
 `ekx.finetune`); one epoch of optimisation (schedule, loss, steps) is `heads.epoch`.
@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,24 +24,15 @@ import torch
 from ekx import EkxError, epic
 from ekx.cache import identity
 from ekx.config import backbone_folder, default_cache
-from ekx.heads import context, metrics, missing
+from ekx.heads import context, metrics, missing, runlog
 from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch, validation_note
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
-from ekx.heads.runlog import (
-    OBJECTIVE,
-    append_line,
-    best_row,
-    curves_title,
-    improves,
-    plot_curves,
-    read_metrics,
-    row_of,
-    write_atomic,
-    write_config,
-)
+from ekx.heads.runlog import OBJECTIVE, append_line, best_row, improves, read_metrics, resume_log
 from ekx.runtime import autocast, precision_note, resolve_device, resolve_precision
+from ekx.track import features, require
+from ekx.track.session import open_run, status_of
 
 
 def cached_batches(split: Split, norm, cfg: TrainConfig, gen: torch.Generator, device) -> tuple[int, Iterator[Batch]]:
@@ -143,6 +134,8 @@ class Task:
     rank0: bool = True  # only rank 0 of a distributed run writes checkpoints and logs
     initial_eval: bool = False  # log an epoch-0 evaluation (a warm start's starting point)
     notes: tuple[str, ...] = ()  # what the figures mean, kept in config.toml (validation rows counted wrong)
+    tags: Callable[[], dict[str, str]] = dict  # what it trains on, for trackers (ekx.track): asked only by them
+    kind: str = "train-head"
 
 
 def fit(
@@ -157,10 +150,12 @@ def fit(
     on_step: Callable[[int, int, float], None] | None = None,
     barrier: Callable[[], None] = lambda: None,
     objective: str = OBJECTIVE,
+    group_dir: Path | None = None,
 ) -> dict:
     """Epochs of train -> evaluate -> log -> checkpoint; resumes from last.pt when asked.
     best.pt is the best epoch by ``objective`` (a metrics column; *_loss is minimised), the
-    one the run returns and a search selects on - never another epoch than theirs."""
+    one the run returns and a search selects on - never another epoch than theirs. Trackers
+    (cfg.track, ekx.track) hear each epoch once it is on disk; ``group_dir``: a sweep's."""
     gen = torch.Generator().manual_seed(cfg.seed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = run_dir / "metrics.jsonl"
@@ -177,21 +172,12 @@ def fit(
         start, best = ckpt["epoch"], ckpt["best"]
         if ckpt.get("objective", OBJECTIVE) != objective:  # best.pt was chosen on another column
             best = best_row([r for r in read_metrics(run_dir) if 0 < r["epoch"] <= start], objective).get(objective)
-        if task.rank0:  # drop log lines of epochs after the checkpoint (interrupted after logging)
-            lines = [
-                line
-                for line in (log.read_text().splitlines() if log.exists() else [])
-                if (r := row_of(line)) is not None and r["epoch"] <= start
-            ]
-            # killed between last.pt and its row: the row travels in the checkpoint
-            logged = {r["epoch"] for line in lines if (r := row_of(line)) is not None}
-            if start > 0 and start not in logged and "row" in ckpt:
-                lines.append(ckpt["row"])
-            write_atomic(log, "".join(line + "\n" for line in lines))
+        if task.rank0:
+            resume_log(log, start, ckpt.get("row"))
     elif task.rank0:
-        write_atomic(log, "")
+        runlog.write_atomic(log, "")
     if task.rank0:
-        write_config(run_dir, cfg, task.notes)
+        runlog.write_config(run_dir, cfg, task.notes)
 
     def parts() -> dict:
         return {**task.parts(), "scaler": scaler.state_dict()}
@@ -203,50 +189,59 @@ def fit(
         verb, noun, *present = logits  # decoded video adds which rows decoded
         return score(verb, noun, *task.val_labels, task.tails, task.unseen_mask, cfg.label_smoothing, *present)
 
-    if task.initial_eval and start == 0:
-        t0 = time.perf_counter()
-        val_m = evaluation()
-        if task.rank0:
-            assert val_m is not None  # rank 0 always evaluates
-            row = {"epoch": 0, **val_m, "lr": 0.0, "seconds": time.perf_counter() - t0}
-            append_line(log, json.dumps(row))
-            if on_epoch:
-                on_epoch(row)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        steps, batches = task.epoch_batches(epoch, gen)
-        train_m = train_one_epoch(
-            task.model, opt, batches, steps, cfg, epoch, device, precision, on_step, task.accumulate, scaler
-        )
-        val_m = evaluation()
-        if task.rank0:
-            assert val_m is not None
-            row = {
-                "epoch": epoch + 1,
-                **train_m,
-                **val_m,
-                "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
-                "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
-                "seconds": time.perf_counter() - t0,
-            }
-            # a checkpoint and its metrics row, one atomic step; the objective that chose best.pt
-            saved = {**parts(), "row": json.dumps(row), "objective": objective}
-            if objective not in row:
-                raise EkxError(f"objective {objective!r} is not a column of {log}; e.g. {OBJECTIVE}, val_loss")
-            value = float(row[objective])
-            if best is None or improves(objective, value, best):
-                best = value
-                save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen, resumable=False)
-            save_checkpoint(run_dir / "last.pt", saved, opt, cfg, epoch + 1, best, gen)
-            append_line(log, json.dumps(row))
-            if on_epoch:
-                on_epoch(row)
-        barrier()  # other ranks wait for the checkpoint before the next epoch
-    if not task.rank0:
-        return {}
-    rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
-    best_of_run = best_row(rows, objective)  # the epoch best.pt was saved at
-    plot_curves(run_dir, rows, curves_title(cfg, run_dir), best_of_run.get("epoch"))
+    tracker = open_run(cfg.track, asdict(cfg), run_dir, start, task.tags, group_dir, task.kind, task.rank0)
+    try:
+        if task.initial_eval and start == 0:
+            t0 = time.perf_counter()
+            val_m = evaluation()
+            if task.rank0:
+                assert val_m is not None  # rank 0 always evaluates
+                row = {"epoch": 0, **val_m, "lr": 0.0, "seconds": time.perf_counter() - t0}
+                append_line(log, json.dumps(row))
+                tracker.epoch(row)
+                if on_epoch:
+                    on_epoch(row)
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            steps, batches = task.epoch_batches(epoch, gen)
+            model, trace = task.model, tracker.trace  # trace: each step's loss and lr, for the trackers
+            train_m = train_one_epoch(
+                model, opt, batches, steps, cfg, epoch, device, precision, on_step, task.accumulate, scaler, trace
+            )
+            val_m = evaluation()
+            if task.rank0:
+                assert val_m is not None
+                row = {
+                    "epoch": epoch + 1,
+                    **train_m,
+                    **val_m,
+                    "gap": metrics.overfitting_gap(train_m["train_action_top1"], val_m["val_action_top1"]),
+                    "lr": opt.param_groups[0]["lr"],  # the lr of the epoch's last step, not the next epoch's
+                    "seconds": time.perf_counter() - t0,
+                }
+                # a checkpoint and its metrics row, one atomic step; the objective that chose best.pt
+                saved = {**parts(), "row": json.dumps(row), "objective": objective}
+                if objective not in row:
+                    raise EkxError(f"objective {objective!r} is not a column of {log}; e.g. {OBJECTIVE}, val_loss")
+                value = float(row[objective])
+                if best is None or improves(objective, value, best):
+                    best = value
+                    save_checkpoint(run_dir / "best.pt", saved, opt, cfg, epoch + 1, best, gen, resumable=False)
+                save_checkpoint(run_dir / "last.pt", saved, opt, cfg, epoch + 1, best, gen)
+                append_line(log, json.dumps(row))
+                tracker.epoch(row)  # before on_epoch, which may stop the run (a pruned trial)
+                if on_epoch:
+                    on_epoch(row)
+            barrier()  # other ranks wait for the checkpoint before the next epoch
+        if not task.rank0:
+            return {}
+        rows = [r for r in read_metrics(run_dir) if r["epoch"] > 0]
+        best_of_run = best_row(rows, objective)  # the epoch best.pt was saved at
+        runlog.plot_curves(run_dir, rows, runlog.curves_title(cfg, run_dir), best_of_run.get("epoch"))
+    except BaseException as e:  # a pruned, failed or interrupted run says so to its trackers
+        tracker.finish(status_of(e))
+        raise
+    tracker.finish("finished", best_of_run, upto=rows[-1]["epoch"] if rows else 0)
     return best_of_run
 
 
@@ -335,6 +330,7 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
         data.tails,
         unseen,
         notes=(data.val_note,) if data.val_note else (),
+        tags=lambda: features.tags(train),
     )
 
 
@@ -346,6 +342,7 @@ def run(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     objective: str = OBJECTIVE,
+    group_dir: Path | None = None,
 ) -> dict:
     """Train one head on cached features; returns the best epoch's metrics by ``objective``
     (best.pt's epoch). A resumed run keeps its own configuration (``cfg`` may only extend
@@ -355,7 +352,8 @@ def run(
     precision = resolve_precision(cfg.precision, data.device)
     task = cached_task(cfg, data, precision)
     opt = torch.optim.AdamW(task.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return fit(cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step, objective=objective)
+    args = (cfg, run_dir, task, opt, data.device, precision, resume, on_epoch, on_step)
+    return fit(*args, objective=objective, group_dir=group_dir)
 
 
 # ---------------------------------------------------------------- entry point
@@ -392,6 +390,7 @@ def main(
     ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
     compared with the run's configuration, the rest comes from the run. ``allow_missing``:
     see load_data."""
+    require(cfg.track)  # a tracker asked for and not installed: said before any work
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume and not cfg.name:
         raise EkxError("--resume needs --name of the run to continue")
