@@ -18,28 +18,15 @@ from ekx.cache import identity
 from ekx.extract import backbones, sources
 from ekx.extract.inputs import calibration_plan
 from ekx.extract.pipeline import ExtractConfig, worker_init
-from ekx.finetune.clips import (
-    Clips,
-    Dist,
-    VideoChunks,
-    as_list,
-    clip_augmentation,
-    clip_inputs,
-    init_distributed,
-)
+from ekx.finetune.clips import Clips, Dist, VideoChunks, as_list, clip_augmentation, clip_inputs, init_distributed
 from ekx.finetune.config import FinetuneConfig
-from ekx.finetune.model import (
-    Start,
-    build_model,
-    cold_start,
-    start_from_checkpoint,
-    warm_start,
-)
+from ekx.finetune.model import Start, build_model, cold_start, start_from_checkpoint, warm_start
 from ekx.heads import checkpoint as ck
 from ekx.heads import missing
 from ekx.heads import train as tr
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, resolve_device, resolve_precision
+from ekx.track import require
 
 
 def _segments(ann: epic.Annotations, split: str, limit: int) -> list[epic.Segment]:
@@ -235,6 +222,12 @@ def finetune_task(
         cfg.accumulate,
         d.rank0,
         initial_eval=bool(cfg.init_head),
+        kind="finetune",  # what trackers are told (ekx.track): the backbone it fine-tunes
+        tags=lambda: {
+            "features.backbone": cfg.backbone,
+            "features.weights": str(start.weights),
+            "features.store": "decoded video",
+        },
     )
 
 
@@ -264,6 +257,7 @@ def main(
 
     d, device = init_distributed(cfg.device)
     try:
+        require(cfg.track)  # a tracker asked for and not installed: said before any work
         if cfg.accumulate < 1 or cfg.batch_size < 1:
             raise EkxError("--accumulate and --batch-size must be >= 1")
         run_dir = Path(runs_root) / _run_name(cfg, d)
