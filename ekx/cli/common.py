@@ -160,6 +160,12 @@ RunsOpt = Annotated[
     Path | None, typer.Option("--runs", help="Run directory root (default from ekx config).", show_default=False)
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N].", show_default=False)]
+TrackOpt = Annotated[  # ekx.track
+    str | None,
+    typer.Option(
+        help="Experiment trackers: tensorboard, wandb, mlflow (comma-separated; none: off).", show_default=False
+    ),
+]
 
 
 def command_body(fn):

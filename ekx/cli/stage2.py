@@ -21,6 +21,7 @@ from ekx.cli.common import (
     LateProgress,
     ResumeOpt,
     RunsOpt,
+    TrackOpt,
     VideosOpt,
     check_metric_annotations,
     check_split,
@@ -245,6 +246,7 @@ def sweep(
     runs: RunsOpt = None,
     annotations: AnnotationsOpt = None,
     device: DeviceOpt = None,
+    track: TrackOpt = None,
 ):
     """Train every configuration of a sweep file, each cache loaded once; or run an [optuna]
     search (pruned, model-based, many workers on one study). Resumable: run it again.
@@ -256,7 +258,7 @@ def sweep(
 
     ws = workspace(features=features, runs=runs, annotations=annotations, device=device)
     existing("--annotations", annotations)
-    settings = [*(set_ or []), *([f"backbone={backbone}"] if backbone else [])]
+    settings = [*(set_ or []), *(f"{k}={v}" for k, v in (("backbone", backbone), ("track", track)) if v)]
     if select and select.endswith(".h5"):
         val_features, select = Path(select), None
     existing("--train-features", train_features, "file")
@@ -379,6 +381,7 @@ def compare(
         Path | None, typer.Option(help="Write OUT.md and OUT.csv (default: comparison.* beside the first run).")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write validation curves and the gap chart to this PNG.")] = None,
+    track: TrackOpt = None,
 ):
     """The model-comparison table - parameters, train and validation action top-1 and their gap
     (overfitting), verb/noun/action top-1/5, state - sorted by validation action top-1;
@@ -387,7 +390,9 @@ def compare(
     Example: ekx compare runs/phase2 --plot phase2.png
     """
     from ekx.heads import compare as cmp
+    from ekx.track.compare import require, send
 
+    require(track or "none")  # a tracker asked for and not installed: before any work
     rows = cmp.collect(runs_)
     table = Table(*[c for c, _ in cmp.COLUMNS], title="model comparison (best epoch by val action top-1)")
     for r in cmp.table_rows(rows):
@@ -405,6 +410,10 @@ def compare(
     base.with_suffix(".md").write_text(cmp.markdown(rows))
     base.with_suffix(".csv").write_text(cmp.to_csv(rows))
     console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")
+    if track:  # the table as a tracked run too (ekx.track.compare)
+        group = Path(runs_[0]) if len(runs_) == 1 and not (Path(runs_[0]) / "metrics.jsonl").is_file() else None
+        for said in send(track, base, cmp.markdown(rows), cmp.to_csv(rows), workspace().runs.parent, group):
+            console.print(f"-> {said}", highlight=False)
     if plot:
         console.print(f"-> {cmp.plot(rows, plot)}")
     top = rows[0]

@@ -72,9 +72,9 @@ class TrainConfig:
     # where the figures also go (ekx.track); "": the workspace's EKX_TRACK / ekx.toml track
     track: str = opt(
         "",
-        "experiment trackers, comma-separated: tensorboard, wandb, mlflow (none: off; default: EKX_TRACK / ekx.toml)",
+        "experiment trackers (default: EKX_TRACK, ekx.toml's track; docs/tracking.md)",
         pattern=TRACK_PATTERN,
-        shown=f"empty, none, or names of {', '.join(TRACKERS)} joined by commas",
+        shown=f"{', '.join(TRACKERS)} joined by commas, or none",
     )
 
     @classmethod
