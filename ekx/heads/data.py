@@ -97,9 +97,14 @@ AUDIO = "audio"
 
 
 def modality(attrs) -> str:
-    """What a cache's features were computed from: ``audio`` (its ``modality`` attribute, or
-    an ``audio:`` backbone) or ``visual`` (every cache made before sound was read)."""
-    audio = attrs.get("modality") == AUDIO or str(attrs.get("backbone", "")).startswith(AUDIO + ":")
+    """What a cache's features were computed from: ``audio`` (an imported store's ``modality``;
+    an extracted cache's ``audio_rate``, the rate its sound was read at; an ``audio:``
+    backbone) or ``visual`` (frames: every cache without these)."""
+    audio = (
+        attrs.get("modality") == AUDIO
+        or "audio_rate" in attrs
+        or str(attrs.get("backbone", "")).startswith(AUDIO + ":")
+    )
     return AUDIO if audio else "visual"
 
 
