@@ -20,6 +20,16 @@ the whole pipeline.
   second before it - a white band
   across the frame's lower third before a rinse, nothing before a wipe. A segment-only
   head is at chance between them; a head that sees the window around the segment is not.
+- Every video carries a sound track (16-bit PCM, mono, 48 kHz, interleaved in the same
+  MP4; it changes no frame; `ekx.synth_sound`): low noise, and inside each segment a sound decided by its labels
+  (`segment_sound`) - the noun sets the pitch (colour) and timbre (shape), the verb what
+  happens over time, as it does on screen: open/close a rising/falling pitch, turn-on/off a
+  rising/falling loudness, put/take one/three beeps, shake a tremolo, hold a steady tone. The
+  time-reversed pairs sound time-reversed too, so sound tells nothing the frames do not.
+- With ``audio_pair=True``, a pair that only the sound tells apart (`AUDIO_PAIR`, class
+  category "sound"): pour and stir look identical (a static object, smaller than hold's)
+  and sound different - running water (noise) for pour, a spoon's clicks for stir. A
+  visual-only head is at chance between them; a head that hears the segment is not.
 """
 
 from __future__ import annotations
@@ -33,11 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from ekx import epic
+from ekx.synth_sound import SOUND_RATE, SoundTrack, render_sound, segment_sound  # noqa: F401
 
 VERBS = ("open", "close", "turn-on", "turn-off", "put", "take", "shake", "hold")
 REVERSED_PAIRS = (("open", "close"), ("turn-on", "turn-off"), ("put", "take"))
 CONTEXT_PAIR = ("rinse", "wipe")  # told apart only by the second before the segment (cue: rinse)
-ALL_VERBS = VERBS + CONTEXT_PAIR
+AUDIO_PAIR = ("pour", "stir")  # look the same, told apart by their sound only
+ALL_VERBS = VERBS + CONTEXT_PAIR + AUDIO_PAIR
 CUE_SECONDS = 1.0  # the cue shows during this long before a rinse segment
 CUE_GAP = 1.3  # at least this gap before a context-pair segment, so the cue never overlaps one
 PAIR_LENGTH = 2.0  # seconds: every context-pair segment is the same inside
@@ -61,10 +73,12 @@ class SynthConfig:
     workers: int = 2
     crf: int = 18
     context: bool = False  # add CONTEXT_PAIR (a task that needs the video around the segment)
+    audio_pair: bool = False  # add AUDIO_PAIR (a task that needs the sound)
+    sound: bool = True  # a sound track in every video
 
     @property
     def verbs(self) -> tuple[str, ...]:
-        return ALL_VERBS if self.context else VERBS
+        return VERBS + (CONTEXT_PAIR if self.context else ()) + (AUDIO_PAIR if self.audio_pair else ())
 
 
 @dataclass
@@ -87,6 +101,7 @@ class _Video:
     duration: float
     seed: int
     segments: list[_Segment] = field(default_factory=list)
+    verbs: tuple[str, ...] = VERBS  # the names of the segments' verb classes
 
 
 def allowed_nouns(seed: int, verbs: tuple[str, ...] = VERBS) -> np.ndarray:
@@ -137,7 +152,7 @@ def plan(cfg: SynthConfig) -> list[_Video]:
             t = round(t + length + float(rng.uniform(0.2, 1.0)), 2)
         # cycle frame rates so that every participant has videos at each rate
         fps = cfg.fps[(i + i // participants) % len(cfg.fps)]
-        videos.append(_Video(vid, pid, fps, t, cfg.seed * 1000 + i, segs))
+        videos.append(_Video(vid, pid, fps, t, cfg.seed * 1000 + i, segs, cfg.verbs))
     return videos
 
 
@@ -175,6 +190,8 @@ def _state(verb: str, p: float) -> tuple[float, float, int]:
         scale, count = 0.5, 1 + (k if verb == "put" else 2 - k)
     elif verb == "shake":
         scale = 0.72 + 0.25 * math.sin(2 * math.pi * 3 * p)
+    elif verb in AUDIO_PAIR:  # identical on screen: only the sound tells them apart
+        scale = 0.6
     return scale, bright, count
 
 
@@ -215,7 +232,7 @@ def render_frame(video: _Video, index: int, width: int, height: int, background:
         frame[2 * height // 3 :] = 245  # the cue before a rinse
     if seg is not None:
         p = (t - seg.start) / (seg.stop - seg.start)
-        scale, bright, count = _state(ALL_VERBS[seg.verb], p)
+        scale, bright, count = _state(video.verbs[seg.verb], p)
         shape, colour = NOUNS[seg.noun].split(":")
         rgb = np.array(COLOURS[colour], np.float32) * bright
         r = 0.3 * height * scale
@@ -237,8 +254,11 @@ def _background(width: int, height: int) -> np.ndarray:
     return np.broadcast_to(g, (height, width, 3)).astype(np.uint8).copy()
 
 
-def write_video(video: _Video, path: Path, width: int, height: int, crf: int = 18) -> int:
-    """Encode one video as H.264 mp4 with PyAV; returns the number of frames."""
+def write_video(
+    video: _Video, path: Path, width: int, height: int, crf: int = 18, sound: np.ndarray | None = None
+) -> int:
+    """Encode one video as H.264 mp4 with PyAV, with ``sound`` (float32 mono at SOUND_RATE)
+    as its sound track (`SoundTrack`), interleaved; returns the number of frames."""
     import av  # the test extra; only synth needs an encoder
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,10 +269,15 @@ def write_video(video: _Video, path: Path, width: int, height: int, crf: int = 1
         stream = container.add_stream("libx264", rate=video.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": str(crf), "g": str(video.fps)}
+        track = SoundTrack(container, sound) if sound is not None else None
         for i in range(n):
             img = av.VideoFrame.from_ndarray(render_frame(video, i, width, height, bg), format="rgb24")
             container.mux(stream.encode(img))
+            if track is not None:  # the sound up to this frame's end, so the file interleaves
+                track.write_until((i + 1) / video.fps)
         container.mux(stream.encode())
+        if track is not None:
+            track.finish()
     tmp.replace(path)  # atomic: an interrupted synth never leaves a half video behind
     return n
 
@@ -269,7 +294,7 @@ def _write_csv(path: Path, header, rows) -> None:
 
 def _annotation_rows(video: _Video, labelled: bool):
     for s in video.segments:
-        verb, noun = ALL_VERBS[s.verb], NOUNS[s.noun]
+        verb, noun = video.verbs[s.verb], NOUNS[s.noun]
         start = epic.format_timestamp(s.start)
         # narration_timestamp has millisecond precision in the official files
         row = [
@@ -325,11 +350,12 @@ def write_annotations(videos: list[_Video], cfg: SynthConfig, out: Path) -> None
 def _category(verb: str) -> str:
     if any(verb in p for p in REVERSED_PAIRS):
         return "reversible"
-    return "context" if verb in CONTEXT_PAIR else "other"
+    return "context" if verb in CONTEXT_PAIR else "sound" if verb in AUDIO_PAIR else "other"
 
 
 def _encode_job(args) -> int:
-    return write_video(*args)
+    video, path, width, height, crf, sound = args
+    return write_video(video, path, width, height, crf, render_sound(video, NOUNS) if sound else None)
 
 
 def synthesize(out: Path, cfg: SynthConfig, progress=None) -> dict:
@@ -337,10 +363,8 @@ def synthesize(out: Path, cfg: SynthConfig, progress=None) -> dict:
     out = Path(out)
     videos = plan(cfg)
     write_annotations(videos, cfg, out / "annotations")
-    jobs = [
-        (v, out / "videos" / v.participant_id / "videos" / f"{v.video_id}.MP4", cfg.width, cfg.height, cfg.crf)
-        for v in videos
-    ]
+    size = (cfg.width, cfg.height, cfg.crf, cfg.sound)
+    jobs = [(v, out / "videos" / v.participant_id / "videos" / f"{v.video_id}.MP4", *size) for v in videos]
     frames = 0
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         for n in pool.map(_encode_job, jobs):

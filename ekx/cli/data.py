@@ -65,6 +65,10 @@ def synth(
         bool,
         typer.Option(help="Add rinse/wipe: a verb pair only the second before the segment tells apart."),
     ] = False,
+    audio_pair: Annotated[
+        bool, typer.Option(help="Add pour/stir: a verb pair that looks the same and only its sound tells apart.")
+    ] = False,
+    sound: Annotated[bool, typer.Option(help="A sound track in every video (each segment's from its labels).")] = True,
 ):
     """Write a synthetic dataset in the official EPIC-100 formats (H.264 videos + CSVs).
 
@@ -84,7 +88,7 @@ def synth(
         )
     cfg = SynthConfig(
         videos=videos, segments=segments, width=width, height=height, fps=rates, seed=seed, workers=workers,
-        context=context,
+        context=context, audio_pair=audio_pair, sound=sound,
     )  # fmt: skip
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("encoding videos", total=videos)

@@ -15,6 +15,8 @@ import torch
 import torchvision.transforms.functional as F
 from torch import nn
 
+from ekx import EkxError
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -76,6 +78,23 @@ def _preprocess_of(weights) -> Preprocess:
 
 
 @dataclass(frozen=True)
+class AudioSpec:
+    """What an audio backbone reads (`ekx.extract.audio`): mono sound at ``rate`` Hz, windows
+    of ``samples`` samples, each centred on its feature's time, through ``frontend``
+    (waveforms float32 [B, samples] -> the model's input on a device: its own front end)."""
+
+    rate: int
+    samples: int
+    frontend: Callable[[torch.Tensor, torch.device], Any]
+    describe: str  # the front end in words (`ekx backbones`)
+    attrs: dict[str, Any]  # its parameters, written into the cache (identity)
+
+    @property
+    def window(self) -> float:
+        return self.samples / self.rate
+
+
+@dataclass(frozen=True)
 class Backbone:
     name: str
     build: Callable[[], nn.Module]  # random init, classifier removed
@@ -95,9 +114,12 @@ class Backbone:
     # key prefixes of the classifier this headless model removed (``fc``, timm's ``head``): a
     # full checkpoint's only keys that a weights file may hold beyond the model's own
     classifier: tuple[str, ...] = ()
+    audio: AudioSpec | None = None  # a model of sound (`ekx.extract.audio`): no frames, no Preprocess
 
     @property
     def preprocess(self) -> Preprocess:
+        if self.audio is not None:
+            raise EkxError(f"{self.name} reads the videos' sound, not their frames")
         if self.own_preprocess is not None:
             return self.own_preprocess
         enum = self.weights.DEFAULT if self.weights_name == "DEFAULT" else self.weights[self.weights_name]

@@ -14,7 +14,9 @@ from ekx.options import Names, opt
 # the registries' names (ekx.extract.backbones, ekx.extract.sources), torch-free for the CLI;
 # a test keeps them equal. Backbone names include families (`timm:<model>`, see
 # ekx.extract.families): the part before the colon is what is checked here.
-BACKBONES = Names("backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"), families=("timm", "open_clip", "hf"))
+BACKBONES = Names(
+    "backbone", ("resnet50", "efficientnet_b3", "r2plus1d_18"), families=("timm", "open_clip", "hf", "audio")
+)
 SOURCES = Names("frame source", ("auto", "decord", "torchcodec", "frames", "pyav"))
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZES = ("decoder", "torchvision")

@@ -10,27 +10,25 @@ the compute path. Re-running the same command resumes: done rows are skipped.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ekx import EkxError, epic, options
 from ekx.cache import dense, identity, lock, store
 from ekx.cache.reader import failures, open_cache
 from ekx.config import backbone_folder
 from ekx.extract import backbones, sources
+from ekx.extract.audio import run as audio
 from ekx.extract.config import ExtractConfig, check_dense_rate
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, frame_resize, segment_inputs
+from ekx.extract.jobs import NOT_FINITE, VideoJobs, identity_collate, worker_init
 from ekx.extract.sources.ffmpeg_log import DecoderLog
-from ekx.extract.sources.watchdog import guarded
-from ekx.extract.targets import Summary, Target, backbone_names, open_target, select_frames
+from ekx.extract.targets import Summary, Target, backbone_names, input_source, open_target, select_frames
 from ekx.extract.video import Request, Result
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, precision_note, resolve_device, resolve_precision
@@ -71,69 +69,7 @@ def default_out(cfg: ExtractConfig, features_root: Path) -> Path:
     return features_root / backbone_folder(cfg.backbone) / f"{name}.h5"
 
 
-# ---------------------------------------------------------------- decoding workers
-
-
-class VideoJobs(IterableDataset):
-    """Yields decoded segments; each worker takes whole videos (each opened once, each
-    under the decode watchdog unless ``timeout`` <= 0)."""
-
-    def __init__(
-        self,
-        jobs: list[tuple[Path, list[Request]]],
-        k: int,
-        clip_len: int,
-        size_fn,
-        source: str = sources.DEFAULT,
-        device: str = "cpu",
-        timeout: float = 0.0,
-        post: Callable[[np.ndarray], np.ndarray] | None = None,
-    ):
-        self.jobs, self.k, self.clip_len, self.size_fn = jobs, k, clip_len, size_fn
-        self.source, self.device, self.timeout, self.post = source, device, timeout, post
-
-    def __iter__(self) -> Iterator[Result]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        src = sources.get(self.source)
-        for path, reqs in self.jobs[wid::nw]:
-            decode = functools.partial(src.decode, path, reqs, self.k, self.clip_len, self.size_fn, self.device)
-            if self.post is not None:  # runs where the frames are decoded (the watchdog's child)
-                decode = functools.partial(_post, decode, self.post)
-            yield from guarded(decode, path, reqs, self.timeout)
-
-
-def _post(decode: Callable[[], Iterator[Result]], post: Callable[[np.ndarray], np.ndarray]) -> Iterator[Result]:
-    for res in decode():
-        yield res if res.frames is None else dataclasses.replace(res, frames=post(res.frames))
-
-
-def worker_init(_):
-    # Ctrl-C goes to the whole process group: the main process handles it, workers just stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    # Decoding yields to the backbone: when workers and the backbone's threads compete
-    # for the same cores, a descheduled compute thread stalls the others at every
-    # parallel barrier; at lower priority the decoder fills the idle gaps instead.
-    os.nice(10)
-    try:  # Linux: die with the main process, even when it is SIGKILLed
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def identity_collate(batch):
-    return batch
-
-
 # ---------------------------------------------------------------- the run
-
-NOT_FINITE = (
-    "features not finite (NaN, or Inf: beyond float16's +-65504): broken weights, or an overflow "
-    "in reduced precision; check --weights, or extract with --precision fp32"
-)
 
 
 def extract(
@@ -173,6 +109,7 @@ def extract_many(
     cfg = options.checked(cfg)  # every setting against what ExtractConfig declares it admits
     t0 = time.perf_counter()
     names = backbone_names(cfg.backbone)
+    sound = audio.is_audio(names)  # models of the videos' sound (ekx.extract.audio): their own loop
     if cfg.out is not None and len(names) > 1:
         raise EkxError("--out names one cache file; with several backbones the caches go to --features")
     ann = epic.Annotations(annotations)
@@ -224,6 +161,8 @@ def extract_many(
     missing_msg = src.missing_message(missing, len({s.video_id for s in plan}), root) if missing else None
     # each backbone with its weights' preprocessing: one decode serves all (`decode_size_of`)
     bbs = {n: backbones.with_weights(backbones.get(n), cfg.weights) for n in names}
+    if sound:  # before anything is written: a video without sound is one line, not N failed rows
+        audio.check(cfg, list(bbs.values()), src, found, [s.video_id for s in plan])
     videos_read = identity.records(src, {v: found[v] for v in dict.fromkeys(s.video_id for s in plan) if v in found})
     targets: list[Target] = []
     decoder_log = DecoderLog()  # FFmpeg's own log lines, per video: one line, and in the cache
@@ -246,8 +185,7 @@ def extract_many(
                     video_input,
                     warn,
                     held,
-                    {**src.identity(decode_device, cfg.resize), **identity.source_attrs(videos_read, bbs[name])},
-                    identity.decode_size_of(bbs[name], [bbs[o] for o in names if o != name], cfg.resize),
+                    *input_source(src, tcfg, bbs, videos_read, video_input),
                     times,
                 )
             except BaseException:
@@ -257,7 +195,7 @@ def extract_many(
             targets.append(t)
         if on_start:
             on_start(len(plan), min(t.summary.done for t in targets))
-        _run(cfg, targets, device, precision, plan, found, on_progress, times, decoder_log)
+        (audio.run if sound else _run)(cfg, targets, device, precision, plan, found, on_progress, times, decoder_log)
     finally:
         for t in targets:
             try:

@@ -16,6 +16,7 @@ import torch
 from ekx import EkxError, epic
 from ekx.cache import identity, lock, store
 from ekx.extract import backbones
+from ekx.extract.audio import run as audio
 from ekx.extract.inputs import calibrate
 from ekx.extract.video import Result
 from ekx.extract.writer import WriterThread, cache_attrs
@@ -101,13 +102,14 @@ def open_target(
             f"--weights none: RANDOM {bb.name} weights (BatchNorm calibrated on the data) - features "
             "are for tests and demos, not for real results"
         )
-        calibration = calibrate(model, bb, cfg, calib_plan, found, device)
+        calibration = (audio.calibrate if bb.audio else calibrate)(model, bb, cfg, calib_plan, found, device)
         bn_state = {k: v.numpy() for k, v in backbones.batchnorm_state(model).items()}
     model = backbones.fuse_for_inference(model)
     model = model.to(memory_format=torch.channels_last if bb.clip_len == 1 else torch.channels_last_3d)
     # a checkpoint is named by its path (the sha256 in "weights" is its identity)
     weights_path = str(Path(cfg.weights).resolve()) if weights_id.startswith("sha256:") else ""
-    inputs = identity.input_attrs(bb, source_attrs, video_input, decode_size)
+    # a sound model's attributes are whole already (`audio.source_attrs`): no frames, no resize
+    inputs = source_attrs if bb.audio else identity.input_attrs(bb, source_attrs, video_input, decode_size)
     attrs = cache_attrs(cfg, bb, weights_id, precision, device, ann, ann_path, calibration, weights_path, inputs)
     bad = (
         identity.mismatch(identity.extraction(store.open_attrs(out)), identity.extraction(attrs))
@@ -130,6 +132,17 @@ def open_target(
     n = len(rows.narration_id)
     summary = Summary(out, n, int((status == store.DONE).sum()), 0, 0, 0, 0.0)
     return Target(cfg, bb, model, writer, thread, status != store.DONE, summary, held)
+
+
+def input_source(src, cfg: ExtractConfig, bbs: dict, videos_read: list[str], video_input: str) -> tuple[dict, str]:
+    """(source attributes, decode size) of ``cfg.backbone``'s cache in a pass over ``bbs``:
+    the frame source, its videos and where the frames were resized; or a sound model's input."""
+    bb = bbs[cfg.backbone]
+    if bb.audio is not None:
+        return audio.source_attrs(bb, videos_read, video_input), identity.OWN_SIZE
+    others = [b for n, b in bbs.items() if n != cfg.backbone]
+    attrs = {**src.identity(cfg.decode_device, cfg.resize), **identity.source_attrs(videos_read, bb)}
+    return attrs, identity.decode_size_of(bb, others, cfg.resize)
 
 
 def mismatch_message(out: Path, bad: list[str]) -> str:

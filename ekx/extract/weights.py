@@ -42,7 +42,8 @@ def read_state_file(path: Path) -> dict:
         ) from None
     if not isinstance(state, dict):
         raise EkxError(f"{path}: not a state dict (a {type(state).__name__})")
-    for key in ("backbone", "state_dict", "model"):  # ekx finetune, timm/Lightning, DeiT-style
+    # ekx finetune, timm/Lightning, DeiT-style, PySlowFast (Auditory SlowFast, EPIC-Sounds, TIM)
+    for key in ("backbone", "state_dict", "model", "model_state"):
         if isinstance(state.get(key), dict):
             state = state[key]
             break

@@ -4,7 +4,9 @@
 - ``open_clip:<arch>/<tag>``: the image tower, built and preprocessed as OpenCLIP does for
   that tag (its mean/std, interpolation, resize mode and QuickGELU; `open_clip_family`).
 - ``hf:<repo id or local directory>``: Hugging Face video transformers, preprocessed as the
-  library's own image processor class does (`hf_family`).
+  library's own image processor class does (`hf_family`); Hugging Face sound models (AST,
+  CLAP's audio tower, wav2vec2, HuBERT) with the library's own feature extractor.
+- ``audio:<model>``: models of the videos' sound built here (`audio_family`, `ekx.extract.audio`).
 
 Each resolves to an ordinary `backbones.Backbone`, so extraction (one model or several in
 one decode pass), fine-tuning, predict and live take it unchanged. Its library is an
@@ -22,7 +24,7 @@ import functools
 
 from ekx import EkxError
 from ekx.extract.backbone_spec import Backbone
-from ekx.extract.families import hf_family, open_clip_family, timm_family  # noqa: F401  (they register)
+from ekx.extract.families import audio_family, hf_family, open_clip_family, timm_family  # noqa: F401  (they register)
 from ekx.extract.families.base import FAMILIES, Family, preprocess_of_transform
 
 __all__ = ["FAMILIES", "Family", "preprocess_of_transform", "resolve"]

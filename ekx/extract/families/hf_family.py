@@ -99,16 +99,29 @@ def hf_backbone(repo: str) -> Backbone:
     where = f"hf:{repo}"
     try:
         config = transformers.AutoConfig.from_pretrained(source)
-        processor: Any = transformers.AutoImageProcessor.from_pretrained(source)
+        frames = int(getattr(config, "num_frames", 0) or 0)
+        # a model without frames may be one of sound (AST, CLAP, wav2vec2): its feature extractor then
+        processor: Any = transformers.AutoImageProcessor.from_pretrained(source) if frames > 0 else None
     except Exception as e:
         raise EkxError(
             f"--backbone {where}: cannot read its config or image processor ({first_line(e)}); "
             "without internet, pass a local directory written by save_pretrained (config.json, "
             "preprocessor_config.json, weights)"
         ) from None
-    frames = int(getattr(config, "num_frames", 0) or 0)
+
+    def ident() -> str:  # the pretrained weights' identity (hashed only when they are loaded)
+        files = (sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))) if local.is_dir() else []
+        hashes = ",".join(f"{f.name}:{_sha256(f)}" for f in files)
+        return f"pretrained:hf {repo}" + (f" {hashes}" if files else "")
+
     if frames < 1:
-        raise EkxError(f"--backbone {where}: {type(config).__name__} is not a video model (no num_frames)")
+        from ekx.extract.audio.hf import hf_audio_backbone
+
+        attrs = {"backbone_family": "hf", "backbone_library": version("transformers"),
+                 "hf_model_type": str(getattr(config, "model_type", ""))}  # fmt: skip
+        if local.is_dir():
+            attrs["hf_config_sha256"] = _sha256(local / "config.json")
+        return hf_audio_backbone(transformers, source, config, where, attrs, ident)
     pre = hf_preprocess(processor.to_dict(), where)
     model_cls = transformers.AutoModel
 
@@ -123,11 +136,7 @@ def hf_backbone(repo: str) -> Backbone:
                 f"cannot get {where}'s weights ({first_line(e)}); pass a local model directory, --weights FILE "
                 "or --weights none"
             ) from None
-        ident = f"pretrained:hf {repo}"
-        if local.is_dir():
-            files = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
-            ident += " " + ",".join(f"{f.name}:{_sha256(f)}" for f in files)
-        return HFClipModel(m), ident
+        return HFClipModel(m), ident()
 
     def stages(m: Any) -> list[list[nn.Module]]:
         inner = m.model
