@@ -57,13 +57,22 @@ def backbones(
         console.print(table)
         fams = Table("family", "example", "what", "extra", title="families (any model of the library, by name)")
         for f in families.FAMILIES.values():
-            fams.add_row(f"{f.prefix}:", f.example, f.what, escape(f"pip install 'ekx[{f.extra}]'"))
+            fams.add_row(f"{f.prefix}:", f.example, f.what, escape(f"pip install 'ekx[{f.extra}]'") if f.extra else "")
         console.print(fams)
+        _sound_table(bbs)
         return
     try:
         b = bbs.get(name)
     except EkxError as e:  # the families name the flag a model usually comes by; here it is NAME
         raise EkxError(str(e).removeprefix("--backbone ")) from None
+    if b.audio is not None:  # a model of sound: rate, window and front end instead of frames
+        a = b.audio
+        console.print(f"[bold]{escape(b.name)}[/bold]: {b.dim}-d features of sound, {a.rate} Hz mono, "
+                      f"windows of {a.window:.4g} s ({a.samples} samples) centred on each feature's time")  # fmt: skip
+        console.print(f"front end: {escape(a.describe)}")
+        for k, v in {**a.attrs, **b.attrs}.items():
+            console.print(f"{k}: {escape(str(v))}")
+        return
     p = b.preprocess
     console.print(f"[bold]{escape(b.name)}[/bold]: {b.dim}-d features, " + (
         "per frame" if b.clip_len == 1 else f"clips of {b.clip_len} frames"
@@ -71,6 +80,18 @@ def backbones(
     console.print(f"preprocessing: {_pre_text(p)}; mean {list(p.mean)}, std {list(p.std)}")
     for k, v in b.attrs.items():
         console.print(f"{k}: {escape(str(v))}")
+
+
+def _sound_table(bbs) -> None:
+    """The built-in models of sound (`audio:`); Hugging Face's (AST, CLAP, wav2vec2) are hf: names."""
+    from ekx.extract.audio import MODELS
+
+    table = Table("backbone", "dim", "rate", "window", "front end", title="audio models (the videos' sound track)")
+    for name in MODELS:
+        b = bbs.get(f"audio:{name}")
+        table.add_row(b.name, str(b.dim), f"{b.audio.rate} Hz", f"{b.audio.window:.4g} s", escape(b.audio.describe))
+    table.add_row("hf:<dir or repo>", "", "its extractor's", "its input", "the library's own AutoFeatureExtractor")
+    console.print(table)
 
 
 def _pre_text(p) -> str:
