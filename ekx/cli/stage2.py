@@ -412,7 +412,7 @@ def compare(
     console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")
     if track:  # the table as a tracked run too (ekx.track.compare)
         group = Path(runs_[0]) if len(runs_) == 1 and not (Path(runs_[0]) / "metrics.jsonl").is_file() else None
-        for said in send(track, base, cmp.markdown(rows), cmp.to_csv(rows), workspace().runs.parent, group):
+        for said in send(track, base, cmp.markdown(rows), cmp.to_csv(rows), Path(runs_[0]).parent.parent, group):
             console.print(f"-> {said}", highlight=False)
     if plot:
         console.print(f"-> {cmp.plot(rows, plot)}")
