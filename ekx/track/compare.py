@@ -25,7 +25,8 @@ def send(
     warn: Callable[[str], None] = warn_stderr,
 ) -> list[str]:
     """The comparison (``base``: its path without suffix, as written) to each tracker of ``track``;
-    returns where each went. A tracker that fails is a warning, as in a run."""
+    ``workspace``: where the runs' local stores are (the parent of their runs root); returns
+    where each went. A tracker that fails is a warning, as in a run."""
     base = Path(base)
     rows = list(csv.reader(io.StringIO(table_csv)))
     columns, data = rows[0], rows[1:]

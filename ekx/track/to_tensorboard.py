@@ -29,6 +29,7 @@ class Backend(base.Backend):
 
         log_dir = run.run_dir / "tensorboard"
         self.writer = SummaryWriter(str(log_dir), purge_step=run.first_step if run.resume else None)
+        self.said: dict[str, str] = {}  # tags so far: the text is rewritten whole (the last one shows)
         return {"log_dir": str(log_dir)}
 
     def log(self, metrics: list[tuple[int, dict[str, float]]], epoch: int | None = None) -> None:
@@ -46,17 +47,20 @@ class Backend(base.Backend):
         self.writer.add_text("config", _table(params))
 
     def tags(self, tags: dict[str, str]) -> None:
-        if tags:
-            self.writer.add_text("tags", _table(tags))
+        self.said.update(tags)
+        if self.said:
+            self.writer.add_text("tags", _table(self.said))
 
     def summary(self, values: dict[str, float]) -> None:
         self.writer.add_text("best", _table(values))
 
     def artifact(self, path: Path) -> None:
-        if path.suffix == ".png":
-            from torchvision.io import ImageReadMode, decode_png, read_file
+        if path.suffix == ".png":  # curves.png: made by matplotlib, so its Pillow is there
+            import numpy as np
+            from PIL import Image
 
-            self.writer.add_image(path.stem, decode_png(read_file(str(path)), ImageReadMode.RGB))
+            with Image.open(path) as img:
+                self.writer.add_image(path.stem, np.asarray(img.convert("RGB")), dataformats="HWC")
         elif path.suffix != ".jsonl":  # metrics.jsonl is the scalars already
             self.writer.add_text(path.name, "```\n" + path.read_text()[:MAX_TEXT] + "\n```")
 
