@@ -24,6 +24,7 @@ from ekx.track import backend, require
 from ekx.track.base import Backend, RunInfo, flat
 
 STATE = "track.json"
+STEPS = "steps.jsonl"  # each epoch's step points, as sent: a later process may resend them
 EVERY = 20  # steps per point of the step series (their mean loss): Lightning logs every 50
 ARTEFACTS = ("curves.png", "metrics.jsonl", "config.toml")
 
@@ -88,8 +89,10 @@ class Session:
         self.every = EVERY
         self.trace: dict | None = {} if fanout else None  # None: nothing for train_one_epoch to record
 
-    def _held(self, name: str) -> int:
-        return int(self.state["backends"][name].get("epoch", 0))
+    def _held(self, name: str) -> tuple[int, int]:
+        """(epoch, global step) a tracker holds: every point up to them is in it."""
+        held = self.state["backends"][name]
+        return int(held.get("epoch", 0)), int(held.get("step", -1))
 
     def _save(self) -> None:
         from ekx.heads.runlog import write_atomic
@@ -100,42 +103,52 @@ class Session:
             self.warn(f"{self.run_dir / STATE}: not saved ({e}); a --resume would start new tracked runs")
 
     def epoch(self, row: dict) -> None:
-        """An epoch's step points (from ``trace``) and figures, to every tracker that lacks it."""
+        """An epoch's step points (from ``trace``, kept in steps.jsonl) and figures, to every
+        tracker that lacks them."""
         if not self.fanout:
             return
         e, trace = int(row["epoch"]), self.trace or {}
-        steps = len(trace.get("loss", ())) or self.state.get("steps", 0)
-        self.state["steps"] = steps
+        self.state["steps"] = len(trace.get("loss", ())) or self.state.get("steps", 0)
+        points = step_points(trace.get("loss", []), trace.get("lr", []), (e - 1) * self.state["steps"], self.every)
+        figures = epoch_metrics(row)
+        if trace.get("seconds"):  # training throughput (the epoch's evaluation not counted)
+            figures["epoch/segments_per_s"] = trace["segments"] / trace["seconds"]
+        try:  # what a later process needs to send this epoch again (a tracker that lost it to a kill)
+            with (self.run_dir / STEPS).open("a") as fh:
+                fh.write(json.dumps({"epoch": e, "points": points}) + "\n")
+        except OSError as err:
+            self.warn(f"{self.run_dir / STEPS}: not written ({err}); a resumed run could not resend them")
         self._catch_up(e - 1)
         for name in list(self.fanout.backends):
-            if self._held(name) >= e:
-                continue
-            if trace.get("loss"):
-                self.fanout.call("log", step_points(trace["loss"], trace["lr"], (e - 1) * steps, self.every), only=name)
-            figures = epoch_metrics(row)
-            if trace.get("seconds"):  # training throughput (the epoch's evaluation not counted)
-                figures["epoch/segments_per_s"] = trace["segments"] / trace["seconds"]
-            self.fanout.call("log", [(e * steps, figures)], epoch=e, only=name)
-            if name in self.fanout.backends:
-                self.state["backends"][name]["epoch"] = e
+            self._send(name, e, points, figures)
         self._save()
         trace.clear()
 
-    def _catch_up(self, upto: int) -> None:
-        """Rows of metrics.jsonl up to epoch ``upto`` that a tracker does not hold, without step
-        points (only the process that trained the epoch had them)."""
-        behind = [n for n in self.fanout.backends if self._held(n) < upto]
-        if not behind:
+    def _send(self, name: str, e: int, points: list, figures: dict[str, float]) -> None:
+        held_epoch, held_step = self._held(name)
+        if held_epoch >= e:
             return
-        from ekx.heads.runlog import read_metrics
+        fresh = [(s, v) for s, v in points if s > held_step]
+        if fresh:
+            self.fanout.call("log", fresh, only=name)
+        self.fanout.call("log", [(e * self.state["steps"], figures)], epoch=e, only=name)
+        if name in self.fanout.backends:
+            self.state["backends"][name].update(epoch=e, step=e * self.state["steps"])
 
-        steps = self.state["steps"]
+    def _catch_up(self, upto: int) -> None:
+        """Epochs up to ``upto`` that a tracker does not hold (a kill before it had them on disk,
+        or a tracker added on --resume): their rows of metrics.jsonl and points of steps.jsonl."""
+        if all(self._held(n)[0] >= upto for n in self.fanout.backends):
+            return
+        from ekx.heads.runlog import read_metrics, row_of
+
+        lines = (self.run_dir / STEPS).read_text().splitlines() if (self.run_dir / STEPS).is_file() else []
+        kept = {int(r["epoch"]): r["points"] for line in lines if (r := row_of(line))}
         for row in read_metrics(self.run_dir):
             e = int(row["epoch"])
-            for name in behind:
-                if self._held(name) < e <= upto and name in self.fanout.backends:
-                    self.fanout.call("log", [(e * steps, epoch_metrics(row))], epoch=e, only=name)
-                    self.state["backends"][name]["epoch"] = e
+            if e <= upto:
+                for name in list(self.fanout.backends):
+                    self._send(name, e, [tuple(p) for p in kept.get(e, [])], epoch_metrics(row))
 
     def finish(self, status: str, best: dict | None = None, upto: int | None = None) -> None:
         """``best``: the best epoch's row (marked: a tag and the run's summary); ``upto``: the last
@@ -182,19 +195,25 @@ def open_run(
         return Session(Fanout({}), run_dir, {}, warn)
     path = run_dir / STATE
     saved = json.loads(path.read_text()) if start_epoch > 0 and path.is_file() else {}
-    state: dict[str, Any] = {"steps": saved.get("steps", 0), "backends": {}}
+    _trim_steps(run_dir / STEPS, start_epoch, warn)
+    steps = int(saved.get("steps", 0))
+    state: dict[str, Any] = {"steps": steps, "backends": {}}
     root = (group_dir.parent if group_dir else run_dir.parent).parent
     fan, described = Fanout({}, warn), None  # described: the tags, asked once
     for name in names:
         before = saved.get("backends", {}).get(name)
         held = min(int(before.get("epoch", 0)), start_epoch) if before else 0
         info = RunInfo(run_dir.name, run_dir, root, group_dir.name if group_dir else "", group_dir, kind, before)
-        info.first_step = held * state["steps"] + 1 if before else 0  # steps after it are dropped (TensorBoard)
+        info.first_step = held * steps + 1 if before else 0  # later steps are dropped (TensorBoard)
         one = Fanout({name: backend(name)()}, warn)
         got = one.call("start", info).get(name)
         if got is None:
             continue
-        state["backends"][name] = {**got, "epoch": held}
+        # a tracker that can say what it really holds (W&B's offline files after a kill) is believed
+        held_step = min(int(got.pop("held_step", held * steps)), held * steps) if before else -1
+        if before and steps:
+            held = min(held, held_step // steps)
+        state["backends"][name] = {**got, "epoch": held, "step": held_step}
         if not before:  # a tracked run's description, once (a resumed one has it)
             one.call("params", flat(params))
             described = tags() if described is None else described
@@ -203,3 +222,17 @@ def open_run(
     session = Session(fan, run_dir, state, warn)
     session._save()  # the ids, at once: a kill in the first epoch still resumes these runs
     return session
+
+
+def _trim_steps(path: Path, start_epoch: int, warn: Callable[[str], None]) -> None:
+    """steps.jsonl of a run continuing from its epoch-``start_epoch`` checkpoint (0: a new run):
+    the epochs after it are trained again."""
+    from ekx.heads.runlog import row_of, write_atomic
+
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if (r := row_of(line)) and r["epoch"] <= start_epoch]
+    try:
+        write_atomic(path, "".join(line + "\n" for line in lines))
+    except Exception as e:
+        warn(f"{path}: not trimmed ({e})")

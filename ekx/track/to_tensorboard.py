@@ -36,6 +36,8 @@ class Backend(base.Backend):
         for step, values in metrics:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, epoch if epoch is not None else step)
+        if epoch is not None:  # an epoch is whole on disk, as its checkpoint (the writer queues events)
+            self.writer.flush()
 
     def params(self, params: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams

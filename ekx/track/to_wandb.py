@@ -14,6 +14,9 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import struct
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,44 @@ def user_mode() -> bool:
         if parser.has_option("default", "mode"):
             return True
     return False
+
+
+def records(path: Path) -> Iterator[Any]:
+    """The records of a W&B transaction log (.wandb): LevelDB's log framing (a 7-byte header
+    ":W&B", then 32 KiB blocks of chunks: crc32, length, type), each record W&B's own protobuf
+    (wandb_internal_pb2.Record). Stops at a chunk cut short or corrupt (a process killed while
+    its writer held part of a record)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (crc, n, kind) == (0, 0, 0):  # a block's zero padding
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + n]
+        if len(chunk) < n or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+            return
+        buf, pos = buf + chunk, pos + 7 + n
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def logged_step(wandb_dir: Path, run_id: str) -> int:
+    """The last history step of a run's offline files (-1: none): what reached the disk of an
+    earlier process, which a kill -9 may have stopped before W&B flushed the rest."""
+    steps = [
+        r.history.step.num
+        for f in Path(wandb_dir).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+        for r in records(f)
+        if r.WhichOneof("record_type") == "history"
+    ]
+    return max(steps, default=-1)
 
 
 class Backend(base.Backend):
@@ -66,7 +107,10 @@ class Backend(base.Backend):
         self.run.define_metric("epoch")
         for prefix in ("train/*", "val/*", "epoch/*"):
             self.run.define_metric(prefix, step_metric="epoch")
-        return {"id": self.run.id, "dir": str(self.run.dir)}
+        state: dict[str, Any] = {"id": self.run.id, "dir": str(self.run.dir)}
+        if run.resume and self.run.settings.mode == "offline":  # what the earlier processes' files hold
+            state["held_step"] = logged_step(Path(self.run.dir).parent.parent, self.run.id)
+        return state
 
     def log(self, metrics: list[tuple[int, dict[str, float]]], epoch: int | None = None) -> None:
         for step, values in metrics:
