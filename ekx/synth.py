@@ -255,10 +255,17 @@ def _background(width: int, height: int) -> np.ndarray:
 
 
 def write_video(
-    video: _Video, path: Path, width: int, height: int, crf: int = 18, sound: np.ndarray | None = None
+    video: _Video,
+    path: Path,
+    width: int,
+    height: int,
+    crf: int = 18,
+    sound: np.ndarray | None = None,
+    codec: str = "pcm_s16le",
 ) -> int:
     """Encode one video as H.264 mp4 with PyAV, with ``sound`` (float32 mono at SOUND_RATE)
-    as its sound track (`SoundTrack`), interleaved; returns the number of frames."""
+    as its sound track (`SoundTrack`: ``codec`` pcm_s16le or aac), interleaved; returns the
+    number of frames."""
     import av  # the test extra; only synth needs an encoder
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +276,7 @@ def write_video(
         stream = container.add_stream("libx264", rate=video.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": str(crf), "g": str(video.fps)}
-        track = SoundTrack(container, sound) if sound is not None else None
+        track = SoundTrack(container, sound, codec) if sound is not None else None
         for i in range(n):
             img = av.VideoFrame.from_ndarray(render_frame(video, i, width, height, bg), format="rgb24")
             container.mux(stream.encode(img))

@@ -86,3 +86,71 @@ def test_reversed_verbs_are_mirror_images_in_time(tmp_path):
         for p in (0.1, 0.5, 0.9):
             assert np.allclose(_state(a, p)[:2], _state(b, 1 - p)[:2])
         assert _state(a, 0.05) != _state(a, 0.95)
+
+
+# ---------------------------------------------------------------- sound (issue 33)
+
+
+def _decode(path, what: str) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        if what == "video":
+            return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+
+
+def test_sound_track_follows_the_labels_and_changes_no_frame(tmp_path):
+    """Each video carries a mono 48 kHz track (16-bit PCM in the MP4): loud inside segments,
+    low noise between them; the frames are those of the same video without sound."""
+    from ekx.synth import SOUND_RATE
+
+    with_sound = synthesize(tmp_path / "s", SynthConfig(videos=2, segments=3, width=64, height=64, seed=2, workers=1))
+    silent = synthesize(tmp_path / "n", SynthConfig(videos=2, segments=3, width=64, height=64, seed=2, workers=1,
+                                                    sound=False))  # fmt: skip
+    a, b = epic.index_videos(with_sound["video_root"]), epic.index_videos(silent["video_root"])
+    vid = sorted(a)[0]
+    np.testing.assert_array_equal(_decode(a[vid], "video"), _decode(b[vid], "video"))
+    import av
+
+    with av.open(str(b[vid])) as c:
+        assert not c.streams.audio
+    with av.open(str(a[vid])) as c:
+        s = c.streams.audio[0]
+        assert (s.codec_context.name, s.rate, s.codec_context.layout.nb_channels) == ("pcm_s16le", SOUND_RATE, 1)
+    sound = _decode(a[vid], "audio").astype(np.float32) / 32768
+    segs = [s for s in epic.Annotations(with_sound["annotations"]).segments("train") if s.video_id == vid]
+    fps = float(_video_info(with_sound["annotations"].parent)[vid]["fps"])
+    assert abs(len(sound) / SOUND_RATE - _decode(a[vid], "video").shape[0] / fps) < 0.05
+    inside = np.zeros(len(sound), bool)
+    for s in segs:
+        inside[round(s.start * SOUND_RATE) : round(s.stop * SOUND_RATE)] = True
+    rms_in, rms_out = np.sqrt((sound[inside] ** 2).mean()), np.sqrt((sound[~inside] ** 2).mean())
+    assert rms_in > 0.05 and rms_out < 0.005
+
+
+def test_audio_pair_looks_the_same_and_sounds_different():
+    """pour and stir: the same frames for the same object, another sound; they share their
+    nouns (like every pair) and are the "sound" category."""
+    from ekx import synth
+
+    cfg = SynthConfig(videos=2, segments=2, audio_pair=True)
+    assert cfg.verbs[-2:] == synth.AUDIO_PAIR and len(cfg.verbs) == len(VERBS) + 2
+    mask = allowed_nouns(0, cfg.verbs)
+    assert (mask[-1] == mask[-2]).all()
+    assert synth._category("pour") == synth._category("stir") == "sound"
+    pour, stir = cfg.verbs.index("pour"), cfg.verbs.index("stir")
+    frames, sounds = [], []
+    for verb in (pour, stir):
+        video = synth._Video("P01_01", "P01", 30, 3.0, 1, [synth._Segment("x", 0.5, 2.5, verb, 0)], cfg.verbs)
+        bg = synth._background(64, 64)
+        frames.append(np.stack([synth.render_frame(video, i, 64, 64, bg) for i in range(0, 90, 7)]))
+        sounds.append(synth.render_sound(video, NOUNS))
+    np.testing.assert_array_equal(frames[0], frames[1])
+    spectra = [np.abs(np.fft.rfft(s[synth.SOUND_RATE : 2 * synth.SOUND_RATE])) for s in sounds]
+    assert np.corrcoef(spectra[0], spectra[1])[0, 1] < 0.5
+    # and a time-reversed pair sounds time-reversed (sound tells nothing the frames do not)
+    p = np.linspace(0, 1, 4800)
+    rng = np.random.default_rng(0)
+    up, down = (synth.segment_sound(v, "circle:red", p, synth.SOUND_RATE, rng) for v in ("turn-on", "turn-off"))
+    np.testing.assert_allclose(np.abs(up), np.abs(down[::-1]), atol=0.02)

@@ -94,16 +94,21 @@ def hf_audio_backbone(
         return {k: v.to(device) for k, v in batch.items()}
 
     def build() -> nn.Module:
-        return HFAudioModel(cls._from_config(cfg, attn_implementation="sdpa"), kind.pooling).eval()
+        make = getattr(cls, "from_config", None) or cls._from_config  # an Auto class's, or a model class's
+        return HFAudioModel(make(cfg), kind.pooling).eval()
 
     def pretrained() -> tuple[nn.Module, str]:
+        quiet = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # CLAP's text tower, left unread, is not news
         try:
-            m = cls.from_pretrained(source, attn_implementation="sdpa")
+            m = cls.from_pretrained(source)
         except Exception as e:
             raise EkxError(
                 f"cannot get {where}'s weights ({type(e).__name__}); pass a local model directory, --weights FILE "
                 "or --weights none"
             ) from None
+        finally:
+            transformers.logging.set_verbosity(quiet)
         return HFAudioModel(m, kind.pooling), ident()
 
     probe = build()
