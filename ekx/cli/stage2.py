@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from ekx import EkxError
+from ekx import EkxError, tables
 from ekx.cli.common import (
     AllowMissingOpt,
     AnnotationsOpt,
@@ -156,10 +155,8 @@ def evaluate(
             highlight=False,
         )
     if m:
-        table = Table("metric", "value", title=f"{run} on {features_file} ({result['segments']} segments)")
-        for k, v in m.items():
-            table.add_row(k, f"{v:.2f}")
-        console.print(table)
+        title = f"{run} on {features_file} ({result['segments']} segments)"
+        tables.show(console, ["metric", "value"], [[k, f"{v:.2f}"] for k, v in m.items()], title=title)
     else:
         console.print(f"{features_file}: unlabelled ({result['segments']} segments): no metrics")
     if json_out:
@@ -199,10 +196,8 @@ def score(
 
     ws = workspace(annotations=annotations)
     result = scoring.score(submission, ws.annotations, split_name)
-    table = Table("metric", "value", title=f"{submission} on {result['annotations']} ({result['segments']} segments)")
-    for k, v in result["metrics"].items():
-        table.add_row(k, f"{v:.2f}")
-    console.print(table)
+    title = f"{submission} on {result['annotations']} ({result['segments']} segments)"
+    tables.show(console, ["metric", "value"], [[k, f"{v:.2f}"] for k, v in result["metrics"].items()], title=title)
     if json_out:
         write_json(json_out, result)
         console.print(f"figures -> {json_out}")
@@ -393,20 +388,14 @@ def compare(
     from ekx.track.compare import require, send
 
     require(track or "none")  # a tracker asked for and not installed: before any work
-    rows = cmp.collect(runs_)
-    table = Table(*[c for c, _ in cmp.COLUMNS], title="model comparison (best epoch by val action top-1)")
-    for r in cmp.table_rows(rows):
-        table.add_row(*r)
-    console.print(table)
-    base = (
-        out
-        or (
-            Path(runs_[0])
-            if Path(runs_[0]).is_dir() and not (Path(runs_[0]) / "metrics.jsonl").is_file()
-            else Path(runs_[0]).parent
-        )
-        / "comparison"
-    )
+    skipped: list[Path] = []
+    rows = cmp.collect(runs_, skipped)
+    if skipped:  # a glob's files (runs/comparison.csv, written by the last compare): not runs
+        say(f"skipped (no run in them): {', '.join(map(str, skipped))}")
+    title = "model comparison (best epoch by val action top-1)"
+    tables.show(console, [c for c, _ in cmp.COLUMNS], cmp.table_rows(rows), title=title)
+    first = Path(runs_[0])
+    base = out or (first if first.is_dir() and not cmp.is_run(first) else first.parent) / "comparison"
     base.with_suffix(".md").write_text(cmp.markdown(rows))
     base.with_suffix(".csv").write_text(cmp.to_csv(rows))
     console.print(f"-> {base.with_suffix('.md')}, {base.with_suffix('.csv')}")
@@ -414,9 +403,13 @@ def compare(
         group = Path(runs_[0]) if len(runs_) == 1 and not (Path(runs_[0]) / "metrics.jsonl").is_file() else None
         for said in send(track, base, cmp.markdown(rows), cmp.to_csv(rows), Path(runs_[0]).parent.parent, group):
             console.print(f"-> {said}", highlight=False)
-    if plot:
-        console.print(f"-> {cmp.plot(rows, plot)}")
-    top = rows[0]
+    trained = [r for r in rows if "val_action_top1" in r]  # an empty run has no figures
+    if plot and trained:
+        console.print(f"-> {cmp.plot(trained, plot)}")
+    if not trained:
+        console.print("no run has finished an epoch yet: nothing to rank", highlight=False)
+        return
+    top = trained[0]
     report = cmp.search_report(Path(runs_[0])) if len(runs_) == 1 and Path(runs_[0]).is_dir() else None
     if report and "best" in report:
         _search_summary(report, runs_[0])
@@ -433,10 +426,8 @@ def compare(
 def _search_summary(report: dict, sweep_dir: Path) -> None:
     console.print(f"search: {report['complete']} complete and {report['pruned']} pruned trials", highlight=False)
     if "importance" in report:
-        table = Table("parameter", f"importance for {report['objective']} (PED-ANOVA)")
-        for k, v in report["importance"].items():
-            table.add_row(k, f"{v:.3f}")
-        console.print(table)
+        header = ["parameter", f"importance for {report['objective']} (PED-ANOVA)"]
+        tables.show(console, header, [[k, f"{v:.3f}"] for k, v in report["importance"].items()])
         console.print(f"-> {Path(sweep_dir) / 'importance.json'}", highlight=False)
     else:
         console.print(f"no parameter importance: {report.get('importance_error', 'too few trials')}", highlight=False)

@@ -131,6 +131,15 @@ def build_model(cfg: TrainConfig, split: Split) -> tuple[torch.nn.Module, dict]:
     return models.create(cfg.head, **kwargs), kwargs
 
 
+def features_note(cfg: TrainConfig, split: Split) -> str | None:
+    """config.toml's line naming the features' own identity where ``backbone`` does not
+    (imported or fused stores given by path: the key only names default cache paths)."""
+    own = str(split.attrs.get("backbone", ""))
+    if not own or own == cfg.backbone:
+        return None
+    return f"features: {own} (the caches' own backbone; the backbone key below only names default cache paths)"
+
+
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     kw = dict(ckpt["head_kwargs"])
     model = models.create(ckpt["config"]["head"], **kw)

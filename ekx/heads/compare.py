@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 from ekx import EkxError
+from ekx.heads import runlock
 
 COLUMNS = [
     ("run", "run"),
@@ -30,14 +31,23 @@ COLUMNS = [
 ]
 
 
-def run_dirs(paths: list[Path]) -> list[Path]:
-    """Run directories among the paths; a sweep directory stands for the runs inside it."""
+def is_run(path: Path) -> bool:
+    """A run directory: what train-head, a sweep or finetune writes into one (a run that failed
+    before its first line of metrics holds only failed.json)."""
+    return (path / "metrics.jsonl").is_file() or (path / runlock.FAILED).is_file()
+
+
+def run_dirs(paths: list[Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Run directories among the paths; a sweep directory stands for the runs inside it. What
+    is neither (a glob's runs/comparison.csv) goes to ``skipped``, said by the caller."""
     out = []
     for p in map(Path, paths):
-        if (p / "metrics.jsonl").is_file():
+        if is_run(p):
             out.append(p)
-        elif p.is_dir():
-            out += sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
+        elif p.is_dir() and (inside := sorted(d for d in p.iterdir() if is_run(d))):
+            out += inside
+        elif p.exists() and skipped is not None:
+            skipped.append(p)
         else:
             raise EkxError(f"{p}: not a run directory (no metrics.jsonl) nor a directory of runs")
     if not out:
@@ -45,54 +55,79 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _best_pt(run_dir: Path) -> tuple[int, int | None]:
-    """(parameters, epoch) of the run's best.pt; (0, None) without one."""
+def _best_pt(run_dir: Path) -> tuple[int, int | None, str | None]:
+    """(parameters, epoch, features) of the run's best.pt; (0, None, None) without one.
+    features: the identity's backbone of the cache it trained on (imported:..., a+b fused)."""
+    if not (run_dir / "best.pt").is_file():
+        return 0, None, None
     import torch
 
-    if not (run_dir / "best.pt").is_file():
-        return 0, None
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     # a fine-tuned run trains its backbone too: count it
     tensors = [*ckpt["model"].values(), *ckpt.get("backbone", {}).values()]
     epoch = ckpt.get("epoch")  # every ekx checkpoint has it; a hand-made file may not
-    return sum(t.numel() for t in tensors if t.is_floating_point()), None if epoch is None else int(epoch)
+    cache = ckpt.get("cache") or {}
+    features = cache.get("fusion") or cache.get("backbone")
+    params = sum(t.numel() for t in tensors if t.is_floating_point())
+    return params, None if epoch is None else int(epoch), None if features is None else str(features)
 
 
-def collect(paths: list[Path]) -> list[dict]:
+def state(run_dir: Path, metrics: list[dict], epochs: int | None) -> str:
+    """What the run directory says of its run: running (a live trainer holds it), pruned,
+    failed (failed.json: the error it stopped on), empty (no epoch logged), done (every epoch,
+    or a sweep's done.json) or interrupted (fewer epochs: killed or stopped; --resume goes on)."""
+    if runlock.alive(runlock.read(run_dir)):
+        return "running"
+    if (run_dir / "pruned.json").is_file():
+        return "pruned"
+    if (run_dir / runlock.FAILED).is_file():
+        return "failed"
+    done = [r for r in metrics if r["epoch"] > 0]
+    if not done:
+        return "empty"
+    if (run_dir / "done.json").is_file() or (epochs is not None and done[-1]["epoch"] >= epochs):
+        return "done"
+    return "interrupted"
+
+
+def collect(paths: list[Path], skipped: list[Path] | None = None) -> list[dict]:
+    """A row per run: its best epoch's figures (an empty run: its name, state and config only),
+    best first, empty runs last."""
     from ekx.config import load_toml
     from ekx.heads.runlog import best_row, read_metrics
 
     rows = []
-    for d in run_dirs(paths):
+    for d in run_dirs(paths, skipped):
         metrics = read_metrics(d)
-        if not metrics:
-            continue
-        # the epoch best.pt holds (chosen by the run's objective: a search may select on
-        # val_loss), so the row, the checkpoint and the search's best trial agree
-        params, epoch = _best_pt(d)
-        best = next((r for r in metrics if r["epoch"] == epoch), None) or best_row(metrics)
         # read as plain TOML: a fine-tuned run's config has keys TrainConfig does not know
         cfg = load_toml(d / "config.toml", "run configuration") if (d / "config.toml").is_file() else {}
+        # the epoch best.pt holds (chosen by the run's objective: a search may select on
+        # val_loss), so the row, the checkpoint and the search's best trial agree
+        params, epoch, features = _best_pt(d)
+        at_best: dict = next((r for r in metrics if r["epoch"] == epoch), {})
+        best = (at_best or best_row(metrics)) if metrics else {}
         rows.append(
             {
                 "run": d.name,
                 "run_dir": str(d),
                 "head": cfg.get("head", "?"),
-                "backbone": cfg.get("backbone", "?"),
-                "state": "pruned" if (d / "pruned.json").is_file() else "done" if (d / "done.json").is_file() else "",
+                "backbone": features or cfg.get("backbone", "?"),
+                "state": state(d, metrics, cfg.get("epochs")),
                 "command": "finetune" if "freeze_blocks" in cfg else "train-head",
-                "params": params,
+                "params": params if best else "",
                 **best,
-                "best_epoch": best["epoch"],
+                "best_epoch": best.get("epoch"),
                 "epochs": len(metrics),
-                "seconds": sum(r["seconds"] for r in metrics),
+                "seconds": sum(r["seconds"] for r in metrics) if metrics else "",
                 "curve": [r["val_action_top1"] for r in metrics],
             }
         )
-    return sorted(rows, key=lambda r: -r["val_action_top1"])
+    return sorted(rows, key=lambda r: (-r["val_action_top1"]) if "val_action_top1" in r else float("inf"))
 
 
 def _fmt(key: str, value) -> str:
+    if value == "" or value is None:  # an empty run has no figures
+        return ""
     if key == "params":
         return f"{value / 1e6:.2f}M"
     if key == "gap":

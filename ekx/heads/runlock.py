@@ -25,6 +25,7 @@ from pathlib import Path
 from ekx import EkxError
 
 RECORD = "owner.json"
+FAILED = "failed.json"  # the error a run stopped on (`ekx compare` shows the run as failed)
 HEARTBEAT = 10.0
 STALE = 60.0  # seconds without a heartbeat before a record of another host counts as dead
 
@@ -135,7 +136,11 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, tb) -> None:
+        # an error (not an interrupt: that run is resumable as it stands) is kept beside the run
+        if isinstance(error, Exception) and getattr(error, "track_status", "failed") == "failed":
+            with contextlib.suppress(OSError):
+                (self.run_dir / FAILED).write_text(json.dumps({"error": f"{type(error).__name__}: {error}"[:2000]}))
         self.release()
 
 
@@ -145,6 +150,7 @@ def take(run_dir: Path) -> RunLock | None:
     if alive(read(run_dir)):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)  # tried again: no longer a failed run
     lock = RunLock(run_dir)
     _write(run_dir, lock.record)
     lock._thread.start()

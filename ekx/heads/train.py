@@ -24,8 +24,15 @@ import torch
 from ekx import EkxError, epic
 from ekx.cache import identity
 from ekx.config import backbone_folder, default_cache
-from ekx.heads import context, metrics, missing, runlog
-from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
+from ekx.heads import context, metrics, missing, runlock, runlog
+from ekx.heads.checkpoint import (
+    build_model,
+    check_compatible,
+    features_note,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch, validation_note
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
@@ -329,7 +336,7 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
         load,
         data.tails,
         unseen,
-        notes=(data.val_note,) if data.val_note else (),
+        notes=tuple(n for n in (data.val_note, features_note(cfg, train)) if n),
         tags=lambda: features.tags(train),
     )
 
@@ -410,7 +417,11 @@ def main(
     data = load_data(train_path, val_path, cfg.device, tails, unseen, allow_missing)
     if data.val_note:
         warn(data.val_note)
+    if context.reads_context(cfg.head):  # refused before the run directory is made
+        context.check(data.train, cfg.head)
     if note := precision_note(cfg.precision, data.device, resolve_precision(cfg.precision, data.device)):
         info(note)  # a choice, said once; not a warning
-    best = run(cfg, run_dir, data, resume, on_epoch, on_step)
+    # never two trainers on one run; while held, `ekx compare` shows the run as running
+    with runlock.claim_or_refuse(run_dir, run_dir.parent / ".claim.lock"):
+        best = run(cfg, run_dir, data, resume, on_epoch, on_step)
     return run_dir, best
