@@ -65,7 +65,7 @@ def show(
     rows = [[str(c) for c in r] for r in rows]
     if not console.is_terminal:
         text = (f"{title}\n\n" if title else "") + markdown(columns, rows) + (f"\n{caption}\n" if caption else "")
-        console.print(text, soft_wrap=True, highlight=False, markup=False, end="")
+        console.print(text, soft_wrap=True, highlight=False, markup=False)  # and a blank line after it
         return
     parts = blocks(columns, rows, console.width, keys)
     for n, part in enumerate(parts):

@@ -36,7 +36,8 @@ def test_config_shows_values_and_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("EKX_RUNS", "/scratch/runs")
     result = runner.invoke(app, ["config", "--features", "/fast/features"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 4}
+    # not a terminal: the table comes whole, as Markdown (ekx.tables)
+    lines = {line.split("|")[1].strip(): line for line in result.output.splitlines() if line.count("|") >= 4}
     assert "/data/epic" in lines["videos"] and "ekx.toml" in lines["videos"]
     assert "/scratch/runs" in lines["runs"] and "EKX_RUNS" in lines["runs"]
     assert "/fast/features" in lines["features"] and "flag" in lines["features"]

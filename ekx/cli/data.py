@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from ekx import EkxError
+from ekx import EkxError, tables
 from ekx.cli.common import (
     AnnotationsOpt,
     DeviceOpt,
@@ -45,10 +44,8 @@ def config(
     ws = workspace(
         annotations=annotations, videos=videos, frames=frames_root, features=features, runs=runs, device=device
     )
-    table = Table("setting", "value", "source", title="ekx workspace")
-    for key, source in ws.sources.items():
-        table.add_row(key, str(getattr(ws, key)), source)
-    console.print(table)
+    rows = [[key, str(getattr(ws, key)), source] for key, source in ws.sources.items()]
+    tables.show(console, ["setting", "value", "source"], rows, title="ekx workspace")
 
 
 @command()

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from ekx import EkxError
+from ekx import EkxError, tables
 from ekx.cli.common import (
     AnnotationsOpt,
     DecodeDeviceOpt,
@@ -50,15 +49,18 @@ def backbones(
     from ekx.extract import families
 
     if name is None:
-        table = Table("backbone", "dim", "clip", "input", "preprocessing", title="built-in backbones (torchvision)")
+        rows = []
         for b in bbs.REGISTRY.values():
-            p = b.preprocess
-            table.add_row(b.name, str(b.dim), str(b.clip_len), f"{p.crop_size[0]}x{p.crop_size[1]}", _pre_text(p))
-        console.print(table)
-        fams = Table("family", "example", "what", "extra", title="families (any model of the library, by name)")
-        for f in families.FAMILIES.values():
-            fams.add_row(f"{f.prefix}:", f.example, f.what, escape(f"pip install 'ekx[{f.extra}]'") if f.extra else "")
-        console.print(fams)
+            size = f"{b.preprocess.crop_size[0]}x{b.preprocess.crop_size[1]}"
+            rows.append([b.name, str(b.dim), str(b.clip_len), size, _pre_text(b.preprocess)])
+        header = ["backbone", "dim", "clip", "input", "preprocessing"]
+        tables.show(console, header, rows, title="built-in backbones (torchvision)")
+        rows = [
+            [f"{f.prefix}:", f.example, f.what, f"pip install 'ekx[{f.extra}]'" if f.extra else ""]
+            for f in families.FAMILIES.values()
+        ]
+        title = "families (any model of the library, by name)"
+        tables.show(console, ["family", "example", "what", "extra"], rows, title)
         _sound_table(bbs)
         return
     try:
@@ -86,12 +88,13 @@ def _sound_table(bbs) -> None:
     """The built-in models of sound (`audio:`); Hugging Face's (AST, CLAP, wav2vec2) are hf: names."""
     from ekx.extract.audio import MODELS
 
-    table = Table("backbone", "dim", "rate", "window", "front end", title="audio models (the videos' sound track)")
+    rows = []
     for name in MODELS:
         b = bbs.get(f"audio:{name}")
-        table.add_row(b.name, str(b.dim), f"{b.audio.rate} Hz", f"{b.audio.window:.4g} s", escape(b.audio.describe))
-    table.add_row("hf:<dir or repo>", "", "its extractor's", "its input", "the library's own AutoFeatureExtractor")
-    console.print(table)
+        rows.append([b.name, str(b.dim), f"{b.audio.rate} Hz", f"{b.audio.window:.4g} s", b.audio.describe])
+    rows.append(["hf:<dir or repo>", "", "its extractor's", "its input", "the library's own AutoFeatureExtractor"])
+    header = ["backbone", "dim", "rate", "window", "front end"]
+    tables.show(console, header, rows, title="audio models (the videos' sound track)")
 
 
 def _pre_text(p) -> str:
@@ -290,10 +293,7 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A feature cache (.h5).
     from ekx.extract.sources import ffmpeg_log
 
     meta = tools.info(path)
-    table = Table("attribute", "value", title=str(path))
-    for k, v in sorted(meta["attrs"].items()):
-        table.add_row(k, str(v))
-    console.print(table)
+    tables.show(console, ["attribute", "value"], [[k, str(v)] for k, v in sorted(meta["attrs"].items())], str(path))
     c = meta["counts"]
     console.print(
         f"shape {meta['shape']} (N, V, K, D); done {c['done']}, failed {c['failed']}, "

@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from ekx import EkxError
+from ekx import EkxError, tables
 from ekx.cli.common import (
     AnnotationsOpt,
     ConfigOpt,
@@ -155,18 +154,16 @@ def predict(
             on_progress=lambda n: bar.advance(task, n),
         )
     named = [w.named(model.verbs, model.nouns) for w in result.windows]
-    table = Table(
-        "window (s)",
-        *[f"#{i + 1}" for i in range(min(top, 3))],
-        title=f"{video.name}: {len(named)} windows of {window:g} s every {stride:g} s "
-        f"({result.grid_frames} frames through the backbone, each once)",
+    title = (
+        f"{video.name}: {len(named)} windows of {window:g} s every {stride:g} s "
+        f"({result.grid_frames} frames through the backbone, each once)"
     )
-    for w in named:
-        table.add_row(
-            f"{w['start']:7.2f}-{w['end']:.2f}",
-            *[f"{a['verb']} {a['noun']} {100 * a['probability']:.0f}%" for a in w["top"][:3]],
-        )
-    console.print(table)
+    rows = [
+        [f"{w['start']:.2f}-{w['end']:.2f}"]
+        + [f"{a['verb']} {a['noun']} {100 * a['probability']:.0f}%" for a in w["top"][:3]]
+        for w in named
+    ]
+    tables.show(console, ["window (s)", *[f"#{i + 1}" for i in range(min(top, 3))]], rows, title=title)
     if json_out:
         from ekx.heads.evaluate import write_json
 
