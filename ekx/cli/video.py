@@ -158,12 +158,12 @@ def predict(
         f"{video.name}: {len(named)} windows of {window:g} s every {stride:g} s "
         f"({result.grid_frames} frames through the backbone, each once)"
     )
-    rows = [
+    cells = [
         [f"{w['start']:.2f}-{w['end']:.2f}"]
         + [f"{a['verb']} {a['noun']} {100 * a['probability']:.0f}%" for a in w["top"][:3]]
         for w in named
     ]
-    tables.show(console, ["window (s)", *[f"#{i + 1}" for i in range(min(top, 3))]], rows, title=title)
+    tables.show(console, ["window (s)", *[f"#{i + 1}" for i in range(min(top, 3))]], cells, title=title)
     if json_out:
         from ekx.heads.evaluate import write_json
 
