@@ -176,6 +176,7 @@ def _run_trial(search, study, trial, run_dir, features_root, device, data_args, 
         return {"status": "pruned", **mark}
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
+        (run_dir / runlock.FAILED).write_text(json.dumps({"error": error[:2000]}))  # `ekx compare`: failed
         trial.set_user_attr("error", error[:500])
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         emit("failed", name, {"error": error})
