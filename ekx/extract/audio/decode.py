@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from ekx import EkxError
-from ekx.extract.video import Request, Result, centre_times, display_end, frame_at, timeline_origin
+from ekx.extract.video import _EPS as FRAME_EPS
+from ekx.extract.video import Request, Result, centre_times, display_end, timeline_origin
 
-SLACK = 0.1  # seconds of a track's end (or start) missing that still count as covered
+SLACK = 0.25  # seconds of a track's end (or start) missing that still count as covered (silent)
 
 
 def missing_sound(path: Path) -> str | None:
@@ -136,6 +137,7 @@ def decode_windows(path: Path, requests: list[Request], k: int, rate: int, sampl
 
         def ready(eof: bool) -> Iterator[Result]:
             nonlocal nxt
+            end = round(display_end(np.asarray(pts)) * rate) if eof and pts else None  # the video's, at EOF
             while nxt < len(order):
                 i = order[nxt]
                 r, t, first = plans[i]
@@ -143,7 +145,7 @@ def decode_windows(path: Path, requests: list[Request], k: int, rate: int, sampl
                     return
                 nxt += 1
                 done.add(i)
-                yield _answer(r, t, first, track, samples, rate, pts, path, eof)
+                yield _answer(r, t, first, track, samples, rate, pts, path, end)
             while starts and starts[0][1] in done:
                 heapq.heappop(starts)
             if starts:
@@ -173,19 +175,15 @@ def decode_windows(path: Path, requests: list[Request], k: int, rate: int, sampl
             for i in order[nxt:]:
                 yield Result(plans[i][0].row, None, None, reason)
             return
-        pts_arr = np.asarray(pts, np.float64)
-        pts.clear()
-        pts.extend(pts_arr.tolist())
         yield from ready(True)
 
 
-def _answer(r, t, first, track: _Track, samples: int, rate: int, pts: list, path: Path, eof: bool) -> Result:
-    """A request's windows cut from the track, or why not: the video's span (0 to its last
-    frame's end, known at the end of the file) is what the track must cover."""
-    times = np.asarray(pts, np.float64)
-    if not len(times):
+def _answer(r, t, first, track: _Track, samples: int, rate: int, pts: list, path: Path, end: int | None) -> Result:
+    """A request's windows cut from the track, or why not: the video's span (0 to ``end``, its
+    last frame's end in samples, known at the end of the file) is what the track must cover.
+    ``pts``: the sorted frame times so far (all those up to the request's last time)."""
+    if not pts:
         return Result(r.row, None, None, f"{path.name}: no video frame has a timestamp")
-    end = round(display_end(times) * rate) if eof else None
     lo, hi = int(first.min()), int(first.max()) + samples
     need_lo = max(lo, 0)
     need_hi = hi if end is None else min(hi, end)
@@ -203,4 +201,6 @@ def _answer(r, t, first, track: _Track, samples: int, rate: int, pts: list, path
     out = np.zeros((len(first), samples), np.float32)  # silence where the track has nothing
     for j, s in enumerate(first.tolist()):
         track.cut(int(s), samples, out[j])
-    return Result(r.row, out, frame_at(times, t))
+    # the frame shown at each centre (`video.frame_at`'s rule: the last one starting at or before it)
+    shown = [max(bisect.bisect_right(pts, float(x) + FRAME_EPS) - 1, 0) for x in t]
+    return Result(r.row, out, np.asarray(shown, np.int64))
