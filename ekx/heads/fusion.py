@@ -11,8 +11,8 @@ Parts may be of different modalities - frames beside sound - and then differ in 
   finest grid (K = the largest K) and a coarser part gives each fused position its own
   position nearest in time - the one whose equal part holds that time,
   floor((j + 0.5) * K_p / K) - so 4 one-second audio windows beside 16 frames each
-  stand beside the 4 frames they cover. Pooling the finer part down instead would take the
-  frames' order from every head; resampling never invents a feature, it repeats one.
+  stand beside the 4 frames they cover. Pooling the finer part down instead would leave the
+  order-aware heads 4 frames where the cache holds 16; repeating invents no feature.
 - **views**: view 0 is every part's clean view; fused view v reads a part's view
   v mod V_p (one view of sound gives its clean features beside every augmented frame view,
   as TIM draws each modality's augmentation on its own).
