@@ -59,8 +59,9 @@ def check_tracks(found: dict[str, Path], video_ids: list[str]) -> None:
         shown = "; ".join(f"{v} ({found[v].name}): {why}" for v, why in bad[:4])
         more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
         raise EkxError(
-            f"{len(bad)} video(s) have no sound to extract audio features from: {shown}{more}. Extract an "
-            "annotation CSV without them, or use a visual backbone for them"
+            f"{len(bad)} video(s) have no sound to extract audio features from: {shown}{more}. Point --videos at "
+            "the videos with their sound (`ekx prepare` copies hold frames only), or extract an annotation CSV "
+            "without them"
         )
 
 
