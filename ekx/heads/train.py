@@ -24,15 +24,8 @@ import torch
 from ekx import EkxError, epic
 from ekx.cache import identity
 from ekx.config import backbone_folder, default_cache
-from ekx.heads import context, metrics, missing, runlock, runlog
-from ekx.heads.checkpoint import (
-    build_model,
-    check_compatible,
-    features_note,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from ekx.heads import checkpoint, context, metrics, missing, runlock, runlog
+from ekx.heads.checkpoint import build_model, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from ekx.heads.config import TrainConfig, resumed_config
 from ekx.heads.data import Split, draw, feature_stats, load_split, make_batch, validation_note
 from ekx.heads.epoch import Batch, loss_fn, train_one_epoch
@@ -104,11 +97,10 @@ def score(
     smoothing: float = 0.0,
     present: torch.Tensor | None = None,
 ) -> dict:
-    """Validation figures; ``val_loss`` is the training loss (with the run's label smoothing),
-    so the train and validation curves measure the same thing. ``present`` [N] bool: rows
-    that have logits (a failed or pending cache row, an undecodable video); the others count
-    as wrong in every accuracy (heads.missing) and ``val_missing`` says how many. A missing
-    row has no loss: ``val_loss`` is over the present rows."""
+    """Validation figures; ``val_loss`` is the training loss (its label smoothing too), so both
+    curves measure the same thing. ``present`` [N] bool: rows with logits (not a failed or pending
+    cache row, an undecodable video); the others count as wrong in every accuracy (heads.missing),
+    ``val_missing`` says how many, and ``val_loss`` is over the present rows."""
     if present is not None and not bool(present.all()):
         verb, noun = verb[present], noun[present]
     else:
@@ -336,7 +328,7 @@ def cached_task(cfg: TrainConfig, data: Loaded, precision: str) -> Task:
         load,
         data.tails,
         unseen,
-        notes=tuple(n for n in (data.val_note, features_note(cfg, train)) if n),
+        notes=tuple(n for n in (data.val_note, checkpoint.features_note(cfg, train)) if n),
         tags=lambda: features.tags(train),
     )
 

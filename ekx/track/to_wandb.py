@@ -61,7 +61,7 @@ def records(path: Path) -> Iterator[Any]:
             return
         buf, pos = buf + chunk, pos + 7 + n
         if kind in (1, 4):  # a whole record, or the last chunk of one
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf, no stubs
             record.ParseFromString(buf)
             buf = b""
             yield record
