@@ -389,7 +389,6 @@ def main(
     ``given``: the keys of ``cfg`` the user set (None: all); on resume only those are
     compared with the run's configuration, the rest comes from the run. ``allow_missing``:
     see load_data."""
-    require(cfg.track)  # a tracker asked for and not installed: said before any work
     train_path, val_path, run_dir = paths(cfg, features_root, runs_root)
     if resume and not cfg.name:
         raise EkxError("--resume needs --name of the run to continue")
@@ -405,6 +404,7 @@ def main(
     elif (run_dir / "metrics.jsonl").is_file():
         raise EkxError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     cfg = replace(cfg, train_features=str(train_path), val_features=str(val_path), name=run_dir.name)
+    require(cfg.track)  # a tracker asked for (or the resumed run's) and not installed: before any work
     tails, unseen = epic.subsets(annotations, "validation")
     data = load_data(train_path, val_path, cfg.device, tails, unseen, allow_missing)
     if data.val_note:
