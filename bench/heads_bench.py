@@ -13,12 +13,20 @@ Targets: ekx <= 1.1 x pure compute; ekx data path >= 20 x the naive one; peak me
 <= cache size + 2 GiB. Run: `python bench/heads_bench.py` (~10 minutes here; the
 transformer and the naive loader are timed on a slice of the epoch and extrapolated);
 `--precision fp32,bf16` times each head in both precisions (rows side by side).
+
+`--tracking` instead times the overhead of experiment trackers (ekx.track) on stage-2 epochs:
+whole runs of `fit` (train, evaluate, checkpoint, metrics row, trackers) on a cache of
+`--tracking-segments` segments of EPIC's shape (16 x 2048), untracked and with each tracker,
+alternating in rounds; each epoch timed from one epoch's end to the next (the first of a run
+left out: warm-up), medians side by side, plus the seconds spent inside the trackers' calls and
+each run's start and finish. Target: <= 3% per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import resource
 import time
 from pathlib import Path
@@ -191,5 +199,154 @@ def main() -> None:
     print(f"peak RSS over the whole run: {peak_gib():.2f} GiB")
 
 
+def make_cache(path: Path, n: int, split: str, seed: int) -> Path:
+    """A random cache of EPIC's per-segment shape (K x D float16), written once."""
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    rows = store.Rows(
+        [f"P01_01_{i}" for i in range(n)],
+        ["P01_01"] * n,
+        rng.integers(97, size=n),
+        rng.integers(300, size=n),
+        np.arange(n),
+    )
+    attrs = {
+        "format": store.FORMAT,
+        "format_version": store.VERSION,
+        "backbone": "resnet50",
+        "weights": "none",
+        "feature_dim": D,
+        "frames_per_segment": K,
+        "views": 1,
+        "num_verbs": 97,
+        "num_nouns": 300,
+        "split": split,
+        "bn_calibration": "",
+    }
+    store.create(path, attrs, rows, 1, K, D)
+    with h5py.File(path, "r+") as f:
+        for lo in range(0, n, 2048):
+            m = min(2048, n - lo)
+            f["features"][lo : lo + m] = rng.standard_normal((m, 1, K, D), dtype=np.float32).astype(np.float16)
+        f["status"][...] = store.DONE
+    return path
+
+
+def tracking_overhead(args) -> None:
+    import os
+    import shutil
+    import statistics
+
+    from ekx.track import session as ts
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    n = args.tracking_segments
+    train = make_cache(OUT / f"track-train-{n}.h5", n, "train", 0)
+    val = make_cache(OUT / f"track-val-{n // 4}.h5", n // 4, "validation", 1)
+    data = tr.load_data(train, val, "auto")
+    work = OUT / f"track-ws-{os.getpid()}"  # a run of its own: two benches never share it
+    shutil.rmtree(work, ignore_errors=True)
+    inside: dict[str, float] = {}  # seconds in the trackers' calls (Session.epoch), per setting
+    real_epoch = ts.Session.epoch
+
+    def timed_epoch(self, row):
+        t0 = time.perf_counter()
+        real_epoch(self, row)
+        inside[current] = inside.get(current, 0.0) + time.perf_counter() - t0
+
+    ts.Session.epoch = timed_epoch
+    settings = ["none", "tensorboard", "wandb", "mlflow", "tensorboard,wandb,mlflow"]
+    epochs: dict[str, list[float]] = {s: [] for s in settings}
+    run_s: dict[str, list[float]] = {s: [] for s in settings}
+    for r in range(args.rounds):
+        for current in settings if r % 2 == 0 else settings[::-1]:
+            cfg = hc.TrainConfig(
+                head=args.tracking_head,
+                epochs=args.tracking_epochs,
+                batch_size=args.batch_size,
+                device="auto",
+                track=current,
+                name=f"{current.replace(',', '+')}-{r}",
+                frames=K,
+            )
+            marks = [time.perf_counter()]
+            tr.run(cfg, work / "runs" / cfg.name, data, on_epoch=lambda row, m=marks: m.append(time.perf_counter()))
+            run_s[current].append(time.perf_counter() - marks[0])
+            epochs[current] += [b - a for a, b in itertools.pairwise(marks[1:])]  # the first epoch: warm-up
+            print(
+                f"round {r + 1} {current}: epochs {[f'{b - a:.2f}' for a, b in itertools.pairwise(marks)]} s",
+                flush=True,
+            )
+    ts.Session.epoch = real_epoch  # (the EPIC-size calls below time themselves)
+    if not args.rounds:  # --rounds 0: only the trackers' calls on an EPIC-size epoch
+        epic_epoch_calls(work)
+        return
+    base = statistics.median(epochs["none"])
+    print(
+        f"\n{n} train + {n // 4} validation segments ({K} x {D}), {args.tracking_head} head, batch "
+        f"{args.batch_size}, {args.tracking_epochs} epochs a run, {args.rounds} rounds; device {data.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print("| trackers | epoch (median s) | vs untracked | in tracker calls (s / epoch) | whole run (median s) |")
+    print("|---|---|---|---|---|")
+    for s in settings:
+        med = statistics.median(epochs[s])
+        calls = inside.get(s, 0.0) / (args.rounds * args.tracking_epochs) if s != "none" else 0.0
+        print(
+            f"| {s} | {med:.2f} | {100 * (med / base - 1):+.1f}% | {calls:.3f} ({100 * calls / base:.2f}%) | "
+            f"{statistics.median(run_s[s]):.1f} |"
+        )
+    epic_epoch_calls(work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def epic_epoch_calls(work: Path, epochs: int = 10) -> None:
+    """The trackers' own time for an epoch of EPIC-100's size (67,217 segments, batch 24: 2,801
+    steps -> 141 step points, and an epoch row of 17 figures), on a synthetic trace: what every
+    epoch of a full run pays, whatever the head and device."""
+    import random
+    import statistics
+
+    from ekx.track import session as ts
+
+    steps = -(-N // 24)
+    print(f"\ntracker calls for one EPIC-size epoch ({steps} steps, synthetic trace), median of {epochs}:")
+    print("| trackers | seconds per epoch (median) | max |")
+    print("|---|---|---|")
+    for name in ("tensorboard", "wandb", "mlflow", "tensorboard,wandb,mlflow"):
+        run = work / "epic" / name.replace(",", "+")
+        run.mkdir(parents=True)
+        session = ts.open_run(name, {"lr": 1e-4}, run, 0, lambda: {"features.backbone": "resnet50"})
+        times = []
+        for e in range(1, epochs + 1):
+            assert session.trace is not None
+            session.trace.update(
+                loss=[random.random() for _ in range(steps)], lr=[1e-4] * steps, segments=N, seconds=100.0
+            )
+            row = {"epoch": e, **{f"val_m{i}": random.random() for i in range(16)}, "lr": 1e-4}
+            t0 = time.perf_counter()
+            session.epoch(row)
+            times.append(time.perf_counter() - t0)
+        session.finish("finished")
+        print(f"| {name} | {statistics.median(times):.3f} | {max(times):.3f} |", flush=True)
+
+
+def entry() -> None:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--tracking", action="store_true")
+    ap.add_argument("--tracking-segments", type=int, default=8192)
+    ap.add_argument("--tracking-head", default="lstm")
+    ap.add_argument("--tracking-epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=24)
+    args, _ = ap.parse_known_args()
+    if args.tracking:
+        OUT.mkdir(exist_ok=True)
+        tracking_overhead(args)
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    entry()
