@@ -351,3 +351,12 @@ def test_head_lists_in_the_docs_name_every_head_and_extras_lists_the_makefiles()
             assert names == installed, (
                 f"{doc.name} lists extras {sorted(names)}; the Makefile installs {sorted(installed)}"
             )
+
+
+def test_the_demos_cpu_seconds_count_its_finished_worker_processes():
+    from ekx.demo import cpu_seconds
+
+    before = cpu_seconds()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # a worker's CPU time, on no core of ours
+    assert cpu_seconds() - before >= 0.3
