@@ -8,7 +8,8 @@ one red line and exit code 1 (`--debug` shows the traceback).
 
 from __future__ import annotations
 
-from ekx.cli import cluster, data, stage1, stage2, video  # noqa: F401 - importing registers the commands
+# importing registers the commands, in the order --help lists them (compare after sweep)
+from ekx.cli import cluster, data, models, stage1, stage2, results, video  # noqa: F401  # isort: skip
 from ekx.cli.common import app
 
 __all__ = ["app", "main"]
