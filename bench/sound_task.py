@@ -1,6 +1,7 @@
 """The synthetic task that needs sound (issue 33): frames alone, sound alone, and both fused.
 
     python bench/sound_task.py [--workdir DIR] [--videos 12] [--segments 16] [--seeds 0,1,2]
+                               [--heads pooling,transformer] [--inputs frames,sound,frames+sound]
 
 `ekx synth --audio-pair` adds pour and stir, which look identical on screen and sound
 different (running water, a spoon's clicks). This extracts resnet50 (frames) and
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=12)
     ap.add_argument("--segments", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--inputs", default=",".join(INPUTS), help="of frames, sound, frames+sound")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ekx-sound-"))
     features, seconds = prepare(workdir, args.videos, args.segments)
@@ -80,8 +83,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     print("| head | input | pour/stir top-1 | pour vs stir | others top-1 | verb top-1 | seeds |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for head in HEADS:
-        for name, parts in INPUTS.items():
+    for head in args.heads.split(","):
+        for name in args.inputs.split(","):
+            parts = INPUTS[name]
             paths = ["+".join(str(features / p / f"{split}.h5") for p in parts) for split in ("train", "validation")]
             loaded = tr.load_data(Path(paths[0]), Path(paths[1]), "auto")
             rows = []
