@@ -143,7 +143,9 @@ def demo(
 
 @command(name="import")
 def import_(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle, lmdb, tim or actionformer.")],
+    fmt: Annotated[
+        str, typer.Argument(metavar="FORMAT", help="npy-dir, pickle, lmdb, tim, tim-audio or actionformer.")
+    ],
     src: Annotated[Path, typer.Argument(help="The published features: a folder, or one file (pickle).")],
     split: Annotated[
         str,
