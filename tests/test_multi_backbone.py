@@ -245,10 +245,10 @@ def test_shards_and_views_with_several_backbones(synth_data, tmp_path):
     names = "resnet50,efficientnet_b3"
     for i in range(2):
         extract_many(
-            cfg(backbone=names, split="train", shard=(i, 2), limit=4, views=2), ann, videos, tmp_path, warn=print
+            cfg(backbone=names, split="train", shard=(i, 2), limit=8, views=2), ann, videos, tmp_path, warn=print
         )
     whole = tmp_path / "whole"
-    extract_many(cfg(backbone=names, split="train", limit=4, views=2), ann, videos, whole, warn=lambda m: None)
+    extract_many(cfg(backbone=names, split="train", limit=8, views=2), ann, videos, whole, warn=lambda m: None)
     for name in names.split(","):
         merged = tmp_path / name / "train.h5"
         tools.merge(merged, sorted((tmp_path / name).glob("train.shard*of2.h5")))
