@@ -79,3 +79,24 @@ NOT_FINITE = (
     "features not finite (NaN, or Inf: beyond float16's +-65504): broken weights, or an overflow "
     "in reduced precision; check --weights, or extract with --precision fp32"
 )
+
+
+def plan_jobs(targets, plan, found: dict[str, Path], times: np.ndarray | None) -> list[tuple[Path, list[Request]]]:
+    """Every row some target still lacks, as one decode job per video (frames and sound alike):
+    a row whose video is absent fails in each target lacking it. Biggest videos first, so the
+    last worker does not finish long after the others."""
+    todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
+    by_video: dict[str, list[Request]] = {}
+    for row in todo:
+        s = plan[row]
+        if s.video_id not in found:
+            for t in targets:
+                if t.todo[row]:
+                    t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
+            continue
+        req = Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame)
+        if times is not None:  # a dense run: its own times, the padding past the end on the last one
+            t = times[row]
+            req.times = np.where(np.isfinite(t), t, np.nanmax(t))
+        by_video.setdefault(s.video_id, []).append(req)
+    return sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))

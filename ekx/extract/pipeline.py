@@ -26,10 +26,10 @@ from ekx.extract import backbones, sources
 from ekx.extract.audio import run as audio
 from ekx.extract.config import ExtractConfig, check_dense_rate
 from ekx.extract.inputs import calibration_plan, check_resize, decode_size, frame_resize, segment_inputs
-from ekx.extract.jobs import NOT_FINITE, VideoJobs, identity_collate, worker_init
+from ekx.extract.jobs import NOT_FINITE, VideoJobs, identity_collate, plan_jobs, worker_init
 from ekx.extract.sources.ffmpeg_log import DecoderLog
 from ekx.extract.targets import Summary, Target, backbone_names, input_source, open_target, select_frames
-from ekx.extract.video import Request, Result
+from ekx.extract.video import Result
 from ekx.prepare import read_manifest
 from ekx.runtime import autocast, precision_note, resolve_device, resolve_precision
 
@@ -259,22 +259,7 @@ def _run(
     times: np.ndarray | None,
     decoder_log: DecoderLog,
 ) -> None:
-    todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
-    by_video: dict[str, list[Request]] = {}
-    for row in todo:
-        s = plan[row]
-        if s.video_id not in found:
-            for t in targets:
-                if t.todo[row]:
-                    t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
-            continue
-        req = Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame)
-        if times is not None:  # a dense run: its own times, the padding past the end on the last one
-            t = times[row]
-            req.times = np.where(np.isfinite(t), t, np.nanmax(t))
-        by_video.setdefault(s.video_id, []).append(req)
-    # biggest videos first, so the last worker does not finish long after the others
-    jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
+    jobs = plan_jobs(targets, plan, found, times)
     if not jobs:
         return
     clip_len = max(t.bb.clip_len for t in targets)  # one decode serves every backbone

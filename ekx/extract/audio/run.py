@@ -23,7 +23,7 @@ from ekx import EkxError, epic
 from ekx.cache import identity
 from ekx.extract import backbones
 from ekx.extract.audio.decode import check_tracks, decode_windows
-from ekx.extract.jobs import NOT_FINITE, identity_collate, worker_init
+from ekx.extract.jobs import NOT_FINITE, identity_collate, plan_jobs, worker_init
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.video import Request, Result
 
@@ -152,20 +152,7 @@ def run(
     decoder_log,
 ) -> None:
     """`pipeline._run` for audio targets: every row some target lacks is decoded once."""
-    todo = np.flatnonzero(np.any([t.todo for t in targets], axis=0))
-    by_video: dict[str, list[Request]] = {}
-    for row in todo:
-        s = plan[row]
-        if s.video_id not in found:
-            for t in targets:
-                if t.todo[row]:
-                    t.thread.put(("failed", int(row), f"video {s.video_id} not found"))
-            continue
-        req = Request(int(row), s.start, s.stop, s.start_frame, s.stop_frame)
-        if times is not None:  # a dense run: its times, the padding past the end on the last one
-            req.times = np.where(np.isfinite(times[row]), times[row], np.nanmax(times[row]))
-        by_video.setdefault(s.video_id, []).append(req)
-    jobs = sorted(((found[v], r) for v, r in by_video.items()), key=lambda j: -len(j[1]))
+    jobs = plan_jobs(targets, plan, found, times)
     if not jobs:
         return
     spec = targets[0].bb.audio
