@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SESSION_ENV = "EKX_TESTS_SESSION_DIR"  # the session folder (`pytest_configure`)
 
 # `make test` runs the suite on two pytest-xdist workers (one per core): each worker and the
 # processes its tests start (decode workers, `ekx` subprocesses) then use one torch/OpenMP
@@ -16,12 +18,110 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    """One folder for the whole session, made in the controller before xdist starts its
+    workers (they inherit the environment) and removed at the end:
+    - bn/: calibrated BatchNorm statistics (ekx.extract.bn_cache): ~150 extractions with
+      random weights calibrate the same few networks on the same synthetic segments, and
+      only the first of each measures them;
+    - demo/: the demo workspace, built by one background process (`demo_workspace`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(SESSION_ENV):
+        return
+    import tempfile
+
+    config._ekx_session = tempfile.mkdtemp(prefix="ekx-tests-")
+    os.environ[SESSION_ENV] = config._ekx_session
+    os.environ.setdefault("EKX_CALIBRATION_CACHE", str(Path(config._ekx_session) / "bn"))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if path := getattr(config, "_ekx_session", None):  # the controller, after every worker
+        _stop_demo()  # a session stopped early (-x, Ctrl-C) leaves no `ekx demo` running
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop(SESSION_ENV, None)
+
+
 def pytest_itemcollected(item):
-    """Tests that share a session fixture built at great cost run on one xdist worker
-    (`--dist loadgroup`), so it is built once: `ekx demo` (about 5 quiet minutes) above all.
-    Marked as each test is collected, before xdist's own hook turns groups into node ids."""
+    """A test on the demo workspace is slow (it waits for `ekx demo`), also where unmarked."""
     if "demo_workspace" in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group("demo"))
+        item.add_marker(pytest.mark.slow)
+
+
+# seconds each module's tests took in `make test` (quiet 2-core run, 2026-12-07): the order
+# xdist hands modules out in. A module missing here runs after these; a stale figure costs
+# only some packing at the end, never a result.
+MODULE_SECONDS = {
+    "test_finetune.py": 216, "test_cache.py": 159, "test_slurm.py": 152, "test_dense.py": 144,
+    "test_multi_backbone.py": 141, "test_extract.py": 138, "test_families.py": 131, "test_identity.py": 124,
+    "test_ddp.py": 105, "test_sources_pipeline.py": 83, "test_audio_extract.py": 61, "test_search.py": 59,
+    "test_prepare.py": 52, "test_sweep.py": 48, "test_heads.py": 44, "test_checksum.py": 42,
+    "test_kill_resume.py": 35, "test_first_hour.py": 30, "test_sources.py": 30,
+}  # fmt: skip
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselected what does not run
+def pytest_collection_modifyitems(session, config, items):
+    """The order xdist hands tests out in: the longest modules first (each kept together, so
+    its module fixtures are built once per worker), so the run ends on short tests that fill
+    both cores; the demo workspace's tests last, so the build started here in the background
+    (one process, one thread) overlaps every other test and both workers then share them."""
+    demo = {id(i) for i in items if "demo_workspace" in getattr(i, "fixturenames", ())}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda i: (id(i) in demo, -MODULE_SECONDS.get(i.path.name, 0), order[id(i)]))
+    if demo and not os.environ.get("EKX_TEST_DEMO_DIR"):
+        _start_demo()
+
+
+def _demo_dir() -> Path:
+    return Path(os.environ[SESSION_ENV]) / "demo"
+
+
+def _start_demo() -> None:
+    """`ekx demo` in a process of its own, once per session whichever worker asks first
+    (a lock in the session folder); it writes its exit code beside its output when done."""
+    import fcntl
+    import subprocess
+    import sys
+
+    root = _demo_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "started").exists():
+            return
+        env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        builder = subprocess.Popen(
+            [sys.executable, "-c", DEMO_BUILD, str(root / "workdir"), str(root / "output.txt"), str(root / "rc")],
+            env=env,
+            start_new_session=True,  # outlives the worker that started it; stopped as a group (`_stop_demo`)
+        )
+        (root / "started").write_text(str(builder.pid))
+
+
+# run by the background builder: `ekx demo`, then its exit code, written atomically
+DEMO_BUILD = """
+import os, subprocess, sys
+workdir, output, rc = sys.argv[1:]
+with open(output, "w") as f:
+    cmd = [sys.executable, "-m", "ekx", "demo", "--workdir", workdir]
+    code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+with open(rc + ".tmp", "w") as f:
+    f.write(str(code))
+os.replace(rc + ".tmp", rc)
+"""
+
+
+def _stop_demo() -> None:
+    import signal
+
+    root = _demo_dir()
+    if (root / "started").exists() and not (root / "rc").exists():
+        try:
+            os.killpg(int((root / "started").read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def shared_dir(name: str) -> Path:
@@ -120,29 +220,35 @@ def fail_rows(path: Path, rows) -> None:
         f["status"][...] = status
 
 
+@dataclass
+class DemoResult:
+    """What the tests read of the `ekx demo` run (as typer's CliRunner result has them)."""
+
+    exit_code: int
+    output: str
+
+
 @pytest.fixture(scope="session")
-def demo_workspace(tmp_path_factory, request):
-    """`ekx demo` run once through the CLI: (workdir, CLI result). Its synthetic data,
-    resnet50 caches and four runs are shared by the tests that need real extracted data."""
-    import os
-
-    from typer.testing import CliRunner
-
-    from ekx.cli import app
-
+def demo_workspace(request):
+    """`ekx demo`, run once per session by a background process started at collection
+    (`pytest_collection_modifyitems`): (workdir, DemoResult). Its synthetic data, resnet50
+    caches and runs are shared by the tests that need real extracted data."""
     if os.environ.get("EKX_TEST_DEMO_DIR"):  # developer shortcut: reuse a finished `ekx demo --workdir`
         return Path(os.environ["EKX_TEST_DEMO_DIR"]), None
-    workdir = tmp_path_factory.mktemp("demo")
-    # pytest -q prints nothing until a test ends: say what the long silence is
-    say = _say(request)
-    say(
-        f"building the demo workspace once for the tests that need it (`ekx demo --workdir {workdir}`): "
-        "about 5 min on 2 quiet cores, up to 30 on a busy machine"
-    )
+    _start_demo()  # already running unless collection skipped it
+    root, say = _demo_dir(), _say(request)
     t0 = time.perf_counter()
-    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir)], terminal_width=200)
-    say(f"demo workspace ready in {time.perf_counter() - t0:.0f} s (exit {result.exit_code})")
-    return workdir, result
+    if not (root / "rc").exists():
+        # pytest -q prints nothing until a test ends: say what the silence is
+        say(f"waiting for the demo workspace (`ekx demo --workdir {root / 'workdir'}`, started with the session)")
+    while not (root / "rc").exists():
+        if time.perf_counter() - t0 > 3600:
+            pytest.fail(f"`ekx demo` did not finish in an hour; its output so far: {root / 'output.txt'}")
+        time.sleep(1)
+    result = DemoResult(int((root / "rc").read_text()), (root / "output.txt").read_text())
+    if time.perf_counter() - t0 > 1:
+        say(f"demo workspace ready after {time.perf_counter() - t0:.0f} s of waiting (exit {result.exit_code})")
+    return root / "workdir", result
 
 
 def _say(request):

@@ -211,6 +211,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bit_identical_and_shards_merge(synth_data, tmp_path, wav2vec):
     ann, vids = synth_data / "annotations", synth_data / "videos"
     common = dict(backbone=wav2vec, weights="DEFAULT", split="train", frames=2, limit=8)

@@ -114,6 +114,7 @@ def test_killed_run_resumes_to_the_same_features(sig, synth_data, reference, tmp
     np.testing.assert_array_equal(open_cache(out).features(), reference)
 
 
+@pytest.mark.slow
 def test_shards_merge_to_the_single_process_cache(synth_data, reference, tmp_path):
     shards = [tmp_path / f"s{i}.h5" for i in range(2)]
     ann = epic.Annotations(synth_data / "annotations").segments("train")
@@ -143,6 +144,7 @@ def test_shards_merge_to_the_single_process_cache(synth_data, reference, tmp_pat
         tools.merge(tmp_path / "m3.h5", [shards[0], other])
 
 
+@pytest.mark.slow
 def test_mismatched_parameters_are_refused(synth_data, tmp_path):
     out = tmp_path / "f.h5"
     run(synth_data, out, limit=1)
@@ -180,6 +182,7 @@ def _bad_dataset(synth_data: Path, tmp: Path) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_bad_videos_fail_their_segments_and_the_run_goes_on(synth_data, tmp_path):
     data = _bad_dataset(synth_data, tmp_path)
     out = tmp_path / "f.h5"
@@ -199,6 +202,7 @@ def test_bad_videos_fail_their_segments_and_the_run_goes_on(synth_data, tmp_path
     assert again.exit_code == 0, again.output
 
 
+@pytest.mark.slow
 def test_disk_full_is_a_clear_error_and_the_cache_resumes(synth_data, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
     real_write, calls = store.Writer.write, []
@@ -359,6 +363,7 @@ def test_verify_flags_degenerate_features(kind, message, tmp_path):
     assert result.exit_code == 1 and message in result.output
 
 
+@pytest.mark.slow
 def test_verify_checks_the_annotation_hash_and_pending_rows(synth_data, tmp_path):
     out = tmp_path / "f.h5"
     run(synth_data, out, limit=2)
@@ -373,6 +378,7 @@ def test_verify_checks_the_annotation_hash_and_pending_rows(synth_data, tmp_path
     assert info.exit_code == 0 and "done 1, failed 0, pending 1" in info.output
 
 
+@pytest.mark.slow
 def test_reader_bulk_and_memory_map_agree(synth_data, tmp_path):
     out = tmp_path / "f.h5"
     run(synth_data, out, limit=3)

@@ -41,6 +41,7 @@ def flip_bytes(path: Path, row: int) -> None:
         fh.write(bytes(b ^ 0x5A for b in old))
 
 
+@pytest.mark.slow
 def test_corrupt_row_is_named_repaired_and_reextracted(synth_data, tmp_path):
     out = tmp_path / "f.h5"
     assert run(synth_data, out).done == 6

@@ -113,6 +113,7 @@ def test_frames_come_back_in_order_at_their_timestamps(synth_data):
         assert s.start * fps - 1 <= expect[0] and expect[-1] <= s.stop * fps
 
 
+@pytest.mark.slow
 def test_cache_frame_index_matches_timestamps(synth_data, tmp_path):
     run(synth_data, tmp_path / "f.h5", frames=8, limit=4)
     cache = open_cache(tmp_path / "f.h5")
@@ -156,6 +157,7 @@ def test_real_clips_all_extract(clips, tmp_path):
     assert np.isfinite(cache.features()).all()
 
 
+@pytest.mark.slow
 def test_recalibration_never_mixes_two_networks(synth_data, tmp_path):
     """A calibration video broken in a first run and restored before the second: the second
     is refused (naming --recalibrate), and --recalibrate redoes every row - never a cache
@@ -193,6 +195,7 @@ def test_missing_videos_root_is_named(synth_data, tmp_path):
         extract(cfg, synth_data / "annotations", nowhere, tmp_path, warn=lambda m: None)
 
 
+@pytest.mark.slow
 def test_resize_torchvision_in_the_decoding_process_changes_nothing_but_speed(synth_data, tmp_path, monkeypatch):
     """``--resize torchvision``: the frames are resized where they are decoded (small across
     the process boundaries), and the features are bit-identical to resizing full-size frames

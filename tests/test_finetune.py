@@ -314,6 +314,7 @@ def test_finetune_resume_equals_uninterrupted(synth_data, tmp_path):
         assert torch.allclose(sa["backbone"][k].float(), sb["backbone"][k].float(), atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_clips_open_each_video_once_when_grouped_by_video(synth_data, monkeypatch):
     """Fine-tuning kept no reader: each sample re-opened its video (twice: probe, then at the
     decode size), and decord scans the whole file on every open. Grouped by video, a video
@@ -367,6 +368,7 @@ def test_video_chunks_deal_equal_grouped_shares_to_every_rank():
     assert list(a) == list(VideoChunks(vids, 4, seed=1)) and list(a) != list(b)  # a function of (seed, epoch)
 
 
+@pytest.mark.slow
 def test_video_chunks_pad_at_most_world_minus_one():
     """EPIC scale (67,217 training segments, chunks = batches of 16, 8 ranks): dealing whole
     chunks padded every epoch with 111 repeated segments; now at most world - 1, as

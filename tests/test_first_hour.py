@@ -328,6 +328,7 @@ NO_TORCH = (
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
+@pytest.mark.slow
 def test_mistakes_are_reported_without_loading_torch(argv, message, tmp_path):
     (tmp_path / "bad.toml").write_text("[grid]\nlr = [1e-4, -1.0]\n")
     (tmp_path / "search.toml").write_text("[optuna]\ntrials = 2\nlr = { log_uniform = [1e-5, 1e-3] }\n")

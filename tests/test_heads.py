@@ -124,6 +124,7 @@ def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in runlog.read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 def test_run_directory_contents_and_reproducibility(caches, tmp_path):
     data = tr.load_data(caches[0], caches[1], "cpu")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -340,6 +341,7 @@ def test_a_checkpoint_from_before_the_norm_ctx_fix_still_loads():
     Block(8, 2, 0.0, 0.0).load_state_dict(old)  # strict: nothing unexpected left
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_with_the_runs_configuration_and_refuses_other_values(tmp_path):
     """The README's `ekx train-head lstm --name a --resume --epochs N`: the run's lr, batch size,
     dropout... not the defaults (the resumed metrics equal an uninterrupted run's); config.toml

@@ -53,6 +53,7 @@ def test_every_attribute_is_identity_unless_listed_as_one_that_may_differ():
 # ---------------------------------------------------------------- point 1: the decode path per backbone
 
 
+@pytest.mark.slow
 def test_multi_backbone_pass_refuses_a_cache_decoded_at_its_own_size(synth_data, tmp_path):
     """Several backbones decode once at the largest size, torchvision resizing down for the
     others: resuming (or merging with) a single-backbone cache would mix two resize paths.
@@ -74,6 +75,7 @@ def test_multi_backbone_pass_refuses_a_cache_decoded_at_its_own_size(synth_data,
     assert "efficientnet_b3's resize size [320]" in r21d["decode_size"]
 
 
+@pytest.mark.slow
 def test_merge_refuses_shards_of_different_decode_paths(synth_data, tmp_path):
     ann, videos = synth_data / "annotations", synth_data / "videos"
     extract(cfg(split="train", backbone="resnet50", shard=(0, 2)), ann, videos, tmp_path / "a", **quiet)
@@ -120,6 +122,7 @@ def test_train_and_validation_may_differ_in_split_views_and_annotation_file(tmp_
 # ---------------------------------------------------------------- a made-up field, checked everywhere
 
 
+@pytest.mark.slow
 def test_a_new_identity_field_is_checked_by_every_consumer(synth_data, tmp_path, monkeypatch):
     """Only `identity.input_attrs` learns the field: extract resume, merge, train-head,
     evaluate and finetune --init-head all refuse to mix its values, untouched."""
@@ -180,6 +183,7 @@ def copies(synth_data: Path, out: Path, short_side: int, which: set[str]) -> Pat
     return out
 
 
+@pytest.mark.slow
 def test_a_validation_cache_read_from_re_encoded_copies_is_refused(synth_data, tmp_path):
     """(main: a validation cache extracted from 96x72 copies of the videos paired with the train
     cache of the originals, equal attributes, features at cosine 0.92-0.96.) Each video's
@@ -240,6 +244,7 @@ def test_epic_s_own_mix_of_sizes_is_one_class_and_old_caches_are_not_compared():
 # ---------------------------------------------------------------- every option: stored, or listed
 
 
+@pytest.mark.slow
 def test_every_extract_and_import_option_is_stored_or_listed_as_not_changing_it(synth_data, tmp_path):
     """Each option of the two commands (read from the CLI itself, so a new one is held to it)
     is in the attributes of what the command writes, or in `identity.NOT_STORED` with why."""

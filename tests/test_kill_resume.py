@@ -105,6 +105,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(("mode", "head"), [("mid-epoch", "lstm"), ("after-last", "lstm"), ("mid-epoch", "context")])
+@pytest.mark.slow
 def test_train_head_killed_then_resumed_equals_an_uninterrupted_run(mode, head, caches, tmp_path):
     """17.6 (mid-epoch) and 19.3 (kill between last.pt and its metrics row); the context head
     on dense stores (its batches are windows, built by another function)."""
@@ -128,6 +129,7 @@ def test_train_head_killed_then_resumed_equals_an_uninterrupted_run(mode, head, 
     assert ck.load_checkpoint(killed / "last.pt")["epoch"] == EPOCHS
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_configuration_reruns_to_the_same_metrics(caches, tmp_path):
     """17.6: kill -9 of `ekx sweep` inside its second configuration, then the same command."""
     sweep = tmp_path / "s.toml"

@@ -79,6 +79,7 @@ def test_target_size_keeps_aspect_never_upscales():
     assert pp.default_short_side() == 320  # EfficientNet-B3's resize is the largest
 
 
+@pytest.mark.slow
 def test_prepared_copy_keeps_every_frame_and_timestamp(source, tmp_path):
     dst = tmp_path / "copy"
     result = runner.invoke(

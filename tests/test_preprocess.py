@@ -60,6 +60,7 @@ def test_every_path_against_torchvision_on_full_size_frames(clips):
     assert clip_set.size_fn is None and Clips([], {}, 6, bb).size_fn(1080, 1920) == pre.decode_size(1080, 1920)
 
 
+@pytest.mark.slow
 def test_cache_records_the_resize_that_ran(synth_data, tmp_path):
     """--resize torchvision decodes full-size frames and says so; predict reads a video as
     the run's cache did; an unknown --resize is refused before anything runs."""

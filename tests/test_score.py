@@ -153,6 +153,7 @@ def test_score_of_the_written_submission_equals_evaluate_on_a_trained_run(tmp_pa
     assert all(float(np.float32(s)) == s for s in entry["verb"].values())
 
 
+@pytest.mark.slow
 def test_score_equals_metrics_on_the_real_validation_csv_with_random_logits(epic100, tmp_path):
     ann = epic.Annotations(epic100)
     segments = ann.segments("validation")

@@ -42,6 +42,7 @@ def wait(job: str, timeout: float = 600) -> str:
     raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_sharded_extraction_merges_to_the_single_process_cache(slurm_cluster, synth_data, tmp_path):
     extra = ["--weights", "none", "--frames", "2", "--workers", "1", "--batch-size", "2", "--limit", "10"]
     result = submit_extract(
@@ -71,6 +72,7 @@ def test_sharded_extraction_merges_to_the_single_process_cache(slurm_cluster, sy
     np.testing.assert_array_equal(merged.features(), ref.features())
 
 
+@pytest.mark.slow
 def test_a_failed_shard_cancels_the_merge_and_says_why(slurm_cluster, synth_data, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -99,6 +101,7 @@ def test_a_failed_shard_cancels_the_merge_and_says_why(slurm_cluster, synth_data
     assert not (tmp_path / "features" / "resnet50" / "train.h5").exists()
 
 
+@pytest.mark.slow
 def test_sweep_array_produces_every_run(slurm_cluster, tmp_path):
     train = make_cache(tmp_path / "t.h5", n=32, seed=0)
     val = make_cache(tmp_path / "v.h5", n=12, seed=1)
@@ -144,6 +147,7 @@ def test_dry_run_prints_the_sbatch_commands(tmp_path):
     assert "--gres" not in lines[1] and f"{tmp_path}/resnet50/train.shard2of3.h5" in lines[1]
 
 
+@pytest.mark.slow
 def test_finetune_job_two_processes_then_resumes_when_resubmitted(slurm_cluster, synth_data, tmp_path):
     """slurm/finetune.sbatch: srun -> torchrun (c10d rendezvous from the SLURM environment) with
     2 gloo processes; a second submission under the same name continues from last.pt."""
@@ -205,6 +209,7 @@ def test_prepare_and_finetune_dry_runs(tmp_path):
     assert bad.exit_code == 1 and "plain run name" in bad.output
 
 
+@pytest.mark.slow
 def test_search_workers_share_one_study(slurm_cluster, tmp_path):
     """`ekx slurm sweep FILE --workers 2` on an [optuna] file: two array tasks take trials
     from the one journal file, none twice; the compare job reports the search."""

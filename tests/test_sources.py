@@ -56,6 +56,7 @@ def a_video(synth_data: Path) -> str:
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_frames_are_the_ones_chosen_in_order_at_the_size_asked(name, synth_data, rgb_frames):
     src, paths = case(name, synth_data, rgb_frames)
     vid = a_video(synth_data)
@@ -193,6 +194,7 @@ def test_video_sources_refuse_the_shared_mpeg_program_stream(clips, name):
         src.open(path)
 
 
+@pytest.mark.slow
 def test_decord_and_torchcodec_agree_on_the_shared_clips(clips):
     """Same frame indices everywhere; on the H.264 clips (EPIC's codec) the same pixels up to
     colour-conversion rounding (measured: bit-identical). The MPEG-2 program stream is left

@@ -56,6 +56,7 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args), terminal_width=200)
 
 
+@pytest.mark.slow
 def test_frames_source_end_to_end_cache_verifies_and_records_its_source(synth_data, tars, tmp_path):
     out = tmp_path / "val.h5"
     common = ["--split", "validation", "--weights", "none", "--frames", "4", "--workers", "1", "--out", str(out)]
@@ -85,6 +86,7 @@ def test_frames_source_needs_its_root(synth_data, tmp_path):
     assert "no RGB frames under" in msg and "rgb_frames/<video_id>.tar" in msg
 
 
+@pytest.mark.slow
 def test_watchdog_fails_a_hung_videos_segments_and_the_run_goes_on(synth_data, tmp_path, hanging_source):
     ann = epic.Annotations(synth_data / "annotations")
     train = ann.segments("train")

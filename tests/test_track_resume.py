@@ -43,6 +43,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_each_tracked_run_with_each_step_once(env, caches, tmp_path):  # noqa: F811
     runs = tmp_path / "runs"
     args = train_args(caches, runs, "killed", "--track", ALL)

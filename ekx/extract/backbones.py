@@ -25,7 +25,7 @@ from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
 from ekx import EkxError
 from ekx.cache.store import sha256_file
-from ekx.extract import config, families
+from ekx.extract import bn_cache, config, families
 from ekx.extract.backbone_spec import Backbone, Preprocess, resnet_stages
 from ekx.extract.weights import _shell, fit_state, load_weights, read_state_file  # noqa: F401  (callers' names)
 
@@ -128,8 +128,13 @@ def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all calibration batches
         bn.train()
-    for x in batches:
-        model(x)
+    stored = bn_cache.path_for(model, batches)  # None unless EKX_CALIBRATION_CACHE is set
+    if (state := bn_cache.load(stored)) is not None:
+        model.load_state_dict(state, strict=False)
+    else:
+        for x in batches:
+            model(x)
+        bn_cache.save(stored, batchnorm_state(model))
     model.eval()
 
 
