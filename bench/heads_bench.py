@@ -47,35 +47,6 @@ OUT = Path(__file__).resolve().parent / "out"
 N, K, D = 67_217, 16, 2048
 
 
-def make_full_cache(path: Path) -> None:
-    if path.exists():
-        return
-    print(f"writing a random {N} x {K} x {D} float16 cache to {path} (once) ...", flush=True)
-    rng = np.random.default_rng(0)
-    verbs, nouns = rng.integers(97, size=N), rng.integers(300, size=N)
-    rows = store.Rows([f"P01_01_{i}" for i in range(N)], ["P01_01"] * N, verbs, nouns, np.arange(N))
-    attrs = {
-        "format": store.FORMAT,
-        "format_version": store.VERSION,
-        "backbone": "resnet50",
-        "weights": "none",
-        "feature_dim": D,
-        "frames_per_segment": K,
-        "views": 1,
-        "num_verbs": 97,
-        "num_nouns": 300,
-        "split": "train",
-        "bn_calibration": "",
-    }
-    store.create(path, attrs, rows, 1, K, D)
-    with h5py.File(path, "r+") as f:
-        block = 2048
-        for lo in range(0, N, block):
-            n = min(block, N - lo)
-            f["features"][lo : lo + n] = rng.standard_normal((n, 1, K, D), dtype=np.float32).astype(np.float16)
-        f["status"][...] = store.DONE
-
-
 class NaiveDataset(torch.utils.data.Dataset):
     """What a first script does: one h5py read per item."""
 
@@ -159,8 +130,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="auto, fp32, bf16, or several: fp32,bf16 (a row each)")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
-    path = OUT / "full.h5"
-    make_full_cache(path)
+    path = make_cache(OUT / "full.h5", N, "train", 0)
     size = path.stat().st_size / 2**30
     base = peak_gib()
     device = runtime.resolve_device("auto")
@@ -203,6 +173,7 @@ def make_cache(path: Path, n: int, split: str, seed: int) -> Path:
     """A random cache of EPIC's per-segment shape (K x D float16), written once."""
     if path.exists():
         return path
+    print(f"writing a random {n} x {K} x {D} float16 cache to {path} (once) ...", flush=True)
     rng = np.random.default_rng(seed)
     rows = store.Rows(
         [f"P01_01_{i}" for i in range(n)],

@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(session, config, items):
     demo = {id(i) for i in items if "demo_workspace" in getattr(i, "fixturenames", ())}
     order = {id(item): n for n, item in enumerate(items)}
     items.sort(key=lambda i: (id(i) in demo, -MODULE_SECONDS.get(i.path.name, 0), order[id(i)]))
-    if demo and not os.environ.get("EKX_TEST_DEMO_DIR"):
+    if demo and not os.environ.get("EKX_TEST_DEMO_DIR") and not config.option.collectonly:
         _start_demo()
 
 

@@ -4,9 +4,11 @@ misses, and without EKX_CALIBRATION_CACHE nothing is stored."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from ekx import EkxError
 from ekx.extract import bn_cache
 from ekx.extract.backbones import batchnorm_state, calibrate_batchnorm
 
@@ -53,3 +55,10 @@ def test_a_stored_calibration_equals_calibrating_again_and_any_change_misses(tmp
         f.write_bytes(b"torn")
     assert calibrated(net(0), x)[1] == 1
     assert calibrated(net(0), x)[1] == 0
+
+
+def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(bn_cache.ENV, str(tmp_path / "file"))
+    with pytest.raises(EkxError, match=r"EKX_CALIBRATION_CACHE=.*file: cannot keep .*writable folder, or unset it"):
+        calibrate_batchnorm(net(0), [torch.randn(2, 3, 16, 16)])

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ekx import EkxError
+
 ENV = "EKX_CALIBRATION_CACHE"
 
 
@@ -57,7 +59,13 @@ def load(path: Path | None) -> dict[str, torch.Tensor] | None:
 def save(path: Path | None, state: dict[str, torch.Tensor]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: concurrent processes each write the same bytes
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: concurrent processes each write the same bytes
+    except OSError as e:
+        raise EkxError(
+            f"{ENV}={path.parent}: cannot keep the calibrated BatchNorm statistics there ({e.strerror or e}); "
+            f"point it at a writable folder, or unset it"
+        ) from None
