@@ -62,3 +62,72 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv(bn_cache.ENV, str(tmp_path / "file"))
     with pytest.raises(EkxError, match=r"EKX_CALIBRATION_CACHE=.*file: cannot keep .*writable folder, or unset it"):
         calibrate_batchnorm(net(0), [torch.randn(2, 3, 16, 16)])
+
+
+def test_extraction_keeps_a_calibration_by_what_its_inputs_are_made_of(synth_data, tmp_path, monkeypatch):
+    """`inputs.calibrate` (`ekx extract --weights none`): each video decoded once, the statistics
+    those of the segments decoded one by one; with the store on, the same network, videos,
+    segments and settings again decode nothing and get exactly the statistics measured; other
+    bytes in a video, or another --frames, are measured anew."""
+    import shutil
+
+    from ekx import epic
+    from ekx.extract import backbones, inputs, sources
+    from ekx.extract.pipeline import ExtractConfig
+    from ekx.extract.video import Request
+
+    cfg = ExtractConfig(weights="none", frames=3, source="decord")
+    bb = backbones.get("resnet50")
+    src, videos = sources.get("decord"), tmp_path / "videos"
+    shutil.copytree(synth_data / "videos", videos)
+    segments = epic.Annotations(synth_data / "annotations").segments("train")
+    calib = inputs.calibration_plan(epic.Annotations(synth_data / "annotations"), segments, cfg)
+    found = sources.locate(src, calib, videos)[0]
+    assert len({s.video_id for s in calib[: cfg.calibration_segments]}) >= 2  # segments of several videos
+
+    def small(seed: int = 0) -> nn.Module:  # a BatchNorm network fast on 224 x 224 inputs
+        torch.manual_seed(seed)
+        layers = [nn.Conv2d(3, 4, 8, stride=8), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 4), nn.BatchNorm2d(4)]
+        return nn.Sequential(*layers)
+
+    decodes = []
+
+    def counted(decode, path, requests, limit):
+        decodes.append(path.name)
+        yield from sources_guarded(decode, path, requests, limit)
+
+    sources_guarded = inputs.guarded
+    monkeypatch.setattr(inputs, "guarded", counted)
+
+    def calibrate(model: nn.Module, c=cfg) -> tuple[dict, str, int]:
+        decodes.clear()
+        used = inputs.calibrate(model, bb, c, calib, found, "cpu")
+        return batchnorm_state(model), used, len(decodes)
+
+    # the segments decoded one by one, as calibration did before it grouped them by video
+    one_by_one = []
+    for s in calib[: cfg.calibration_segments]:
+        req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
+        res = next(iter(src.decode(found[s.video_id], [req], 3, 1, inputs.decode_size(cfg, [bb]))))
+        one_by_one.append(inputs.segment_inputs(res, s.narration_id, cfg, bb, torch.device("cpu")))
+    x = torch.cat(one_by_one)
+    x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
+    monkeypatch.delenv(bn_cache.ENV, raising=False)
+    reference = small()
+    calibrate_batchnorm(reference, [x[i : i + 32] for i in range(0, len(x), 32)])
+    fresh, used, n = calibrate(small())
+    assert n == len({s.video_id for s in calib[: cfg.calibration_segments]})  # one decode per video
+    assert used == "first segments: " + ",".join(s.narration_id for s in calib[: cfg.calibration_segments])
+    for k, v in batchnorm_state(reference).items():
+        assert torch.equal(fresh[k], v), k
+
+    monkeypatch.setenv(bn_cache.ENV, str(tmp_path / "bn"))
+    assert calibrate(small())[2] == n  # measured, then kept
+    again, used_again, n_again = calibrate(small())
+    assert n_again == 0 and used_again == used  # nothing decoded
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert calibrate(small(seed=1))[2] == n  # another network
+    assert calibrate(small(), ExtractConfig(weights="none", frames=4, source="decord"))[2] == n  # other inputs
+    with open(found[calib[0].video_id], "ab") as fh:  # a video's bytes changed (same name, size grown)
+        fh.write(b"\0")
+    assert calibrate(small())[2] == n

@@ -199,72 +199,27 @@ def test_torchrun_two_processes_then_extract_with_the_finetuned_backbone(synth_d
     # 4 segments, 2 ranks, batch 1: each rank took 2 steps and saw its own half
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert "backbone" in ckpt and ckpt["config"]["frames"] == 2
-    # evaluation by decoding video works on the fine-tuned run
-    r = subprocess.run(
-        [sys.executable, "-m", "ekx", "evaluate", str(run), "--device", "cpu", *[str(c) for c in common]],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0 and "verb_top1" in r.stdout, r.stdout + r.stderr
-    # predict works on a fine-tuned run (its own backbone)
+    # the fine-tuned run read back where it runs in this process (the CLI's code, without three
+    # more interpreters importing torch): evaluation by decoding video, predict, extract
+    from typer.testing import CliRunner
+
+    from ekx.cli import app
+
+    def ekx(*args) -> str:
+        r = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    assert "verb_top1" in ekx("evaluate", run, "--device", "cpu", *common)
     video = sorted((synth_data / "videos").rglob("*.MP4"))[0]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ekx",
-            "predict",
-            str(video),
-            "--run",
-            str(run),
-            "--device",
-            "cpu",
-            "--stride",
-            "1",
-            "--json",
-            str(tmp_path / "p.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    ekx("predict", video, "--run", run, "--device", "cpu", "--stride", "1", "--json", tmp_path / "p.json")
     assert len(json.loads((tmp_path / "p.json").read_text())["windows"]) > 3
     # closing the loop: extract with the fine-tuned weights, compare with the original backbone
     caches = {}
     for name, weights in (("orig", "none"), ("tuned", str(run / "best.pt"))):
         caches[name] = tmp_path / f"{name}.h5"
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ekx",
-                "extract",
-                "--split",
-                "train",
-                "--weights",
-                weights,
-                "--frames",
-                "2",
-                "--limit",
-                "4",
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-                "--out",
-                str(caches[name]),
-                *[str(c) for c in common],
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
+        extract = ["extract", "--split", "train", "--weights", weights, "--frames", "2", "--limit", "4"]
+        ekx(*extract, "--workers", "0", "--device", "cpu", "--out", caches[name], *common)
     from ekx.cache.reader import open_cache
 
     orig, tuned = open_cache(caches["orig"]), open_cache(caches["tuned"])

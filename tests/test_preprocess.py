@@ -12,6 +12,7 @@ import torch
 
 from ekx.extract import backbones, sources
 from ekx.extract.video import Request
+from ekx.heads.data import extractor_spec
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_cache_records_the_resize_that_ran(synth_data, tmp_path):
         out[resize] = dict(open_cache(tmp_path / f"{resize}.h5").attrs)
     assert out["decoder"]["resize"] == "decoder" and "scaler" in out["decoder"]["resize_method"]
     assert out["torchvision"]["resize"] == "torchvision" and "full-size" in out["torchvision"]["resize_method"]
-    spec = backbones.extractor_spec(out["torchvision"], {})
+    spec = extractor_spec(out["torchvision"], {})
     assert spec["resize"] == "torchvision" and spec["source"] == "decord"
     with pytest.raises(EkxError, match="--resize 'bilinear'"):
         extract(

@@ -114,22 +114,26 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def calibrate_batchnorm(
+    model: nn.Module, batches: list[torch.Tensor], measured: dict[str, torch.Tensor] | None = None
+) -> None:
     """Re-estimate BatchNorm running statistics on real (preprocessed) inputs.
 
     A randomly initialised network in eval mode normalises with mean 0 / var 1, which
     is wrong by orders of magnitude layer after layer: resnet50 then outputs nearly the
     same vector for every input and efficientnet_b3 values ~1e-14 (zero in float16).
     With statistics measured on the data, activations keep their scale and the random
-    features stay input-dependent - good enough for tests and the demo.
+    features stay input-dependent - good enough for tests and the demo. ``measured``: the
+    statistics of an earlier calibration on the same inputs (`bn_cache.plan_path`), set as
+    measuring would leave them.
     """
     model.eval()  # dropout / stochastic depth stay off: only BatchNorm measures
     for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all calibration batches
         bn.train()
-    stored = bn_cache.path_for(model, batches)  # None unless EKX_CALIBRATION_CACHE is set
-    if (state := bn_cache.load(stored)) is not None:
+    stored = None if measured is not None else bn_cache.path_for(model, batches)  # None unless EKX_CALIBRATION_CACHE
+    if (state := measured if measured is not None else bn_cache.load(stored)) is not None:
         model.load_state_dict(state, strict=False)
     else:
         for x in batches:
@@ -234,25 +238,8 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def extractor_spec(attrs: dict, bn_state: dict) -> dict:
-    """Plain values (and the calibrated BatchNorm buffers of random weights) that rebuild
-    the backbone a cache was extracted with; a head's checkpoint carries them, so a run
-    alone is enough for `ekx predict` / `ekx live` / `ekx finetune --init-head`."""
-    return {
-        "backbone": attrs["backbone"],
-        "weights": attrs["weights"],
-        "weights_path": attrs.get("weights_path", ""),
-        "seed": int(attrs.get("seed", 0)),
-        "frames": int(attrs["frames_per_segment"]),
-        # how its frames were read and resized: `ekx predict` reads a video the same way
-        "source": str(attrs.get("source", "decord")),
-        "resize": str(attrs.get("resize", "decoder")),
-        "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()},
-    }
-
-
 def build_extractor(spec: dict) -> nn.Module:
-    """The (unfused, eval-mode) backbone described by `extractor_spec`."""
+    """The (unfused, eval-mode) backbone described by `ekx.heads.data.extractor_spec`."""
     bb = get(spec["backbone"])
     weights = spec["weights"]
     if weights == "none":

@@ -1,7 +1,9 @@
 """A content-addressed store of the BatchNorm statistics that `backbones.calibrate_batchnorm`
 measures for random weights: keyed by every parameter and buffer of the network, the
 calibration inputs, the torch version and thread count, so a hit is exactly what calibrating
-again would give.
+again would give. `ekx extract` looks a calibration up before decoding its inputs too
+(`plan_path`): by what the inputs are made of - the bytes of each video, the segments, the
+settings that decode and preprocess them - so a hit skips the decoding as well.
 
 Off unless ``EKX_CALIBRATION_CACHE`` names a directory. The test suite sets it: its ~150
 extractions of the same synthetic data with ``--weights none`` calibrated the same random
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,15 +33,17 @@ def _update(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, any dtype (bf16 has no numpy twin)
 
 
-def key(model: nn.Module, batches: list[torch.Tensor]) -> str:
+def key(model: nn.Module, batches: list[torch.Tensor], plan: str = "") -> str:
     """What the statistics depend on: the network (class, every tensor, BatchNorm buffers just
-    reset), the inputs in their batches, and what could change the last bits of the sums."""
+    reset), the inputs in their batches (or the ``plan`` that makes them), and what could
+    change the last bits of the sums."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {torch.get_num_threads()} threads".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         _update(h, t)
     for x in batches:
         _update(h, x)
+    h.update(plan.encode())
     return h.hexdigest()
 
 
@@ -47,7 +52,15 @@ def path_for(model: nn.Module, batches: list[torch.Tensor]) -> Path | None:
     return Path(root) / f"{key(model, batches)}.pt" if root else None
 
 
-def load(path: Path | None) -> dict[str, torch.Tensor] | None:
+def plan_path(model: nn.Module, plan: Callable[[], str | None]) -> Path | None:
+    """Where the calibration described by ``plan()`` is kept (see `ekx.extract.inputs.calibration_key`),
+    None when the store is off or ``plan()`` cannot describe its inputs (called only when on)."""
+    root = os.environ.get(ENV)
+    text = plan() if root else None
+    return Path(root) / f"plan-{key(model, [], text)}.pt" if root and text is not None else None
+
+
+def load(path: Path | None) -> dict | None:
     if path is None or not path.is_file():
         return None
     try:
@@ -56,7 +69,7 @@ def load(path: Path | None) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def save(path: Path | None, state: dict[str, torch.Tensor]) -> None:
+def save(path: Path | None, state: dict) -> None:
     if path is None:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

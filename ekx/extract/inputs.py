@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from ekx import EkxError, epic
-from ekx.extract import backbones, sources
+from ekx.cache.store import sha256_file
+from ekx.extract import backbones, bn_cache, sources
 from ekx.extract.sources.watchdog import guarded
 from ekx.extract.video import Request, Result
 
@@ -161,33 +163,66 @@ def calibration_plan(ann: epic.Annotations, plan_all: list[epic.Segment], cfg: E
 
 def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     """BatchNorm statistics for random weights, from the first decodable segments of
-    ``plan_all`` (see `calibration_plan`)."""
+    ``plan_all`` (see `calibration_plan`), each video decoded once."""
     if not backbones.has_batchnorm(model):  # nothing to measure (ViTs: LayerNorm only)
         return "none needed: no BatchNorm"
     calib = [s for s in plan_all if s.video_id in found][: cfg.calibration_segments]
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
-    inputs, used = [], []
+    stored = bn_cache.plan_path(model, lambda: calibration_key(cfg, bb, calib, found, device))
+    if (hit := bn_cache.load(stored)) is not None:
+        backbones.calibrate_batchnorm(model, [], measured=hit["state"])
+        return hit["used"]
     src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
     post = frame_resize(cfg, [bb])
-    for s in calib:
-        req = Request(0, s.start, s.stop, s.start_frame, s.stop_frame)
+    wanted: dict[str, list[Request]] = {}
+    for row, s in enumerate(calib):
+        wanted.setdefault(s.video_id, []).append(Request(row, s.start, s.stop, s.start_frame, s.stop_frame))
+    decoded: dict[int, Result] = {}
+    for vid, reqs in wanted.items():  # a video's segments in one pass (an open scans the whole file)
         decode = functools.partial(
-            src.decode, found[s.video_id], [req], cfg.frames, bb.clip_len, decode_size(cfg, [bb]), cfg.decode_device
+            src.decode, found[vid], reqs, cfg.frames, bb.clip_len, decode_size(cfg, [bb]), cfg.decode_device
         )
         if post is not None:  # as in the run: full-size frames resized where they are decoded
             decode = functools.partial(resized, decode, post)
-        for res in guarded(decode, found[s.video_id], [req], cfg.decode_timeout if cfg.decode_device == "cpu" else 0):
-            if res.error is None:
-                inputs.append(segment_inputs(res, s.narration_id, cfg, bb, device))
-                used.append(s.narration_id)
-    if not inputs:
+        timeout = cfg.decode_timeout if cfg.decode_device == "cpu" else 0
+        decoded.update((res.row, res) for res in guarded(decode, found[vid], reqs, timeout) if res.error is None)
+    rows = [row for row in range(len(calib)) if row in decoded]  # in plan order, whatever the decode order
+    if not rows:
         raise EkxError("--weights none: none of the calibration segments could be decoded")
     # 64 inputs spread over the segments are enough for stable statistics
-    x = torch.cat(inputs)
+    x = torch.cat([segment_inputs(decoded[row], calib[row].narration_id, cfg, bb, device) for row in rows])
     x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
     torch.manual_seed(cfg.seed)
     backbones.calibrate_batchnorm(model, [x[i : i + 32] for i in range(0, len(x), 32)])
     # exactly the segments that decoded: this string is part of the cache identity, so a
     # re-run whose calibration differs (a video restored or broken since) is refused, not mixed
-    return "first segments: " + ",".join(used)
+    used = "first segments: " + ",".join(calib[row].narration_id for row in rows)
+    if len(rows) == len(calib):  # a failure may be passing (a hung decoder): never stored
+        bn_cache.save(stored, {"state": backbones.batchnorm_state(model), "used": used})
+    return used
+
+
+# the settings that cannot change a calibration's inputs: left out of its key, so runs that
+# differ only in them (another split, shard or output) share it; any other setting, including
+# one added later, is in the key
+NOT_CALIBRATION = frozenset(
+    {"backbone", "split", "weights", "batch_size", "workers", "device", "precision", "limit", "shard",
+     "calibration_segments", "recalibrate", "out", "decode_timeout", "dense", "dense_span", "dense_margin"}
+)  # fmt: skip
+
+
+def calibration_key(cfg, bb, calib: list[epic.Segment], found, device) -> str | None:
+    """What a calibration's inputs are made of, for `bn_cache.plan_path`: the bytes of each
+    video, the segments in order, the settings that decode and preprocess them. None where a
+    video is not one file (a frames folder): its inputs are then decoded to be keyed."""
+    paths = {s.video_id: Path(found[s.video_id]) for s in calib}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    settings = {k: v for k, v in sorted(dataclasses.asdict(cfg).items()) if k not in NOT_CALIBRATION}
+    videos = {vid: sha256_file(p) for vid, p in sorted(paths.items())}
+    segments = [(s.narration_id, s.video_id, s.start, s.stop, s.start_frame, s.stop_frame) for s in calib]
+    source = sources.DEFAULT if cfg.source == "auto" else cfg.source
+    return repr(
+        ("calibration v1", source, settings, bb.clip_len, bb.preprocess, torch.device(device).type, videos, segments)
+    )

@@ -23,7 +23,6 @@ from ekx import EkxError, epic
 from ekx.cache import dense, identity, store
 from ekx.cache.reader import open_cache
 from ekx.cache.store import read_backbone_state
-from ekx.extract.backbones import extractor_spec
 from ekx.heads import missing
 from ekx.heads.context import Stream, Timeline, timeline
 from ekx.heads.fusion import FUSE, SAME_FEATURES, fits_on, fuse
@@ -42,7 +41,7 @@ class Split:
     narration_id: list[str]
     video_id: list[str]
     attrs: dict
-    extractor: dict  # rebuilds the backbone that made the features (see backbones.extractor_spec)
+    extractor: dict  # rebuilds the backbone that made the features (`extractor_spec`)
     parts: list[dict] | None = None  # a fused split: each part's attributes, in order
     # a dense store: feats is [P, V, D] (every stored position) and index [N, K] the
     # positions of each segment; None: feats is [N, V, K, D]
@@ -288,3 +287,22 @@ def make_batch(
     else:
         x = split.feats[idx.to(dev)[:, None], view.to(dev), pos.to(dev)]  # [B, T, D] float16
     return x.to(device, non_blocking=True).float().sub_(mean).div_(std)
+
+
+def extractor_spec(attrs: dict, bn_state: dict) -> dict:
+    """Plain values (and the calibrated BatchNorm buffers of random weights) that rebuild
+    the backbone a cache was extracted with (`ekx.extract.backbones.build_extractor`); a
+    head's checkpoint carries them, so a run alone is enough for `ekx predict` / `ekx live` /
+    `ekx finetune --init-head`. Here, not beside the backbones: stage 2 then starts without
+    torchvision, whose import is ~2 s of every head-only process."""
+    return {
+        "backbone": attrs["backbone"],
+        "weights": attrs["weights"],
+        "weights_path": attrs.get("weights_path", ""),
+        "seed": int(attrs.get("seed", 0)),
+        "frames": int(attrs["frames_per_segment"]),
+        # how its frames were read and resized: `ekx predict` reads a video the same way
+        "source": str(attrs.get("source", "decord")),
+        "resize": str(attrs.get("resize", "decoder")),
+        "bn_state": {k: torch.as_tensor(v) for k, v in bn_state.items()},
+    }
