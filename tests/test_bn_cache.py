@@ -62,6 +62,9 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv(bn_cache.ENV, str(tmp_path / "file"))
     with pytest.raises(EkxError, match=r"EKX_CALIBRATION_CACHE=.*file: cannot keep .*writable folder, or unset it"):
         calibrate_batchnorm(net(0), [torch.randn(2, 3, 16, 16)])
+    with pytest.raises(EkxError, match=r"EKX_CALIBRATION_CACHE=.*file: cannot keep .*writable folder, or unset it"):
+        with bn_cache.locked(tmp_path / "file" / "plan-x.pt"):  # where extraction looks a calibration up
+            pass
 
 
 def test_extraction_keeps_a_calibration_by_what_its_inputs_are_made_of(synth_data, tmp_path, monkeypatch):
@@ -126,6 +129,21 @@ def test_extraction_keeps_a_calibration_by_what_its_inputs_are_made_of(synth_dat
     again, used_again, n_again = calibrate(small())
     assert n_again == 0 and used_again == used  # nothing decoded
     assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    # another process with the same key (here a thread) waits while one measures, then reads it
+    import threading
+
+    first = calib[: cfg.calibration_segments]
+    stored = bn_cache.plan_path(small(), lambda: inputs.calibration_key(cfg, bb, first, found, "cpu"))
+    assert stored is not None and stored.is_file()
+    waited = []
+    with bn_cache.locked(stored):
+        reader = threading.Thread(target=lambda: waited.append(calibrate(small())))
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not waited  # blocked on the lock
+    reader.join(timeout=60)
+    assert waited[0][2] == 0 and all(torch.equal(waited[0][0][k], fresh[k]) for k in fresh)
+
     assert calibrate(small(seed=1))[2] == n  # another network
     assert calibrate(small(), ExtractConfig(weights="none", frames=4, source="decord"))[2] == n  # other inputs
     with open(found[calib[0].video_id], "ab") as fh:  # a video's bytes changed (same name, size grown)

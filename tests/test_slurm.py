@@ -155,7 +155,9 @@ def test_finetune_job_two_processes_then_resumes_when_resubmitted(slurm_cluster,
 
     from ekx.slurm import submit_finetune
 
-    extra = ["--weights", "none", "--frames", "2", "--limit", "4", "--batch-size", "1", "--workers", "0"]
+    # timm's 0.4M-parameter test ResNet: the job's launch and resume are the test, not resnet50
+    extra = ["--backbone", "timm:test_resnet", "--weights", "none", "--frames", "2", "--limit", "4"]
+    extra += ["--batch-size", "1", "--workers", "0"]
     extra += ["--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu"]
     runs = tmp_path / "runs"
 

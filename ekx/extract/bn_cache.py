@@ -14,9 +14,10 @@ A user rarely extracts with random weights twice, so nothing is written by defau
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -60,6 +61,25 @@ def plan_path(model: nn.Module, plan: Callable[[], str | None]) -> Path | None:
     return Path(root) / f"plan-{key(model, [], text)}.pt" if root and text is not None else None
 
 
+@contextlib.contextmanager
+def locked(path: Path | None) -> Iterator[None]:
+    """Held while one process looks ``path`` up and, on a miss, measures and stores it: a
+    second process with the same key waits, then reads what the first stored."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.with_name(f".{path.name}.lock"), "w")
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def load(path: Path | None) -> dict | None:
     if path is None or not path.is_file():
         return None
@@ -78,7 +98,11 @@ def save(path: Path | None, state: dict) -> None:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: concurrent processes each write the same bytes
     except OSError as e:
-        raise EkxError(
-            f"{ENV}={path.parent}: cannot keep the calibrated BatchNorm statistics there ({e.strerror or e}); "
-            f"point it at a writable folder, or unset it"
-        ) from None
+        raise _unwritable(path, e) from None
+
+
+def _unwritable(path: Path, e: OSError) -> EkxError:
+    return EkxError(
+        f"{ENV}={path.parent}: cannot keep the calibrated BatchNorm statistics there ({e.strerror or e}); "
+        f"point it at a writable folder, or unset it"
+    )

@@ -170,9 +170,21 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     if not calib:
         raise EkxError("--weights none needs at least one decodable segment to calibrate BatchNorm")
     stored = bn_cache.plan_path(model, lambda: calibration_key(cfg, bb, calib, found, device))
-    if (hit := bn_cache.load(stored)) is not None:
-        backbones.calibrate_batchnorm(model, [], measured=hit["state"])
-        return hit["used"]
+    with bn_cache.locked(stored):  # ranks of one DDP run, or two test workers: one measures, the other reads
+        if (hit := bn_cache.load(stored)) is not None:
+            backbones.calibrate_batchnorm(model, [], measured=hit["state"])
+            return hit["used"]
+        rows = _measure(model, bb, cfg, calib, found, device)
+        # exactly the segments that decoded: this string is part of the cache identity, so a
+        # re-run whose calibration differs (a video restored or broken since) is refused, not mixed
+        used = "first segments: " + ",".join(calib[row].narration_id for row in rows)
+        if len(rows) == len(calib):  # a failure may be passing (a hung decoder): never stored
+            bn_cache.save(stored, {"state": backbones.batchnorm_state(model), "used": used})
+    return used
+
+
+def _measure(model, bb, cfg, calib: list[epic.Segment], found, device) -> list[int]:
+    """Calibrate on ``calib``'s segments, each video decoded once; the rows that decoded."""
     src = sources.get(sources.DEFAULT if cfg.source == "auto" else cfg.source)
     post = frame_resize(cfg, [bb])
     wanted: dict[str, list[Request]] = {}
@@ -195,12 +207,7 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
     x = x[torch.linspace(0, len(x) - 1, min(len(x), 64)).long()]
     torch.manual_seed(cfg.seed)
     backbones.calibrate_batchnorm(model, [x[i : i + 32] for i in range(0, len(x), 32)])
-    # exactly the segments that decoded: this string is part of the cache identity, so a
-    # re-run whose calibration differs (a video restored or broken since) is refused, not mixed
-    used = "first segments: " + ",".join(calib[row].narration_id for row in rows)
-    if len(rows) == len(calib):  # a failure may be passing (a hung decoder): never stored
-        bn_cache.save(stored, {"state": backbones.batchnorm_state(model), "used": used})
-    return used
+    return rows
 
 
 # the settings that cannot change a calibration's inputs: left out of its key, so runs that
@@ -208,7 +215,8 @@ def calibrate(model, bb, cfg, plan_all, found, device) -> str:
 # one added later, is in the key
 NOT_CALIBRATION = frozenset(
     {"backbone", "split", "weights", "batch_size", "workers", "device", "precision", "limit", "shard",
-     "calibration_segments", "recalibrate", "out", "decode_timeout", "dense", "dense_span", "dense_margin"}
+     "calibration_segments", "recalibrate", "out", "decode_timeout", "dense", "dense_span", "dense_margin",
+     "source"}  # the source: in the key as resolved ("auto" is decord where the videos are)
 )  # fmt: skip
 
 

@@ -154,8 +154,10 @@ class VideoChunks(Sampler[int]):
         order = (order * -(-total // max(len(order), 1)))[:total]  # pad by repeating, as DistributedSampler
         rounds, rest = divmod(self.per_rank, self.chunk)  # whole chunks per rank, then a shorter piece
         step = self.chunk * self.replicas
-        mine = [i for r in range(rounds) for i in order[r * step + self.rank * self.chunk :][: self.chunk]]
-        return iter(mine + order[rounds * step + self.rank * rest :][:rest])
+        first = [r * step + self.rank * self.chunk for r in range(rounds)]  # each round's chunk of this rank
+        mine = [i for a in first for i in order[a : a + self.chunk]]  # (order[a:][:chunk] copied the tail: O(N^2))
+        tail = rounds * step + self.rank * rest
+        return iter(mine + order[tail : tail + rest])
 
     def __len__(self) -> int:
         return self.per_rank
