@@ -234,7 +234,9 @@ def demo_workspace(request):
     (`pytest_collection_modifyitems`): (workdir, DemoResult). Its synthetic data, resnet50
     caches and runs are shared by the tests that need real extracted data."""
     if os.environ.get("EKX_TEST_DEMO_DIR"):  # developer shortcut: reuse a finished `ekx demo --workdir`
-        return Path(os.environ["EKX_TEST_DEMO_DIR"]), None
+        workdir = Path(os.environ["EKX_TEST_DEMO_DIR"])  # (its printed output, if kept, in output.txt there)
+        output = workdir / "output.txt"
+        return workdir, DemoResult(0, output.read_text() if output.is_file() else "")
     _start_demo()  # already running unless collection skipped it
     root, say = _demo_dir(), _say(request)
     t0 = time.perf_counter()

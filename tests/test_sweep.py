@@ -120,6 +120,12 @@ def test_phase2_sweep_on_synth_data_resumes_after_a_kill(demo_workspace, tmp_pat
         "epochs=2",
         "--set",
         "frames=4",
+        # one narrow layer instead of the head's 20M parameters: the sweep's kill, resume and
+        # comparison are the test (each configuration's own values still set what they set)
+        "--set",
+        "layers=1",
+        "--set",
+        "width=64",
     ]
     sweep_dir = tmp_path / "phase2"
     log = tmp_path / "log.txt"
