@@ -53,6 +53,11 @@ SAMPLING = (
 )
 _EPS = 1e-6  # a frame whose pts is within this of t counts as displayed at t (float pts)
 
+# swscale's own threads: none. ekx decodes one video per process and core; a forked decode child
+# (the watchdog's) was seen hung for good in swscale's slice-thread teardown (pthread_cond_destroy
+# in avpriv_slicethread_free, from sws_frame_setup) in CI; one thread creates no slice threads
+SWS_THREADS = 1
+
 
 def sampling_rule(clip_rate: float = CLIP_RATE) -> str:
     return SAMPLING.format(rate=clip_rate)
@@ -347,8 +352,8 @@ class AVForwardReader:
                     break
                 if j >= 0:
                     self.pos = j + 1
-                if j == i:  # only the frame asked for is converted to RGB
-                    return frame.to_ndarray(format="rgb24")
+                if j == i:  # only the frame asked for is converted to RGB (SWS_THREADS: why one thread)
+                    return frame.to_ndarray(format="rgb24", threads=SWS_THREADS)
             if not retry:
                 self._seek(0)
         raise ValueError(f"frame {i} ({self.times[i]:.3f} s) did not decode")

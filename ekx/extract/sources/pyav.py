@@ -93,7 +93,7 @@ class PyAVReader:
             if pending and pending[0] == i and frame is not None:
                 pending.pop(0)
                 kw = {"height": self.size[0], "width": self.size[1]} if self.size else {}
-                out.append(frame.to_ndarray(format="rgb24", **kw))
+                out.append(frame.to_ndarray(format="rgb24", threads=video.SWS_THREADS, **kw))
             self.at = max(self.at, i)
         return out
 
