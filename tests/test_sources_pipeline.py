@@ -251,3 +251,30 @@ def test_ffmpeg_log_lines_are_counted_per_video_and_said_once(tmp_path, capfd):
     n = said.group(1)
     info = " ".join(cli("cache", "info", str(out)).output.split())
     assert f"FFmpeg log lines while decoding: {n} in 1 video(s) (P01_01 {n})" in info, info
+
+
+def test_a_forked_decoder_converts_frames_after_its_parent_did(clips, tmp_path):
+    """The watchdog decodes in a process forked from one that may have converted frames
+    itself (PyAV's swscale): PyAV 18.1.1 hung such a child for good in its first conversion
+    (pyproject.toml pins it out); the child must finish within seconds."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal, av
+def convert(n):
+    with av.open({str(clips / "epic55_wall_04x04_h264_720p60.mp4")!r}) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            f.to_ndarray(format="rgb24", height=128, width=228)
+            if i >= n:
+                break
+convert(3)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)
+    convert(3)
+    os._exit(0)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"the forked decoder hung (exit {out.returncode}; PyAV {out.stderr[-500:]})"
