@@ -132,9 +132,12 @@ def calibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all calibration batches
         bn.train()
-    stored = None if measured is not None else bn_cache.path_for(model, batches)  # None unless EKX_CALIBRATION_CACHE
-    if (state := measured if measured is not None else bn_cache.load(stored)) is not None:
-        model.load_state_dict(state, strict=False)
+    stored = None
+    if measured is None:
+        stored = bn_cache.path_for(model, batches)  # None unless EKX_CALIBRATION_CACHE is set
+        measured = bn_cache.load(stored)
+    if measured is not None:
+        model.load_state_dict(measured, strict=False)
     else:
         for x in batches:
             model(x)

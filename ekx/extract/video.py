@@ -53,9 +53,9 @@ SAMPLING = (
 )
 _EPS = 1e-6  # a frame whose pts is within this of t counts as displayed at t (float pts)
 
-# swscale's own threads: none. ekx decodes one video per process and core; a forked decode child
-# (the watchdog's) was seen hung for good in swscale's slice-thread teardown (pthread_cond_destroy
-# in avpriv_slicethread_free, from sws_frame_setup) in CI; one thread creates no slice threads
+# swscale's own threads: none. ekx decodes one video per process and core, so slice threads
+# would only oversubscribe the cores. (The forked decoders that hung in swscale's slice-thread
+# teardown were PyAV 18.1.1's bug, pinned out in pyproject.toml; this setting did not cure it.)
 SWS_THREADS = 1
 
 
